@@ -1,0 +1,28 @@
+# Two commands for a fresh machine: `make demo` and `make test`.
+# Each creates .venv if it is missing and installs what it needs into it.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --progress-bar off --disable-pip-version-check -q
+
+.PHONY: demo test clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.base: pyproject.toml | $(PY)
+	$(PIP) -e .
+	@touch $@
+
+$(VENV)/.test: pyproject.toml | $(PY)
+	$(PIP) -e '.[test]'
+	@touch $@ $(VENV)/.base
+
+demo: $(VENV)/.base
+	$(VENV)/bin/resforge demo
+
+test: $(VENV)/.test
+	KERAS_BACKEND=torch $(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) runs build src/*.egg-info .pytest_cache

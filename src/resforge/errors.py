@@ -1,0 +1,22 @@
+"""Errors a user can act on.
+
+Anything raised as a `ResforgeError` is the user's to fix (a bad name, a bad file, a bad option):
+the CLI prints its message alone, without a stack trace. Every other exception is a bug and keeps
+its traceback.
+"""
+
+
+class ResforgeError(Exception):
+    """A problem with the user's input, stated in one message."""
+
+
+class ConfigError(ResforgeError, ValueError):
+    """An option, recipe or config file that cannot be used."""
+
+
+class CheckpointError(ResforgeError):
+    """A checkpoint that cannot be read, fetched, or does not fit the model."""
+
+
+class DataError(ResforgeError):
+    """A dataset folder or image that cannot be used."""

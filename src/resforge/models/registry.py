@@ -1,0 +1,124 @@
+"""Model names -> builders, and `create_model` (timm's habit)."""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import ConfigError
+from .resnet import ResNet
+
+log = logging.getLogger("resforge")
+
+_BUILDERS: dict[str, Callable[..., ResNet]] = {}
+
+
+def register_model(fn: Callable[..., ResNet]) -> Callable[..., ResNet]:
+    _BUILDERS[fn.__name__] = fn
+    return fn
+
+
+@register_model
+def resnet18(**kwargs: Any) -> ResNet:
+    """ResNet-18: basic blocks [2, 2, 2, 2]."""
+    return ResNet("basic", (2, 2, 2, 2), **kwargs)
+
+
+@register_model
+def resnet34(**kwargs: Any) -> ResNet:
+    """ResNet-34: basic blocks [3, 4, 6, 3]."""
+    return ResNet("basic", (3, 4, 6, 3), **kwargs)
+
+
+@register_model
+def resnet50(**kwargs: Any) -> ResNet:
+    """ResNet-50: bottleneck blocks [3, 4, 6, 3]."""
+    return ResNet("bottleneck", (3, 4, 6, 3), **kwargs)
+
+
+@register_model
+def resnet101(**kwargs: Any) -> ResNet:
+    """ResNet-101: bottleneck blocks [3, 4, 23, 3]."""
+    return ResNet("bottleneck", (3, 4, 23, 3), **kwargs)
+
+
+@register_model
+def resnet152(**kwargs: Any) -> ResNet:
+    """ResNet-152: bottleneck blocks [3, 8, 36, 3]."""
+    return ResNet("bottleneck", (3, 8, 36, 3), **kwargs)
+
+
+@register_model
+def wide_resnet50_2(**kwargs: Any) -> ResNet:
+    """Wide ResNet-50-2 (Zagoruyko & Komodakis): bottlenecks twice as wide inside."""
+    return ResNet("bottleneck", (3, 4, 6, 3), base_width=128, **kwargs)
+
+
+@register_model
+def wide_resnet101_2(**kwargs: Any) -> ResNet:
+    """Wide ResNet-101-2: bottlenecks twice as wide inside."""
+    return ResNet("bottleneck", (3, 4, 23, 3), base_width=128, **kwargs)
+
+
+@register_model
+def resnext50_32x4d(**kwargs: Any) -> ResNet:
+    """ResNeXt-50 32x4d (Xie et al.): 32 groups of width 4 in each 3x3 conv."""
+    return ResNet("bottleneck", (3, 4, 6, 3), groups=32, base_width=4, **kwargs)
+
+
+@register_model
+def resnext101_32x8d(**kwargs: Any) -> ResNet:
+    """ResNeXt-101 32x8d: 32 groups of width 8 in each 3x3 conv."""
+    return ResNet("bottleneck", (3, 4, 23, 3), groups=32, base_width=8, **kwargs)
+
+
+# ResNet-D (deep stem, avg-pool shortcut) of each depth, named as timm names them.
+for _depth in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"):
+    _d = functools.partial(_BUILDERS[_depth], variant="d")
+    _d.__doc__ = f"{_BUILDERS[_depth].__doc__.split(':')[0]}-D: deep stem and avg-pool shortcut (Bag of Tricks)."
+    _BUILDERS[f"{_depth}d"] = _d
+
+
+def list_models() -> list[str]:
+    return sorted(_BUILDERS)
+
+
+def describe_model(name: str) -> str:
+    return (get_builder(name).__doc__ or "").strip().splitlines()[0]
+
+
+def get_builder(name: str) -> Callable[..., ResNet]:
+    if name not in _BUILDERS:
+        close = difflib.get_close_matches(name, _BUILDERS, n=3)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        raise ConfigError(f"unknown model {name!r}{hint} (available: {', '.join(list_models())})")
+    return _BUILDERS[name]
+
+
+def create_model(name: str, *, pretrained: str | os.PathLike | None = None, num_classes: int = 1000,
+                 sha256: str | None = None, **kwargs: Any) -> ResNet:
+    """Build a model by name, optionally with weights from a path or URL.
+
+    A checkpoint with another class count gets a fresh head; `in_chans` other than the
+    checkpoint's folds the stem; a Keras checkpoint sets the v1 variant unless one is given.
+    What was adapted is logged; anything else that does not fit raises `CheckpointError`.
+    """
+    builder = get_builder(name)
+    if pretrained is None:
+        return builder(num_classes=num_classes, **kwargs)
+    from .weights import load_into, read_checkpoint
+
+    state, hints = read_checkpoint(pretrained, sha256=sha256)
+    if "variant" in hints:
+        if kwargs.setdefault("variant", hints["variant"]) != hints["variant"]:
+            log.warning("%s holds %s-variant weights but variant=%s was asked for",
+                        pretrained, hints["variant"], kwargs["variant"])
+    model = builder(num_classes=num_classes, **kwargs)
+    for note in load_into(model, state, source=str(pretrained)):
+        log.info(note)
+    model.pretrained_cfg = {"source": str(pretrained), **hints.get("preprocess", {})}
+    return model

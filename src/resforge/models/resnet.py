@@ -1,0 +1,319 @@
+"""The ResNet family of He et al. (2015), "Deep Residual Learning for Image Recognition".
+
+One generic `ResNet` class; depths, widths and tricks are keyword arguments, never copies of it.
+Module names follow torchvision (`conv1`, `bn1`, `layer1..4`, `downsample`, `fc`) and timm
+(`act1`, `se.fc1`, the ResNet-D `conv1.0/1/3/4/6` stem and `downsample.1/2`), so checkpoints from
+either load without a key mapping.
+
+Variants (the `variant` argument):
+  - "v1.5" (default, torchvision/timm): the stride of a bottleneck sits on its 3x3 conv;
+  - "v1" (the paper, Caffe, Keras): the stride sits on the first 1x1 conv;
+  - "d" (Bag of Tricks, He et al. 2019): three-conv deep stem and avg-pool shortcut.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.ops import SqueezeExcitation, StochasticDepth
+
+from ..errors import ConfigError
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": lambda: nn.ReLU(inplace=True),
+    "leaky_relu": lambda: nn.LeakyReLU(0.01, inplace=True),
+    "elu": lambda: nn.ELU(inplace=True),
+    "selu": lambda: nn.SELU(inplace=True),
+    "prelu": lambda: nn.PReLU(),
+    "silu": lambda: nn.SiLU(inplace=True),
+    "gelu": lambda: nn.GELU(),
+}
+NORMS = ("batchnorm", "groupnorm")
+VARIANTS = ("v1.5", "v1", "d")
+BLOCKS = ("basic", "bottleneck")
+INITS = ("he", "xavier")
+
+
+def _choice(what: str, value: str, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise ConfigError(f"unknown {what} {value!r}; choose one of: {', '.join(allowed)}")
+    return value
+
+
+def _make_norm(kind: str) -> Callable[[int], nn.Module]:
+    if kind == "groupnorm":
+        # 32 groups as in Wu & He (2018), fewer when a (narrow or pruned) layer has fewer channels.
+        return lambda c: nn.GroupNorm(math.gcd(32, c), c)
+    return nn.BatchNorm2d
+
+
+def _conv3x3(cin: int, cout: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride, padding=1, groups=groups, bias=False)
+
+
+def _conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 1, stride, bias=False)
+
+
+def _round_channels(c: float) -> int:
+    """Round a scaled channel count to a multiple of 8 (at least 8), as width multipliers do."""
+    return max(8, int(c + 4) // 8 * 8)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs (ResNet-18/34)."""
+
+    expansion = 1
+
+    def __init__(self, cin: int, mid: Sequence[int], cout: int, stride: int, downsample: nn.Module | None,
+                 groups: int, stride_in_1x1: bool, act: Callable[[], nn.Module],
+                 norm: Callable[[int], nn.Module], se: bool, drop_path: float):
+        super().__init__()
+        (w,) = mid
+        self.conv1 = _conv3x3(cin, w, stride)
+        self.bn1 = norm(w)
+        self.act1 = act()
+        self.conv2 = _conv3x3(w, cout)
+        self.bn2 = norm(cout)
+        self.se = SqueezeExcitation(cout, _se_channels(cout)) if se else None
+        self.drop_path = StochasticDepth(drop_path, "row") if drop_path > 0 else nn.Identity()
+        self.downsample = downsample
+        self.act2 = act()
+
+    @property
+    def last_norm(self) -> nn.Module:
+        return self.bn2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.act1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.se is not None:
+            out = self.se(out)
+        return self.act2(self.drop_path(out) + shortcut)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (grouped for ResNeXt), 1x1 expand (ResNet-50 and deeper)."""
+
+    expansion = 4
+
+    def __init__(self, cin: int, mid: Sequence[int], cout: int, stride: int, downsample: nn.Module | None,
+                 groups: int, stride_in_1x1: bool, act: Callable[[], nn.Module],
+                 norm: Callable[[int], nn.Module], se: bool, drop_path: float):
+        super().__init__()
+        w1, w2 = mid
+        self.conv1 = _conv1x1(cin, w1, stride if stride_in_1x1 else 1)
+        self.bn1 = norm(w1)
+        self.act1 = act()
+        self.conv2 = _conv3x3(w1, w2, 1 if stride_in_1x1 else stride, groups)
+        self.bn2 = norm(w2)
+        self.act2 = act()
+        self.conv3 = _conv1x1(w2, cout)
+        self.bn3 = norm(cout)
+        self.se = SqueezeExcitation(cout, _se_channels(cout)) if se else None
+        self.drop_path = StochasticDepth(drop_path, "row") if drop_path > 0 else nn.Identity()
+        self.downsample = downsample
+        self.act3 = act()
+
+    @property
+    def last_norm(self) -> nn.Module:
+        return self.bn3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.act1(self.bn1(self.conv1(x)))
+        out = self.act2(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.se is not None:
+            out = self.se(out)
+        return self.act3(self.drop_path(out) + shortcut)
+
+
+def _se_channels(c: int) -> int:
+    """Squeeze width: 1/16 of the channels (Hu et al. 2018), rounded to 8."""
+    return _round_channels(c / 16)
+
+
+def default_widths(block: str, layers: Sequence[int], width: float = 1.0, groups: int = 1,
+                   base_width: int = 64) -> tuple[int, list[int], list[list[list[int]]]]:
+    """(stem width, output width per stage, inner widths per block) of an unpruned network."""
+    expansion = 4 if block == "bottleneck" else 1
+    planes = [_round_channels(64 * 2**i * width) for i in range(len(layers))]
+    stem = _round_channels(64 * width)
+    inner = []
+    for p, n in zip(planes, layers):
+        w = max(1, int(p * base_width / 64)) * groups  # at least one channel per group
+        inner.append([[w, w] if block == "bottleneck" else [p] for _ in range(n)])
+    return stem, [p * expansion for p in planes], inner
+
+
+class ResNet(nn.Module):
+    """A residual network; see the module docstring for the variants.
+
+    `stem_width`, `stage_widths` and `inner_widths` override the widths derived from
+    `width`/`groups`/`base_width`: a pruned network is rebuilt from them.
+    """
+
+    def __init__(self, block: str = "bottleneck", layers: Sequence[int] = (3, 4, 6, 3), *,
+                 num_classes: int = 1000, in_chans: int = 3, variant: str = "v1.5",
+                 small_input: bool = False, width: float = 1.0, groups: int = 1, base_width: int = 64,
+                 act: str = "relu", norm: str = "batchnorm", se: bool = False, drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0, zero_init_residual: bool = True, init: str = "he",
+                 stem_width: int | None = None, stage_widths: Sequence[int] | None = None,
+                 inner_widths: Sequence[Sequence[Sequence[int]]] | None = None):
+        super().__init__()
+        _choice("block", block, BLOCKS)
+        _choice("variant", variant, VARIANTS)
+        _choice("activation", act, list(ACTIVATIONS))
+        _choice("norm", norm, NORMS)
+        _choice("init", init, INITS)
+        if len(layers) != 4 or min(layers) < 1:
+            raise ConfigError(f"layers must be four positive block counts, got {list(layers)}")
+        if block == "basic" and (groups != 1 or base_width != 64):
+            raise ConfigError("basic blocks support only groups=1 and base_width=64")
+        if width <= 0 or in_chans < 1 or num_classes < 0:
+            raise ConfigError("width and in_chans must be positive and num_classes non-negative")
+        if not 0 <= drop_rate < 1 or not 0 <= drop_path_rate < 1:
+            raise ConfigError("drop_rate and drop_path_rate must lie in [0, 1)")
+        self._kwargs: dict[str, Any] = dict(
+            block=block, layers=list(layers), num_classes=num_classes, in_chans=in_chans, variant=variant,
+            small_input=small_input, width=width, groups=groups, base_width=base_width, act=act, norm=norm,
+            se=se, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
+            zero_init_residual=zero_init_residual, init=init)
+
+        d_stem, d_stages, d_inner = default_widths(block, layers, width, groups, base_width)
+        stem_width = stem_width or d_stem
+        stage_widths = list(stage_widths or d_stages)
+        inner_widths = [[list(w) for w in stage] for stage in (inner_widths or d_inner)]
+        if [len(s) for s in inner_widths] != list(layers) or len(stage_widths) != len(layers):
+            raise ConfigError("stage_widths/inner_widths do not match the number of blocks in layers")
+
+        actf, normf = ACTIVATIONS[act], _make_norm(norm)
+        block_cls = Bottleneck if block == "bottleneck" else BasicBlock
+        stem_stride = 1 if small_input else 2
+        if variant == "d":
+            c = stem_width // 2
+            self.conv1 = nn.Sequential(
+                _conv3x3(in_chans, c, stem_stride), normf(c), actf(),
+                _conv3x3(c, c), normf(c), actf(),
+                _conv3x3(c, stem_width))
+        elif small_input:
+            self.conv1 = nn.Conv2d(in_chans, stem_width, 3, 1, 1, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(in_chans, stem_width, 7, 2, 3, bias=False)
+        self.bn1 = normf(stem_width)
+        self.act1 = actf()
+        self.maxpool = nn.Identity() if small_input else nn.MaxPool2d(3, 2, 1)
+
+        n_blocks, idx, cin = sum(layers), 0, stem_width
+        self.feature_info: list[dict[str, Any]] = []
+        reduction = 1 if small_input else 4
+        for i, (n, cout) in enumerate(zip(layers, stage_widths)):
+            stride = 1 if i == 0 else 2
+            reduction *= stride
+            blocks = []
+            for j in range(n):
+                s = stride if j == 0 else 1
+                downsample = None
+                if s != 1 or cin != cout:
+                    downsample = self._shortcut(cin, cout, s, variant == "d", normf)
+                dp = drop_path_rate * idx / max(n_blocks - 1, 1)
+                blocks.append(block_cls(cin, inner_widths[i][j], cout, s, downsample, groups,
+                                        variant == "v1", actf, normf, se, dp))
+                cin, idx = cout, idx + 1
+            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
+            self.feature_info.append({"name": f"layer{i + 1}", "channels": cout, "reduction": reduction})
+
+        self.num_features = cin
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.drop = nn.Dropout(drop_rate)
+        self.fc: nn.Module = nn.Linear(cin, num_classes) if num_classes else nn.Identity()
+        # Where pretrained weights came from and the input normalisation they expect (timm's habit).
+        self.pretrained_cfg: dict[str, Any] = {}
+        self._init_weights(init, zero_init_residual)
+
+    @staticmethod
+    def _shortcut(cin: int, cout: int, stride: int, avg_down: bool, normf: Callable[[int], nn.Module]) -> nn.Module:
+        if avg_down:
+            pool = (nn.AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False)
+                    if stride > 1 else nn.Identity())
+            return nn.Sequential(pool, _conv1x1(cin, cout), normf(cout))
+        return nn.Sequential(_conv1x1(cin, cout, stride), normf(cout))
+
+    def _init_weights(self, init: str, zero_init_residual: bool) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                if init == "he":
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                else:
+                    nn.init.xavier_uniform_(m.weight)
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if zero_init_residual:
+            # Each residual branch starts as the identity (Goyal et al. 2017).
+            for m in self.modules():
+                if isinstance(m, (BasicBlock, Bottleneck)):
+                    nn.init.zeros_(m.last_norm.weight)
+
+    @property
+    def num_classes(self) -> int:
+        return self.fc.out_features if isinstance(self.fc, nn.Linear) else 0
+
+    @property
+    def stem_conv(self) -> nn.Conv2d:
+        """The first convolution: the one whose input channels follow `in_chans`."""
+        return self.conv1[0] if isinstance(self.conv1, nn.Sequential) else self.conv1
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new, freshly initialised head; 0 leaves pooled features as the output."""
+        self.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+
+    def spec(self) -> dict[str, Any]:
+        """Keyword arguments that rebuild this exact architecture (pruned widths included)."""
+        kw = dict(self._kwargs, num_classes=self.num_classes, in_chans=self.stem_conv.in_channels)
+        stem, stages, inner = default_widths(kw["block"], kw["layers"], kw["width"], kw["groups"],
+                                             kw["base_width"])
+        live_stem = self.bn1.num_features
+        live_stages, live_inner = [], []
+        for i in range(len(kw["layers"])):
+            stage = getattr(self, f"layer{i + 1}")
+            live_stages.append(stage[-1].last_norm.num_features)
+            live_inner.append([[b.conv1.out_channels, b.conv2.out_channels][: len(inner[i][0])] for b in stage])
+        if live_stem != stem:
+            kw["stem_width"] = live_stem
+        if live_stages != stages:
+            kw["stage_widths"] = live_stages
+        if live_inner != inner:
+            kw["inner_widths"] = live_inner
+        return kw
+
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.maxpool(self.act1(self.bn1(self.conv1(x))))
+
+    def forward_feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The C2..C5 maps (outputs of layer1..layer4), for detection and segmentation heads."""
+        x = self.forward_stem(x)
+        maps = []
+        for info in self.feature_info:
+            x = getattr(self, info["name"])(x)
+            maps.append(x)
+        return maps
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last feature map (C5), before pooling."""
+        x = self.forward_stem(x)
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = torch.flatten(self.avgpool(x), 1)
+        x = self.drop(x)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))

@@ -1,0 +1,206 @@
+"""Weights in, exactly: local files or URLs, in the formats of the ecosystem.
+
+Formats are told apart by their first bytes, not their names: safetensors, PyTorch (zip or legacy,
+always read with `weights_only=True` so no pickled code runs), and Keras HDF5. torchvision and timm
+state_dicts need no key mapping (our module names are theirs); Keras is converted in `keras_h5`.
+Wrappers are unpacked: `{"state_dict": ...}`, `{"model": ...}`, DDP's `module.` and
+torch.compile's `_orig_mod.` prefixes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from ..io import atomic_path
+
+log = logging.getLogger("resforge")
+
+DOWNLOAD_TIMEOUT_S = 30
+
+
+def is_url(source: str | os.PathLike) -> bool:
+    return str(source).startswith(("http://", "https://"))
+
+
+def cache_dir() -> Path:
+    """`$RESFORGE_CACHE`, else torch hub's checkpoint folder (shared with torchvision and timm)."""
+    env = os.environ.get("RESFORGE_CACHE")
+    return Path(env) if env else Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(url: str, *, sha256: str | None = None, cache: str | os.PathLike | None = None) -> Path:
+    """Fetch `url` into the cache once; later calls (and offline ones) reuse the cached file.
+
+    With `sha256`, both a fresh download and a cached file are checked; a mismatching download is
+    never kept.
+    """
+    from tqdm.auto import tqdm
+
+    name = Path(urllib.parse.urlparse(url).path).name or hashlib.sha256(url.encode()).hexdigest()[:16]
+    dst = Path(cache or cache_dir()) / name
+    if dst.is_file():
+        if sha256 is None or _sha256(dst) == sha256.lower():
+            return dst
+        log.warning("cached %s does not match its sha256; downloading it again", dst)
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp, atomic_path(dst) as tmp:
+            total = int(resp.headers.get("Content-Length") or 0) or None
+            h = hashlib.sha256()
+            with open(tmp, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=name,
+                                            disable=None, leave=False) as bar:
+                for chunk in iter(lambda: resp.read(1 << 20), b""):
+                    f.write(chunk)
+                    h.update(chunk)
+                    bar.update(len(chunk))
+            if sha256 is not None and h.hexdigest() != sha256.lower():
+                raise CheckpointError(f"{url} has sha256 {h.hexdigest()}, expected {sha256.lower()}; "
+                                      "the file was not kept")
+    except urllib.error.HTTPError as e:
+        raise CheckpointError(f"cannot download {url}: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise CheckpointError(f"cannot download {url}: {reason}. If this machine is offline, fetch the "
+                              f"file elsewhere and pass its local path (or place it at {dst})") from None
+    return dst
+
+
+def _looks_like_safetensors(head: bytes) -> bool:
+    return len(head) > 8 and int.from_bytes(head[:8], "little") < 1 << 30 and head[8:9] == b"{"
+
+
+def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The state_dict inside a training checkpoint or wrapper dict."""
+    if isinstance(obj, nn.Module):
+        obj = obj.state_dict()
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state_dict")
+    for key in ("state_dict", "model", "model_state_dict", "net"):
+        if isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    state = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in obj.items() if torch.is_tensor(v)}
+    if not state:
+        raise CheckpointError(f"{path} contains no weight tensors")
+    return state
+
+
+def read_checkpoint(source: str | os.PathLike, *, sha256: str | None = None
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read weights from a path or URL as (state_dict, hints).
+
+    Hints describe what the file implies about the architecture or preprocessing (for Keras: the
+    v1 variant and caffe preprocessing); they are empty for PyTorch formats.
+    """
+    path = download(str(source), sha256=sha256) if is_url(source) else Path(source)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if sha256 is not None and not is_url(source) and _sha256(path) != sha256.lower():
+        raise CheckpointError(f"{path} does not match the expected sha256 {sha256}")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if not head:
+        raise CheckpointError(f"{path} is empty")
+    try:
+        if head.startswith(b"\x89HDF\r\n\x1a\n"):
+            from .keras_h5 import read_keras_h5
+
+            return read_keras_h5(path)
+        if _looks_like_safetensors(head):
+            from safetensors.torch import load_file
+
+            return _unwrap(load_file(path), path), {}
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
+    except Exception as e:  # every reader has its own exception types for a damaged file
+        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable checkpoint (safetensors, PyTorch or Keras h5): "
+                              f"{detail}") from None
+    return _unwrap(obj, path), {}
+
+
+def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """Stem weights for `in_chans` inputs from RGB ones: summed for grayscale (a gray image seen by
+    an RGB network has three equal channels), else cycled and rescaled to keep the activation scale."""
+    if in_chans == 1:
+        return weight.sum(1, keepdim=True)
+    reps = -(-in_chans // weight.shape[1])
+    return weight.repeat(1, reps, 1, 1)[:, :in_chans] * (weight.shape[1] / in_chans)
+
+
+def _describe_blocks(keys: Any) -> str:
+    blocks: dict[int, set[int]] = {}
+    bottleneck = False
+    for k in keys:
+        if m := re.match(r"layer(\d+)\.(\d+)\.", k):
+            blocks.setdefault(int(m[1]), set()).add(int(m[2]))
+            bottleneck |= ".conv3." in k
+    layers = [len(blocks[i]) for i in sorted(blocks)]
+    return f"{'bottleneck' if bottleneck else 'basic'} blocks, layers {layers}"
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> list[str]:
+    """Load `state` into `model` exactly, adapting only what is meant to differ.
+
+    The classifier is left freshly initialised when the checkpoint's class count differs (or it has
+    none), and the stem is folded when `in_chans` differs. Anything else that does not fit raises
+    before the model is touched. Returns notes on what was adapted.
+    """
+    state = dict(state)
+    own = model.state_dict()
+    notes: list[str] = []
+    stem_key = next(n for n, p in model.named_parameters() if p is model.stem_conv.weight)
+    if stem_key in state and state[stem_key].dim() == 4 and state[stem_key].shape[1] != own[stem_key].shape[1]:
+        have, want = state[stem_key].shape[1], own[stem_key].shape[1]
+        state[stem_key] = adapt_input_conv(state[stem_key], want)
+        notes.append(f"stem weights folded from {have} to {want} input channel(s)")
+    head = [k for k in own if k.startswith("fc.")]
+    ckpt_head = [k for k in state if k.startswith("fc.")]
+    if not ckpt_head and head:
+        notes.append(f"{source} has no classifier: the {model.num_classes}-class head starts fresh")
+    elif ckpt_head and any(k not in own or state[k].shape != own[k].shape for k in ckpt_head):
+        n = state["fc.weight"].shape[0] if "fc.weight" in state else "?"
+        notes.append(f"{source} has {n} classes, the model {model.num_classes}: "
+                     "the classifier was replaced and starts fresh")
+        for k in ckpt_head:
+            del state[k]
+    skip = set(head) if not any(k.startswith("fc.") for k in state) else set()
+    optional = re.compile(r"num_batches_tracked$")
+    missing = [k for k in own if k not in state and k not in skip and not optional.search(k)]
+    unexpected = [k for k in state if k not in own and not optional.search(k)]
+    mismatched = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s), e.g. {', '.join(missing[:3])}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {', '.join(unexpected[:3])}")
+        if mismatched:
+            k = mismatched[0]
+            parts.append(f"{len(mismatched)} shape mismatch(es), e.g. {k} is {list(state[k].shape)} in the "
+                         f"checkpoint but {list(own[k].shape)} in the model")
+        raise CheckpointError(
+            f"{source} does not fit this model: {'; '.join(parts)}. The checkpoint has "
+            f"{_describe_blocks(state)}; the model has {_describe_blocks(own)}")
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    return notes
