@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from .errors import ResforgeError
+from .errors import ConfigError, ResforgeError
 
 log = logging.getLogger("resforge")
 
@@ -65,6 +65,70 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo()
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from . import api
+    from .config import overrides_from_args
+
+    options = overrides_from_args(args)
+    if args.resume:
+        if args.data or args.recipe or args.config:
+            raise ConfigError("--resume continues a run as it was configured: give no DATA, --recipe or --config")
+        api.train(resume=args.resume, **options)
+    else:
+        if not args.data:
+            raise ConfigError("give the image folder to train on (or --resume RUN_DIR)")
+        api.train(args.data, recipe=args.recipe, config=args.config, **options)
+
+
+def cmd_lr_find(args: argparse.Namespace) -> None:
+    from . import api
+    from .config import overrides_from_args
+
+    api.lr_find(args.data, recipe=args.recipe, config=args.config, steps=args.steps, start_lr=args.start_lr,
+                end_lr=args.end_lr, out=args.out, **overrides_from_args(args))
+
+
+def cmd_recipes(args: argparse.Namespace) -> None:
+    from .config import list_recipes
+
+    for name, description in list_recipes().items():
+        print(f"{name:<16} {description}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from . import api
+
+    report = api.evaluate(args.model, args.data, tta=args.tta, out=args.out, batch_size=args.batch_size,
+                          workers=args.workers, device=args.device)
+    print(report.to_markdown())
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from . import api
+    from .evaluate.evaluate import format_predictions
+    from .io import write_text
+
+    rows = api.predict(args.model, args.paths, topk=args.topk, batch_size=args.batch_size, device=args.device)
+    text = format_predictions(rows, args.format)
+    if args.output:
+        write_text(args.output, text + ("" if text.endswith("\n") else "\n"))
+    else:
+        print(text)
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> None:
+    from . import api
+
+    api.inspect_data(args.folder, out=args.out, per_class=args.per_class)
+
+
+def cmd_data_import(args: argparse.Namespace) -> None:
+    from .data.sources import import_dataset
+
+    out = import_dataset(args.name, args.out, args.source)
+    print(f"wrote {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -89,6 +153,79 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model name (see 'resforge models')")
     p.add_argument("--img-size", type=int, default=224, help="square input size in pixels (default: 224)")
     _model_options(p)
+
+    from .config import add_arguments
+
+    p = add("train", cmd_train, "train or fine-tune on a folder of images",
+            "Train on DATA (root/<class>/* or root/{train,val[,test]}/<class>/*) and write a run directory "
+            "with config.yaml, metrics.csv, best.safetensors + best.json, last.ckpt, plots and report.md. "
+            "Precedence: defaults < --recipe < --config < flags < --set.")
+    p.add_argument("data", nargs="?", help="image folder")
+    p.add_argument("--recipe", help="built-in recipe (see 'resforge recipes')")
+    p.add_argument("--config", metavar="FILE", help="YAML config (sections model/data/augment/optim/train)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue a run from its last.ckpt; with --epochs N a changed length refits the "
+                        "remaining lr decay, and a finished run gets a new cosine cycle")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any option, e.g. --set optim.gamma=0.2")
+    add_arguments(p)
+
+    p = add("lr-find", cmd_lr_find, "learning-rate range test: loss against lr, and a suggestion",
+            "Grow the learning rate exponentially over a short run with the recipe's model, data and "
+            "optimiser; plot the smoothed loss and suggest the rate where it falls fastest.")
+    p.add_argument("data", help="image folder")
+    p.add_argument("--recipe", help="built-in recipe (see 'resforge recipes')")
+    p.add_argument("--config", metavar="FILE", help="YAML config")
+    p.add_argument("--steps", type=int, default=100, help="steps of the test (default: 100)")
+    p.add_argument("--start-lr", type=float, default=1e-6, help="first learning rate (default: 1e-6)")
+    p.add_argument("--end-lr", type=float, default=10.0, help="last learning rate (default: 10)")
+    p.add_argument("--out", help="output folder for lr_find.png/json (default: <project>/lr_find)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any option, e.g. --set optim.gamma=0.2")
+    add_arguments(p)
+
+    add("recipes", cmd_recipes, "list the built-in training recipes")
+
+    p = add("eval", cmd_eval, "evaluate a trained model on a labelled folder",
+            "Top-1/top-5, per-class precision/recall/F1, confusion matrix (PNG + CSV), a grid of predictions "
+            "and of the most confident mistakes.")
+    p.add_argument("model", help="run directory, or a .safetensors file with its .json sidecar")
+    p.add_argument("data", help="class-folder tree, or a split layout (its test, else val, split is used)")
+    p.add_argument("--tta", choices=["flip", "multicrop"], help="test-time augmentation: flip (2 views) or "
+                   "multicrop (ten crops)")
+    p.add_argument("--out", help="output folder (default: <run>/eval-<folder>)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
+    p.add_argument("--workers", type=int, default=-1, help="data-loading processes (default: spare cores)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+
+    p = add("predict", cmd_predict, "top-k classes for image files, folders or globs")
+    p.add_argument("model", help="run directory, or a .safetensors file with its .json sidecar")
+    p.add_argument("paths", nargs="+", help="image files, folders (searched recursively) or glob patterns")
+    p.add_argument("--topk", type=int, default=5, help="classes per image (default: 5)")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format")
+    p.add_argument("--output", "-o", help="write to this file instead of stdout")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+
+    p = add("data", lambda a: a.data_parser.print_help(), "inspect an image folder, or import a real dataset")
+    data_sub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
+    p.set_defaults(data_parser=p)
+    q = data_sub.add_parser("inspect", help="counts, sizes, balance, duplicates, unreadable files, a sample grid",
+                            description="Scan every file as training would and summarise the folder: images "
+                                        "per class and split, sizes and storage modes, class imbalance, "
+                                        "byte-identical duplicates (and those that leak across splits), files "
+                                        "that would be skipped; write inspect.json and a samples.png grid.")
+    q.add_argument("folder", help="image folder (root/<class>/* or root/{train,val,test}/<class>/*)")
+    q.add_argument("--out", help="output folder (default: runs/inspect-<folder>)")
+    q.add_argument("--per-class", type=int, default=4, help="sample images per class in the grid (default: 4)")
+    q.set_defaults(func=cmd_data_inspect)
+    q = data_sub.add_parser("import", help="write a known dataset as an image folder",
+                            description="Write a dataset as root/{train,test}/<class>/*.png with its official "
+                                        "split. fashion-mnist: from the Debian package dataset-fashion-mnist (or "
+                                        "--source with the four idx files); fashion-mnist-sample: the 5,000-image "
+                                        "sample bundled with resforge.")
+    q.add_argument("name", choices=["fashion-mnist", "fashion-mnist-sample"])
+    q.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    q.add_argument("--source", help="folder holding the idx files (default: /usr/share/datasets/fashion-mnist)")
+    q.set_defaults(func=cmd_data_import)
 
     add("demo", cmd_demo, "run the main job on the bundled Fashion-MNIST sample")
     return parser

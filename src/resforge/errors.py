@@ -20,3 +20,7 @@ class CheckpointError(ResforgeError):
 
 class DataError(ResforgeError):
     """A dataset folder or image that cannot be used."""
+
+
+class TrainingError(ResforgeError):
+    """A run that cannot go on (a NaN loss); the last good checkpoint is kept."""

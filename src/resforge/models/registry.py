@@ -108,17 +108,20 @@ def create_model(name: str, *, pretrained: str | os.PathLike | None = None, num_
     What was adapted is logged; anything else that does not fit raises `CheckpointError`.
     """
     builder = get_builder(name)
-    if pretrained is None:
-        return builder(num_classes=num_classes, **kwargs)
-    from .weights import load_into, read_checkpoint
+    state, hints = None, {}
+    if pretrained is not None:
+        from .weights import read_checkpoint
 
-    state, hints = read_checkpoint(pretrained, sha256=sha256)
-    if "variant" in hints:
-        if kwargs.setdefault("variant", hints["variant"]) != hints["variant"]:
+        state, hints = read_checkpoint(pretrained, sha256=sha256)
+        if "variant" in hints and kwargs.setdefault("variant", hints["variant"]) != hints["variant"]:
             log.warning("%s holds %s-variant weights but variant=%s was asked for",
                         pretrained, hints["variant"], kwargs["variant"])
     model = builder(num_classes=num_classes, **kwargs)
-    for note in load_into(model, state, source=str(pretrained)):
-        log.info(note)
-    model.pretrained_cfg = {"source": str(pretrained), **hints.get("preprocess", {})}
+    model.model_name = name
+    if state is not None:
+        from .weights import load_into
+
+        for note in load_into(model, state, source=str(pretrained)):
+            log.info(note)
+        model.pretrained_cfg = {"source": str(pretrained), **hints.get("preprocess", {})}
     return model

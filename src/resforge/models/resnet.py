@@ -233,6 +233,7 @@ class ResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.drop = nn.Dropout(drop_rate)
         self.fc: nn.Module = nn.Linear(cin, num_classes) if num_classes else nn.Identity()
+        self.model_name: str | None = None  # the registry name, when built by create_model
         # Where pretrained weights came from and the input normalisation they expect (timm's habit).
         self.pretrained_cfg: dict[str, Any] = {}
         self._init_weights(init, zero_init_residual)

@@ -204,3 +204,82 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str = "c
             f"{_describe_blocks(state)}; the model has {_describe_blocks(own)}")
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     return notes
+
+
+SIDECAR_FORMAT = "resforge-model"
+
+
+def sidecar_path(weights: str | os.PathLike) -> Path:
+    return Path(weights).with_suffix(".json")
+
+
+def save_model(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any]) -> Path:
+    """Weights as safetensors, and beside them a JSON sidecar that rebuilds the model.
+
+    The sidecar records the exact architecture (`model.spec()`, pruned widths included) plus
+    whatever the caller adds (classes, preprocessing, metrics). Both files are written atomically
+    and share an id, so a save torn between the two is detected on load.
+    """
+    import json
+    import uuid
+
+    from safetensors.torch import save_file
+
+    from ..io import write_text
+
+    path = Path(path)
+    token = uuid.uuid4().hex
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, tmp, metadata={"resforge_id": token})
+    sidecar = {"format": SIDECAR_FORMAT, "version": 1, "weights": path.name, "id": token,
+               "arch": {"name": model.model_name, "kwargs": model.spec()}, **meta}
+    write_text(sidecar_path(path), json.dumps(sidecar, indent=2) + "\n")
+    return path
+
+
+def resolve_model_path(source: str | os.PathLike) -> Path:
+    """A run directory, a weights file or its sidecar, as the weights path."""
+    p = Path(source)
+    if p.is_dir():
+        p = p / "best.safetensors"
+    elif p.suffix == ".json":
+        p = p.with_suffix(".safetensors")
+    if not p.is_file():
+        raise CheckpointError(f"no model at {source} (expected a run directory, or a .safetensors file with "
+                              "its .json sidecar)")
+    return p
+
+
+def load_model(source: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a saved model from its sidecar alone: no training code, no pickle."""
+    import json
+
+    from safetensors import safe_open
+
+    from .resnet import ResNet
+
+    path = resolve_model_path(source)
+    side = sidecar_path(path)
+    if not side.is_file():
+        raise CheckpointError(f"{path} has no sidecar {side.name}; it holds weights only: load it with "
+                              "create_model(name, pretrained=...)")
+    try:
+        meta = json.loads(side.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{side} is not a readable sidecar: {e}") from None
+    if meta.get("format") != SIDECAR_FORMAT or "arch" not in meta:
+        raise CheckpointError(f"{side} is not a resforge model sidecar")
+    try:
+        with safe_open(str(path), "pt") as f:
+            token = (f.metadata() or {}).get("resforge_id")
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+    if token != meta.get("id"):
+        raise CheckpointError(f"{side.name} does not describe {path.name} (their ids differ): the save was "
+                              "interrupted or the files come from different runs")
+    model = ResNet(**meta["arch"]["kwargs"])
+    model.model_name = meta["arch"].get("name")
+    state, _ = read_checkpoint(path)
+    load_into(model, state, source=str(path))
+    return model.eval(), meta

@@ -1,0 +1,148 @@
+"""The public Python API; the CLI calls exactly these functions.
+
+    import resforge
+    run = resforge.train("data/birds", model="resnet50", recipe="finetune", pretrained="r50.pth", epochs=5)
+    resforge.evaluate(run["run_dir"], "data/birds-test")
+    resforge.predict(run["run_dir"], ["photo.jpg"])
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import Config, build_config
+from .data.folder import scan_images
+from .data.inspect import FolderReport, inspect_folder
+from .evaluate.evaluate import LoadedModel, evaluate_samples, labelled_samples, predict_paths, thumbnail
+from .evaluate.metrics import ClassificationReport
+from .evaluate.plots import plot_history, plot_image_grid, plot_lr_find
+from .io import write_json
+from .models.summary import summarize
+from .report import write_run_report
+from .train.lr_find import LRFindResult
+from .train.lr_find import lr_find as _lr_find
+from .train.trainer import Callback, Trainer, resolve_amp, resolve_device
+
+log = logging.getLogger("resforge")
+
+
+def _config(data: str | None, model: str | None, recipe: str | None, config: str | os.PathLike | None,
+            options: dict[str, Any]) -> Config:
+    overrides = dict(options)
+    if data is not None:
+        overrides["data.root"] = str(data)
+    if model is not None:
+        overrides["model.name"] = model
+    return build_config(recipe, config, overrides)
+
+
+def train(data: str | os.PathLike | None = None, *, model: str | None = None, recipe: str | None = None,
+          config: str | os.PathLike | None = None, resume: str | os.PathLike | None = None,
+          callbacks: list[Callback] = (), progress: bool = True, **options: Any) -> dict[str, Any]:
+    """Train on an image folder and write a run directory; return the run's summary and results.
+
+    Options are config fields, bare (`epochs=5`) or dotted (`**{"optim.lr": 0.01}`). With
+    `resume=RUN_DIR`, the run continues from its `last.ckpt` (only epochs, patience, device and
+    workers may be given).
+    """
+    if resume is not None:
+        trainer = Trainer.resume(resume, options, callbacks=callbacks, progress=progress)
+    else:
+        trainer = Trainer(_config(data, model, recipe, config, options), callbacks=callbacks, progress=progress)
+    summary = trainer.fit()
+    return finish_run(trainer, summary)
+
+
+def finish_run(trainer: Trainer, summary: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate the best model on val (and test), draw the plots, write results.json and report.md."""
+    run_dir, cfg = trainer.run_dir, trainer.cfg
+    lm = LoadedModel.load(run_dir / "best.safetensors", trainer.device)
+    results: dict[str, ClassificationReport] = {}
+    for split in ("val", "test"):
+        samples = getattr(trainer.scan, split)
+        if samples:
+            results[split] = evaluate_samples(lm, samples, run_dir, name=split, device=trainer.device,
+                                              amp_dtype=trainer.amp_dtype, batch_size=cfg.data.batch_size,
+                                              workers=0 if trainer.cached else cfg.data.workers)
+    plot_history(summary["history"], run_dir / "plots" / "history.png")
+    with torch.device("meta"):
+        meta_model = type(lm.model)(**lm.model.spec())
+    model_summary = summarize(meta_model, cfg.data.img_size, cfg.model.name)
+    summary = {**summary, "lr": trainer.lr, "device": str(trainer.device),
+               "precision": str(trainer.amp_dtype).replace("torch.", "") if trainer.amp_dtype else "fp32"}
+    write_json(run_dir / "results.json", {"summary": {k: v for k, v in summary.items() if k != "history"},
+                                          **{k: r.to_dict() for k, r in results.items()}})
+    report = write_run_report(run_dir, cfg, trainer.scan, summary, model_summary, results)
+    log.info("")
+    log.info("run %s: %d epochs, best epoch %s (%s weights), %.1f min", run_dir, summary["epochs"],
+             summary["best_epoch"], summary["best_weights"], summary["train_time_s"] / 60)
+    for name, r in results.items():
+        log.info("  %-5s top-1 %.2f%%  top-5 %.2f%%  macro F1 %.3f  (%d images)", name, 100 * r.top1, 100 * r.top5,
+                 r.macro["f1"], r.num_samples)
+    log.info("report: %s", report)
+    return {**summary, "report": str(report), "results": {k: r.to_dict() for k, r in results.items()}}
+
+
+def evaluate(source: str | os.PathLike, data: str | os.PathLike, *, tta: str | None = None,
+             out: str | os.PathLike | None = None, batch_size: int = 64, workers: int = -1,
+             device: str = "auto", amp: str = "auto") -> ClassificationReport:
+    """Evaluate a run's best model (or a saved model) on a labelled folder; write metrics and plots.
+
+    `data` is a class-folder tree, or a split layout (its test split, else val, is used).
+    Results go to `out` (default: `<run>/eval-<folder>` or `runs/eval-<folder>`).
+    """
+    dev = resolve_device(device)
+    lm = LoadedModel.load(source, dev)
+    samples = labelled_samples(data, lm.classes)
+    name = Path(data).resolve().name
+    if out is None:
+        base = Path(source) if Path(source).is_dir() else Path("runs")
+        out = base / f"eval-{name}"
+    report = evaluate_samples(lm, samples, out, name=name, device=dev, amp_dtype=resolve_amp(amp, dev),
+                              batch_size=batch_size, workers=workers, tta=tta)
+    log.info("%s on %s (%d images%s): top-1 %.2f%%, top-5 %.2f%%; details in %s", source, data, report.num_samples,
+             f", TTA {tta}" if tta else "", 100 * report.top1, 100 * report.top5, out)
+    return report
+
+
+def predict(source: str | os.PathLike, paths: list[str | os.PathLike], *, topk: int = 5, batch_size: int = 64,
+            device: str = "auto", amp: str = "auto") -> list[dict[str, Any]]:
+    """Top-k classes for image files, folders or glob patterns."""
+    dev = resolve_device(device)
+    lm = LoadedModel.load(source, dev)
+    return predict_paths(lm, scan_images(list(paths)), device=dev, topk=topk, batch_size=batch_size,
+                         amp_dtype=resolve_amp(amp, dev))
+
+
+def lr_find(data: str | os.PathLike | None = None, *, model: str | None = None, recipe: str | None = None,
+            config: str | os.PathLike | None = None, steps: int = 100, start_lr: float = 1e-6, end_lr: float = 10.0,
+            out: str | os.PathLike | None = None, progress: bool = True, **options: Any) -> LRFindResult:
+    """The learning-rate range test with the recipe's model, data and optimiser; writes a plot."""
+    trainer = Trainer(_config(data, model, recipe, config, options), progress=progress)
+    result = _lr_find(trainer, start_lr=start_lr, end_lr=end_lr, steps=steps)
+    out = Path(out) if out else Path(trainer.cfg.train.project) / "lr_find"
+    plot_lr_find(result.lrs, result.losses, result.suggestion, out / "lr_find.png")
+    write_json(out / "lr_find.json", {"lrs": result.lrs, "losses": result.losses, "suggestion": result.suggestion})
+    log.info("suggested learning rate: %s (plot: %s)",
+             f"{result.suggestion:.3g}" if result.suggestion else "none (the loss never fell)", out / "lr_find.png")
+    return result
+
+
+def inspect_data(root: str | os.PathLike, *, out: str | os.PathLike | None = None, per_class: int = 4,
+                 max_pixels: int | None = None) -> FolderReport:
+    """Counts, sizes, balance, duplicates and unreadable files of a folder, plus a grid of samples."""
+    report, scan = inspect_folder(root, max_pixels=max_pixels)
+    out = Path(out) if out else Path("runs") / f"inspect-{Path(root).resolve().name}"
+    write_json(out / "inspect.json", report.to_dict())
+    everything = scan.train + scan.val + scan.test
+    picks = [s for c in range(len(scan.classes)) for s in [s for s in everything if s[1] == c][:per_class]]
+    images = [thumbnail(path, "RGB") for path, _ in picks]
+    plot_image_grid(images, [scan.classes[c] for _, c in picks], out / "samples.png", ncols=per_class,
+                    suptitle=f"{Path(root).name}: {per_class} images per class")
+    log.info("%s\nwritten: %s, %s", report.to_text(), out / "inspect.json", out / "samples.png")
+    return report

@@ -1,0 +1,125 @@
+"""Datasets and loaders that keep up with the model and make every epoch reproducible.
+
+The sampler hands each worker `(epoch, index)`, and each sample's augmentation is drawn from a
+generator seeded by (seed, epoch, index). So an epoch's batches do not depend on the number of
+workers, on persistent workers, or on whether the run was resumed: a killed and resumed run sees
+the same images, augmented the same way, as one that never stopped.
+
+Small sets can be kept in memory decoded and resized to the evaluation resize size (the Keras
+`cache()` habit): decoding then happens once, not once per epoch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms import v2
+
+from .folder import DEFAULT_MAX_PIXELS, Sample, load_image
+from .transforms import Preprocess, _interp
+
+CACHE_AUTO_BYTES = 2 * 1024**3
+
+
+def _pil_to_tensor(im) -> torch.Tensor:
+    a = np.asarray(im)
+    return torch.from_numpy(a.copy()).unsqueeze(0) if a.ndim == 2 else torch.from_numpy(a.copy()).permute(2, 0, 1)
+
+
+class ImageDataset(Dataset):
+    """(image tensor, label) pairs from files, or from the in-memory cache when it is built."""
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable, pre: Preprocess, seed: int = 0,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.samples = list(samples)
+        self.transform = transform
+        self.pre = pre
+        self.seed = seed
+        self.max_pixels = max_pixels
+        self.cache: list[torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def decode(self, i: int) -> torch.Tensor:
+        """The uint8 CxHxW image, shorter side at least the resize size for large JPEGs."""
+        if self.cache is not None:
+            return self.cache[i]
+        im = load_image(self.samples[i][0], self.pre.mode, self.max_pixels, min_size=self.pre.resize_size)
+        return _pil_to_tensor(im)
+
+    def build_cache(self, progress: bool = True) -> None:
+        """Decode everything once, resized so the shorter side is the evaluation resize size."""
+        from tqdm.auto import tqdm
+
+        resize = v2.Resize(self.pre.resize_size, interpolation=_interp(self.pre.interpolation), antialias=True)
+        self.cache = [resize(self.decode(i)) for i in tqdm(range(len(self)), desc="caching", disable=None if progress else True,
+                                                            leave=False, unit="img")]
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        epoch, i = key if isinstance(key, tuple) else (None, key)
+        image = self.decode(i)
+        if epoch is None:
+            return self.transform(image), self.samples[i][1]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derived_seed(AUGMENT_STREAM, self.seed, epoch, i))
+            return self.transform(image), self.samples[i][1]
+
+
+def derived_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from non-negative integers (numpy's SeedSequence hashing)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0] >> 1)
+
+
+AUGMENT_STREAM, SHUFFLE_STREAM = 0, 1
+
+
+def cache_bytes(samples: Sequence[Sample], sizes: dict[str, tuple[int, int, str]], pre: Preprocess) -> int:
+    """Memory the cache would take, from the sizes the scan recorded."""
+    total = 0
+    for path, _ in samples:
+        w, h, _ = sizes.get(path, (pre.resize_size, pre.resize_size, ""))
+        scale = pre.resize_size / min(w, h)
+        total += round(w * scale) * round(h * scale) * pre.in_chans
+    return total
+
+
+class EpochSampler(Sampler):
+    """Yields (epoch, index): a seeded permutation per epoch (or the identity order), resumable."""
+
+    def __init__(self, n: int, shuffle: bool, seed: int = 0):
+        self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(derived_seed(SHUFFLE_STREAM, self.seed, self.epoch))
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = range(self.n)
+        return iter([(self.epoch, i) for i in order])
+
+
+def default_workers() -> int:
+    """One loader process per spare core (up to 8): the main process needs a core for the model."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, n - 1))
+
+
+def make_loader(dataset: ImageDataset, batch_size: int, *, train: bool, workers: int, seed: int,
+                pin_memory: bool = False) -> DataLoader:
+    """Training loaders shuffle and drop a ragged last batch (BatchNorm cannot use a batch of one)."""
+    sampler = EpochSampler(len(dataset), shuffle=train, seed=seed)
+    drop_last = train and len(dataset) > batch_size
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      persistent_workers=workers > 0, pin_memory=pin_memory, drop_last=drop_last,
+                      prefetch_factor=4 if workers > 0 else None)

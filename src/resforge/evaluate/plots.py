@@ -1,0 +1,131 @@
+"""Figures of a run, drawn on bare `Figure` objects (no pyplot: no global state, safe in threads and headless).
+
+Each function writes one PNG through `atomic_path`, so a crash mid-drawing keeps the previous file.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator, PercentFormatter
+
+from ..io import atomic_path
+
+DPI = 110
+_HISTORY_PANELS = (("loss", ("train_loss", "val_loss", "ema_val_loss")),
+                   ("accuracy", ("val_top1", "ema_val_top1", "val_top5")),
+                   ("learning rate", ("lr",)))
+
+
+def _save(fig: Figure, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
+    return path
+
+
+def _number(value: float | str | None) -> float | None:
+    """A finite float, or None for a missing, empty (as read from a CSV) or NaN entry."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def plot_history(rows: list[dict[str, float]], path: str | os.PathLike) -> Path:
+    """Loss, accuracy and learning rate per epoch; a series absent or NaN in some rows is drawn where present."""
+    if not rows:
+        raise ValueError("no epochs to plot")
+    fig = Figure(figsize=(15, 4), layout="constrained")
+    for ax, (title, keys) in zip(fig.subplots(1, len(_HISTORY_PANELS)), _HISTORY_PANELS):
+        for key in keys:
+            points = [(_number(r.get("epoch", i + 1)), _number(r.get(key))) for i, r in enumerate(rows)]
+            points = [(x, y) for x, y in points if x is not None and y is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", markersize=3, label=key)
+        ax.set(title=title, xlabel="epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+        if title == "accuracy":
+            ax.yaxis.set_major_formatter(PercentFormatter(xmax=1))
+        if title == "learning rate":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    return _save(fig, path)
+
+
+def plot_confusion(confusion: np.ndarray, classes: list[str], path: str | os.PathLike,
+                   normalize: bool = True) -> Path:
+    """Heat map, rows true and columns predicted; `normalize` shows each true class's row as fractions."""
+    confusion = np.asarray(confusion)
+    n = len(classes)
+    if confusion.shape != (n, n):
+        raise ValueError(f"confusion matrix must be {n}x{n} for {n} classes, got {list(confusion.shape)}")
+    rows = confusion.sum(1, keepdims=True)
+    values = np.divide(confusion, rows, out=np.zeros(confusion.shape), where=rows != 0) if normalize else confusion
+    side = min(3 + 0.45 * n, 18)
+    fontsize = min(9.0, 45 * side / n)  # about 60% of a cell's height in points
+    fig = Figure(figsize=(side + 1.5, side), layout="constrained")
+    ax = fig.subplots()
+    im = ax.imshow(values, cmap="Blues", vmin=0, vmax=1 if normalize else max(values.max(), 1))
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    ax.set_xticks(range(n), classes, rotation=45, ha="right", rotation_mode="anchor", fontsize=fontsize)
+    ax.set_yticks(range(n), classes, fontsize=fontsize)
+    ax.set(xlabel="predicted", ylabel="true",
+           title="confusion matrix" + (" (fraction of each true class)" if normalize else " (counts)"))
+    if n <= 20:
+        dark = 0.5 * im.norm.vmax
+        for (i, j), v in np.ndenumerate(values):
+            ax.text(j, i, f"{v:.2f}" if normalize else f"{int(v)}", ha="center", va="center", fontsize=8,
+                    color="white" if v > dark else "black")
+    return _save(fig, path)
+
+
+def plot_image_grid(images: list[np.ndarray], titles: list[str], path: str | os.PathLike,
+                    colors: list[str | None] | None = None, ncols: int | None = None,
+                    suptitle: str | None = None) -> Path:
+    """Tiles of HxW (grayscale) or HxWx3 uint8 images, each titled, the title coloured by `colors`."""
+    if not images:
+        raise ValueError("no images to plot")
+    colors = colors or [None] * len(images)
+    if not len(titles) == len(colors) == len(images):
+        raise ValueError(f"{len(images)} images need as many titles and colours, "
+                         f"got {len(titles)} and {len(colors)}")
+    ncols = ncols or math.ceil(math.sqrt(len(images)))
+    nrows = math.ceil(len(images) / ncols)
+    fig = Figure(figsize=(2.2 * ncols, 2.5 * nrows + (0.4 if suptitle else 0)), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, image, title, color in zip(axes, images, titles, colors):
+        gray = image.ndim == 2
+        ax.imshow(image, cmap="gray" if gray else None, vmin=0 if gray else None, vmax=255 if gray else None)
+        ax.set_title(title, fontsize=8, color=color or "black")
+    if suptitle:
+        fig.suptitle(suptitle)
+    return _save(fig, path)
+
+
+def plot_lr_find(lrs: list[float], losses: list[float], suggestion: float | None, path: str | os.PathLike) -> Path:
+    """Loss against learning rate (log axis), the suggested rate marked; diverged (infinite) losses are left out."""
+    if not lrs or len(lrs) != len(losses):
+        raise ValueError(f"need as many losses as learning rates (at least one), got {len(lrs)} and {len(losses)}")
+    losses_arr = np.asarray(losses, dtype=float)
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(lrs, np.where(np.isfinite(losses_arr), losses_arr, np.nan))
+    ax.set_xscale("log")
+    ax.set(xlabel="learning rate", ylabel="loss", title="learning-rate range test")
+    ax.grid(alpha=0.3, which="both")
+    if suggestion is not None:
+        ax.axvline(suggestion, color="tab:red", linestyle="--", label=f"suggested lr {suggestion:.2e}")
+        ax.legend()
+    return _save(fig, path)

@@ -1,0 +1,69 @@
+"""`report.md` of a run: what went in, what came out, how good it is, on one page."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .data.folder import ImageFolderScan
+from .evaluate.metrics import ClassificationReport
+from .io import write_text
+from .models.summary import ModelSummary
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_run_report(run_dir: str | os.PathLike, cfg: Config, scan: ImageFolderScan, summary: dict[str, Any],
+                     model: ModelSummary, results: dict[str, ClassificationReport]) -> Path:
+    run_dir = Path(run_dir)
+    o, t, a, d = cfg.optim, cfg.train, cfg.augment, cfg.data
+    rows = summary["history"]
+    speed = sum(r["img_per_s"] for r in rows) / len(rows)
+    out = [f"# {run_dir.name}", ""]
+    out += ["## Data", "",
+            f"- folder `{d.root}`, {len(scan.classes)} classes, layout `{scan.layout}`; validation: {scan.val_source}",
+            "",
+            _table(["split", "images"] + scan.classes[:12] + (["..."] if len(scan.classes) > 12 else []),
+                   [[s, sum(scan.counts(s))] + scan.counts(s)[:12] for s in ("train", "val", "test")
+                    if getattr(scan, s)]),
+            ""]
+    if scan.skipped:
+        out += [f"- {len(scan.skipped)} file(s) skipped as unreadable or not images: see `skipped.csv`", ""]
+    out += ["## Model", "",
+            f"- `{cfg.model.name}` at {d.img_size} px, {d.in_chans} channel(s): {model.params:,} parameters, "
+            f"{model.macs / 1e9:.3g} GMACs per image",
+            f"- weights: {cfg.model.pretrained or 'random initialisation'}", ""]
+    out += ["## Recipe", "",
+            f"- recipe `{cfg.recipe or 'defaults'}` (full config in `config.yaml`)",
+            f"- {o.optimizer}, peak lr {summary['lr']:.3g}, schedule {o.schedule} (warm-up {o.warmup_epochs:g} "
+            f"epochs), weight decay {o.weight_decay:g}, batch {d.batch_size}x{o.accum_steps}",
+            f"- augmentation `{a.preset}`" + (f", mixup {a.mixup:g}" if a.mixup else "")
+            + (f", cutmix {a.cutmix:g}" if a.cutmix else "")
+            + f"; label smoothing {t.label_smoothing:g}; EMA {'on' if t.ema else 'off'}; "
+            f"precision {summary['precision']}; freeze {', '.join(o.freeze) or 'none'}", ""]
+    stop = " (stopped early)" if summary["stopped_early"] else ""
+    out += ["## Training", "",
+            f"- {summary['epochs']} of {t.epochs} epochs{stop} in {summary['train_time_s'] / 60:.1f} min, "
+            f"{speed:.0f} training images/s on {summary['device']}",
+            f"- best epoch {summary['best_epoch']} by {t.metric} ({summary['best_weights']} weights) "
+            "-> `best.safetensors` + `best.json`", "",
+            "![history](plots/history.png)", ""]
+    out += ["## Results", "",
+            _table(["split", "images", "top-1", "top-5", "macro F1"],
+                   [[name, r.num_samples, f"{r.top1:.2%}", f"{r.top5:.2%}", f"{r.macro['f1']:.3f}"]
+                    for name, r in results.items()]), ""]
+    for name, r in results.items():
+        out += [f"### {name}", "", r.to_markdown(), "",
+                f"![confusion](plots/confusion_{name}.png)", "",
+                f"![predictions](plots/predictions_{name}.png)", ""]
+        if (run_dir / "plots" / f"mistakes_{name}.png").exists():
+            out += [f"![mistakes](plots/mistakes_{name}.png)", ""]
+    path = run_dir / "report.md"
+    write_text(path, "\n".join(out))
+    return path

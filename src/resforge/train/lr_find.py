@@ -1,0 +1,86 @@
+"""The learning-rate range test (Smith 2017; the fastai `lr_find` habit).
+
+The learning rate grows exponentially from `start_lr` to `end_lr` over a short run of steps on
+the real training set and recipe; the loss (smoothed) is recorded until it diverges. The
+suggestion is the rate where the smoothed loss falls fastest, before its minimum. The model and
+optimiser are put back as they were afterwards.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .optim import set_train_mode
+from .trainer import Trainer
+from ..evaluate.runner import autocast
+
+
+@dataclass
+class LRFindResult:
+    lrs: list[float]
+    losses: list[float]  # smoothed
+    suggestion: float | None
+
+
+def lr_find(trainer: Trainer, start_lr: float = 1e-6, end_lr: float = 10.0, steps: int = 100,
+            smoothing: float = 0.9, diverge: float = 4.0) -> LRFindResult:
+    model, opt = trainer.model, trainer.optimizer
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    # Keep the recipe's ratios between groups (e.g. a slower backbone): scale them all together.
+    top = max(trainer.base_lrs)
+    ratios = [lr / top for lr in trainer.base_lrs]
+    fmt = torch.channels_last if trainer.cfg.train.channels_last else torch.contiguous_format
+    lrs, losses, avg, best = [], [], 0.0, math.inf
+    set_train_mode(model, trainer.frozen)
+    batches = iter(())
+    epoch = 0
+    try:
+        for i in range(steps):
+            try:
+                x, y = next(batches)
+            except StopIteration:
+                trainer.train_loader.sampler.set_epoch(epoch)
+                epoch += 1
+                batches = iter(trainer.train_loader)
+                x, y = next(batches)
+            lr = start_lr * (end_lr / start_lr) ** (i / max(1, steps - 1))
+            for g, r in zip(opt.param_groups, ratios):
+                g["lr"] = lr * r
+            x, y = x.to(trainer.device, memory_format=fmt), y.to(trainer.device)
+            x, y = trainer.mix(x, y)
+            with autocast(trainer.device, trainer.amp_dtype):
+                loss = trainer.criterion(trainer.fwd_model(x).float(), y)
+            opt.zero_grad(set_to_none=True)
+            trainer.scaler.scale(loss).backward()
+            trainer.scaler.step(opt)
+            trainer.scaler.update()
+            value = loss.item()
+            if not math.isfinite(value):
+                break
+            avg = smoothing * avg + (1 - smoothing) * value
+            smoothed = avg / (1 - smoothing ** (i + 1))
+            lrs.append(lr)
+            losses.append(smoothed)
+            best = min(best, smoothed)
+            if smoothed > diverge * best:
+                break
+    finally:
+        model.load_state_dict(saved_model)
+        opt.load_state_dict(saved_opt)
+    return LRFindResult(lrs, losses, suggest_lr(lrs, losses))
+
+
+def suggest_lr(lrs: list[float], losses: list[float]) -> float | None:
+    """The steepest descent of loss against log(lr), up to the loss minimum."""
+    if len(losses) < 5:
+        return None
+    stop = int(np.argmin(losses)) + 1
+    if stop < 3:
+        return None
+    grads = np.gradient(np.asarray(losses[:stop]), np.log(np.asarray(lrs[:stop])))
+    return float(lrs[int(np.argmin(grads))])

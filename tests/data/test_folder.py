@@ -1,0 +1,135 @@
+"""Scanning a folder: layouts, the split, and every kind of bad file."""
+
+import csv
+
+import numpy as np
+import pytest
+from helpers import make_image_folder
+from PIL import Image
+
+from resforge import DataError
+from resforge.data.folder import load_image, scan_folder, scan_images
+
+
+def test_class_layout_stratified_split_is_seeded(tmp_path):
+    make_image_folder(tmp_path, classes=("a", "b", "c"), per_class=10)
+    s1 = scan_folder(tmp_path, val_split=0.2, seed=1)
+    assert s1.layout == "classes" and s1.classes == ["a", "b", "c"]
+    assert s1.counts("val") == [2, 2, 2] and s1.counts("train") == [8, 8, 8]
+    assert s1.val == scan_folder(tmp_path, val_split=0.2, seed=1).val
+    assert s1.val != scan_folder(tmp_path, val_split=0.2, seed=2).val
+    assert not set(s1.train) & set(s1.val)
+
+
+def test_split_layout_with_and_without_val(tmp_path):
+    make_image_folder(tmp_path / "train", per_class=5)
+    make_image_folder(tmp_path / "test", per_class=3)
+    s = scan_folder(tmp_path, val_split=0.2)
+    assert s.layout == "splits" and s.val_source.startswith("0.2")
+    assert s.counts("test") == [3, 3] and s.counts("val") == [1, 1] and s.counts("train") == [4, 4]
+    make_image_folder(tmp_path / "val", per_class=2)
+    s = scan_folder(tmp_path, val_split=0.2)
+    assert s.val_source == "folder" and s.counts("val") == [2, 2] and s.counts("train") == [5, 5]
+
+
+def test_split_is_recorded(tmp_path):
+    make_image_folder(tmp_path / "data", per_class=5)
+    s = scan_folder(tmp_path / "data", val_split=0.4)
+    s.write_split_csv(tmp_path / "split.csv")
+    rows = list(csv.DictReader(open(tmp_path / "split.csv")))
+    assert len(rows) == 10 and {r["split"] for r in rows} == {"train", "val"}
+    assert sum(r["split"] == "val" for r in rows) == 4 and rows[0]["path"].startswith(("a/", "b/"))
+
+
+def test_bad_files_are_skipped_with_reasons(tmp_path):
+    make_image_folder(tmp_path, per_class=4)
+    (tmp_path / "a" / "empty.png").write_bytes(b"")
+    (tmp_path / "a" / "text.jpg").write_text("not an image")
+    (tmp_path / "a" / "notes.txt").write_text("hello")
+    good = (tmp_path / "b" / "000.png").read_bytes()
+    (tmp_path / "b" / "truncated.png").write_bytes(good[: len(good) // 2])
+    Image.new("RGB", (300, 300)).save(tmp_path / "b" / "big.png")
+    (tmp_path / "stray.png").write_bytes(good)
+    s = scan_folder(tmp_path, val_split=0.25, max_pixels=200 * 200)
+    reasons = {p.split("/")[-1]: r for p, r in s.skipped}
+    assert reasons["empty.png"] == "empty file"
+    assert "not an image" in reasons["text.jpg"]
+    assert "extension" in reasons["notes.txt"]
+    assert "truncated" in reasons["truncated.png"] or "corrupt" in reasons["truncated.png"]
+    assert "decompression bomb" in reasons["big.png"]
+    assert "class folder" in reasons["stray.png"]
+    assert sum(s.counts("train")) + sum(s.counts("val")) == 8
+    for p, _ in s.train + s.val:  # every sample kept is loadable
+        load_image(p)
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda r: (r / "a").mkdir(parents=True), "no class folders|no readable"),
+    (lambda r: make_image_folder(r, classes=("only",)), "single class"),
+    (lambda r: (make_image_folder(r), (r / "empty_class").mkdir()), "no readable images in .*: empty_class"),
+    (lambda r: r.mkdir(), "no class folders"),
+])
+def test_unusable_folders_give_one_clear_error(tmp_path, setup, message):
+    root = tmp_path / "data"
+    setup(root)
+    with pytest.raises(DataError, match=message):
+        scan_folder(root)
+
+
+def test_missing_folder_and_unknown_val_class(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        scan_folder(tmp_path / "nope")
+    make_image_folder(tmp_path / "train")
+    make_image_folder(tmp_path / "val", classes=("a", "zebra"))
+    with pytest.raises(DataError, match="zebra"):
+        scan_folder(tmp_path)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    a = np.zeros((10, 20, 3), np.uint8)
+    a[:, :10] = 255  # left half white
+    im = Image.fromarray(a)
+    exif = im.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    im.save(tmp_path / "x.jpg", exif=exif, quality=95)
+    out = load_image(tmp_path / "x.jpg")
+    assert out.size == (10, 20)  # upright: portrait
+    top, bottom = np.asarray(out)[:10].mean(), np.asarray(out)[10:].mean()
+    assert top > 200 > 50 > bottom  # the white half ends on top after a clockwise turn
+
+
+def test_modes_are_converted(tmp_path):
+    gray16 = np.linspace(0, 65535, 256).astype(np.uint16).reshape(16, 16)
+    Image.fromarray(gray16).save(tmp_path / "g16.png")  # uint16: a 16-bit PNG
+    out = np.asarray(load_image(tmp_path / "g16.png", "L"))
+    assert out.dtype == np.uint8 and out.max() == 255 and out.min() == 0  # rescaled, not clipped
+    rgba = Image.new("RGBA", (8, 8), (10, 200, 30, 0))
+    rgba.save(tmp_path / "rgba.png")
+    assert np.asarray(load_image(tmp_path / "rgba.png")).tolist()[0][0] == [10, 200, 30]
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")
+    r, g, b = np.asarray(load_image(tmp_path / "cmyk.jpg")).reshape(-1, 3).mean(0)
+    assert r > 200 and g < 60 and b < 60  # cyan 0, magenta+yellow full: red
+    p = Image.new("P", (8, 8))
+    p.putpalette([0, 0, 255] * 256)
+    p.info["transparency"] = 0
+    p.save(tmp_path / "p.png", transparency=0)
+    assert load_image(tmp_path / "p.png").mode == "RGB"
+    Image.new("L", (8, 8), 77).save(tmp_path / "gray.png")
+    assert np.asarray(load_image(tmp_path / "gray.png", "RGB")).tolist()[0][0] == [77, 77, 77]
+
+
+def test_large_jpeg_is_decoded_at_reduced_scale(tmp_path):
+    Image.new("RGB", (800, 600), (120, 10, 10)).save(tmp_path / "big.jpg")
+    small = load_image(tmp_path / "big.jpg", min_size=100)
+    assert 100 <= min(small.size) < 600 and small.size[0] / small.size[1] == pytest.approx(800 / 600, rel=0.02)
+
+
+def test_scan_images_files_folders_globs(tmp_path):
+    make_image_folder(tmp_path / "d", per_class=2)
+    assert len(scan_images([tmp_path / "d"])) == 4
+    assert len(scan_images([str(tmp_path / "d" / "a" / "*.png")])) == 2
+    assert scan_images([tmp_path / "d" / "b" / "000.png"]) == [str(tmp_path / "d" / "b" / "000.png")]
+    with pytest.raises(DataError, match="no such file"):
+        scan_images([tmp_path / "missing.png"])
+    with pytest.raises(DataError, match="no files match"):
+        scan_images([str(tmp_path / "*.gif")])

@@ -1,0 +1,221 @@
+"""Training runs end to end on tiny models and tiny images: files, options, faults, resumes."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from helpers import make_image_folder
+from safetensors.torch import load_file
+
+import resforge
+from resforge import api
+from resforge.train.checkpoint import load_checkpoint
+from resforge.train.trainer import Trainer
+
+TINY = {"model": "resnet18", "width": 0.125, "img_size": 16, "batch_size": 8, "workers": 0, "amp": "off",
+        "epochs": 2}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("data") / "shapes", classes=("a", "b", "c"), per_class=16,
+                             size=20)
+
+
+def _opts(tmp_path, **kw):
+    return {**TINY, "project": str(tmp_path / "runs"), **kw}
+
+
+def test_a_run_writes_its_directory(data, tmp_path):
+    out = api.train(data, progress=False, **_opts(tmp_path, ema=True))
+    run = tmp_path / "runs" / "resnet18-shapes"
+    assert out["run_dir"] == str(run)
+    for f in ("config.yaml", "classes.json", "split.csv", "metrics.csv", "best.safetensors", "best.json",
+              "last.ckpt", "results.json", "report.md", "confusion_val.csv", "plots/history.png",
+              "plots/confusion_val.png", "plots/predictions_val.png"):
+        assert (run / f).is_file(), f
+    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    for col in ("epoch", "train_loss", "val_loss", "val_top1", "val_top5", "ema_val_top1", "lr", "img_per_s",
+                "epoch_time_s"):
+        assert col in header
+    assert json.loads((run / "classes.json").read_text()) == ["a", "b", "c"]
+    assert "| val |" in (run / "report.md").read_text()
+    # A second run with the same name gets a numbered directory, never overwriting the first.
+    assert api.train(data, progress=False, **_opts(tmp_path, epochs=1))["run_dir"].endswith("resnet18-shapes-2")
+
+
+def test_the_saved_model_rebuilds_from_its_sidecar_alone(data, tmp_path):
+    out = api.train(data, progress=False, **_opts(tmp_path, variant="d", act="silu"))
+    model, meta = resforge.models.load_model(out["run_dir"])
+    assert meta["classes"] == ["a", "b", "c"] and meta["preprocess"]["img_size"] == 16
+    assert meta["arch"]["kwargs"]["variant"] == "d" and meta["arch"]["kwargs"]["act"] == "silu"
+    state = load_file(os.path.join(out["run_dir"], "best.safetensors"))
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_it_learns(data, tmp_path):
+    out = api.train(data, progress=False, **_opts(tmp_path, epochs=8, lr=0.05, augment="none"))
+    assert out["results"]["val"]["top1"] >= 0.75  # chance is 1/3
+
+
+def test_sidecar_and_weights_torn_apart_are_detected(data, tmp_path):
+    run = api.train(data, progress=False, **_opts(tmp_path, epochs=1))["run_dir"]
+    other = api.train(data, progress=False, **_opts(tmp_path, epochs=1))["run_dir"]
+    os.replace(os.path.join(other, "best.json"), os.path.join(run, "best.json"))
+    with pytest.raises(resforge.CheckpointError, match="ids differ"):
+        resforge.models.load_model(run)
+
+
+KILLER = textwrap.dedent("""
+    import json, os, signal, sys
+    import resforge
+    from resforge import api
+
+    def kill_mid_epoch(event, trainer):
+        if event == "batch_end" and trainer.epoch == 2 and trainer.batch == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def kill_during_save(obj, f, *args, **kwargs):  # the second checkpoint: half a file, then death
+        kill_during_save.calls += 1
+        if kill_during_save.calls == 2:
+            with open(f, "wb") as fh:
+                fh.write(b"PK\\x03\\x04 half a checkpoint")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return save(obj, f, *args, **kwargs)
+    kill_during_save.calls = 0
+
+    mode = sys.argv[3]
+    if mode == "save":
+        import torch
+        save = torch.save
+        torch.save = kill_during_save
+    api.train(sys.argv[1], progress=False, callbacks=[kill_mid_epoch] if mode == "batch" else [],
+              **json.loads(sys.argv[2]))
+""")
+
+RESUMABLE = dict(epochs=4, deterministic=True, ema=True, mixup=0.4, label_smoothing=0.1, drop_rate=0.2,
+                 augment="strong", warmup_epochs=1)
+
+
+def test_sigkill_mid_epoch_then_resume_ends_with_the_same_weights(data, tmp_path):
+    straight = api.train(data, progress=False, **_opts(tmp_path, name="straight", **RESUMABLE))
+    opts = _opts(tmp_path, name="killed", **RESUMABLE)
+    r = subprocess.run([sys.executable, "-c", KILLER, str(data), json.dumps(opts), "batch"], capture_output=True)
+    assert r.returncode == -signal.SIGKILL, r.stderr.decode()[-2000:]
+    run = tmp_path / "runs" / "killed"
+    assert load_checkpoint(run / "last.ckpt")["epoch"] == 2
+    resumed = api.train(resume=run, progress=False)
+    assert resumed["epochs"] == 4
+    a = load_checkpoint(os.path.join(straight["run_dir"], "last.ckpt"))
+    b = load_checkpoint(run / "last.ckpt")
+    for part in ("model", "ema"):
+        for k, v in a[part].items():
+            assert torch.equal(v, b[part][k]), f"{part}.{k}"
+    assert [r["val_loss"] for r in a["history"]] == [r["val_loss"] for r in b["history"]]
+
+
+def test_sigkill_during_a_save_keeps_the_previous_checkpoint(data, tmp_path):
+    opts = _opts(tmp_path, name="torn", epochs=3)
+    r = subprocess.run([sys.executable, "-c", KILLER, str(data), json.dumps(opts), "save"], capture_output=True)
+    assert r.returncode == -signal.SIGKILL
+    run = tmp_path / "runs" / "torn"
+    assert load_checkpoint(run / "last.ckpt")["epoch"] == 1
+    assert api.train(resume=run, progress=False)["epochs"] == 3
+    assert not list(run.glob(".*.tmp"))  # the torn temp file was cleared on resume
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(data, tmp_path):
+    def poison(event, trainer):
+        if event == "batch_end" and trainer.epoch == 1 and trainer.batch == 1:
+            with torch.no_grad():
+                trainer.model.fc.weight.fill_(math.nan)
+
+    with pytest.raises(resforge.TrainingError, match=r"nan at epoch 2, batch 3.*last\.ckpt \(epoch 1\)"):
+        api.train(data, progress=False, callbacks=[poison], **_opts(tmp_path, name="nan", epochs=3))
+    state = load_checkpoint(tmp_path / "runs" / "nan" / "last.ckpt")
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_early_stopping_then_extending_the_stopped_run(data, tmp_path):
+    out = api.train(data, progress=False, **_opts(tmp_path, name="stop", epochs=10, lr=1e-9, patience=2,
+                                                   schedule="constant"))
+    assert out["stopped_early"] and out["epochs"] == 3
+    state = load_checkpoint(tmp_path / "runs" / "stop" / "last.ckpt")
+    assert state["finished"]
+    more = api.train(resume=tmp_path / "runs" / "stop", epochs=4, progress=False)
+    assert more["epochs"] == 4
+    # Now it has reached its length: going on needs a larger --epochs.
+    with pytest.raises(resforge.ConfigError, match="already trained 4 epochs"):
+        api.train(resume=tmp_path / "runs" / "stop", progress=False)
+
+
+def test_resume_refuses_to_change_the_experiment(data, tmp_path):
+    api.train(data, progress=False, **_opts(tmp_path, name="fixed", epochs=1))
+    with pytest.raises(resforge.ConfigError, match="optim.lr cannot change when resuming"):
+        api.train(resume=tmp_path / "runs" / "fixed", lr=0.5, progress=False)
+
+
+def _trainer(data, tmp_path, **kw):
+    return Trainer(resforge.config.build_config(overrides={"data.root": str(data), **_opts(tmp_path, **kw)}),
+                   progress=False)
+
+
+def test_options_reach_the_loop(data, tmp_path):
+    t = _trainer(data, tmp_path, label_smoothing=0.2, accum_steps=2, freeze="stem,layer1", backbone_lr_mult=0.5,
+                 ema=True, amp="bf16", lr=0.1)
+    assert t.criterion.label_smoothing == 0.2
+    assert t.steps_per_epoch == math.ceil(len(t.train_loader) / 2)
+    assert sorted({g["lr"] for g in t.optimizer.param_groups}) == [0.05, 0.1]
+    assert t.amp_dtype == torch.bfloat16 and t.ema is not None
+    assert t.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    plain = _trainer(data, tmp_path, channels_last=False, amp="off")
+    assert not plain.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert plain.amp_dtype is None
+    before = t.model.layer1[0].conv1.weight.clone()
+    t.run_dir = tmp_path / "opts"
+    t.run_dir.mkdir()
+    t.cfg.train.epochs = 1
+    t.fit()
+    assert torch.equal(before, t.model.layer1[0].conv1.weight)  # frozen
+    assert t.step == t.steps_per_epoch
+
+
+def test_l1_and_clipping_change_the_update(data, tmp_path):
+    def weights_after(**kw):
+        t = _trainer(data, tmp_path, epochs=1, deterministic=True, lr=0.5, **kw)
+        t.run_dir = tmp_path / f"u{len(kw)}{sorted(kw)}"
+        t.run_dir.mkdir()
+        t.fit()
+        return t.model.layer4[0].conv2.weight.detach().clone()
+
+    base = weights_after()
+    assert not torch.equal(base, weights_after(l1=1e-3))
+    assert not torch.equal(base, weights_after(clip_grad=1e-3))
+
+
+def test_dataset_normalisation_is_measured_and_recorded(data, tmp_path):
+    t = _trainer(data, tmp_path, normalize="dataset")
+    assert t.pre.mean != list(resforge.data.transforms.IMAGENET_MEAN)
+    assert all(0 < m < 1 for m in t.pre.mean) and all(0 < s < 0.6 for s in t.pre.std)
+
+
+def test_no_cuda_device_is_a_clear_error(data, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(resforge.ConfigError, match="no CUDA device"):
+        _trainer(data, tmp_path, device="cuda")
+
+
+def test_time_limit_fits_the_epochs_and_completes_the_schedule(data, tmp_path):
+    out = api.train(data, progress=False, **_opts(tmp_path, name="timed", epochs=500, time_limit=0.08))
+    assert 2 <= out["epochs"] < 500 and not out["stopped_early"]
+    assert out["train_time_s"] < 0.08 * 60 * 1.5
+    lrs = [r["lr"] for r in out["history"]]
+    assert lrs[-1] < 0.2 * max(lrs)  # the cosine decay was refitted to end with the budget
+    assert load_checkpoint(tmp_path / "runs" / "timed" / "last.ckpt")["config"]["train"]["epochs"] == out["epochs"]
