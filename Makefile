@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --progress-bar off --disable-pip-version-check -q
 
-.PHONY: demo test clean
+.PHONY: demo test bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,16 @@ demo: $(VENV)/.base
 
 test: $(VENV)/.test
 	KERAS_BACKEND=torch $(PY) -m pytest
+
+$(VENV)/.bench: pyproject.toml | $(PY)
+	$(PIP) -e '.[bench]'
+	@touch $@ $(VENV)/.base
+
+# Speed and accuracy measurements (markdown tables; about 35 minutes on 2 CPU cores).
+bench: $(VENV)/.bench
+	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/data_loader.py
+	$(PY) benchmarks/accuracy_fashion_mnist.py
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info .pytest_cache

@@ -63,3 +63,67 @@ def test_info_loads_pretrained_and_reports_adaptation(tmp_path, capsys):
                  "--in-chans", "1", "--img-size", "32"]) == 0
     out = capsys.readouterr()
     assert "1 input channel" in out.out
+
+
+def _data(tmp_path):
+    from helpers import make_image_folder
+
+    return make_image_folder(tmp_path / "shapes", classes=("a", "b"), per_class=8, size=20)
+
+
+TINY = ["--model", "resnet18", "--width", "0.125", "--img-size", "16", "--batch-size", "4", "--workers", "0",
+        "--amp", "off"]
+
+
+def test_train_resume_and_recipes_from_the_command_line(tmp_path, capsys):
+    data = _data(tmp_path)
+    project = str(tmp_path / "runs")
+    assert main(["train", str(data), *TINY, "--epochs", "1", "--project", project, "--name", "r",
+                 "--set", "optim.gamma=0.5"]) == 0
+    run = tmp_path / "runs" / "r"
+    assert (run / "report.md").is_file() and "gamma: 0.5" in (run / "config.yaml").read_text()
+    assert main(["train", "--resume", str(run), "--epochs", "2"]) == 0
+    assert len((run / "metrics.csv").read_text().splitlines()) == 3
+    assert main(["recipes"]) == 0
+    assert "keras-baseline" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train"], "give the image folder"),
+    (["train", "/nonexistent/folder"], "data folder not found"),
+    (["train", "x", "--resume", "y"], "give no DATA"),
+    (["train", "x", "--epochs", "0"], "train.epochs must be at least 1"),
+    (["train", "x", "--set", "optim.bogus=1"], "unknown option"),
+    (["train", "--resume", "/nonexistent/run"], "no checkpoint to resume"),
+    (["eval", "/nonexistent/run", "x"], "no model at"),
+])
+def test_train_errors_are_one_line(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("resforge: error:") and message in err and "\n" not in err
+
+
+def test_data_import_from_idx_files(tmp_path):
+    import gzip
+
+    import numpy as np
+
+    src = tmp_path / "idx"
+    src.mkdir()
+    for prefix, n in (("train", 20), ("t10k", 10)):
+        for kind, arr in (("images-idx3", np.zeros((n, 28, 28), np.uint8)), ("labels-idx1", np.arange(n) % 10)):
+            header = bytes([0, 0, 8, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+            (src / f"{prefix}-{kind}-ubyte.gz").write_bytes(gzip.compress(header + arr.astype(np.uint8).tobytes()))
+    assert main(["data", "import", "fashion-mnist", "--source", str(src), "--out", str(tmp_path / "fm")]) == 0
+    assert len(list((tmp_path / "fm" / "test").rglob("*.png"))) == 10
+
+
+def test_demo_runs_end_to_end(tmp_path, monkeypatch):
+    """`make demo` with a budget of one short epoch: import, inspect, train, evaluate, report."""
+    from resforge.demo import run_demo
+
+    monkeypatch.chdir(tmp_path)
+    out = run_demo(minutes=0.01)
+    assert out["epochs"] == 1 and out["results"]["test"]["num_samples"] == 1000
+    assert (tmp_path / "runs" / "demo" / "report.md").is_file()
+    assert (tmp_path / "runs" / "inspect-fashion-mnist-sample" / "samples.png").is_file()

@@ -76,18 +76,19 @@ def param_groups(model: nn.Module, cfg: OptimConfig, lr: float) -> list[dict]:
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg, lr)
-    # torch picks the multi-tensor (foreach) kernels only for CUDA tensors; on the CPU they are faster
-    # too (ResNet-50 SGD step: 29 ms instead of 44 on 2 cores).
-    kw = {"lr": lr, "foreach": True}
+    # torch's default on the CPU is a Python loop over tensors; its fused kernels do the same update in
+    # one pass (ResNet-50 step on 2 cores: SGD 109 ms looped, 57 foreach, 9 fused; AdamW 98, 43, 14).
+    # RMSprop has no fused kernel: foreach.
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0, **kw)
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                               fused=True)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, **kw)
+        return torch.optim.Adam(groups, lr=lr, fused=True)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, **kw)
+        return torch.optim.AdamW(groups, lr=lr, fused=True)
     if cfg.optimizer == "rmsprop":
         # The TF-style settings EfficientNet/MobileNet recipes use with RMSProp.
-        return torch.optim.RMSprop(groups, alpha=0.9, eps=1e-3, momentum=cfg.momentum, **kw)
+        return torch.optim.RMSprop(groups, lr=lr, alpha=0.9, eps=1e-3, momentum=cfg.momentum, foreach=True)
     raise ConfigError(f"unknown optimizer {cfg.optimizer!r}")
 
 
