@@ -27,7 +27,7 @@ import torchvision
 import resforge
 from resforge.config import build_config
 from resforge.data.sources import FASHION_MNIST_CLASSES, load_fashion_mnist_sample, write_image_folder
-from resforge.train.trainer import Trainer
+from resforge.training.trainer import Trainer
 
 
 def make_folder(root: Path, images: int) -> Path:

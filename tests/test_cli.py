@@ -127,3 +127,12 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch):
     assert out["epochs"] == 1 and out["results"]["test"]["num_samples"] == 1000
     assert (tmp_path / "runs" / "demo" / "report.md").is_file()
     assert (tmp_path / "runs" / "inspect-fashion-mnist-sample" / "samples.png").is_file()
+
+
+def test_the_stage_functions_are_not_shadowed_by_subpackages():
+    import resforge
+    import resforge.evaluation.evaluate  # noqa: F401
+    import resforge.training.trainer  # noqa: F401
+
+    for name in ("train", "evaluate", "predict", "lr_find", "inspect_data", "import_dataset"):
+        assert callable(getattr(resforge, name)), name

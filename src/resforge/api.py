@@ -18,15 +18,15 @@ import torch
 from .config import Config, build_config
 from .data.folder import scan_images
 from .data.inspect import FolderReport, inspect_folder
-from .evaluate.evaluate import LoadedModel, evaluate_samples, labelled_samples, predict_paths, thumbnail
-from .evaluate.metrics import ClassificationReport
-from .evaluate.plots import plot_history, plot_image_grid, plot_lr_find
+from .evaluation.evaluate import LoadedModel, evaluate_samples, labelled_samples, predict_paths, thumbnail
+from .evaluation.metrics import ClassificationReport
+from .evaluation.plots import plot_history, plot_image_grid, plot_lr_find
 from .io import write_json
 from .models.summary import summarize
 from .report import write_run_report
-from .train.lr_find import LRFindResult
-from .train.lr_find import lr_find as _lr_find
-from .train.trainer import Callback, Trainer, resolve_amp, resolve_device
+from .training.lr_find import LRFindResult
+from .training.lr_find import lr_find as _lr_find
+from .training.trainer import Callback, Trainer, resolve_amp, resolve_device
 
 log = logging.getLogger("resforge")
 

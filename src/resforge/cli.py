@@ -105,7 +105,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> None:
     from . import api
-    from .evaluate.evaluate import format_predictions
+    from .evaluation.evaluate import format_predictions
     from .io import write_text
 
     rows = api.predict(args.model, args.paths, topk=args.topk, batch_size=args.batch_size, device=args.device)

@@ -8,7 +8,7 @@ from typing import Any
 
 from .config import Config
 from .data.folder import ImageFolderScan
-from .evaluate.metrics import ClassificationReport
+from .evaluation.metrics import ClassificationReport
 from .io import write_text
 from .models.summary import ModelSummary
 

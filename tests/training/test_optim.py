@@ -7,7 +7,7 @@ import torch
 
 import resforge
 from resforge.config import OptimConfig
-from resforge.train.optim import Schedule, build_optimizer, default_lr, freeze, param_groups, set_train_mode
+from resforge.training.optim import Schedule, build_optimizer, default_lr, freeze, param_groups, set_train_mode
 
 
 def tiny():

@@ -17,7 +17,7 @@ import torch
 
 from .optim import set_train_mode
 from .trainer import Trainer
-from ..evaluate.runner import autocast
+from ..evaluation.runner import autocast
 
 
 @dataclass

@@ -29,8 +29,8 @@ from ..data.loader import CACHE_AUTO_BYTES, ImageDataset, cache_bytes, default_w
 from ..data.transforms import (BatchMix, Preprocess, eval_transform, imagenet_stats, make_preprocess,
                                train_transform)
 from ..errors import ConfigError, TrainingError
-from ..evaluate.metrics import topk_correct
-from ..evaluate.runner import autocast, infer
+from ..evaluation.metrics import topk_correct
+from ..evaluation.runner import autocast, infer
 from ..io import atomic_path, write_json, write_text
 from ..models import ResNet, create_model, save_model
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -164,6 +164,9 @@ class Trainer:
         self.mix = BatchMix(cfg.augment, len(self.classes))
 
         o, t = cfg.optim, cfg.train
+        if o.freeze and not cfg.model.pretrained:
+            log.warning("freezing %s of a randomly initialised model: those layers will never learn; "
+                        "give --pretrained weights (or no --freeze)", ", ".join(o.freeze))
         self.frozen = freeze(self.model, o.freeze)
         self.lr = default_lr(o, d.batch_size)
         self.optimizer = build_optimizer(self.model, o, self.lr)
@@ -240,11 +243,11 @@ class Trainer:
         self.epoch, self.step = state["epoch"], state["step"]
         self.history, self.best, self.bad_epochs = state["history"], state["best"], state["bad_epochs"]
         finished = state["finished"]
-        schedule = Schedule.from_state_dict(state["schedule"])
-        self.schedule = schedule.resized(self.step, self.cfg.train.epochs * self.steps_per_epoch, finished)
-        if finished and self.cfg.train.epochs <= self.epoch:
+        if self.cfg.train.epochs <= self.epoch:
             raise ConfigError(f"this run already trained {self.epoch} epochs; pass --epochs above {self.epoch} "
                               "to train further")
+        schedule = Schedule.from_state_dict(state["schedule"])
+        self.schedule = schedule.resized(self.step, self.cfg.train.epochs * self.steps_per_epoch, finished)
         if finished:
             log.info("extending a finished run: a new cosine cycle over epochs %d-%d", self.epoch + 1,
                      self.cfg.train.epochs)

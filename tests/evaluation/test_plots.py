@@ -5,7 +5,7 @@ import pytest
 from matplotlib.figure import Figure
 from PIL import Image
 
-from resforge.evaluate import plots
+from resforge.evaluation import plots
 
 HISTORY = [
     {"epoch": 1, "train_loss": 2.0, "val_loss": 1.8, "val_top1": 0.30, "val_top5": 0.8, "lr": 0.01},

@@ -37,8 +37,8 @@ def test_tta_changes_the_scores(run, tmp_path):
 
     from resforge.data.loader import ImageDataset, make_loader
     from resforge.data.transforms import eval_transform
-    from resforge.evaluate.evaluate import LoadedModel, labelled_samples
-    from resforge.evaluate.runner import TenCropViews, infer
+    from resforge.evaluation.evaluate import LoadedModel, labelled_samples
+    from resforge.evaluation.runner import TenCropViews, infer
 
     run_dir, data, _ = run
     lm = LoadedModel.load(run_dir, torch.device("cpu"))
@@ -123,8 +123,8 @@ def test_lr_find_leaves_the_weights_as_they_were(run, tmp_path):
     import torch
 
     from resforge.config import build_config
-    from resforge.train.lr_find import lr_find
-    from resforge.train.trainer import Trainer
+    from resforge.training.lr_find import lr_find
+    from resforge.training.trainer import Trainer
 
     _, data, _ = run
     t = Trainer(build_config(overrides={"data.root": str(data), "model": "resnet18", "width": 0.125,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, top_k_accuracy_score
 
-from resforge.evaluate.metrics import classification_report, most_confident_mistakes, topk_correct
+from resforge.evaluation.metrics import classification_report, most_confident_mistakes, topk_correct
 
 CLASSES = ["cat", "dog", "bird", "fish", "frog", "never_predicted", "never_seen"]
 

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 import resforge
 from resforge import api
-from resforge.train.checkpoint import load_checkpoint
-from resforge.train.trainer import Trainer
+from resforge.training.checkpoint import load_checkpoint
+from resforge.training.trainer import Trainer
 
 TINY = {"model": "resnet18", "width": 0.125, "img_size": 16, "batch_size": 8, "workers": 0, "amp": "off",
         "epochs": 2}
@@ -219,3 +219,27 @@ def test_time_limit_fits_the_epochs_and_completes_the_schedule(data, tmp_path):
     lrs = [r["lr"] for r in out["history"]]
     assert lrs[-1] < 0.2 * max(lrs)  # the cosine decay was refitted to end with the budget
     assert load_checkpoint(tmp_path / "runs" / "timed" / "last.ckpt")["config"]["train"]["epochs"] == out["epochs"]
+
+
+def test_finetune_from_a_torchvision_checkpoint_served_over_http(data, tmp_path, http_root, monkeypatch):
+    """A 1000-class torchvision checkpoint, fetched by URL, fine-tuned on 3 classes with frozen early stages."""
+    import torchvision
+
+    root, base = http_root
+    monkeypatch.setenv("RESFORGE_CACHE", str(tmp_path / "cache"))
+    ref = torchvision.models.resnet18()
+    torch.save(ref.state_dict(), root / "resnet18-tv.pth")
+    out = api.train(data, recipe="finetune", pretrained=f"{base}/resnet18-tv.pth", progress=False,
+                    **_opts(tmp_path, name="ft", width=1.0, img_size=32, small_input=False, epochs=1))
+    state = load_checkpoint(tmp_path / "runs" / "ft" / "last.ckpt")["model"]
+    assert state["fc.weight"].shape == (3, 512)
+    for k in ("conv1.weight", "layer1.0.conv1.weight", "layer1.1.bn2.running_mean"):  # frozen, BN stats too
+        assert torch.equal(state[k], ref.state_dict()[k]), k
+    assert not torch.equal(state["layer3.0.conv1.weight"], ref.state_dict()["layer3.0.conv1.weight"])
+    assert load_file(os.path.join(out["run_dir"], "best.safetensors"))["fc.weight"].shape == (3, 512)
+
+
+def test_resume_cannot_shorten_below_what_was_trained(data, tmp_path):
+    api.train(data, progress=False, **_opts(tmp_path, name="short", epochs=2))
+    with pytest.raises(resforge.ConfigError, match="already trained 2 epochs"):
+        api.train(resume=tmp_path / "runs" / "short", epochs=1, progress=False)
