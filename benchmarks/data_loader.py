@@ -15,6 +15,7 @@ to two sizes: ImageNet-like (500x375) and phone-camera-like (2000x1500).
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -76,6 +77,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=192, help="photos per size")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=default_workers())
+    ap.add_argument("--repeats", type=int, default=3, help="round-robin repeats; the median is reported")
+    ap.add_argument("--passes", type=int, default=4, help="passes over the photos per measurement")
     args = ap.parse_args()
     pre = make_preprocess(224, 0.875, 3, "bilinear", *imagenet_stats(3))
     transform = train_transform(pre, AugmentConfig(preset="standard"))
@@ -89,17 +92,20 @@ def main() -> None:
             scan = scan_folder(root, val_split=0.0)
             ours = ImageDataset(scan.train, transform, pre)
             ours_loader = make_loader(ours, args.batch_size, train=True, workers=args.workers, seed=0)
-            base = throughput(tv_loader)
-            speed = throughput(ours_loader)
-            rows.append((label, "torchvision ImageFolder", base, 1.0))
-            rows.append((label, "resforge ImageDataset", speed, speed / base))
             cached = ImageDataset(scan.train, transform, pre)
             cached.build_cache(progress=False)
-            cached_speed = throughput(make_loader(cached, args.batch_size, train=True, workers=args.workers, seed=0))
-            rows.append((label, "resforge, cached in memory (epochs after the first)", cached_speed,
-                         cached_speed / base))
+            cached_loader = make_loader(cached, args.batch_size, train=True, workers=args.workers, seed=0)
+            loaders = {"torchvision ImageFolder": tv_loader, "resforge ImageDataset": ours_loader,
+                       "resforge, cached in memory (epochs after the first)": cached_loader}
+            # Round-robin repeats, median of each: the machine is shared and its speed drifts.
+            speeds = {name: [] for name in loaders}
+            for _ in range(args.repeats):
+                for name, loader in loaders.items():
+                    speeds[name].append(throughput(loader, passes=args.passes))
+            base = statistics.median(speeds["torchvision ImageFolder"])
+            rows += [(label, name, statistics.median(s), statistics.median(s) / base) for name, s in speeds.items()]
     print(f"\nJPEG decode + `standard` augmentation to 224 px, batch {args.batch_size}, {args.workers} worker(s), "
-          f"{args.images} photos per size, torch {torch.__version__}\n")
+          f"{args.images} photos per size, {args.passes} passes, median of {args.repeats} round-robin repeats, torch {torch.__version__}\n")
     print("| photos | loader | images/s | vs ImageFolder |")
     print("|---|---|---:|---:|")
     for label, name, speed, ratio in rows:

@@ -13,8 +13,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .config import Config, build_config
 from .data.folder import scan_images
 from .data.inspect import FolderReport, inspect_folder
@@ -68,11 +66,9 @@ def finish_run(trainer: Trainer, summary: dict[str, Any]) -> dict[str, Any]:
         if samples:
             results[split] = evaluate_samples(lm, samples, run_dir, name=split, device=trainer.device,
                                               amp_dtype=trainer.amp_dtype, batch_size=cfg.data.batch_size,
-                                              workers=0 if trainer.cached else cfg.data.workers)
+                                              workers=cfg.data.workers)
     plot_history(summary["history"], run_dir / "plots" / "history.png")
-    with torch.device("meta"):
-        meta_model = type(lm.model)(**lm.model.spec())
-    model_summary = summarize(meta_model, cfg.data.img_size, cfg.model.name)
+    model_summary = summarize(lm.model, cfg.data.img_size, cfg.model.name)
     summary = {**summary, "lr": trainer.lr, "device": str(trainer.device),
                "precision": str(trainer.amp_dtype).replace("torch.", "") if trainer.amp_dtype else "fp32"}
     write_json(run_dir / "results.json", {"summary": {k: v for k, v in summary.items() if k != "history"},

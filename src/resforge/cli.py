@@ -38,6 +38,16 @@ def _model_kwargs(args: argparse.Namespace) -> dict:
     return kw
 
 
+def _config_options(p: argparse.ArgumentParser) -> None:
+    """Where a training config comes from: a recipe, a YAML file, a flag per option, --set."""
+    from .config import add_arguments
+
+    p.add_argument("--recipe", help="built-in recipe (see 'resforge recipes')")
+    p.add_argument("--config", metavar="FILE", help="YAML config (sections model/data/augment/optim/train)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any option, e.g. --set optim.gamma=0.2")
+    add_arguments(p)
+
+
 def cmd_models(args: argparse.Namespace) -> None:
     from .models import describe_model, list_models
 
@@ -154,33 +164,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, default=224, help="square input size in pixels (default: 224)")
     _model_options(p)
 
-    from .config import add_arguments
-
     p = add("train", cmd_train, "train or fine-tune on a folder of images",
             "Train on DATA (root/<class>/* or root/{train,val[,test]}/<class>/*) and write a run directory "
             "with config.yaml, metrics.csv, best.safetensors + best.json, last.ckpt, plots and report.md. "
             "Precedence: defaults < --recipe < --config < flags < --set.")
     p.add_argument("data", nargs="?", help="image folder")
-    p.add_argument("--recipe", help="built-in recipe (see 'resforge recipes')")
-    p.add_argument("--config", metavar="FILE", help="YAML config (sections model/data/augment/optim/train)")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue a run from its last.ckpt; with --epochs N a changed length refits the "
                         "remaining lr decay, and a finished run gets a new cosine cycle")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any option, e.g. --set optim.gamma=0.2")
-    add_arguments(p)
+    _config_options(p)
 
     p = add("lr-find", cmd_lr_find, "learning-rate range test: loss against lr, and a suggestion",
             "Grow the learning rate exponentially over a short run with the recipe's model, data and "
             "optimiser; plot the smoothed loss and suggest the rate where it falls fastest.")
     p.add_argument("data", help="image folder")
-    p.add_argument("--recipe", help="built-in recipe (see 'resforge recipes')")
-    p.add_argument("--config", metavar="FILE", help="YAML config")
     p.add_argument("--steps", type=int, default=100, help="steps of the test (default: 100)")
     p.add_argument("--start-lr", type=float, default=1e-6, help="first learning rate (default: 1e-6)")
     p.add_argument("--end-lr", type=float, default=10.0, help="last learning rate (default: 10)")
     p.add_argument("--out", help="output folder for lr_find.png/json (default: <project>/lr_find)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any option, e.g. --set optim.gamma=0.2")
-    add_arguments(p)
+    _config_options(p)
 
     add("recipes", cmd_recipes, "list the built-in training recipes")
 

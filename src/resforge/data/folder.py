@@ -95,7 +95,8 @@ def load_image(path: str | os.PathLike, mode: str = "RGB", max_pixels: int = DEF
             if min_size and im.format == "JPEG":
                 im.draft(mode, (min_size, min_size))
             im.load()
-            return _convert(ImageOps.exif_transpose(im), mode)
+            ImageOps.exif_transpose(im, in_place=True)  # in place: no copy for the common upright image
+            return _convert(im, mode)
     except DataError:
         raise
     except Image.DecompressionBombError as e:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from torchvision.transforms import v2
 
 from .folder import DEFAULT_MAX_PIXELS, Sample, load_image
@@ -65,16 +65,30 @@ class ImageDataset(Dataset):
         image = self.decode(i)
         if epoch is None:
             return self.transform(image), self.samples[i][1]
+        seed = derived_seed(AUGMENT_STREAM, self.seed, epoch, i)
+        # The CPU generator only: torch.manual_seed would also queue a lazy CUDA seeding, formatting a stack
+        # trace each time (half a millisecond per image on CUDA builds). A loader process owns its generator;
+        # in the main process, the training's random stream is put back afterwards.
+        if get_worker_info() is not None:
+            torch.default_generator.manual_seed(seed)
+            return self.transform(image), self.samples[i][1]
         with torch.random.fork_rng(devices=[]):
-            # The CPU generator only: torch.manual_seed would also queue a lazy CUDA seeding, formatting a
-            # stack trace each time (half a millisecond per image on CUDA builds).
-            torch.default_generator.manual_seed(derived_seed(AUGMENT_STREAM, self.seed, epoch, i))
+            torch.default_generator.manual_seed(seed)
             return self.transform(image), self.samples[i][1]
 
 
+_MASK64 = (1 << 64) - 1
+
+
 def derived_seed(*parts: int) -> int:
-    """A well-mixed 63-bit seed from non-negative integers (numpy's SeedSequence hashing)."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0] >> 1)
+    """A well-mixed 63-bit seed from integers: splitmix64's finaliser over each part in turn."""
+    h = 0x9E3779B97F4A7C15
+    for part in parts:
+        h = ((h ^ (part & _MASK64)) + 0x9E3779B97F4A7C15) & _MASK64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 31
+    return h >> 1
 
 
 AUGMENT_STREAM, SHUFFLE_STREAM = 0, 1

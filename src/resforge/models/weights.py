@@ -16,6 +16,7 @@ import re
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +130,9 @@ def read_checkpoint(source: str | os.PathLike, *, sha256: str | None = None
             from safetensors.torch import load_file
 
             return _unwrap(load_file(path), path), {}
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # legacy pickles warn about their protocol; refused or read, it is noise
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except CheckpointError:
         raise
     except Exception as e:  # every reader has its own exception types for a damaged file

@@ -156,7 +156,6 @@ class Trainer:
         if cached:
             for ds in (self.train_set, self.val_set):
                 ds.build_cache(progress)
-        self.cached = cached
         self.train_loader = make_loader(self.train_set, d.batch_size, train=True, workers=workers,
                                         seed=cfg.train.seed, pin_memory=pin)
         self.val_loader = make_loader(self.val_set, d.batch_size, train=False, workers=workers,
