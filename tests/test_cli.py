@@ -91,10 +91,19 @@ def test_train_resume_and_recipes_from_the_command_line(tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["train"], "give the image folder"),
     (["train", "/nonexistent/folder"], "data folder not found"),
-    (["train", "x", "--resume", "y"], "give no DATA"),
+    (["train", "x", "--resume", "y"], "give no data folder"),
     (["train", "x", "--epochs", "0"], "train.epochs must be at least 1"),
     (["train", "x", "--set", "optim.bogus=1"], "unknown option"),
     (["train", "--resume", "/nonexistent/run"], "no checkpoint to resume"),
+    (["train", "x", "--set", "augment.scale=0.5"], "augment.scale must be two fractions"),
+    (["train", "x", "--set", "optim.step_size=0"], "optim.step_size must be at least 1"),
+    (["train", "x", "--hflip", "2"], "are probabilities in [0, 1]"),
+    (["train", "x", "--set", "train.ema=["], "train.ema must be bool"),
+    (["train", "x", "--device", "gpu0"], "train.device must be auto, cpu, cuda or cuda:N"),
+    (["train", "/nonexistent", "--model", "resnet5"], "unknown model 'resnet5'"),
+    (["train", "/nonexistent", "--act", "relu2"], "unknown activation 'relu2'"),
+    (["lr-find", "x", "--steps", "1"], "at least 2 steps"),
+    (["predict", "/nonexistent/run", "x", "--topk", "0"], "topk and batch_size must be at least 1"),
     (["eval", "/nonexistent/run", "x"], "no model at"),
 ])
 def test_train_errors_are_one_line(args, message, capsys):

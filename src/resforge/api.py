@@ -15,6 +15,7 @@ from typing import Any
 
 from .config import Config, build_config
 from .data.folder import scan_images
+from .errors import ConfigError
 from .data.inspect import FolderReport, inspect_folder
 from .evaluation.evaluate import LoadedModel, evaluate_samples, labelled_samples, predict_paths, thumbnail
 from .evaluation.metrics import ClassificationReport
@@ -22,7 +23,7 @@ from .evaluation.plots import plot_history, plot_image_grid, plot_lr_find
 from .io import write_json
 from .models.summary import summarize
 from .report import write_run_report
-from .training.lr_find import LRFindResult
+from .training.lr_find import LRFindResult, check_range
 from .training.lr_find import lr_find as _lr_find
 from .training.trainer import Callback, Trainer, resolve_amp, resolve_device
 
@@ -49,6 +50,9 @@ def train(data: str | os.PathLike | None = None, *, model: str | None = None, re
     workers may be given).
     """
     if resume is not None:
+        if data is not None or model or recipe or config:
+            raise ConfigError("resuming continues a run as it was configured: give no data folder, model, recipe "
+                              "or config")
         trainer = Trainer.resume(resume, options, callbacks=callbacks, progress=progress)
     else:
         trainer = Trainer(_config(data, model, recipe, config, options), callbacks=callbacks, progress=progress)
@@ -109,6 +113,8 @@ def evaluate(source: str | os.PathLike, data: str | os.PathLike, *, tta: str | N
 def predict(source: str | os.PathLike, paths: list[str | os.PathLike], *, topk: int = 5, batch_size: int = 64,
             device: str = "auto", amp: str = "auto") -> list[dict[str, Any]]:
     """Top-k classes for image files, folders or glob patterns."""
+    if topk < 1 or batch_size < 1:
+        raise ConfigError("topk and batch_size must be at least 1")
     dev = resolve_device(device)
     lm = LoadedModel.load(source, dev)
     return predict_paths(lm, scan_images(list(paths)), device=dev, topk=topk, batch_size=batch_size,
@@ -119,6 +125,7 @@ def lr_find(data: str | os.PathLike | None = None, *, model: str | None = None, 
             config: str | os.PathLike | None = None, steps: int = 100, start_lr: float = 1e-6, end_lr: float = 10.0,
             out: str | os.PathLike | None = None, progress: bool = True, **options: Any) -> LRFindResult:
     """The learning-rate range test with the recipe's model, data and optimiser; writes a plot."""
+    check_range(start_lr, end_lr, steps)  # before the folder is decoded
     trainer = Trainer(_config(data, model, recipe, config, options), progress=progress)
     result = _lr_find(trainer, start_lr=start_lr, end_lr=end_lr, steps=steps)
     out = Path(out) if out else Path(trainer.cfg.train.project) / "lr_find"
@@ -132,6 +139,8 @@ def lr_find(data: str | os.PathLike | None = None, *, model: str | None = None, 
 def inspect_data(root: str | os.PathLike, *, out: str | os.PathLike | None = None, per_class: int = 4,
                  max_pixels: int | None = None) -> FolderReport:
     """Counts, sizes, balance, duplicates and unreadable files of a folder, plus a grid of samples."""
+    if per_class < 1:
+        raise ConfigError("per_class must be at least 1")
     report, scan = inspect_folder(root, max_pixels=max_pixels)
     out = Path(out) if out else Path("runs") / f"inspect-{Path(root).resolve().name}"
     write_json(out / "inspect.json", report.to_dict())

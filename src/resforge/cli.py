@@ -79,15 +79,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     from . import api
     from .config import overrides_from_args
 
-    options = overrides_from_args(args)
-    if args.resume:
-        if args.data or args.recipe or args.config:
-            raise ConfigError("--resume continues a run as it was configured: give no DATA, --recipe or --config")
-        api.train(resume=args.resume, **options)
-    else:
-        if not args.data:
-            raise ConfigError("give the image folder to train on (or --resume RUN_DIR)")
-        api.train(args.data, recipe=args.recipe, config=args.config, **options)
+    if not args.data and not args.resume:
+        raise ConfigError("give the image folder to train on (or --resume RUN_DIR)")
+    api.train(args.data, recipe=args.recipe, config=args.config, resume=args.resume, **overrides_from_args(args))
 
 
 def cmd_lr_find(args: argparse.Namespace) -> None:
@@ -241,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         args.func(args)
-    except ResforgeError as e:
+    except (ResforgeError, OSError) as e:  # OSError: a folder not writable, a disk full
         print(f"resforge: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -204,7 +204,7 @@ def _coerce(key: str, value: Any) -> Any:
         if base is int and isinstance(value, float) and not value.is_integer():
             raise TypeError
         return base(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, yaml.YAMLError):
         raise ConfigError(f"{key} must be {getattr(base, '__name__', base)}, got {value!r}") from None
 
 
@@ -289,8 +289,18 @@ def validate(cfg: Config) -> None:
         (o.accum_steps >= 1, "optim.accum_steps must be at least 1"),
         (0 <= t.label_smoothing < 1, "train.label_smoothing must lie in [0, 1)"),
         (0 < t.ema_decay < 1, "train.ema_decay must lie in (0, 1)"),
-        (0 < a.scale[0] <= a.scale[1] <= 1, "augment.scale must be two fractions, low <= high"),
+        (len(a.scale) == 2 and 0 < a.scale[0] <= a.scale[1] <= 1, "augment.scale must be two fractions, low <= high"),
         (a.mixup >= 0 and a.cutmix >= 0 and 0 <= a.mix_prob <= 1, "augment.mixup/cutmix/mix_prob out of range"),
+        (all(p is None or 0 <= p <= 1 for p in (a.hflip, a.vflip, a.random_erasing)),
+         "augment.hflip/vflip/random_erasing are probabilities in [0, 1]"),
+        (min(a.rotation, a.color_jitter, a.noise) >= 0, "augment.rotation/color_jitter/noise must not be negative"),
+        (min(o.momentum, o.weight_decay, o.l1) >= 0, "optim.momentum/weight_decay/l1 must not be negative"),
+        (o.clip_grad is None or o.clip_grad > 0, "optim.clip_grad must be positive"),
+        (o.step_size >= 1 and 0 < o.gamma <= 1, "optim.step_size must be at least 1 and optim.gamma in (0, 1]"),
+        (o.warmup_epochs >= 0 and 0 <= o.min_lr_ratio < 1, "optim.warmup_epochs/min_lr_ratio out of range"),
+        (o.backbone_lr_mult >= 0, "optim.backbone_lr_mult must not be negative"),
+        (t.patience >= 0, "train.patience must not be negative"),
+        (d.workers >= -1, "data.workers must be -1 (automatic) or a count"),
         (all(p in ("stem", "layer1", "layer2", "layer3", "layer4", "backbone") for p in o.freeze),
          "optim.freeze takes stem, layer1, layer2, layer3, layer4 or backbone"),
     ]
@@ -326,5 +336,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"--set takes key=value, got {item!r}")
         key, value = item.split("=", 1)
-        out[key] = yaml.safe_load(value) if value else None
+        try:
+            out[key] = yaml.safe_load(value) if value else None
+        except yaml.YAMLError:  # not YAML: the string itself (a name, a path)
+            out[key] = value
     return out

@@ -21,6 +21,13 @@ def test_class_layout_stratified_split_is_seeded(tmp_path):
     assert not set(s1.train) & set(s1.val)
 
 
+def test_split_never_takes_a_class_s_last_training_image(tmp_path):
+    make_image_folder(tmp_path, per_class=1)
+    make_image_folder(tmp_path, classes=("c",), per_class=3)
+    s = scan_folder(tmp_path, val_split=0.7, seed=0)
+    assert s.counts("train") == [1, 1, 1] and s.counts("val") == [0, 0, 2]
+
+
 def test_split_layout_with_and_without_val(tmp_path):
     make_image_folder(tmp_path / "train", per_class=5)
     make_image_folder(tmp_path / "test", per_class=3)
@@ -129,6 +136,9 @@ def test_scan_images_files_folders_globs(tmp_path):
     assert len(scan_images([tmp_path / "d"])) == 4
     assert len(scan_images([str(tmp_path / "d" / "a" / "*.png")])) == 2
     assert scan_images([tmp_path / "d" / "b" / "000.png"]) == [str(tmp_path / "d" / "b" / "000.png")]
+    literal = tmp_path / "d" / "a" / "photo[1].png"
+    (tmp_path / "d" / "a" / "000.png").rename(literal)
+    assert scan_images([str(literal)]) == [str(literal)]
     with pytest.raises(DataError, match="no such file"):
         scan_images([tmp_path / "missing.png"])
     with pytest.raises(DataError, match="no files match"):

@@ -99,6 +99,15 @@ def test_longer_unfinished_run_refits_the_decay_without_a_jump():
     assert longer.factor(60) > s.factor(45)  # the same fall, spread over more steps
 
 
+@pytest.mark.parametrize("kind", ["step", "constant"])
+def test_refitting_a_step_or_constant_schedule_changes_nothing_before_the_old_end(kind):
+    s = Schedule.create(OptimConfig(schedule=kind, step_size=2, gamma=0.5), 6, 5)
+    r = s.resized(25, 60, finished=False)
+    assert [r.factor(i) for i in range(25, 30)] == _curve(s, 30)[25:]
+    if kind == "step":
+        assert r.factor(59) == 0.5 ** 5
+
+
 def test_resume_inside_warmup_finishes_the_warmup():
     s = Schedule.create(OptimConfig(warmup_epochs=2), 5, 10)
     r = s.resized(5, 80, finished=False)

@@ -243,3 +243,11 @@ def test_resume_cannot_shorten_below_what_was_trained(data, tmp_path):
     api.train(data, progress=False, **_opts(tmp_path, name="short", epochs=2))
     with pytest.raises(resforge.ConfigError, match="already trained 2 epochs"):
         api.train(resume=tmp_path / "runs" / "short", epochs=1, progress=False)
+
+
+def test_resume_refuses_a_folder_whose_classes_changed(tmp_path):
+    folder = make_image_folder(tmp_path / "d", classes=("a", "b"), per_class=8, size=20)
+    api.train(folder, progress=False, **_opts(tmp_path, name="r", epochs=1))
+    make_image_folder(folder, classes=("c",), per_class=8, size=20)
+    with pytest.raises(resforge.CheckpointError, match="classes .* changed"):
+        api.train(resume=tmp_path / "runs" / "r", epochs=2, progress=False)

@@ -128,15 +128,18 @@ def _find_split_dirs(root: Path) -> dict[str, Path]:
 
 def _stratified_split(samples: list[Sample], num_classes: int, val_split: float, seed: int
                       ) -> tuple[list[Sample], list[Sample]]:
-    """Per class, a seeded `val_split` share goes to val (at least one image when a class has two)."""
+    """Per class, a seeded `val_split` share goes to val: at least one image, and never the last one."""
     rng = np.random.default_rng(seed)
+    by_class: list[list[Sample]] = [[] for _ in range(num_classes)]
+    for s in sorted(samples):
+        by_class[s[1]].append(s)
     train, val = [], []
-    for c in range(num_classes):
-        items = sorted(s for s in samples if s[1] == c)
+    for items in by_class:
         order = rng.permutation(len(items))
         n_val = round(len(items) * val_split)
-        if val_split > 0 and len(items) >= 2:
-            n_val = min(max(n_val, 1), len(items) - 1)
+        if val_split > 0:
+            n_val = max(n_val, 1)
+        n_val = min(n_val, len(items) - 1)  # a class with no training image could not be learnt
         val += [items[i] for i in sorted(order[:n_val])]
         train += [items[i] for i in sorted(order[n_val:])]
     return train, val
@@ -219,7 +222,8 @@ def scan_images(paths: list[str | os.PathLike]) -> list[str]:
 
     out: list[str] = []
     for p in map(str, paths):
-        matches = sorted(glob.glob(p, recursive=True)) if any(c in p for c in "*?[") else [p]
+        is_pattern = any(c in p for c in "*?[") and not Path(p).exists()  # photo[1].jpg is a file name
+        matches = sorted(glob.glob(p, recursive=True)) if is_pattern else [p]
         if not matches:
             raise DataError(f"no files match {p}")
         for m in map(Path, matches):

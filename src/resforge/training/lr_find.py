@@ -15,9 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import ConfigError, TrainingError
+from ..evaluation.runner import autocast
 from .optim import set_train_mode
 from .trainer import Trainer
-from ..evaluation.runner import autocast
 
 
 @dataclass
@@ -27,8 +28,14 @@ class LRFindResult:
     suggestion: float | None
 
 
+def check_range(start_lr: float, end_lr: float, steps: int) -> None:
+    if steps < 2 or not 0 < start_lr < end_lr:
+        raise ConfigError("lr-find needs at least 2 steps and 0 < start_lr < end_lr")
+
+
 def lr_find(trainer: Trainer, start_lr: float = 1e-6, end_lr: float = 10.0, steps: int = 100,
             smoothing: float = 0.9, diverge: float = 4.0) -> LRFindResult:
+    check_range(start_lr, end_lr, steps)
     model, opt = trainer.model, trainer.optimizer
     saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
     # Keep the recipe's ratios between groups (e.g. a slower backbone): scale them all together.
@@ -72,6 +79,8 @@ def lr_find(trainer: Trainer, start_lr: float = 1e-6, end_lr: float = 10.0, step
     finally:
         model.load_state_dict(saved_model)
         opt.load_state_dict(saved_opt)
+    if not lrs:
+        raise TrainingError(f"the loss was not finite at the first learning rate ({start_lr:g}); lower start_lr")
     return LRFindResult(lrs, losses, suggest_lr(lrs, losses))
 
 

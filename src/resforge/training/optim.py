@@ -118,11 +118,12 @@ class Schedule:
             s.warmup, s.warm_from, s.final = round(ONECYCLE_PCT * total), 1 / ONECYCLE_DIV, 1 / (ONECYCLE_DIV * ONECYCLE_FINAL)
         return s
 
+    def _decay(self, step: int) -> float:
+        """The step schedule's drops; its epochs count from the run's start, whatever the segment."""
+        return self.gamma ** ((step // self.steps_per_epoch) // self.step_size) if self.kind == "step" else 1.0
+
     def factor(self, step: int) -> float:
-        if self.kind == "step":  # epochs count from the run's start, whatever the segment
-            decay = self.gamma ** ((step // self.steps_per_epoch) // self.step_size)
-        else:
-            decay = 1.0
+        decay = self._decay(step)
         t = step - self.start
         if t < self.warmup:
             frac = (t + 1) / self.warmup
@@ -143,7 +144,7 @@ class Schedule:
             return Schedule(**{**asdict(self), "start": step, "end": end, "warmup": self.restart_warmup,
                                "warm_from": 0.0 if self.restart_warmup else 1.0, "peak": 1.0})
         in_warmup = step - self.start < self.warmup
-        now = self.factor(step)
+        now = self.factor(step) / self._decay(step)  # factor() applies the drops again
         return Schedule(**{**asdict(self), "start": step, "end": end,
                            "warmup": self.start + self.warmup - step if in_warmup else 0,
                            "warm_from": now, "peak": self.peak if in_warmup else now})
