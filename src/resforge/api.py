@@ -15,8 +15,8 @@ from typing import Any
 
 from .config import Config, build_config
 from .data.folder import scan_images
-from .errors import ConfigError
 from .data.inspect import FolderReport, inspect_folder
+from .errors import ConfigError
 from .evaluation.evaluate import LoadedModel, evaluate_samples, labelled_samples, predict_paths, thumbnail
 from .evaluation.metrics import ClassificationReport
 from .evaluation.plots import plot_history, plot_image_grid, plot_lr_find

@@ -53,9 +53,10 @@ def test_freeze_stops_gradients_and_keeps_frozen_bn_statistics():
     before = m.layer1[0].bn1.running_mean.clone()
     m(torch.randn(4, 3, 32, 32))
     assert torch.equal(before, m.layer1[0].bn1.running_mean)
-    m2 = tiny()
-    freeze(m2, ["backbone"])
+    m2 = resforge.create_model("resnet18", width=0.125, num_classes=3, drop_rate=0.5)
+    set_train_mode(m2, freeze(m2, ["backbone"]))
     assert [n for n, p in m2.named_parameters() if p.requires_grad] == ["fc.weight", "fc.bias"]
+    assert m2.drop.training and not m2.layer4.training
 
 
 def test_freezing_everything_is_refused():

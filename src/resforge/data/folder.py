@@ -12,7 +12,6 @@ palette, RGBA, CMYK and 16-bit images to 8-bit RGB (or L).
 
 from __future__ import annotations
 
-import csv
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ..errors import DataError
-from ..io import atomic_path
+from ..io import write_csv
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 SPLIT_DIRS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
@@ -51,18 +50,12 @@ class ImageFolderScan:
 
     def write_split_csv(self, path: str | os.PathLike) -> None:
         """Record which file went where, so the split is reproducible and auditable."""
-        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["split", "class", "path"])
-            for split in ("train", "val", "test"):
-                for p, label in getattr(self, split):
-                    w.writerow([split, self.classes[label], os.path.relpath(p, self.root)])
+        write_csv(path, ["split", "class", "path"],
+                  ((split, self.classes[label], os.path.relpath(p, self.root))
+                   for split in ("train", "val", "test") for p, label in getattr(self, split)))
 
     def write_skipped_csv(self, path: str | os.PathLike) -> None:
-        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["path", "reason"])
-            w.writerows((os.path.relpath(p, self.root), r) for p, r in self.skipped)
+        write_csv(path, ["path", "reason"], ((os.path.relpath(p, self.root), r) for p, r in self.skipped))
 
 
 def _convert(im: Image.Image, mode: str) -> Image.Image:

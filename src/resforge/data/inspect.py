@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from ..io import sha256_file
 from .folder import ImageFolderScan, scan_folder
 
 
@@ -53,11 +53,6 @@ class FolderReport:
         return "\n".join(lines)
 
 
-def _digest(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def inspect_folder(root: str | os.PathLike, max_pixels: int | None = None) -> tuple[FolderReport, ImageFolderScan]:
     """Scan every file (as training would) and summarise the folder."""
     kw = {"max_pixels": max_pixels} if max_pixels else {}
@@ -70,7 +65,7 @@ def inspect_folder(root: str | os.PathLike, max_pixels: int | None = None) -> tu
     split_of = {p: s for s, samples in splits.items() for p, _ in samples}
     groups: dict[str, list[str]] = {}
     for p in split_of:
-        groups.setdefault(_digest(p), []).append(p)
+        groups.setdefault(sha256_file(p), []).append(p)
     duplicates = sorted(sorted(g) for g in groups.values() if len(g) > 1)
     cross = sum(len({split_of[p] for p in g}) > 1 for g in duplicates)
     report = FolderReport(

@@ -19,7 +19,7 @@ from torch import nn
 from ..data.folder import Sample, load_image, scan_folder
 from ..data.loader import ImageDataset, default_workers, make_loader
 from ..data.transforms import Preprocess, eval_transform
-from ..errors import DataError
+from ..errors import CheckpointError, DataError
 from ..io import write_json
 from ..models.weights import load_model
 from .metrics import ClassificationReport, classification_report, most_confident_mistakes
@@ -41,6 +41,9 @@ class LoadedModel:
     @classmethod
     def load(cls, source: str | os.PathLike, device: torch.device) -> LoadedModel:
         model, meta = load_model(source)
+        if not {"classes", "preprocess"} <= meta.keys():
+            raise CheckpointError(f"{source} has no classes or preprocessing in its sidecar: it was not saved by "
+                                  "a training run, so it cannot classify images as it is")
         model = model.to(device, memory_format=torch.channels_last)
         return cls(model, meta["classes"], Preprocess.from_dict(meta["preprocess"]), meta)
 

@@ -6,14 +6,13 @@ score for every class is right only for class 0 and never scores 100% by acciden
 
 from __future__ import annotations
 
-import csv
 import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..io import atomic_path
+from ..io import write_csv
 
 _AVERAGED = ("precision", "recall", "f1")
 
@@ -61,10 +60,7 @@ class ClassificationReport:
         return "\n".join(lines + ["", f"top-1: {self.top1:.2%}  ", f"top-{k}: {self.top5:.2%}"])
 
     def write_confusion_csv(self, path: str | os.PathLike) -> None:
-        with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(["true\\pred", *self.classes])
-            writer.writerows([c, *map(int, row)] for c, row in zip(self.classes, self.confusion))
+        write_csv(path, ["true\\pred", *self.classes], ([c, *map(int, row)] for c, row in zip(self.classes, self.confusion)))
 
 
 def _check(probs: np.ndarray, targets: np.ndarray, num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:

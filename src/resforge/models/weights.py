@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from ..io import atomic_path
+from ..io import atomic_path, sha256_file
 
 log = logging.getLogger("resforge")
 
@@ -41,14 +41,6 @@ def cache_dir() -> Path:
     return Path(env) if env else Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def download(url: str, *, sha256: str | None = None, cache: str | os.PathLike | None = None) -> Path:
     """Fetch `url` into the cache once; later calls (and offline ones) reuse the cached file.
 
@@ -60,7 +52,7 @@ def download(url: str, *, sha256: str | None = None, cache: str | os.PathLike | 
     name = Path(urllib.parse.urlparse(url).path).name or hashlib.sha256(url.encode()).hexdigest()[:16]
     dst = Path(cache or cache_dir()) / name
     if dst.is_file():
-        if sha256 is None or _sha256(dst) == sha256.lower():
+        if sha256 is None or sha256_file(dst) == sha256.lower():
             return dst
         log.warning("cached %s does not match its sha256; downloading it again", dst)
     try:
@@ -115,7 +107,7 @@ def read_checkpoint(source: str | os.PathLike, *, sha256: str | None = None
     path = download(str(source), sha256=sha256) if is_url(source) else Path(source)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    if sha256 is not None and not is_url(source) and _sha256(path) != sha256.lower():
+    if sha256 is not None and not is_url(source) and sha256_file(path) != sha256.lower():
         raise CheckpointError(f"{path} does not match the expected sha256 {sha256}")
     with open(path, "rb") as f:
         head = f.read(16)
@@ -228,16 +220,15 @@ def save_model(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any]) 
 
     from safetensors.torch import save_file
 
-    from ..io import write_text
-
     path = Path(path)
     token = uuid.uuid4().hex
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(state, tmp, metadata={"resforge_id": token})
     sidecar = {"format": SIDECAR_FORMAT, "version": 1, "weights": path.name, "id": token,
                "arch": {"name": model.model_name, "kwargs": model.spec()}, **meta}
-    write_text(sidecar_path(path), json.dumps(sidecar, indent=2) + "\n")
+    # Both written before either is renamed into place, so a kill leaves at most a microsecond's window.
+    with atomic_path(path) as tmp, atomic_path(sidecar_path(path)) as side_tmp:
+        save_file(state, tmp, metadata={"resforge_id": token})
+        side_tmp.write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
     return path
 
 
@@ -281,7 +272,10 @@ def load_model(source: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     if token != meta.get("id"):
         raise CheckpointError(f"{side.name} does not describe {path.name} (their ids differ): the save was "
                               "interrupted or the files come from different runs")
-    model = ResNet(**meta["arch"]["kwargs"])
+    try:
+        model = ResNet(**meta["arch"]["kwargs"])
+    except (TypeError, KeyError) as e:
+        raise CheckpointError(f"{side} does not describe an architecture this resforge can build: {e}") from None
     model.model_name = meta["arch"].get("name")
     state, _ = read_checkpoint(path)
     load_into(model, state, source=str(path))

@@ -8,7 +8,6 @@ metric improves, and rewrites `last.ckpt` atomically for `--resume`.
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import os
@@ -26,12 +25,11 @@ from .. import __version__
 from ..config import Config, merge, validate
 from ..data.folder import ImageFolderScan, scan_folder
 from ..data.loader import CACHE_AUTO_BYTES, ImageDataset, cache_bytes, default_workers, make_loader
-from ..data.transforms import (BatchMix, Preprocess, eval_transform, imagenet_stats, make_preprocess,
-                               train_transform)
+from ..data.transforms import BatchMix, Preprocess, eval_transform, imagenet_stats, make_preprocess, train_transform
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..evaluation.metrics import topk_correct
 from ..evaluation.runner import autocast, infer
-from ..io import atomic_path, write_json, write_text
+from ..io import write_csv, write_json, write_text
 from ..models import ResNet, create_model, save_model
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .optim import Schedule, apply_lr, build_optimizer, default_lr, freeze, set_train_mode
@@ -87,12 +85,15 @@ def new_run_dir(cfg: Config) -> Path:
     """`project/name`, numbered (`name-2`, ...) when taken, unless `exist_ok`."""
     base = cfg.train.name or f"{cfg.model.name}-{Path(cfg.data.root).resolve().name}"
     root = Path(cfg.train.project)
+    root.mkdir(parents=True, exist_ok=True)
     path, n = root / base, 1
-    while path.exists() and not cfg.train.exist_ok:
-        n += 1
-        path = root / f"{base}-{n}"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    while True:
+        try:  # mkdir claims the name, so two runs started at once cannot share it
+            path.mkdir(exist_ok=cfg.train.exist_ok)
+            return path
+        except FileExistsError:
+            n += 1
+            path = root / f"{base}-{n}"
 
 
 def _ema_fn(decay: float) -> Callable:
@@ -391,10 +392,7 @@ class Trainer:
 
     def _write_metrics(self) -> None:
         keys = list(dict.fromkeys(k for row in self.history for k in row))
-        with atomic_path(self.run_dir / "metrics.csv") as tmp, open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(self.history)
+        write_csv(self.run_dir / "metrics.csv", keys, ([row.get(k, "") for k in keys] for row in self.history))
 
     def _log_epoch(self, row: dict[str, float]) -> None:
         parts = [f"epoch {row['epoch']}/{self.cfg.train.epochs}",
@@ -456,6 +454,6 @@ class Trainer:
         self._emit("train_end")
         return {"run_dir": str(self.run_dir), "epochs": self.epoch, "best_epoch": self.best["epoch"],
                 "best_weights": self.best["weights"], "metric": cfg.train.metric,
-                "stopped_early": self.epoch < cfg.train.epochs, "train_time_s": time.perf_counter() - started,
+                "stopped_early": self.epoch < cfg.train.epochs, "train_time_s": sum(r["epoch_time_s"] for r in self.history),
                 "history": self.history}
 
