@@ -46,8 +46,8 @@ def train(data: str | os.PathLike | None = None, *, model: str | None = None, re
     """Train on an image folder and write a run directory; return the run's summary and results.
 
     Options are config fields, bare (`epochs=5`) or dotted (`**{"optim.lr": 0.01}`). With
-    `resume=RUN_DIR`, the run continues from its `last.ckpt` (only epochs, patience, device and
-    workers may be given).
+    `resume=RUN_DIR`, the run continues from its `last.ckpt` (only epochs, patience, time_limit,
+    device and workers may be given).
     """
     if resume is not None:
         if data is not None or model or recipe or config:

@@ -83,7 +83,7 @@ def test_batch_mix_makes_soft_labels(kw, kind):
 
 
 def test_batch_mix_off_and_probability():
-    assert not BatchMix(AugmentConfig(), 3)
+    assert BatchMix(AugmentConfig(), 3).mix is None
     both = BatchMix(AugmentConfig(mixup=0.2, cutmix=1.0), 3)
     assert isinstance(both.mix, v2.RandomChoice)
     never = BatchMix(AugmentConfig(mixup=0.2, mix_prob=0.0), 3)

@@ -11,6 +11,7 @@ Small sets can be kept in memory decoded and resized to the evaluation resize si
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator, Sequence
 
@@ -69,10 +70,8 @@ class ImageDataset(Dataset):
         # The CPU generator only: torch.manual_seed would also queue a lazy CUDA seeding, formatting a stack
         # trace each time (half a millisecond per image on CUDA builds). A loader process owns its generator;
         # in the main process, the training's random stream is put back afterwards.
-        if get_worker_info() is not None:
-            torch.default_generator.manual_seed(seed)
-            return self.transform(image), self.samples[i][1]
-        with torch.random.fork_rng(devices=[]):
+        own = get_worker_info() is not None
+        with contextlib.nullcontext() if own else torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
             return self.transform(image), self.samples[i][1]
 
@@ -105,7 +104,8 @@ def cache_bytes(samples: Sequence[Sample], sizes: dict[str, tuple[int, int, str]
 
 
 class EpochSampler(Sampler):
-    """Yields (epoch, index): a seeded permutation per epoch (or the identity order), resumable."""
+    """Shuffled: (epoch, index) in a seeded permutation per epoch, so each sample's augmentation is seeded
+    by them and a resumed epoch replays exactly. Not shuffled (evaluation): plain indices in order."""
 
     def __init__(self, n: int, shuffle: bool, seed: int = 0):
         self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
@@ -116,13 +116,11 @@ class EpochSampler(Sampler):
     def __len__(self) -> int:
         return self.n
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(derived_seed(SHUFFLE_STREAM, self.seed, self.epoch))
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = range(self.n)
-        return iter([(self.epoch, i) for i in order])
+    def __iter__(self) -> Iterator[tuple[int, int] | int]:
+        if not self.shuffle:
+            return iter(range(self.n))
+        g = torch.Generator().manual_seed(derived_seed(SHUFFLE_STREAM, self.seed, self.epoch))
+        return iter([(self.epoch, i) for i in torch.randperm(self.n, generator=g).tolist()])
 
 
 def default_workers() -> int:

@@ -127,10 +127,6 @@ class BatchMix:
             mixers.append(v2.CutMix(alpha=aug.cutmix, num_classes=num_classes))
         self.mix = v2.RandomChoice(mixers) if len(mixers) > 1 else (mixers[0] if mixers else None)
         self.p = aug.mix_prob
-        self.num_classes = num_classes
-
-    def __bool__(self) -> bool:
-        return self.mix is not None
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mix is None or torch.rand(()).item() >= self.p:

@@ -83,8 +83,6 @@ def _looks_like_safetensors(head: bytes) -> bool:
 
 def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     """The state_dict inside a training checkpoint or wrapper dict."""
-    if isinstance(obj, nn.Module):
-        obj = obj.state_dict()
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state_dict")
     for key in ("state_dict", "model", "model_state_dict", "net"):

@@ -224,7 +224,7 @@ class Trainer:
     @classmethod
     def resume(cls, run_dir: str | os.PathLike, overrides: dict[str, Any] | None = None,
                callbacks: list[Callback] = (), progress: bool = True) -> Trainer:
-        """Continue a run from its `last.ckpt`; only epochs, patience, device and workers may change."""
+        """Continue a run from its `last.ckpt`; only the options in RESUMABLE may change."""
         from ..config import _resolve_key
 
         run_dir = Path(run_dir)
