@@ -105,7 +105,8 @@ def main() -> None:
             base = statistics.median(speeds["torchvision ImageFolder"])
             rows += [(label, name, statistics.median(s), statistics.median(s) / base) for name, s in speeds.items()]
     print(f"\nJPEG decode + `standard` augmentation to 224 px, batch {args.batch_size}, {args.workers} worker(s), "
-          f"{args.images} photos per size, {args.passes} passes, median of {args.repeats} round-robin repeats, torch {torch.__version__}\n")
+          f"{args.images} photos per size, {args.passes} passes, median of {args.repeats} round-robin repeats, "
+          f"torch {torch.__version__}\n")
     print("| photos | loader | images/s | vs ImageFolder |")
     print("|---|---|---:|---:|")
     for label, name, speed, ratio in rows:

@@ -16,6 +16,7 @@ from typing import Any
 from .config import Config, build_config
 from .data.folder import scan_images
 from .data.inspect import FolderReport, inspect_folder
+from .device import resolve_amp, resolve_device
 from .errors import ConfigError
 from .evaluation.evaluate import LoadedModel, evaluate_samples, labelled_samples, predict_paths, thumbnail
 from .evaluation.metrics import ClassificationReport
@@ -25,7 +26,7 @@ from .models.summary import summarize
 from .report import write_run_report
 from .training.lr_find import LRFindResult, check_range
 from .training.lr_find import lr_find as _lr_find
-from .training.trainer import Callback, Trainer, resolve_amp, resolve_device
+from .training.trainer import Callback, Trainer
 
 log = logging.getLogger("resforge")
 

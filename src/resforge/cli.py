@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def add(name: str, func: Callable[[argparse.Namespace], None], help: str, description: str = "") -> argparse.ArgumentParser:
+    def add(name: str, func: Callable[[argparse.Namespace], None], help: str,
+            description: str = "") -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=description or help)
         p.set_defaults(func=func)
         return p

@@ -1,11 +1,13 @@
 import json
 import shutil
 
+import pytest
 from helpers import make_image_folder
 from PIL import Image
 
 import resforge
 from resforge.cli import main
+from resforge.data.folder import scan_folder
 
 
 def test_inspect_counts_sizes_duplicates_and_leaks(tmp_path):
@@ -35,3 +37,13 @@ def test_cli_data_inspect(tmp_path, capsys):
     make_image_folder(tmp_path / "d", per_class=3)
     assert main(["data", "inspect", str(tmp_path / "d"), "--out", str(tmp_path / "o")]) == 0
     assert (tmp_path / "o" / "samples.png").is_file()
+
+
+def test_inspect_reports_what_training_would_refuse(tmp_path):
+    root = make_image_folder(tmp_path / "d", classes=("cat",), per_class=3)
+    (root / "dog").mkdir()
+    (root / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff")
+    report = resforge.inspect_data(root, out=tmp_path / "out")
+    assert report.counts == {"train": [3, 0]} and [p.endswith("broken.jpg") for p, _ in report.skipped] == [True]
+    with pytest.raises(resforge.DataError, match="no readable images in .*dog"):
+        scan_folder(root)

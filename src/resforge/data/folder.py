@@ -139,8 +139,13 @@ def _stratified_split(samples: list[Sample], num_classes: int, val_split: float,
 
 
 def scan_folder(root: str | os.PathLike, *, val_split: float = 0.2, seed: int = 123,
-                max_pixels: int = DEFAULT_MAX_PIXELS, threads: int | None = None) -> ImageFolderScan:
-    """Find the classes and images under `root`, decode each once, split off validation."""
+                max_pixels: int = DEFAULT_MAX_PIXELS, threads: int | None = None, strict: bool = True
+                ) -> ImageFolderScan:
+    """Find the classes and images under `root`, decode each once, split off validation.
+
+    `strict` (training): at least two classes, none of them empty. Inspection and evaluation
+    report or use such folders as they are.
+    """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data folder not found: {root}")
@@ -194,9 +199,9 @@ def scan_folder(root: str | os.PathLike, *, val_split: float = 0.2, seed: int = 
     empty = [c for c, n in zip(classes, counts) if n == 0]
     if counts.sum() == 0:
         raise DataError(f"no readable images under {train_dir} ({len(skipped)} files skipped)")
-    if empty:
+    if strict and empty:
         raise DataError(f"class folder(s) with no readable images in {train_dir}: {', '.join(empty)}")
-    if len(classes) < 2:
+    if strict and len(classes) < 2:
         raise DataError(f"{train_dir} has a single class ({classes[0]}); a classifier needs at least two")
 
     if "val" in good:

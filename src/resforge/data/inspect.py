@@ -56,7 +56,7 @@ class FolderReport:
 def inspect_folder(root: str | os.PathLike, max_pixels: int | None = None) -> tuple[FolderReport, ImageFolderScan]:
     """Scan every file (as training would) and summarise the folder."""
     kw = {"max_pixels": max_pixels} if max_pixels else {}
-    scan = scan_folder(root, val_split=0.0, **kw)
+    scan = scan_folder(root, val_split=0.0, strict=False, **kw)
     splits = {s: getattr(scan, s) for s in ("train", "val", "test") if getattr(scan, s)}
     counts = {s: scan.counts(s) for s in splits}
     sizes = np.array([(w, h) for w, h, _ in scan.sizes.values()], dtype=float)

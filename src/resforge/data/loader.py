@@ -58,8 +58,8 @@ class ImageDataset(Dataset):
         from tqdm.auto import tqdm
 
         resize = v2.Resize(self.pre.resize_size, interpolation=_interp(self.pre.interpolation), antialias=True)
-        self.cache = [resize(self.decode(i)) for i in tqdm(range(len(self)), desc="caching", disable=None if progress else True,
-                                                            leave=False, unit="img")]
+        bar = tqdm(range(len(self)), desc="caching", disable=None if progress else True, leave=False, unit="img")
+        self.cache = [resize(self.decode(i)) for i in bar]
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         epoch, i = key if isinstance(key, tuple) else (None, key)

@@ -56,7 +56,7 @@ def thumbnail(path: str, mode: str, size: int = 112) -> np.ndarray:
 
 def labelled_samples(root: str | os.PathLike, classes: list[str]) -> list[Sample]:
     """Images of a class-folder tree (or its test, else val split) labelled with the model's class indices."""
-    scan = scan_folder(root, val_split=0.0)
+    scan = scan_folder(root, val_split=0.0, strict=False)
     unknown = [c for c in scan.classes if c not in classes]
     if unknown:
         raise DataError(f"{root} has classes the model does not know: {', '.join(unknown)} "

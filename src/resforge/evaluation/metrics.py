@@ -60,7 +60,8 @@ class ClassificationReport:
         return "\n".join(lines + ["", f"top-1: {self.top1:.2%}  ", f"top-{k}: {self.top5:.2%}"])
 
     def write_confusion_csv(self, path: str | os.PathLike) -> None:
-        write_csv(path, ["true\\pred", *self.classes], ([c, *map(int, row)] for c, row in zip(self.classes, self.confusion)))
+        write_csv(path, ["true\\pred", *self.classes],
+                  ([c, *map(int, row)] for c, row in zip(self.classes, self.confusion)))
 
 
 def _check(probs: np.ndarray, targets: np.ndarray, num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:

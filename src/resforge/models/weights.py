@@ -223,7 +223,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any]) 
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     sidecar = {"format": SIDECAR_FORMAT, "version": 1, "weights": path.name, "id": token,
                "arch": {"name": model.model_name, "kwargs": model.spec()}, **meta}
-    # Both written before either is renamed into place, so a kill leaves at most a microsecond's window.
+    # Both written before either is renamed into place: only a kill between the two renames can tear them.
     with atomic_path(path) as tmp, atomic_path(sidecar_path(path)) as side_tmp:
         save_file(state, tmp, metadata={"resforge_id": token})
         side_tmp.write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")

@@ -41,7 +41,6 @@ def lr_find(trainer: Trainer, start_lr: float = 1e-6, end_lr: float = 10.0, step
     # Keep the recipe's ratios between groups (e.g. a slower backbone): scale them all together.
     top = max(trainer.base_lrs)
     ratios = [lr / top for lr in trainer.base_lrs]
-    fmt = torch.channels_last if trainer.cfg.train.channels_last else torch.contiguous_format
     lrs, losses, avg, best = [], [], 0.0, math.inf
     set_train_mode(model, trainer.frozen)
     batches = iter(())
@@ -58,7 +57,7 @@ def lr_find(trainer: Trainer, start_lr: float = 1e-6, end_lr: float = 10.0, step
             lr = start_lr * (end_lr / start_lr) ** (i / max(1, steps - 1))
             for g, r in zip(opt.param_groups, ratios):
                 g["lr"] = lr * r
-            x, y = x.to(trainer.device, memory_format=fmt), y.to(trainer.device)
+            x, y = x.to(trainer.device, memory_format=trainer.memory_format), y.to(trainer.device)
             x, y = trainer.mix(x, y)
             with autocast(trainer.device, trainer.amp_dtype):
                 loss = trainer.criterion(trainer.fwd_model(x).float(), y)

@@ -115,7 +115,8 @@ class Schedule:
                 final=cfg.min_lr_ratio, step_size=cfg.step_size, gamma=cfg.gamma,
                 restart_warmup=min(warmup, steps_per_epoch))
         if cfg.schedule == "onecycle":
-            s.warmup, s.warm_from, s.final = round(ONECYCLE_PCT * total), 1 / ONECYCLE_DIV, 1 / (ONECYCLE_DIV * ONECYCLE_FINAL)
+            s.warmup, s.warm_from = round(ONECYCLE_PCT * total), 1 / ONECYCLE_DIV
+            s.final = 1 / (ONECYCLE_DIV * ONECYCLE_FINAL)
         return s
 
     def _decay(self, step: int) -> float:

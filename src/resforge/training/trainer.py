@@ -26,6 +26,7 @@ from ..config import Config, merge, validate
 from ..data.folder import ImageFolderScan, scan_folder
 from ..data.loader import CACHE_AUTO_BYTES, ImageDataset, cache_bytes, default_workers, make_loader
 from ..data.transforms import BatchMix, Preprocess, eval_transform, imagenet_stats, make_preprocess, train_transform
+from ..device import resolve_amp, resolve_device
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..evaluation.metrics import topk_correct
 from ..evaluation.runner import autocast, infer
@@ -39,32 +40,6 @@ log = logging.getLogger("resforge")
 Callback = Callable[[str, "Trainer"], None]
 # What a resumed run may change; anything else would make it another experiment.
 RESUMABLE = {"train.epochs", "train.patience", "train.time_limit", "train.device", "data.workers"}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device is {name} but this machine has no CUDA device")
-    return device
-
-
-def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """auto: bf16 on CUDA that has it (else fp16) and on CPUs with native bf16 (AVX512-BF16, AMX)."""
-    if amp == "off":
-        return None
-    if amp == "fp16":
-        return torch.float16
-    if amp == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return torch.bfloat16 if native else None
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -139,6 +114,7 @@ class Trainer:
         self.progress = progress
         self.device = resolve_device(cfg.train.device)
         self.amp_dtype = resolve_amp(cfg.train.amp, self.device)
+        self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         with torch.device("meta"):  # a bad model option fails now, not after the whole folder is decoded
             create_model(cfg.model.name, num_classes=2, **self._model_kwargs())
         seed_everything(cfg.train.seed, cfg.train.deterministic)
@@ -202,8 +178,7 @@ class Trainer:
     def _build_model(self) -> ResNet:
         model = create_model(self.cfg.model.name, pretrained=self.cfg.model.pretrained,
                              num_classes=len(self.classes), **self._model_kwargs())
-        fmt = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
-        return model.to(self.device, memory_format=fmt)
+        return model.to(self.device, memory_format=self.memory_format)
 
     def _build_preprocess(self) -> Preprocess:
         d = self.cfg.data
@@ -292,7 +267,6 @@ class Trainer:
 
         cfg = self.cfg
         accum = cfg.optim.accum_steps
-        fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         set_train_mode(self.model, self.frozen)
         self.train_loader.sampler.set_epoch(epoch)
         l1_weights = [p for p in self.model.parameters() if p.requires_grad and p.ndim > 1] if cfg.optim.l1 else []
@@ -303,7 +277,7 @@ class Trainer:
         start = time.perf_counter()
         for i, (x, y) in enumerate(bar):
             self.batch = i
-            x = x.to(self.device, non_blocking=True, memory_format=fmt)
+            x = x.to(self.device, non_blocking=True, memory_format=self.memory_format)
             y = y.to(self.device, non_blocking=True)
             x, y = self.mix(x, y)
             with autocast(self.device, self.amp_dtype):
@@ -454,6 +428,7 @@ class Trainer:
         self._emit("train_end")
         return {"run_dir": str(self.run_dir), "epochs": self.epoch, "best_epoch": self.best["epoch"],
                 "best_weights": self.best["weights"], "metric": cfg.train.metric,
-                "stopped_early": self.epoch < cfg.train.epochs, "train_time_s": sum(r["epoch_time_s"] for r in self.history),
+                "stopped_early": self.epoch < cfg.train.epochs,
+                "train_time_s": sum(r["epoch_time_s"] for r in self.history),
                 "history": self.history}
 
