@@ -4,8 +4,8 @@ The hand loop is the least a training loop can do: pre-made, already normalised 
 forward, loss, backward, SGD step (torch's default SGD, as resforge uses; the fused-SGD row shows
 that kernel is no faster here, which is why resforge keeps the default for SGD). resforge's loop
 (`Trainer._train_epoch`) adds its data path (cached images cropped and normalised per sample,
-collated by a DataLoader), the lr schedule, NaN check, metrics and progress. Same architecture (torchvision's resnet50 and ours have identical layers),
-batch, precision and memory layout. Data: the bundled Fashion-MNIST sample at --img-size.
+collated by a DataLoader), the lr schedule, NaN check, metrics and progress. Same architecture
+(torchvision's resnet50 and ours have identical layers), batch, precision and memory layout. Data: the bundled Fashion-MNIST sample at --img-size.
 
     python benchmarks/train_throughput.py [--img-size 64] [--batch-size 32] [--images 960]
 

@@ -100,6 +100,7 @@ def test_train_resume_and_recipes_from_the_command_line(tmp_path, capsys):
     (["train", "x", "--hflip", "2"], "are probabilities in [0, 1]"),
     (["train", "x", "--set", "train.ema=["], "train.ema must be bool"),
     (["train", "x", "--device", "gpu0"], "device must be auto, cpu, cuda or cuda:N"),
+    (["train", "x", "--device", "meta"], "device must be auto, cpu, cuda or cuda:N"),
     (["train", "/nonexistent", "--model", "resnet5"], "unknown model 'resnet5'"),
     (["train", "/nonexistent", "--act", "relu2"], "unknown activation 'relu2'"),
     (["lr-find", "x", "--steps", "1"], "at least 2 steps"),

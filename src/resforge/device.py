@@ -6,7 +6,7 @@ import torch
 
 from .errors import ConfigError
 
-AMP_CHOICES = ("auto", "bf16", "fp16", "off")
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")  # as config's train.amp (config stays free of torch)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -16,7 +16,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name} was asked for, but this machine has no CUDA device")
     return device

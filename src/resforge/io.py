@@ -29,8 +29,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)
-        with open(tmp, "rb") as f:  # on disk before the rename, or a power cut could leave an empty file
-            os.fsync(f.fileno())
+        fd = os.open(tmp, os.O_RDWR)  # on disk before the rename, or a power cut could leave an empty file
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):

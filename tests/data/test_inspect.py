@@ -45,5 +45,6 @@ def test_inspect_reports_what_training_would_refuse(tmp_path):
     (root / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff")
     report = resforge.inspect_data(root, out=tmp_path / "out")
     assert report.counts == {"train": [3, 0]} and [p.endswith("broken.jpg") for p, _ in report.skipped] == [True]
+    assert report.imbalance is None and "a class has no images" in report.to_text()
     with pytest.raises(resforge.DataError, match="no readable images in .*dog"):
         scan_folder(root)

@@ -15,8 +15,9 @@ from safetensors.torch import load_file
 
 import resforge
 from resforge import api
+from resforge.config import build_config
 from resforge.training.checkpoint import load_checkpoint
-from resforge.training.trainer import Trainer
+from resforge.training.trainer import Trainer, new_run_dir
 
 TINY = {"model": "resnet18", "width": 0.125, "img_size": 16, "batch_size": 8, "workers": 0, "amp": "off",
         "epochs": 2}
@@ -251,3 +252,11 @@ def test_resume_refuses_a_folder_whose_classes_changed(tmp_path):
     make_image_folder(folder, classes=("c",), per_class=8, size=20)
     with pytest.raises(resforge.CheckpointError, match="classes .* changed"):
         api.train(resume=tmp_path / "runs" / "r", epochs=2, progress=False)
+
+
+def test_run_dirs_are_claimed_and_numbered(tmp_path):
+    cfg = build_config(overrides={"data.root": "x", "project": str(tmp_path), "name": "group/run"})
+    assert new_run_dir(cfg) == tmp_path / "group" / "run"
+    assert new_run_dir(cfg) == tmp_path / "group" / "run-2"
+    cfg.train.exist_ok = True
+    assert new_run_dir(cfg) == tmp_path / "group" / "run"

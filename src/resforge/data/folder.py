@@ -132,7 +132,7 @@ def _stratified_split(samples: list[Sample], num_classes: int, val_split: float,
         n_val = round(len(items) * val_split)
         if val_split > 0:
             n_val = max(n_val, 1)
-        n_val = min(n_val, len(items) - 1)  # a class with no training image could not be learnt
+        n_val = max(0, min(n_val, len(items) - 1))  # a class with no training image could not be learnt
         val += [items[i] for i in sorted(order[:n_val])]
         train += [items[i] for i in sorted(order[n_val:])]
     return train, val

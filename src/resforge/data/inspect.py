@@ -21,7 +21,7 @@ class FolderReport:
     width: dict[str, float]  # min, median, max
     height: dict[str, float]
     modes: dict[str, int]  # PIL mode as stored -> images
-    imbalance: float  # largest class / smallest class, over all splits
+    imbalance: float | None  # largest class / smallest class, over all splits; None if a class is empty
     duplicates: list[list[str]]  # groups of byte-identical files
     cross_split_duplicates: int  # groups spanning more than one split: evaluation leaks into training
     skipped: list[tuple[str, str]] = field(default_factory=list)
@@ -37,7 +37,8 @@ class FolderReport:
                  f"{'class':<{width}}" + "".join(f"{s:>8}" for s in splits)]
         lines += [f"{c:<{width}}" + "".join(f"{self.counts[s][i]:>8,}" for s in splits)
                   for i, c in enumerate(self.classes)]
-        lines.append(f"imbalance (largest/smallest class): {self.imbalance:.2f}")
+        lines.append(f"imbalance (largest/smallest class): {self.imbalance:.2f}" if self.imbalance is not None
+                     else "imbalance: a class has no images")
         lines.append("size: width {min:.0f}-{max:.0f} (median {median:.0f}), ".format(**self.width)
                      + "height {min:.0f}-{max:.0f} (median {median:.0f})".format(**self.height))
         lines.append("stored as: " + ", ".join(f"{m} {n:,}" for m, n in sorted(self.modes.items())))
@@ -71,6 +72,6 @@ def inspect_folder(root: str | os.PathLike, max_pixels: int | None = None) -> tu
     report = FolderReport(
         root=str(root), layout=scan.layout, classes=scan.classes, counts=counts, width=stats[0], height=stats[1],
         modes=dict(Counter(mode for _, _, mode in scan.sizes.values())),
-        imbalance=float(per_class.max() / max(per_class.min(), 1)), duplicates=duplicates,
+        imbalance=float(per_class.max() / per_class.min()) if per_class.min() else None, duplicates=duplicates,
         cross_split_duplicates=cross, skipped=scan.skipped)
     return report, scan

@@ -79,7 +79,8 @@ def lr_find(trainer: Trainer, start_lr: float = 1e-6, end_lr: float = 10.0, step
         model.load_state_dict(saved_model)
         opt.load_state_dict(saved_opt)
     if not lrs:
-        raise TrainingError(f"the loss was not finite at the first learning rate ({start_lr:g}); lower start_lr")
+        raise TrainingError("the loss was not finite before the first step (at any learning rate): check the data "
+                            "and the model options, or turn mixed precision off (train.amp off)")
     return LRFindResult(lrs, losses, suggest_lr(lrs, losses))
 
 

@@ -60,8 +60,8 @@ def new_run_dir(cfg: Config) -> Path:
     """`project/name`, numbered (`name-2`, ...) when taken, unless `exist_ok`."""
     base = cfg.train.name or f"{cfg.model.name}-{Path(cfg.data.root).resolve().name}"
     root = Path(cfg.train.project)
-    root.mkdir(parents=True, exist_ok=True)
     path, n = root / base, 1
+    path.parent.mkdir(parents=True, exist_ok=True)  # a name may hold folders: group/run
     while True:
         try:  # mkdir claims the name, so two runs started at once cannot share it
             path.mkdir(exist_ok=cfg.train.exist_ok)
@@ -313,6 +313,7 @@ class Trainer:
                                 lr=f"{self.optimizer.param_groups[-1]['lr']:.2e}",
                                 img_s=f"{seen / (time.perf_counter() - start):.0f}")
             self._emit("batch_end")
+        self.optimizer.zero_grad(set_to_none=True)  # no gradients held through validation and saving
         elapsed = time.perf_counter() - start
         return {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_top1": correct / seen,
                 "lr": self.optimizer.param_groups[-1]["lr"], "img_per_s": seen / elapsed, "train_time_s": elapsed}
