@@ -163,7 +163,7 @@ def test_resume_refuses_to_change_the_experiment(data, tmp_path):
 
 
 def _trainer(data, tmp_path, **kw):
-    return Trainer(resforge.config.build_config(overrides={"data.root": str(data), **_opts(tmp_path, **kw)}),
+    return Trainer(build_config(overrides={"data.root": str(data), **_opts(tmp_path, **kw)}),
                    progress=False)
 
 
