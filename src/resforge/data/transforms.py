@@ -9,6 +9,7 @@ training only; MixUp/CutMix act on whole batches.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -53,10 +54,12 @@ class Preprocess:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
-def imagenet_stats(in_chans: int) -> tuple[list[float], list[float]]:
+def imagenet_stats(in_chans: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+                   ) -> tuple[list[float], list[float]]:
+    """RGB normalisation statistics (ImageNet's, or the given ones) for `in_chans` inputs."""
     if in_chans == 1:  # the statistics of the gray an RGB network sees for a grayscale image
-        return [sum(IMAGENET_MEAN) / 3], [sum(IMAGENET_STD) / 3]
-    return list(IMAGENET_MEAN), list(IMAGENET_STD)
+        return [sum(mean) / 3], [sum(std) / 3]
+    return list(mean), list(std)
 
 
 def make_preprocess(img_size: int, crop_pct: float, in_chans: int, interpolation: str,

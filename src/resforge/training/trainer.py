@@ -185,9 +185,7 @@ class Trainer:
         mean, std = imagenet_stats(d.in_chans)
         pretrained = self.model.pretrained_cfg
         if d.normalize == "auto" and "mean" in pretrained:
-            mean, std = pretrained["mean"], pretrained["std"]
-            if d.in_chans == 1:
-                mean, std = [sum(mean) / 3], [sum(std) / 3]
+            mean, std = imagenet_stats(d.in_chans, pretrained["mean"], pretrained["std"])
         elif d.normalize == "none":
             mean, std = [0.0] * d.in_chans, [1.0] * d.in_chans
         pre = make_preprocess(d.img_size, d.crop_pct, d.in_chans, d.interpolation, mean, std)
