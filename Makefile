@@ -28,11 +28,11 @@ $(VENV)/.bench: pyproject.toml | $(PY)
 	$(PIP) -e '.[bench]'
 	@touch $@ $(VENV)/.base
 
-# Speed and accuracy measurements (markdown tables; about 35 minutes on 2 CPU cores).
+# Speed and accuracy measurements (markdown tables; about 3 hours on 2 CPU cores, most of it defaults.py).
 bench: $(VENV)/.bench
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/data_loader.py
-	$(PY) benchmarks/accuracy_fashion_mnist.py
+	$(PY) benchmarks/defaults.py
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info .pytest_cache

@@ -24,13 +24,36 @@ def test_top_level_help_lists_every_command(capsys):
         assert name in out
 
 
+def test_top_level_help_promises_only_what_exists(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out.lower()
+    for later in ("compress", "export", "serve"):  # not yet commands: the help must not offer them
+        assert later not in out or later in _subcommands()
+
+
 @pytest.mark.parametrize("command", _subcommands())
-def test_every_subcommand_has_useful_help(command, capsys):
+def test_every_subcommand_documents_each_of_its_options(command, capsys):
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert f"resforge {command}" in out and len(out.splitlines()) >= 3
+    assert out.startswith(f"usage: resforge {command}")
+    for action in sub._actions:
+        for flag in action.option_strings:
+            assert flag in out, flag
+        if action.help and action.help != "==SUPPRESS==":
+            assert " ".join(action.help.split()[:3]) in " ".join(out.split()), action.help
+
+
+def test_choice_flags_show_every_accepted_value(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    for shown in ("{none,standard,strong}", "{auto,imagenet,dataset,none}", "{trivial,rand,none}"):
+        assert shown in out
 
 
 def test_info_prints_the_counts(capsys):
@@ -54,15 +77,22 @@ def test_errors_are_one_line_without_traceback(tmp_path):
         assert len(r.stderr.strip().splitlines()) == 1
 
 
-def test_info_loads_pretrained_and_reports_adaptation(tmp_path, capsys):
+def test_info_loads_pretrained_and_reports_adaptation(tmp_path, capsys, caplog):
+    import logging
+
     import resforge
 
     path = tmp_path / "w.pth"
     torch.save(resforge.create_model("resnet18", width=0.25).state_dict(), path)
-    assert main(["info", "resnet18", "--width", "0.25", "--pretrained", str(path), "--num-classes", "3",
-                 "--in-chans", "1", "--img-size", "32"]) == 0
-    out = capsys.readouterr()
-    assert "1 input channel" in out.out
+    with caplog.at_level(logging.INFO, logger="resforge"):
+        assert main(["info", "resnet18", "--width", "0.25", "--pretrained", str(path), "--num-classes", "3",
+                     "--in-chans", "1", "--img-size", "32"]) == 0
+    notes = " ".join(r.getMessage() for r in caplog.records)
+    assert "stem weights folded from 3 to 1 input channel(s)" in notes
+    assert "has 1000 classes, the model 3: the classifier was replaced" in notes
+    adapted = resforge.create_model("resnet18", width=0.25, num_classes=3, in_chans=1)
+    out = capsys.readouterr().out
+    assert "1 input channel" in out and f"{sum(p.numel() for p in adapted.parameters()):,} parameters" in out
 
 
 def _data(tmp_path):
@@ -106,11 +136,38 @@ def test_train_resume_and_recipes_from_the_command_line(tmp_path, capsys):
     (["lr-find", "x", "--steps", "1"], "at least 2 steps"),
     (["predict", "/nonexistent/run", "x", "--topk", "0"], "topk and batch_size must be at least 1"),
     (["eval", "/nonexistent/run", "x"], "no model at"),
+    (["eval", "/nonexistent/run", "x", "--batch-size", "0"], "batch_size must be at least 1"),
+    (["eval", "/nonexistent/run", "x", "--batch-size", "-1"], "batch_size must be at least 1"),
+    (["info", "resnet18", "--img-size", "0"], "--img-size must be a positive number of pixels"),
+    (["info", "resnet18", "--img-size", "-5"], "--img-size must be a positive number of pixels"),
+    (["train", "x", "--set", "data.img_size=true"], "data.img_size must be int, got True"),
+    (["train", "x", "--name", "../.."], "train.name must be a name inside the project folder"),
+    (["demo", "--minutes", "0"], "--minutes must be a number of minutes above 0"),
+    (["demo", "--minutes", "-1"], "--minutes must be a number of minutes above 0"),
 ])
-def test_train_errors_are_one_line(args, message, capsys):
+def test_train_errors_are_one_line(args, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the demo must refuse before it writes anything here
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("resforge: error:") and message in err and "\n" not in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_data_without_a_subcommand_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["data"])
+    assert e.value.code == 2 and "give a data command: inspect or import" in capsys.readouterr().err
+
+
+def test_paths_of_the_wrong_kind_are_named_for_it(tmp_path, capsys):
+    data = _data(tmp_path)
+    image = next(data.rglob("*.png"))
+    for args, message in ((["train", str(image)], "is a file, not a folder of images"),
+                          (["train", str(data), "--config", str(tmp_path)], "is a folder, not a YAML config file"),
+                          (["train", str(data), "--pretrained", str(tmp_path)], "is a folder, not a weights file")):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err and "not found" not in err
 
 
 def test_data_import_from_idx_files(tmp_path):

@@ -13,11 +13,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .config import Config, build_config
+from .config import AUTO_RECIPE, Config, build_config
 from .data.folder import scan_images
 from .data.inspect import FolderReport, inspect_folder
 from .device import resolve_amp, resolve_device
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .evaluation.evaluate import LoadedModel, evaluate_samples, labelled_samples, predict_paths, thumbnail
 from .evaluation.metrics import ClassificationReport
 from .evaluation.plots import plot_history, plot_image_grid, plot_lr_find
@@ -38,7 +38,7 @@ def _config(data: str | None, model: str | None, recipe: str | None, config: str
         overrides["data.root"] = str(data)
     if model is not None:
         overrides["model.name"] = model
-    return build_config(recipe, config, overrides)
+    return build_config(AUTO_RECIPE if recipe is None else recipe, config, overrides)
 
 
 def train(data: str | os.PathLike | None = None, *, model: str | None = None, recipe: str | None = None,
@@ -83,8 +83,8 @@ def finish_run(trainer: Trainer, summary: dict[str, Any]) -> dict[str, Any]:
     log.info("run %s: %d epochs, best epoch %s (%s weights), %.1f min", run_dir, summary["epochs"],
              summary["best_epoch"], summary["best_weights"], summary["train_time_s"] / 60)
     for name, r in results.items():
-        log.info("  %-5s top-1 %.2f%%  top-5 %.2f%%  macro F1 %.3f  (%d images)", name, 100 * r.top1, 100 * r.top5,
-                 r.macro["f1"], r.num_samples)
+        log.info("  %-5s top-1 %.2f%%  top-%d %.2f%%  macro F1 %.3f  (%d images)", name, 100 * r.top1, r.k,
+                 100 * r.top5, r.macro["f1"], r.num_samples)
     log.info("report: %s", report)
     return {**summary, "report": str(report), "results": {k: r.to_dict() for k, r in results.items()}}
 
@@ -97,29 +97,49 @@ def evaluate(source: str | os.PathLike, data: str | os.PathLike, *, tta: str | N
     `data` is a class-folder tree, or a split layout (its test split, else val, is used).
     Results go to `out` (default: `<run>/eval-<folder>` or `runs/eval-<folder>`).
     """
+    _check_batching(batch_size, workers)
     dev = resolve_device(device)
     lm = LoadedModel.load(source, dev)
-    samples = labelled_samples(data, lm.classes)
+    samples, scan = labelled_samples(data, lm.classes)
     name = Path(data).resolve().name
     if out is None:
         base = Path(source) if Path(source).is_dir() else Path("runs")
         out = base / f"eval-{name}"
+    if scan.skipped:
+        scan.write_skipped_csv(Path(out) / "skipped.csv")
+        log.warning("skipped %d unreadable or non-image file(s) in %s; see %s", len(scan.skipped), data,
+                    Path(out) / "skipped.csv")
     report = evaluate_samples(lm, samples, out, name=name, device=dev, amp_dtype=resolve_amp(amp, dev),
                               batch_size=batch_size, workers=workers, tta=tta)
-    log.info("%s on %s (%d images%s): top-1 %.2f%%, top-5 %.2f%%; details in %s", source, data, report.num_samples,
-             f", TTA {tta}" if tta else "", 100 * report.top1, 100 * report.top5, out)
+    log.info("%s on %s (%d images%s): top-1 %.2f%%, top-%d %.2f%%; details in %s", source, data,
+             report.num_samples, f", TTA {tta}" if tta else "", 100 * report.top1, report.k, 100 * report.top5, out)
     return report
+
+
+def _check_batching(batch_size: int, workers: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {batch_size!r}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < -1:
+        raise ConfigError(f"workers must be -1 (automatic) or a count, got {workers!r}")
 
 
 def predict(source: str | os.PathLike, paths: list[str | os.PathLike], *, topk: int = 5, batch_size: int = 64,
             device: str = "auto", amp: str = "auto") -> list[dict[str, Any]]:
-    """Top-k classes for image files, folders or glob patterns."""
+    """Top-k classes for image files, folders or glob patterns.
+
+    An unreadable file gets an error entry; when no file at all can be read, that is an error.
+    """
     if topk < 1 or batch_size < 1:
         raise ConfigError("topk and batch_size must be at least 1")
     dev = resolve_device(device)
     lm = LoadedModel.load(source, dev)
-    return predict_paths(lm, scan_images(list(paths)), device=dev, topk=topk, batch_size=batch_size,
+    rows = predict_paths(lm, scan_images(list(paths)), device=dev, topk=topk, batch_size=batch_size,
                          amp_dtype=resolve_amp(amp, dev))
+    if all("error" in r for r in rows):
+        first = rows[0]
+        raise DataError(f"none of the {len(rows)} image(s) could be read (first: {first['path']}: {first['error']})"
+                        if len(rows) > 1 else f"{first['path']}: {first['error']}")
+    return rows
 
 
 def lr_find(data: str | os.PathLike | None = None, *, model: str | None = None, recipe: str | None = None,
@@ -133,7 +153,7 @@ def lr_find(data: str | os.PathLike | None = None, *, model: str | None = None, 
     plot_lr_find(result.lrs, result.losses, result.suggestion, out / "lr_find.png")
     write_json(out / "lr_find.json", {"lrs": result.lrs, "losses": result.losses, "suggestion": result.suggestion})
     log.info("suggested learning rate: %s (plot: %s)",
-             f"{result.suggestion:.3g}" if result.suggestion else "none (the loss never fell)", out / "lr_find.png")
+             f"{result.suggestion:.3g}" if result.suggestion else f"none ({result.reason})", out / "lr_find.png")
     return result
 
 

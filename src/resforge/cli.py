@@ -60,6 +60,8 @@ def cmd_info(args: argparse.Namespace) -> None:
 
     from .models import create_model, summarize
 
+    if args.img_size < 1:
+        raise ConfigError(f"--img-size must be a positive number of pixels, got {args.img_size}")
     kwargs = _model_kwargs(args)
     if kwargs["pretrained"] is None:  # nothing to load: count on the meta device, instantly
         with torch.device("meta"):
@@ -138,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="resforge",
-        description="Train, evaluate, compress, export and serve ResNet image classifiers.",
+        description="Train, evaluate and use ResNet image classifiers on a folder of images.",
         epilog="Run 'resforge COMMAND --help' for the options of a command.")
     parser.add_argument("--version", action="version", version=f"resforge {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -202,7 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
 
-    p = add("data", lambda a: a.data_parser.print_help(), "inspect an image folder, or import a real dataset")
+    def data_usage(args: argparse.Namespace) -> None:
+        args.data_parser.error("give a data command: inspect or import")
+
+    p = add("data", data_usage, "inspect an image folder, or import a real dataset")
     data_sub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
     p.set_defaults(data_parser=p)
     q = data_sub.add_parser("inspect", help="counts, sizes, balance, duplicates, unreadable files, a sample grid",
@@ -227,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("demo", cmd_demo, "run the main job on the bundled Fashion-MNIST sample",
             "Write the bundled Fashion-MNIST sample (4,000 train + 1,000 test images) to data/, inspect it, train "
             "a ResNet-50 on it for a few minutes, evaluate it on the test split and write the report.")
-    p.add_argument("--minutes", type=float, default=3.0, help="training time budget (default: 3)")
+    p.add_argument("--minutes", type=float, default=3.0, help="training time budget, above 0 (default: 3)")
     return parser
 
 

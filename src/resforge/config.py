@@ -127,6 +127,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     recipe: str | None = None
+    user_set: list[str] = field(default_factory=list)  # dotted keys given by a config file, a flag or a keyword
+    auto: dict[str, str] | None = None  # the auto recipe's choices (key -> reason); None until it has run
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -135,7 +137,11 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-SECTIONS = [f.name for f in dataclasses.fields(Config) if f.name != "recipe"]
+_META = ("recipe", "user_set", "auto")  # what a config records about itself, beside its sections
+SECTIONS = [f.name for f in dataclasses.fields(Config) if f.name not in _META]
+AUTO_RECIPE = "auto"
+AUTO_DESCRIPTION = ("the default: fitted to the folder and the budget (image size, crops, flips, stem, channels, "
+                    "model, batch, optimiser, warm-up and decay), each choice printed with its reason")
 _CHOICES = {
     "augment.preset": ("none", "standard", "strong"),
     "augment.auto_augment": ("trivial", "rand", "none"),
@@ -163,7 +169,7 @@ def _flat_alias(key: str) -> str:
     return f.metadata.get("flag") or key.split(".", 1)[1]
 
 
-def _resolve_key(key: str) -> str:
+def resolve_key(key: str) -> str:
     """A dotted key, or a bare field name / flag name, as a dotted key."""
     fields = _fields()
     key = key.replace("-", "_")
@@ -201,6 +207,8 @@ def _coerce(key: str, value: Any) -> Any:
             if not isinstance(value, bool):
                 raise TypeError
             return value
+        if base in (int, float) and isinstance(value, bool):  # YAML's true is no number
+            raise TypeError
         if base is int and isinstance(value, float) and not value.is_integer():
             raise TypeError
         return base(value)
@@ -209,7 +217,7 @@ def _coerce(key: str, value: Any) -> Any:
 
 
 def set_option(cfg: Config, key: str, value: Any) -> None:
-    key = _resolve_key(key)
+    key = resolve_key(key)
     sec, name = key.split(".")
     value = _coerce(key, value)
     if key in _CHOICES and value is not None and value not in _CHOICES[key]:
@@ -222,16 +230,35 @@ def merge(cfg: Config, data: dict[str, Any], source: str = "config") -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"{source} must be a mapping of sections to options")
     for key, value in data.items():
-        if key in ("description", "recipe"):
-            if key == "recipe":
-                cfg.recipe = value
+        if key == "description":
             continue
-        if key in SECTIONS and isinstance(value, dict):
+        if key == "recipe":
+            cfg.recipe = value
+        elif key == "user_set":
+            cfg.user_set = [resolve_key(k) for k in value or []]
+        elif key == "auto":
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(f"{source}: auto must be a mapping of options to reasons")
+            cfg.auto = None if value is None else {resolve_key(k): str(v) for k, v in value.items()}
+        elif key in SECTIONS and isinstance(value, dict):
             for sub, v in value.items():
                 set_option(cfg, f"{key}.{sub}", v)
         else:
             set_option(cfg, key, value)
     return cfg
+
+
+def _keys(data: dict[str, Any]) -> list[str]:
+    """The dotted option keys a nested or dotted mapping sets."""
+    out = []
+    for key, value in data.items():
+        if key in ("description", *_META):
+            continue
+        if key in SECTIONS and isinstance(value, dict):
+            out += [resolve_key(f"{key}.{sub}") for sub in value]
+        else:
+            out.append(resolve_key(key))
+    return out
 
 
 def _recipe_files() -> dict[str, Path]:
@@ -241,12 +268,14 @@ def _recipe_files() -> dict[str, Path]:
 
 def list_recipes() -> dict[str, str]:
     """Recipe name -> its one-line description."""
-    return {name: yaml.safe_load(p.read_text()).get("description", "")
-            for name, p in sorted(_recipe_files().items())}
+    files = {name: yaml.safe_load(p.read_text()).get("description", "") for name, p in _recipe_files().items()}
+    return dict(sorted({**files, AUTO_RECIPE: AUTO_DESCRIPTION}.items()))
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder, not a YAML config file")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -258,18 +287,29 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def build_config(recipe: str | None = None, config_file: str | Path | None = None,
                  overrides: dict[str, Any] | None = None) -> Config:
-    """Defaults, then a built-in recipe, then a YAML file, then overrides (dotted or bare keys)."""
+    """Defaults, then a built-in recipe, then a YAML file, then overrides (dotted or bare keys).
+
+    The `auto` recipe sets nothing here: the trainer fits it to the data once the folder is scanned,
+    leaving alone every key the file or the overrides gave (recorded in `user_set`).
+    """
     cfg = Config()
-    if recipe is not None:
+    if recipe == AUTO_RECIPE:
+        cfg.recipe = recipe
+    elif recipe is not None:
         files = _recipe_files()
         if recipe not in files:
-            raise ConfigError(f"unknown recipe {recipe!r}; built-in recipes: {', '.join(sorted(files))}")
+            raise ConfigError(f"unknown recipe {recipe!r}; built-in recipes: {', '.join(sorted([*files, AUTO_RECIPE]))}")
         merge(cfg, yaml.safe_load(files[recipe].read_text()), f"recipe {recipe}")
         cfg.recipe = recipe
+    user_set: list[str] = []
     if config_file is not None:
-        merge(cfg, load_yaml(config_file), str(config_file))
+        data = load_yaml(config_file)
+        merge(cfg, data, str(config_file))
+        user_set += _keys(data) if isinstance(data, dict) else []
     for key, value in (overrides or {}).items():
         set_option(cfg, key, value)
+        user_set.append(resolve_key(key))
+    cfg.user_set = list(dict.fromkeys(user_set))
     validate(cfg)
     return cfg
 
@@ -307,6 +347,9 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    if t.name is not None and (not Path(t.name).parts or Path(t.name).is_absolute() or ".." in Path(t.name).parts):
+        raise ConfigError(f"train.name must be a name inside the project folder {t.project}/ (folders allowed, "
+                          f"no '..' or absolute path), got {t.name!r}")
 
 
 def add_arguments(parser: argparse.ArgumentParser, sections: list[str] | None = None) -> None:
@@ -323,7 +366,7 @@ def add_arguments(parser: argparse.ArgumentParser, sections: list[str] | None = 
             if hint is bool or hint == bool | None:
                 kw["action"] = argparse.BooleanOptionalAction
             elif key in _CHOICES:
-                kw["metavar"] = "{" + ",".join(c for c in _CHOICES[key] if c != "none") + "}"
+                kw["metavar"] = "{" + ",".join(_CHOICES[key]) + "}"
             else:
                 kw.update(metavar=_flat_alias(key).upper(), nargs=f.metadata.get("nargs"))
             group.add_argument(flag, **kw)

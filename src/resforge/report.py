@@ -19,12 +19,19 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def images_per_second(rows: list[dict[str, Any]]) -> float:
+    """Training images over training time, all epochs together (a mean of per-epoch rates overweights short,
+    fast epochs)."""
+    images = sum(r.get("train_images", r["img_per_s"] * r["train_time_s"]) for r in rows)
+    return images / max(1e-9, sum(r["train_time_s"] for r in rows))
+
+
 def write_run_report(run_dir: str | os.PathLike, cfg: Config, scan: ImageFolderScan, summary: dict[str, Any],
                      model: ModelSummary, results: dict[str, ClassificationReport]) -> Path:
     run_dir = Path(run_dir)
     o, t, a, d = cfg.optim, cfg.train, cfg.augment, cfg.data
     rows = summary["history"]
-    speed = sum(r["img_per_s"] for r in rows) / len(rows)
+    speed = images_per_second(rows)
     out = [f"# {run_dir.name}", ""]
     out += ["## Data", "",
             f"- folder `{d.root}`, {len(scan.classes)} classes, layout `{scan.layout}`; validation: {scan.val_source}",
@@ -40,7 +47,10 @@ def write_run_report(run_dir: str | os.PathLike, cfg: Config, scan: ImageFolderS
             f"{model.macs / 1e9:.3g} GMACs per image",
             f"- weights: {cfg.model.pretrained or 'random initialisation'}", ""]
     out += ["## Recipe", "",
-            f"- recipe `{cfg.recipe or 'defaults'}` (full config in `config.yaml`)",
+            f"- recipe `{cfg.recipe or 'defaults'}` (full config in `config.yaml`)"]
+    if cfg.auto:
+        out += ["- chosen by the auto recipe (anything you set wins):"] + [f"  - {r}" for r in cfg.auto.values()]
+    out += [
             f"- {o.optimizer}, peak lr {summary['lr']:.3g}, schedule {o.schedule} (warm-up {o.warmup_epochs:g} "
             f"epochs), weight decay {o.weight_decay:g}, batch {d.batch_size}x{o.accum_steps}",
             f"- augmentation `{a.preset}`" + (f", mixup {a.mixup:g}" if a.mixup else "")
@@ -55,7 +65,7 @@ def write_run_report(run_dir: str | os.PathLike, cfg: Config, scan: ImageFolderS
             "-> `best.safetensors` + `best.json`", "",
             "![history](plots/history.png)", ""]
     out += ["## Results", "",
-            _table(["split", "images", "top-1", "top-5", "macro F1"],
+            _table(["split", "images", "top-1", f"top-{min(5, len(scan.classes))}", "macro F1"],
                    [[name, r.num_samples, f"{r.top1:.2%}", f"{r.top5:.2%}", f"{r.macro['f1']:.3f}"]
                     for name, r in results.items()]), ""]
     for name, r in results.items():

@@ -1,6 +1,7 @@
 """Scanning a folder: layouts, the split, and every kind of bad file."""
 
 import csv
+import os
 
 import numpy as np
 import pytest
@@ -143,3 +144,73 @@ def test_scan_images_files_folders_globs(tmp_path):
         scan_images([tmp_path / "missing.png"])
     with pytest.raises(DataError, match="no files match"):
         scan_images([str(tmp_path / "*.gif")])
+
+
+def test_split_folders_beside_a_class_folder_are_refused(tmp_path):
+    """D/train/{a,b} beside D/dog: dog would silently vanish from training."""
+    make_image_folder(tmp_path / "train", per_class=3)
+    make_image_folder(tmp_path, classes=("dog",), per_class=3)
+    with pytest.raises(DataError, match=r"also dog, which is not a split"):
+        scan_folder(tmp_path)
+
+
+def test_a_test_folder_of_classes_without_train_is_refused(tmp_path):
+    make_image_folder(tmp_path, per_class=3)
+    make_image_folder(tmp_path / "test", per_class=2)
+    with pytest.raises(DataError, match="test/ folder of classes but no train/"):
+        scan_folder(tmp_path)
+
+
+def test_broken_links_and_link_loops_are_listed_as_skipped(tmp_path):
+    make_image_folder(tmp_path, per_class=3)
+    (tmp_path / "a" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (tmp_path / "a" / "loop.png").symlink_to(tmp_path / "a" / "loop.png")
+    (tmp_path / "b" / "link.png").symlink_to(tmp_path / "b" / "000.png")  # a good link is an image like any other
+    s = scan_folder(tmp_path, val_split=0.0)
+    reasons = {p.split("/")[-1]: r for p, r in s.skipped}
+    assert reasons == {"gone.png": "broken symbolic link", "loop.png": "symbolic link loop"}
+    assert s.counts("train") == [3, 4]
+    assert [p for p in scan_images([tmp_path / "a"]) if p.endswith(("gone.png", "loop.png"))]  # predict reports them
+    with pytest.raises(DataError, match="broken symbolic link"):
+        load_image(tmp_path / "a" / "gone.png")
+
+
+def test_a_data_path_that_is_a_file_says_so(tmp_path):
+    f = tmp_path / "x.png"
+    Image.new("RGB", (4, 4)).save(f)
+    with pytest.raises(DataError, match="is a file, not a folder of images"):
+        scan_folder(f)
+
+
+def test_the_pil_bomb_warning_gives_way_to_our_limit(tmp_path):
+    import warnings
+
+    big = tmp_path / "big.png"
+    Image.new("1", (9500, 9500)).save(big)  # 90.25M pixels: over PIL's warning threshold, small on disk
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(DataError, match="over the limit of 89,478,485"):
+            load_image(big)
+
+
+def test_a_recorded_split_is_read_back_whatever_changed(tmp_path):
+    """Five images of a class deleted and five new ones added: the split stays as it was recorded."""
+    from resforge.data.folder import read_split_csv, scan_recorded_split
+
+    root = make_image_folder(tmp_path / "d", classes=("a", "b"), per_class=10)
+    first = scan_folder(root, val_split=0.3, seed=1)
+    first.write_split_csv(tmp_path / "split.csv")
+    gone = [p for p, _ in first.train if "/a/" in p][:5]
+    for p in gone:
+        os.remove(p)
+    make_image_folder(tmp_path / "new", classes=("a",), per_class=5, seed=7)
+    for i, f in enumerate(sorted((tmp_path / "new" / "a").iterdir())):
+        f.rename(root / "a" / f"new{i}.png")
+    again = scan_recorded_split(root, tmp_path / "split.csv")
+    assert again.val == first.val and again.train == [s for s in first.train if s[0] not in gone]
+    assert sorted(p for p, r in again.skipped if "no longer in the folder" in r) == sorted(gone)
+    assert len(again.new_files) == 5 and all("/new" in p for p in again.new_files)
+    assert scan_folder(root, val_split=0.3, seed=1).val != first.val  # what a fresh draw would have done
+    (tmp_path / "bad.csv").write_text("not,a,split\n1,2,3\n")
+    with pytest.raises(DataError, match="split record"):
+        read_split_csv(tmp_path / "bad.csv")

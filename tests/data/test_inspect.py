@@ -48,3 +48,18 @@ def test_inspect_reports_what_training_would_refuse(tmp_path):
     assert report.imbalance is None and "a class has no images" in report.to_text()
     with pytest.raises(resforge.DataError, match="no readable images in .*dog"):
         scan_folder(root)
+
+
+def test_inspect_warns_where_flips_would_change_labels(tmp_path):
+    import numpy as np
+
+    root = tmp_path / "digits"
+    rng = np.random.default_rng(0)
+    for c in ("3", "7"):  # characters: a mirrored 3 is no 3
+        (root / c).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (12, 12), dtype=np.uint8)).save(root / c / f"{i}.png")
+    report = resforge.inspect_data(root, out=tmp_path / "out")
+    assert report.warnings and "horizontal flips may change labels" in report.to_text()
+    plain = make_image_folder(tmp_path / "bands", classes=("cat", "dog"), per_class=6)
+    assert resforge.inspect_data(plain, out=tmp_path / "out2").warnings == []

@@ -143,3 +143,18 @@ def test_failed_drawing_keeps_previous_png(tmp_path, monkeypatch, draw):
         draw(path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["figure.png"]
+
+
+def test_class_names_without_a_font_are_written_out_not_drawn_as_boxes(tmp_path, figures, caplog, monkeypatch):
+    names = ["猫", "犬"]
+    found = plots._font_for(frozenset(map(ord, "猫犬")))
+    plots.plot_confusion(np.eye(2, dtype=int), names, tmp_path / "c.png")
+    labels = [t.get_text() for t in figures[-1].axes[0].get_xticklabels()]
+    if found is None:  # no installed font has them: each character is written as its code point, said once
+        assert labels == ["<U+732B>", "<U+72AC>"] and "no installed font has the characters" in caplog.text
+    else:  # the font that has them is used beside the default one
+        assert labels == names and found in figures[-1].axes[0].get_xticklabels()[0].get_fontfamily()
+    monkeypatch.setattr(plots, "_font_for", lambda chars: "DejaVu Sans")  # as if a CJK font were installed
+    plots.plot_image_grid([np.zeros((8, 8), np.uint8)], ["猫"], tmp_path / "g.png")
+    title = figures[-1].axes[0].get_title()
+    assert title == "猫"

@@ -126,13 +126,28 @@ def test_truncated_checkpoint(ref, tmp_path, fmt):
     torch.save(ref.state_dict(), path) if fmt == "zip" else save_file(ref.state_dict(), path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(resforge.CheckpointError, match="not a readable checkpoint"):
+    with pytest.raises(resforge.CheckpointError, match="is corrupt or not a checkpoint"):
         read_checkpoint(path)
 
 
 def test_missing_file(tmp_path):
     with pytest.raises(resforge.CheckpointError, match="not found"):
         read_checkpoint(tmp_path / "nope.pth")
+
+
+def test_a_json_file_or_a_folder_is_named_for_what_it_is(tmp_path):
+    """torch's own text for these suggests weights_only=False: the message must never pass that on."""
+    path = tmp_path / "best.json"
+    path.write_text('{"format": "resforge-model"}')
+    with pytest.raises(resforge.CheckpointError) as e:
+        read_checkpoint(path)
+    assert str(e.value) == f"{path} is corrupt or not a checkpoint (safetensors, PyTorch or Keras h5)"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.safetensors").write_bytes(b"")
+    with pytest.raises(resforge.CheckpointError, match=r"is a folder, not a weights file; for a run directory give "
+                                                       r".*best\.safetensors"):
+        read_checkpoint(run)
 
 
 class _Exploit:
@@ -144,8 +159,9 @@ def test_pickled_code_is_never_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": _Exploit()}, path)
-    with pytest.raises(resforge.CheckpointError):
+    with pytest.raises(resforge.CheckpointError, match="pickled Python objects besides tensors") as e:
         read_checkpoint(path)
+    assert "weights_only" not in str(e.value)
     assert not (tmp_path / "pwned").exists()
     path.write_bytes(pickle.dumps(_Exploit()))
     with pytest.raises(resforge.CheckpointError):

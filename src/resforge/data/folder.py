@@ -12,7 +12,9 @@ palette, RGBA, CMYK and 16-bit images to 8-bit RGB (or L).
 
 from __future__ import annotations
 
+import errno
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +45,7 @@ class ImageFolderScan:
     test: list[Sample] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     sizes: dict[str, tuple[int, int, str]] = field(default_factory=dict)  # path -> (width, height, mode)
+    new_files: list[str] = field(default_factory=list)  # in the folder but not in the recorded split
 
     def counts(self, split: str) -> list[int]:
         per_class = np.bincount([label for _, label in getattr(self, split)], minlength=len(self.classes))
@@ -78,10 +81,15 @@ def load_image(path: str | os.PathLike, mode: str = "RGB", max_pixels: int = DEF
     `min_size` pixels: several times faster, and the image is resized to that size anyway.
     """
     path = Path(path)
+    if path.is_symlink() and (problem := _link_problem(path)):
+        raise DataError(f"{path}: {problem}")
     try:
         if path.stat().st_size == 0:
             raise DataError(f"{path}: empty file")
-        with Image.open(path) as im:
+        with warnings.catch_warnings():  # PIL's bomb warning: the pixel limit below is ours, and says more
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
             if im.width * im.height > max_pixels:
                 raise DataError(f"{path}: {im.width}x{im.height} pixels is over the limit of {max_pixels:,} "
                                 "(a decompression bomb?)")
@@ -92,6 +100,10 @@ def load_image(path: str | os.PathLike, mode: str = "RGB", max_pixels: int = DEF
             return _convert(im, mode)
     except DataError:
         raise
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: a folder, not an image file") from None
     except Image.DecompressionBombError as e:
         raise DataError(f"{path}: {e}") from None
     except Image.UnidentifiedImageError:
@@ -104,9 +116,31 @@ def _list_class_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _list_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*")
-                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+def _link_problem(p: Path) -> str | None:
+    """Why a symbolic link cannot be read as an image file, or None if it leads to one."""
+    try:
+        target = p.resolve(strict=True)
+    except RuntimeError:  # Python < 3.13 reports a loop this way
+        return "symbolic link loop"
+    except OSError as e:
+        return "symbolic link loop" if e.errno == errno.ELOOP else "broken symbolic link"
+    return "symbolic link to a folder (not followed)" if target.is_dir() else None
+
+
+def _list_files(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Visible files under `folder` (links to files included), and the links that lead nowhere usable."""
+    files, skipped = [], []
+    for p in sorted(folder.rglob("*")):
+        if any(part.startswith(".") for part in p.relative_to(folder).parts):
+            continue
+        if p.is_symlink():
+            problem = _link_problem(p)
+            if problem:
+                skipped.append((str(p), problem))
+                continue
+        if p.is_file():
+            files.append(p)
+    return files, skipped
 
 
 def _find_split_dirs(root: Path) -> dict[str, Path]:
@@ -117,6 +151,22 @@ def _find_split_dirs(root: Path) -> dict[str, Path]:
                 found[split] = root / name
                 break
     return found
+
+
+def _check_layout(root: Path, split_dirs: dict[str, Path]) -> None:
+    """Refuse a folder that mixes split folders with class folders: one of them would be dropped unseen."""
+    split_names = {n for names in SPLIT_DIRS.values() for n in names}
+    if "train" in split_dirs:
+        others = [d.name for d in _list_class_dirs(root) if d.name not in split_names]
+        if others:
+            raise DataError(f"{root} holds split folders ({', '.join(sorted(p.name for p in split_dirs.values()))}) "
+                            f"and also {', '.join(others)}, which is not a split: move it into "
+                            f"{split_dirs['train'].name}/ as a class, or out of {root}")
+    else:
+        splits = [p for p in split_dirs.values() if _list_class_dirs(p)]
+        if splits:
+            raise DataError(f"{root} has a {splits[0].name}/ folder of classes but no train/ folder: put the "
+                            f"training classes in {root / 'train'}/ (or rename {splits[0].name}/ if it is a class)")
 
 
 def _stratified_split(samples: list[Sample], num_classes: int, val_split: float, seed: int
@@ -138,6 +188,82 @@ def _stratified_split(samples: list[Sample], num_classes: int, val_split: float,
     return train, val
 
 
+@dataclass
+class _Listing:
+    """What a folder holds before any file is decoded."""
+
+    layout: str
+    train_dir: Path
+    classes: list[str]
+    candidates: dict[str, list[Sample]]  # split -> files with an image extension, in class folders
+    skipped: list[tuple[str, str]]
+
+
+def _list_folder(root: Path) -> _Listing:
+    if not root.exists():
+        raise DataError(f"data folder not found: {root}")
+    if not root.is_dir():
+        raise DataError(f"{root} is a file, not a folder of images (root/<class>/<image files>)")
+    split_dirs = _find_split_dirs(root)
+    _check_layout(root, split_dirs)
+    layout = "splits" if "train" in split_dirs else "classes"
+    train_dir = split_dirs.get("train", root)
+    classes = [d.name for d in _list_class_dirs(train_dir)]
+    if not classes:
+        raise DataError(f"{train_dir} has no class folders; expected {train_dir}/<class>/<image files>")
+    index = {c: i for i, c in enumerate(classes)}
+    skipped: list[tuple[str, str]] = []
+    candidates: dict[str, list[Sample]] = {}
+    for split, folder in ({"train": train_dir} if layout == "classes" else split_dirs).items():
+        stray = [p for p in folder.iterdir() if not p.is_dir() and not p.name.startswith(".")]
+        skipped += [(str(p), "not inside a class folder") for p in stray]
+        found = []
+        for d in _list_class_dirs(folder):
+            if d.name not in index:
+                raise DataError(f"{d} is a class the training folder {train_dir} does not have")
+            files, bad_links = _list_files(d)
+            skipped += bad_links
+            for p in files:
+                if p.suffix.lower() in IMG_EXTENSIONS:
+                    found.append((str(p), index[d.name]))
+                else:
+                    skipped.append((str(p), f"not an image extension ({p.suffix or 'none'})"))
+        candidates[split] = found
+    return _Listing(layout, train_dir, classes, candidates, skipped)
+
+
+def _decode_all(samples: list[Sample], max_pixels: int, threads: int | None
+                ) -> tuple[dict[str, tuple[int, int, str]], list[tuple[str, str]]]:
+    """Decode every file once: (path -> (width, height, stored mode) of the good ones, [(path, reason)])."""
+    def check(sample: Sample) -> tuple[Sample, str | None, tuple[int, int, str] | None]:
+        try:
+            im = load_image(sample[0], "RGB", max_pixels)
+        except DataError as e:
+            return sample, str(e).removeprefix(f"{sample[0]}: "), None
+        with Image.open(sample[0]) as raw:  # the header only: the stored mode, for `data inspect`
+            return sample, None, (im.width, im.height, raw.mode)
+
+    sizes, skipped = {}, []
+    with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
+        for sample, reason, size in pool.map(check, samples):
+            if reason is None:
+                sizes[sample[0]] = size
+            else:
+                skipped.append((sample[0], reason))
+    return sizes, skipped
+
+
+def _check_classes(train: list[Sample], classes: list[str], train_dir: Path, skipped: int, strict: bool) -> None:
+    counts = np.bincount([label for _, label in train], minlength=len(classes))
+    if counts.sum() == 0:
+        raise DataError(f"no readable images under {train_dir} ({skipped} files skipped)")
+    empty = [c for c, n in zip(classes, counts) if n == 0]
+    if strict and empty:
+        raise DataError(f"class folder(s) with no readable images in {train_dir}: {', '.join(empty)}")
+    if strict and len(classes) < 2:
+        raise DataError(f"{train_dir} has a single class ({classes[0]}); a classifier needs at least two")
+
+
 def scan_folder(root: str | os.PathLike, *, val_split: float = 0.2, seed: int = 123,
                 max_pixels: int = DEFAULT_MAX_PIXELS, threads: int | None = None, strict: bool = True
                 ) -> ImageFolderScan:
@@ -147,71 +273,68 @@ def scan_folder(root: str | os.PathLike, *, val_split: float = 0.2, seed: int = 
     report or use such folders as they are.
     """
     root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"data folder not found: {root}")
-    split_dirs = _find_split_dirs(root)
-    layout = "splits" if "train" in split_dirs else "classes"
-    train_dir = split_dirs.get("train", root)
-    class_dirs = _list_class_dirs(train_dir)
-    classes = [d.name for d in class_dirs]
-    if not classes:
-        raise DataError(f"{train_dir} has no class folders; expected {train_dir}/<class>/<image files>")
-    index = {c: i for i, c in enumerate(classes)}
-
-    skipped: list[tuple[str, str]] = []
-    candidates: dict[str, list[Sample]] = {}
-    for split, folder in ({"train": train_dir} if layout == "classes" else split_dirs).items():
-        stray = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
-        skipped += [(str(p), "not inside a class folder") for p in stray]
-        found = []
-        for d in _list_class_dirs(folder):
-            if d.name not in index:
-                raise DataError(f"{d} is a class the training folder {train_dir} does not have")
-            for p in _list_files(d):
-                if p.suffix.lower() in IMG_EXTENSIONS:
-                    found.append((str(p), index[d.name]))
-                else:
-                    skipped.append((str(p), f"not an image extension ({p.suffix or 'none'})"))
-        candidates[split] = found
-
-    every = [s for split in candidates.values() for s in split]
-    sizes: dict[str, tuple[int, int, str]] = {}
-
-    def check(sample: Sample) -> tuple[Sample, str | None, tuple[int, int, str] | None]:
-        try:
-            im = load_image(sample[0], "RGB", max_pixels)
-        except DataError as e:
-            return sample, str(e).removeprefix(f"{sample[0]}: "), None
-        with Image.open(sample[0]) as raw:  # the header only: the stored mode, for `data inspect`
-            return sample, None, (im.width, im.height, raw.mode)
-
-    bad = set()
-    with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
-        for sample, reason, size in pool.map(check, every):
-            if reason is None:
-                sizes[sample[0]] = size
-            else:
-                skipped.append((sample[0], reason))
-                bad.add(sample[0])
-    good = {split: [s for s in samples if s[0] not in bad] for split, samples in candidates.items()}
-
-    counts = np.bincount([label for _, label in good["train"]], minlength=len(classes))
-    empty = [c for c, n in zip(classes, counts) if n == 0]
-    if counts.sum() == 0:
-        raise DataError(f"no readable images under {train_dir} ({len(skipped)} files skipped)")
-    if strict and empty:
-        raise DataError(f"class folder(s) with no readable images in {train_dir}: {', '.join(empty)}")
-    if strict and len(classes) < 2:
-        raise DataError(f"{train_dir} has a single class ({classes[0]}); a classifier needs at least two")
-
+    listing = _list_folder(root)
+    every = [s for split in listing.candidates.values() for s in split]
+    sizes, bad = _decode_all(every, max_pixels, threads)
+    good = {split: [s for s in samples if s[0] in sizes] for split, samples in listing.candidates.items()}
+    skipped = listing.skipped + bad
+    _check_classes(good["train"], listing.classes, listing.train_dir, len(skipped), strict)
     if "val" in good:
         train, val, val_source = good["train"], good["val"], "folder"
     else:
-        train, val = _stratified_split(good["train"], len(classes), val_split, seed)
+        train, val = _stratified_split(good["train"], len(listing.classes), val_split, seed)
         val_source = f"{val_split:g} of each class, seed {seed}"
-    return ImageFolderScan(root=str(root), classes=classes, layout=layout, val_source=val_source,
-                           train=train, val=val, test=good.get("test", []), skipped=sorted(skipped),
-                           sizes=sizes)
+    return ImageFolderScan(root=str(root), classes=listing.classes, layout=listing.layout, val_source=val_source,
+                           train=train, val=val, test=good.get("test", []), skipped=sorted(skipped), sizes=sizes)
+
+
+def read_split_csv(path: str | os.PathLike) -> list[tuple[str, str, str]]:
+    """The (split, class, path relative to the data folder) rows a run recorded in its split.csv."""
+    import csv
+
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        out = [(r["split"], r["class"], r["path"]) for r in rows]
+    except (OSError, KeyError, TypeError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path} is not a readable split record ({type(e).__name__}: {e})") from None
+    if not out or any(split not in SPLIT_DIRS for split, _, _ in out):
+        raise DataError(f"{path} is not a split record (rows of split train/val/test, class, path)")
+    return out
+
+
+def scan_recorded_split(root: str | os.PathLike, split_csv: str | os.PathLike, *,
+                        max_pixels: int = DEFAULT_MAX_PIXELS, threads: int | None = None) -> ImageFolderScan:
+    """The folder as a run recorded it: the same files in the same splits, never drawn again.
+
+    Files that are gone (or no longer readable) are left out and listed as skipped; files added
+    since are left out too, and counted in `new_files`, so validation stays the images the model
+    never trained on.
+    """
+    root = Path(root)
+    listing = _list_folder(root)
+    index = {c: i for i, c in enumerate(listing.classes)}
+    rows = read_split_csv(split_csv)
+    then = sorted({cls for _, cls, _ in rows})
+    if then != sorted(listing.classes):
+        raise DataError(f"the classes in {root} changed since the run started ({', '.join(then)} then, "
+                        f"{', '.join(listing.classes)} now); start a new run")
+    recorded: dict[str, list[Sample]] = {"train": [], "val": [], "test": []}
+    for split, cls, rel in rows:
+        recorded[split].append((str(root / rel), index[cls]))
+    known = {p for samples in recorded.values() for p, _ in samples}
+    gone = [(p, "in the recorded split but no longer in the folder")
+            for p in sorted(known) if not Path(p).is_file()]
+    present = [s for samples in recorded.values() for s in samples if Path(s[0]).is_file()]
+    sizes, bad = _decode_all(present, max_pixels, threads)
+    good = {split: [s for s in samples if s[0] in sizes] for split, samples in recorded.items()}
+    skipped = listing.skipped + gone + bad
+    _check_classes(good["train"], listing.classes, listing.train_dir, len(skipped), strict=True)
+    new = sorted(p for samples in listing.candidates.values() for p, _ in samples if p not in known)
+    return ImageFolderScan(root=str(root), classes=listing.classes, layout=listing.layout,
+                           val_source="as recorded in split.csv", train=good["train"], val=good["val"],
+                           test=good["test"], skipped=sorted(skipped), sizes=sizes, new_files=new)
 
 
 def scan_images(paths: list[str | os.PathLike]) -> list[str]:
@@ -226,8 +349,9 @@ def scan_images(paths: list[str | os.PathLike]) -> list[str]:
             raise DataError(f"no files match {p}")
         for m in map(Path, matches):
             if m.is_dir():
-                out += [str(f) for f in _list_files(m) if f.suffix.lower() in IMG_EXTENSIONS]
-            elif m.exists():
+                files, bad_links = _list_files(m)  # bad links stay in, to be reported as unreadable
+                out += sorted([str(f) for f in files if f.suffix.lower() in IMG_EXTENSIONS] + [p for p, _ in bad_links])
+            elif m.exists() or m.is_symlink():
                 out.append(str(m))
             else:
                 raise DataError(f"no such file or folder: {m}")

@@ -10,6 +10,7 @@ import numpy as np
 
 from ..io import sha256_file
 from .folder import ImageFolderScan, scan_folder
+from .profile import profile_data
 
 
 @dataclass
@@ -25,6 +26,7 @@ class FolderReport:
     duplicates: list[list[str]]  # groups of byte-identical files
     cross_split_duplicates: int  # groups spanning more than one split: evaluation leaks into training
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # what could mislead training, in words
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -46,6 +48,7 @@ class FolderReport:
         lines.append(f"exact duplicates: {len(self.duplicates)} group(s), {dup_files} redundant file(s)"
                      + (f"; {self.cross_split_duplicates} group(s) span splits (evaluation leaks into training)"
                         if self.cross_split_duplicates else ""))
+        lines += [f"warning: {w}" for w in self.warnings]
         if self.skipped:
             lines.append(f"skipped {len(self.skipped)} file(s):")
             lines += [f"  {os.path.relpath(p, self.root)}: {r}" for p, r in self.skipped[:20]]
@@ -73,5 +76,20 @@ def inspect_folder(root: str | os.PathLike, max_pixels: int | None = None) -> tu
         root=str(root), layout=scan.layout, classes=scan.classes, counts=counts, width=stats[0], height=stats[1],
         modes=dict(Counter(mode for _, _, mode in scan.sizes.values())),
         imbalance=float(per_class.max() / per_class.min()) if per_class.min() else None, duplicates=duplicates,
-        cross_split_duplicates=cross, skipped=scan.skipped)
+        cross_split_duplicates=cross, skipped=scan.skipped, warnings=label_warnings(scan))
     return report, scan
+
+
+def label_warnings(scan: ImageFolderScan) -> list[str]:
+    """Augmentations that could change labels here, as the data suggests them."""
+    if not scan.train or min(scan.counts("train")) == 0:
+        return []
+    profile = profile_data(scan)
+    if profile.flip_hazard:
+        return [f"horizontal flips may change labels: {profile.flip_hazard}. The default recipe trains without "
+                "them; --hflip 0 does the same with any recipe"]
+    if profile.mirrored_like_other:
+        pairs = ", ".join(f"{a} looks like {b}" for a, b in profile.mirrored_like_other.items())
+        return [f"some classes have a left-right orientation (mirrored, {pairs}): flips make pictures of them "
+                "the data does not hold; the default recipe keeps flips, as most classes look alike mirrored"]
+    return []

@@ -12,6 +12,7 @@ Small sets can be kept in memory decoded and resized to the evaluation resize si
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 
@@ -24,6 +25,7 @@ from .folder import DEFAULT_MAX_PIXELS, Sample, load_image
 from .transforms import Preprocess, _interp
 
 CACHE_AUTO_BYTES = 2 * 1024**3
+log = logging.getLogger("resforge")
 
 
 def _pil_to_tensor(im) -> torch.Tensor:
@@ -123,10 +125,31 @@ class EpochSampler(Sampler):
         return iter([(self.epoch, i) for i in torch.randperm(self.n, generator=g).tolist()])
 
 
+def cpu_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_workers() -> int:
     """One loader process per spare core (up to 8): the main process needs a core for the model."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, n - 1))
+    return max(0, min(8, cpu_cores() - 1))
+
+
+FEW_CORES = 4
+
+
+def resolve_workers(requested: int, cached: bool = False) -> int:
+    """-1: `default_workers()`, or none for images already decoded in memory on a machine with few cores
+    (augmenting them is cheap; a loader process would only take a core from the model). A count above
+    the cores is capped there (more processes only contend)."""
+    if requested < 0:
+        return 0 if cached and cpu_cores() < FEW_CORES else default_workers()
+    cores = cpu_cores()
+    if requested > cores:
+        log.warning("data.workers %d is more than the %d CPU core(s) this process may use: using %d",
+                    requested, cores, cores)
+        return cores
+    return requested
 
 
 def make_loader(dataset: ImageDataset, batch_size: int, *, train: bool, workers: int, seed: int,

@@ -51,7 +51,30 @@ class Preprocess:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocess:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+        """Rebuilt from a sidecar; ValueError names what does not make sense."""
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a mapping, got {type(d).__name__}")
+        missing = [k for k in ("img_size", "resize_size", "mean", "std") if k not in d]
+        if missing:
+            raise ValueError(f"{', '.join(missing)} missing")
+        pre = cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+        for name in ("img_size", "resize_size", "in_chans"):
+            value = getattr(pre, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive whole number, got {value!r}")
+        if pre.in_chans not in (1, 3) or pre.resize_size < pre.img_size:
+            raise ValueError(f"in_chans {pre.in_chans} (1 or 3) and resize_size {pre.resize_size} (at least "
+                             f"img_size {pre.img_size}) do not fit")
+        for name in ("mean", "std"):
+            values = getattr(pre, name)
+            if (not isinstance(values, list) or len(values) != pre.in_chans
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
+                raise ValueError(f"{name} must be {pre.in_chans} number(s), got {values!r}")
+        if any(v <= 0 for v in pre.std):
+            raise ValueError(f"std must be positive, got {pre.std}")
+        if pre.interpolation not in ("bilinear", "bicubic", "nearest"):
+            raise ValueError(f"unknown interpolation {pre.interpolation!r}")
+        return pre
 
 
 def imagenet_stats(in_chans: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD

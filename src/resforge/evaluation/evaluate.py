@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.folder import Sample, load_image, scan_folder
-from ..data.loader import ImageDataset, default_workers, make_loader
+from ..data.folder import ImageFolderScan, Sample, load_image, scan_folder
+from ..data.loader import ImageDataset, make_loader, resolve_workers
 from ..data.transforms import Preprocess, eval_transform
 from ..errors import CheckpointError, DataError
 from ..io import write_json
@@ -44,8 +44,21 @@ class LoadedModel:
         if not {"classes", "preprocess"} <= meta.keys():
             raise CheckpointError(f"{source} has no classes or preprocessing in its sidecar: it was not saved by "
                                   "a training run, so it cannot classify images as it is")
+        classes = meta["classes"]
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+            raise CheckpointError(f"the sidecar of {source} has no list of class names")
+        if len(classes) != model.num_classes:
+            raise CheckpointError(f"the sidecar of {source} names {len(classes)} classes but the model has "
+                                  f"{model.num_classes} outputs")
+        try:
+            pre = Preprocess.from_dict(meta["preprocess"])
+        except ValueError as e:
+            raise CheckpointError(f"the sidecar of {source} has unusable preprocessing: {e}") from None
+        if pre.in_chans != model.stem_conv.in_channels:
+            raise CheckpointError(f"the sidecar of {source} feeds {pre.in_chans} channel(s) to a model that "
+                                  f"takes {model.stem_conv.in_channels}")
         model = model.to(device, memory_format=torch.channels_last)
-        return cls(model, meta["classes"], Preprocess.from_dict(meta["preprocess"]), meta)
+        return cls(model, classes, pre, meta)
 
 
 def thumbnail(path: str, mode: str, size: int = 112) -> np.ndarray:
@@ -54,8 +67,9 @@ def thumbnail(path: str, mode: str, size: int = 112) -> np.ndarray:
     return np.asarray(im)
 
 
-def labelled_samples(root: str | os.PathLike, classes: list[str]) -> list[Sample]:
-    """Images of a class-folder tree (or its test, else val split) labelled with the model's class indices."""
+def labelled_samples(root: str | os.PathLike, classes: list[str]) -> tuple[list[Sample], ImageFolderScan]:
+    """Images of a class-folder tree (or its test, else val split) labelled with the model's class indices,
+    and the scan (whose `skipped` lists the unreadable files)."""
     scan = scan_folder(root, val_split=0.0, strict=False)
     unknown = [c for c in scan.classes if c not in classes]
     if unknown:
@@ -63,7 +77,7 @@ def labelled_samples(root: str | os.PathLike, classes: list[str]) -> list[Sample
                         f"(the model's classes: {', '.join(classes)})")
     samples = scan.test or scan.val or scan.train
     index = [classes.index(c) for c in scan.classes]
-    return [(p, index[label]) for p, label in samples]
+    return [(p, index[label]) for p, label in samples], scan
 
 
 def evaluate_samples(lm: LoadedModel, samples: list[Sample], out_dir: str | os.PathLike, *, name: str = "eval",
@@ -75,7 +89,7 @@ def evaluate_samples(lm: LoadedModel, samples: list[Sample], out_dir: str | os.P
     out_dir = Path(out_dir)
     transform = TenCropViews(lm.pre) if tta == "multicrop" else eval_transform(lm.pre)
     ds = ImageDataset(samples, transform, lm.pre)
-    loader = make_loader(ds, batch_size, train=False, workers=default_workers() if workers < 0 else workers, seed=0)
+    loader = make_loader(ds, batch_size, train=False, workers=resolve_workers(workers), seed=0)
     logits, targets = infer(lm.model, loader, device, amp_dtype, flip=tta == "flip")
     probs = logits.softmax(-1).numpy()
     report = classification_report(probs, targets.numpy(), lm.classes)

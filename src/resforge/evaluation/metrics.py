@@ -32,6 +32,11 @@ class ClassificationReport:
     support: np.ndarray
 
     @property
+    def k(self) -> int:
+        """The k of `top5`: 5, or the class count when there are fewer classes."""
+        return min(5, len(self.classes))
+
+    @property
     def macro(self) -> dict[str, float]:
         """Unweighted mean over all classes, absent ones included (as scikit-learn with `labels=`)."""
         return {m: float(getattr(self, m).mean()) for m in _AVERAGED}
@@ -56,8 +61,7 @@ class ClassificationReport:
         rows += [(f"**{name} avg**", avg["precision"], avg["recall"], avg["f1"], self.num_samples)
                  for name, avg in (("macro", self.macro), ("weighted", self.weighted))]
         lines += [f"| {c} | {p:.3f} | {r:.3f} | {f:.3f} | {int(n)} |" for c, p, r, f, n in rows]
-        k = min(5, len(self.classes))
-        return "\n".join(lines + ["", f"top-1: {self.top1:.2%}  ", f"top-{k}: {self.top5:.2%}"])
+        return "\n".join(lines + ["", f"top-1: {self.top1:.2%}  ", f"top-{self.k}: {self.top5:.2%}"])
 
     def write_confusion_csv(self, path: str | os.PathLike) -> None:
         write_csv(path, ["true\\pred", *self.classes],

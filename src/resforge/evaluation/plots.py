@@ -5,15 +5,22 @@ Each function writes one PNG through `atomic_path`, so a crash mid-drawing keeps
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 from ..io import atomic_path
+
+log = logging.getLogger("resforge")
 
 DPI = 110
 _HISTORY_PANELS = (("loss", ("train_loss", "val_loss", "ema_val_loss")),
@@ -26,6 +33,51 @@ def _save(fig: Figure, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
     return path
+
+
+@functools.lru_cache(maxsize=None)
+def _charmap(path: str) -> frozenset[int]:
+    from matplotlib import ft2font
+
+    try:
+        return frozenset(ft2font.FT2Font(path).get_charmap())
+    except (OSError, RuntimeError, ValueError):
+        return frozenset()
+
+
+@functools.lru_cache(maxsize=None)
+def _font_for(chars: frozenset[int]) -> str | None:
+    """The name of an installed font that has every one of `chars`, or None."""
+    from matplotlib import font_manager
+
+    for entry in font_manager.fontManager.ttflist:
+        if chars <= _charmap(entry.fname):
+            return entry.name
+    return None
+
+
+_warned: set[frozenset[int]] = set()
+
+
+@contextlib.contextmanager
+def _fonts_for(texts: list[str]) -> Iterator[list[str]]:
+    """Labels as the figure can draw them: a font that has their characters joins the default one;
+    when no installed font has them, they are written as U+XXXX, and that is said once, not drawn as boxes."""
+    from matplotlib import font_manager
+
+    base = font_manager.findfont(matplotlib.rcParams["font.sans-serif"][0])
+    missing = frozenset(ord(c) for t in texts for c in t if c.isprintable() and not c.isspace()) - _charmap(base)
+    extra = _font_for(missing) if missing else None
+    if extra is not None:
+        with matplotlib.rc_context({"font.family": ["sans-serif", extra]}):
+            yield texts
+        return
+    if missing and missing not in _warned:
+        _warned.add(missing)
+        log.warning("no installed font has the characters %s of the class names: plots write them as U+XXXX "
+                    "(install a font that has them, e.g. Debian's fonts-noto-cjk)",
+                    "".join(sorted(map(chr, missing)))[:20])
+    yield ["".join(c if ord(c) not in missing else f"<U+{ord(c):04X}>" for c in t) for t in texts]
 
 
 def _number(value: float | str | None) -> float | None:
@@ -73,6 +125,13 @@ def plot_confusion(confusion: np.ndarray, classes: list[str], path: str | os.Pat
     values = np.divide(confusion, rows, out=np.zeros(confusion.shape), where=rows != 0) if normalize else confusion
     side = min(3 + 0.45 * n, 18)
     fontsize = min(9.0, 45 * side / n)  # about 60% of a cell's height in points
+    with _fonts_for(list(classes)) as labels:
+        return _draw_confusion(values, labels, path, normalize, side, fontsize)
+
+
+def _draw_confusion(values: np.ndarray, classes: list[str], path: str | os.PathLike, normalize: bool, side: float,
+                    fontsize: float) -> Path:
+    n = len(classes)
     fig = Figure(figsize=(side + 1.5, side), layout="constrained")
     ax = fig.subplots()
     im = ax.imshow(values, cmap="Blues", vmin=0, vmax=1 if normalize else max(values.max(), 1))
@@ -99,6 +158,12 @@ def plot_image_grid(images: list[np.ndarray], titles: list[str], path: str | os.
     if not len(titles) == len(colors) == len(images):
         raise ValueError(f"{len(images)} images need as many titles and colours, "
                          f"got {len(titles)} and {len(colors)}")
+    with _fonts_for([*titles, suptitle or ""]) as shown:
+        return _draw_grid(images, shown[:-1], path, colors, ncols, shown[-1] or None)
+
+
+def _draw_grid(images: list[np.ndarray], titles: list[str], path: str | os.PathLike, colors: list[str | None],
+               ncols: int | None, suptitle: str | None) -> Path:
     ncols = ncols or math.ceil(math.sqrt(len(images)))
     nrows = math.ceil(len(images) / ncols)
     fig = Figure(figsize=(2.2 * ncols, 2.5 * nrows + (0.4 if suptitle else 0)), layout="constrained")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
 import re
 import urllib.error
 import urllib.parse
@@ -103,6 +104,9 @@ def read_checkpoint(source: str | os.PathLike, *, sha256: str | None = None
     v1 variant and caffe preprocessing); they are empty for PyTorch formats.
     """
     path = download(str(source), sha256=sha256) if is_url(source) else Path(source)
+    if path.is_dir():
+        hint = f"; for a run directory give {path / 'best.safetensors'}" if (path / "best.safetensors").exists() else ""
+        raise CheckpointError(f"{path} is a folder, not a weights file{hint}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if sha256 is not None and not is_url(source) and sha256_file(path) != sha256.lower():
@@ -125,10 +129,15 @@ def read_checkpoint(source: str | os.PathLike, *, sha256: str | None = None
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except CheckpointError:
         raise
-    except Exception as e:  # every reader has its own exception types for a damaged file
-        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is not a readable checkpoint (safetensors, PyTorch or Keras h5): "
-                              f"{detail}") from None
+    except pickle.UnpicklingError as e:
+        torch_file = head.startswith((b"PK\x03\x04", b"\x80"))  # a zip (torch.save) or a pickle protocol header
+        if torch_file and "Weights only load failed" in str(e):  # torch's text goes on to suggest unpickling: never do that
+            raise CheckpointError(f"{path} holds pickled Python objects besides tensors; resforge reads only "
+                                  "tensors from PyTorch files and never runs pickled code: save the model's "
+                                  "state_dict (or safetensors) instead") from None
+        raise CheckpointError(f"{path} is corrupt or not a checkpoint (safetensors, PyTorch or Keras h5)") from None
+    except Exception:  # every reader has its own exception types for a damaged file
+        raise CheckpointError(f"{path} is corrupt or not a checkpoint (safetensors, PyTorch or Keras h5)") from None
     return _unwrap(obj, path), {}
 
 
@@ -260,7 +269,8 @@ def load_model(source: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
         meta = json.loads(side.read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{side} is not a readable sidecar: {e}") from None
-    if meta.get("format") != SIDECAR_FORMAT or "arch" not in meta:
+    if (not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT or not isinstance(meta.get("arch"), dict)
+            or not isinstance(meta["arch"].get("kwargs"), dict)):
         raise CheckpointError(f"{side} is not a resforge model sidecar")
     try:
         with safe_open(str(path), "pt") as f:
@@ -272,7 +282,7 @@ def load_model(source: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
                               "interrupted or the files come from different runs")
     try:
         model = ResNet(**meta["arch"]["kwargs"])
-    except (TypeError, KeyError) as e:
+    except (TypeError, KeyError, ValueError) as e:
         raise CheckpointError(f"{side} does not describe an architecture this resforge can build: {e}") from None
     model.model_name = meta["arch"].get("name")
     state, _ = read_checkpoint(path)

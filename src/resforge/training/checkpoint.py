@@ -40,6 +40,31 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+class RunLock:
+    """An exclusive lock on a run directory while a process trains in it (two resumes would interleave)."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        import fcntl
+
+        self.path = Path(run_dir) / ".lock"
+        self._file = open(self.path, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "?"
+            self._file.close()
+            raise CheckpointError(f"{run_dir} is being trained by another process (pid {holder}); wait for it "
+                                  "to finish, or stop it") from None
+        self._file.truncate(0)
+        self._file.write(str(os.getpid()))
+        self._file.flush()
+
+    def release(self) -> None:
+        if not self._file.closed:
+            self._file.close()  # closing drops the lock; the file stays, empty of meaning
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
@@ -50,6 +75,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"no checkpoint to resume from at {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a damaged file can fail in many ways; all mean the same to the user
-        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {str(e)[:200]})") from None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a damaged file fails in many ways (torch's texts suggest unpickling: never do)
+        raise CheckpointError(f"{path} is corrupt or not a resforge checkpoint; the run cannot resume from it "
+                              "(its best.safetensors, if any, is still usable)") from None
+    if not isinstance(state, dict) or not {"model", "config", "epoch", "schedule"} <= state.keys():
+        raise CheckpointError(f"{path} is not a resforge resume checkpoint")
+    return state

@@ -26,6 +26,7 @@ class LRFindResult:
     lrs: list[float]
     losses: list[float]  # smoothed
     suggestion: float | None
+    reason: str = ""  # why there is no suggestion
 
 
 def check_range(start_lr: float, end_lr: float, steps: int) -> None:
@@ -81,15 +82,17 @@ def lr_find(trainer: Trainer, start_lr: float = 1e-6, end_lr: float = 10.0, step
     if not lrs:
         raise TrainingError("the loss was not finite before the first step (at any learning rate): check the data "
                             "and the model options, or turn mixed precision off (train.amp off)")
-    return LRFindResult(lrs, losses, suggest_lr(lrs, losses))
+    return LRFindResult(lrs, losses, *suggest_lr(lrs, losses))
 
 
-def suggest_lr(lrs: list[float], losses: list[float]) -> float | None:
-    """The steepest descent of loss against log(lr), up to the loss minimum."""
+def suggest_lr(lrs: list[float], losses: list[float]) -> tuple[float | None, str]:
+    """The steepest descent of loss against log(lr), up to the loss minimum; or None and why not."""
     if len(losses) < 5:
-        return None
+        return None, (f"the loss diverged after {len(losses)} step(s), at lr {lrs[-1]:.2g}: lower --start-lr "
+                      "or --end-lr")
     stop = int(np.argmin(losses)) + 1
     if stop < 3:
-        return None
+        return None, (f"the loss was lowest at the start (lr {lrs[stop - 1]:.2g}) and only rose: lower "
+                      "--start-lr")
     grads = np.gradient(np.asarray(losses[:stop]), np.log(np.asarray(lrs[:stop])))
-    return float(lrs[int(np.argmin(grads))])
+    return float(lrs[int(np.argmin(grads))]), ""

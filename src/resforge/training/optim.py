@@ -3,8 +3,9 @@
 The schedule is a pure function of the optimiser step, stored as a few numbers in the checkpoint,
 so a resumed run follows it exactly. What `--resume RUN --epochs N` does to it:
   - same N: nothing; the run continues as if never stopped;
-  - another N, run unfinished: the remaining decay is refitted from the learning rate the run has
-    now to the end of the new length: no jump, just a slower (or faster) decay;
+  - another N, run unfinished: the rest of the decay is stretched (or squeezed) over the new length,
+    from where it is now: no jump, and the curve keeps its shape however often it is refitted (a time
+    limit refits it every few steps);
   - the run had finished or stopped early: a new cycle over the added epochs (Loshchilov & Hutter's
     warm restart): at most one epoch of warm-up back to the peak, then the same decay.
 """
@@ -106,6 +107,7 @@ class Schedule:
     step_size: int = 30  # epochs between decays (step)
     gamma: float = 0.1
     restart_warmup: int = 0  # warm-up of a restarted cycle
+    progress: float = 0.0  # how far along the decay the segment starts (0: at the peak, 1: at the end)
 
     @classmethod
     def create(cls, cfg: OptimConfig, epochs: int, steps_per_epoch: int) -> Schedule:
@@ -133,9 +135,15 @@ class Schedule:
             return decay * (self.warm_from + (self.peak - self.warm_from) * frac)
         if self.kind in ("constant", "step"):
             return decay * self.peak
+        return self.final + (self.peak - self.final) * 0.5 * (1 + math.cos(math.pi * self._progress(step)))
+
+    def _progress(self, step: int) -> float:
+        """Fraction of the decay done at `step` (0 during warm-up)."""
+        t = step - self.start - self.warmup
+        if t <= 0:
+            return self.progress
         length = max(1, self.end - self.start - self.warmup)
-        progress = min(1.0, (t - self.warmup) / length)
-        return self.final + (self.peak - self.final) * 0.5 * (1 + math.cos(math.pi * progress))
+        return self.progress + (1 - self.progress) * min(1.0, t / length)
 
     def resized(self, step: int, end: int, finished: bool) -> Schedule:
         """This schedule for a run that now ends at `end` (see the module docstring)."""
@@ -143,12 +151,14 @@ class Schedule:
             return self
         if finished:
             return Schedule(**{**asdict(self), "start": step, "end": end, "warmup": self.restart_warmup,
-                               "warm_from": 0.0 if self.restart_warmup else 1.0, "peak": 1.0})
-        in_warmup = step - self.start < self.warmup
-        now = self.factor(step) / self._decay(step)  # factor() applies the drops again
-        return Schedule(**{**asdict(self), "start": step, "end": end,
-                           "warmup": self.start + self.warmup - step if in_warmup else 0,
-                           "warm_from": now, "peak": self.peak if in_warmup else now})
+                               "warm_from": 0.0 if self.restart_warmup else 1.0, "peak": 1.0, "progress": 0.0})
+        t = step - self.start
+        if t < self.warmup:  # the rest of the warm-up at the same slope, then the whole decay over what is left
+            now = self.warm_from + (self.peak - self.warm_from) * t / self.warmup
+            return Schedule(**{**asdict(self), "start": step, "end": end, "warmup": self.warmup - t,
+                               "warm_from": now})
+        return Schedule(**{**asdict(self), "start": step, "end": end, "warmup": 0,
+                           "progress": self._progress(step)})
 
     def state_dict(self) -> dict:
         return asdict(self)

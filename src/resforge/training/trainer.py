@@ -8,10 +8,10 @@ metric improves, and rewrites `last.ckpt` atomically for `--resume`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,17 +22,19 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from .. import __version__
-from ..config import Config, merge, validate
-from ..data.folder import ImageFolderScan, scan_folder
-from ..data.loader import CACHE_AUTO_BYTES, ImageDataset, cache_bytes, default_workers, make_loader
+from ..config import Config, load_yaml, merge, resolve_key, validate
+from ..data.folder import ImageFolderScan, scan_folder, scan_recorded_split
+from ..data.loader import CACHE_AUTO_BYTES, ImageDataset, cache_bytes, make_loader, resolve_workers
 from ..data.transforms import BatchMix, Preprocess, eval_transform, imagenet_stats, make_preprocess, train_transform
 from ..device import resolve_amp, resolve_device
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..evaluation.metrics import topk_correct
 from ..evaluation.runner import autocast, infer
 from ..io import write_csv, write_json, write_text
-from ..models import ResNet, create_model, save_model
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ..models import ResNet, create_model, load_model, save_model
+from . import budget as _budget
+from .budget import TimeBudget
+from .checkpoint import RunLock, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .optim import Schedule, apply_lr, build_optimizer, default_lr, freeze, set_train_mode
 
 log = logging.getLogger("resforge")
@@ -102,10 +104,15 @@ def dataset_stats(samples: list, pre: Preprocess, limit: int = 2000) -> tuple[li
 
 
 class Trainer:
-    """One training run. Build it from a config (or `Trainer.resume(run_dir)`), then call `fit()`."""
+    """One training run. Build it from a config (or `Trainer.resume(run_dir)`), then call `fit()`.
+
+    Set-up runs in the order the data dictates: the folder is scanned (or its recorded split read
+    back), the auto recipe fills in what the user left open, then the model, the loaders and the
+    optimiser are built from the resolved config.
+    """
 
     def __init__(self, cfg: Config, *, run_dir: str | os.PathLike | None = None, callbacks: list[Callback] = (),
-                 progress: bool = True):
+                 progress: bool = True, split_csv: str | os.PathLike | None = None):
         validate(cfg)
         if not cfg.data.root:
             raise ConfigError("no data folder given")
@@ -114,58 +121,42 @@ class Trainer:
         self.progress = progress
         self.device = resolve_device(cfg.train.device)
         self.amp_dtype = resolve_amp(cfg.train.amp, self.device)
-        self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         with torch.device("meta"):  # a bad model option fails now, not after the whole folder is decoded
             create_model(cfg.model.name, num_classes=2, **self._model_kwargs())
         seed_everything(cfg.train.seed, cfg.train.deterministic)
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.lock: RunLock | None = None
 
         d = cfg.data
-        self.scan: ImageFolderScan = scan_folder(d.root, val_split=d.val_split, seed=d.split_seed,
-                                                 max_pixels=d.max_pixels)
+        if split_csv is not None:
+            self.scan = scan_recorded_split(d.root, split_csv, max_pixels=d.max_pixels)
+            if self.scan.new_files:
+                log.warning("%d file(s) were added to %s since the run started; they are left out, so the "
+                            "recorded split stays as it was (start a new run to use them)", len(self.scan.new_files),
+                            d.root)
+        else:
+            self.scan: ImageFolderScan = scan_folder(d.root, val_split=d.val_split, seed=d.split_seed,
+                                                     max_pixels=d.max_pixels)
         if not self.scan.val:
             raise ConfigError("no validation images: set data.val_split above 0 or add a val folder")
         self.classes = self.scan.classes
+        if cfg.recipe == "auto" and cfg.auto is None:
+            from .auto import fit_recipe
+
+            cfg.auto = fit_recipe(cfg, self.scan, pace=self._pace)
+            validate(cfg)
+        self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         self.model = self._build_model()
         self.pre = self._build_preprocess()
-
-        workers = default_workers() if d.workers < 0 else d.workers
-        pin = self.device.type == "cuda"
-        self.train_set = ImageDataset(self.scan.train, train_transform(self.pre, cfg.augment), self.pre,
-                                      seed=cfg.train.seed, max_pixels=d.max_pixels)
-        self.val_set = ImageDataset(self.scan.val, eval_transform(self.pre), self.pre, max_pixels=d.max_pixels)
-        cached = d.cache == "on" or (d.cache == "auto" and cache_bytes(
-            self.scan.train + self.scan.val, self.scan.sizes, self.pre) < CACHE_AUTO_BYTES)
-        if cached:
-            for ds in (self.train_set, self.val_set):
-                ds.build_cache(progress)
-        self.train_loader = make_loader(self.train_set, d.batch_size, train=True, workers=workers,
-                                        seed=cfg.train.seed, pin_memory=pin)
-        self.val_loader = make_loader(self.val_set, d.batch_size, train=False, workers=workers,
-                                      seed=cfg.train.seed, pin_memory=pin)
-        self.mix = BatchMix(cfg.augment, len(self.classes))
-
-        o, t = cfg.optim, cfg.train
-        if o.freeze and not cfg.model.pretrained:
-            log.warning("freezing %s of a randomly initialised model: those layers will never learn; "
-                        "give --pretrained weights (or no --freeze)", ", ".join(o.freeze))
-        self.frozen = freeze(self.model, o.freeze)
-        self.lr = default_lr(o, d.batch_size)
-        self.optimizer = build_optimizer(self.model, o, self.lr)
-        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
-        self.steps_per_epoch = math.ceil(len(self.train_loader) / o.accum_steps)
-        self.schedule = Schedule.create(o, t.epochs, self.steps_per_epoch)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.ema = (AveragedModel(self.model, multi_avg_fn=_ema_fn(t.ema_decay), use_buffers=True)
-                    if t.ema else None)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
-        self.fwd_model = torch.compile(self.model) if t.compile else self.model
+        self._setup_data()
+        self._setup_optim()
 
         self.epoch, self.step = 0, 0
         self.history: list[dict[str, float]] = []
         self.best: dict[str, Any] = {"score": None, "epoch": None, "weights": None}
         self.bad_epochs = 0
         self.finished = False
-        self.run_dir = Path(run_dir) if run_dir else None
+        self.stop_step: int | None = None  # where the time limit ends the run, once planned
 
     # -- set-up -----------------------------------------------------------------------------------
     def _model_kwargs(self) -> dict[str, Any]:
@@ -180,6 +171,33 @@ class Trainer:
                              num_classes=len(self.classes), **self._model_kwargs())
         return model.to(self.device, memory_format=self.memory_format)
 
+    def _pace(self, cfg: Config, steps: int = 2) -> float:
+        """Training images/s of the model `cfg` describes, on random batches on this device (the RNG is
+        left as it was, so the run's own initialisation does not depend on whether this was asked)."""
+        import time
+
+        d = cfg.data
+        fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            model = create_model(cfg.model.name, num_classes=len(self.classes), **self._model_kwargs())
+            model = model.to(self.device, memory_format=fmt).train()
+            optimizer = build_optimizer(model, cfg.optim, default_lr(cfg.optim, d.batch_size))
+            x = torch.randn(d.batch_size, d.in_chans, d.img_size, d.img_size, device=self.device).to(memory_format=fmt)
+            y = torch.randint(0, len(self.classes), (d.batch_size,), device=self.device)
+            best = math.inf
+            for i in range(steps + 1):  # the first step warms up kernels and allocator
+                t0 = time.perf_counter()
+                with autocast(self.device, self.amp_dtype):
+                    loss = F.cross_entropy(model(x).float(), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                if i:
+                    best = min(best, time.perf_counter() - t0)
+        return d.batch_size / best
+
     def _build_preprocess(self) -> Preprocess:
         d = self.cfg.data
         mean, std = imagenet_stats(d.in_chans)
@@ -193,39 +211,86 @@ class Trainer:
             pre.mean, pre.std = dataset_stats(self.scan.train, pre)
         return pre
 
+    def _setup_data(self) -> None:
+        cfg, d = self.cfg, self.cfg.data
+        pin = self.device.type == "cuda"
+        self.train_set = ImageDataset(self.scan.train, train_transform(self.pre, cfg.augment), self.pre,
+                                      seed=cfg.train.seed, max_pixels=d.max_pixels)
+        self.val_set = ImageDataset(self.scan.val, eval_transform(self.pre), self.pre, max_pixels=d.max_pixels)
+        cached = d.cache == "on" or (d.cache == "auto" and cache_bytes(
+            self.scan.train + self.scan.val, self.scan.sizes, self.pre) < CACHE_AUTO_BYTES)
+        if cached:
+            for ds in (self.train_set, self.val_set):
+                ds.build_cache(self.progress)
+        workers = resolve_workers(d.workers, cached)
+        self.train_loader = make_loader(self.train_set, d.batch_size, train=True, workers=workers,
+                                        seed=cfg.train.seed, pin_memory=pin)
+        self.val_loader = make_loader(self.val_set, d.batch_size, train=False, workers=workers,
+                                      seed=cfg.train.seed, pin_memory=pin)
+        self.mix = BatchMix(cfg.augment, len(self.classes))
+
+    def _setup_optim(self) -> None:
+        o, t = self.cfg.optim, self.cfg.train
+        if o.freeze and not self.cfg.model.pretrained:
+            log.warning("freezing %s of a randomly initialised model: those layers will never learn; "
+                        "give --pretrained weights (or no --freeze)", ", ".join(o.freeze))
+        self.frozen = freeze(self.model, o.freeze)
+        self.lr = default_lr(o, self.cfg.data.batch_size)
+        self.optimizer = build_optimizer(self.model, o, self.lr)
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.steps_per_epoch = math.ceil(len(self.train_loader) / o.accum_steps)
+        self.schedule = Schedule.create(o, t.epochs, self.steps_per_epoch)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.ema = (AveragedModel(self.model, multi_avg_fn=_ema_fn(t.ema_decay), use_buffers=True)
+                    if t.ema else None)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+        self.fwd_model = torch.compile(self.model) if t.compile else self.model
+
     # -- resume -----------------------------------------------------------------------------------
     @classmethod
     def resume(cls, run_dir: str | os.PathLike, overrides: dict[str, Any] | None = None,
                callbacks: list[Callback] = (), progress: bool = True) -> Trainer:
-        """Continue a run from its `last.ckpt`; only the options in RESUMABLE may change."""
-        from ..config import _resolve_key
+        """Continue a run from its `last.ckpt`; only the options in RESUMABLE may change.
 
+        A run stopped before its first checkpoint starts again from its `config.yaml`, on the split
+        it recorded. Either way the run is locked against a second process for as long as it trains.
+        """
         run_dir = Path(run_dir)
-        state = load_checkpoint(run_dir / "last.ckpt")
-        cfg = merge(Config(), state["config"], f"{run_dir}/last.ckpt")
-        for key, value in (overrides or {}).items():
-            key = _resolve_key(key)
-            if key not in RESUMABLE:
-                raise ConfigError(f"{key} cannot change when resuming (only {', '.join(sorted(RESUMABLE))}); "
-                                  "start a new run, e.g. with --pretrained " f"{run_dir}/best.safetensors")
-            merge(cfg, {key: value})
-        trainer = cls(cfg, run_dir=run_dir, callbacks=callbacks, progress=progress)
-        trainer._load_state(state)
+        ckpt, config_file = run_dir / "last.ckpt", run_dir / "config.yaml"
+        if not ckpt.is_file() and not config_file.is_file():
+            raise CheckpointError(f"no checkpoint to resume from at {ckpt}")
+        lock = RunLock(run_dir)
+        try:
+            if ckpt.is_file():
+                state = load_checkpoint(ckpt)
+                cfg = merge(Config(), state["config"], str(ckpt))
+            else:
+                state = None
+                cfg = merge(Config(), load_yaml(config_file), str(config_file))
+                log.warning("%s has no checkpoint (it stopped before its first epoch was saved): starting it again "
+                            "from its config.yaml", run_dir)
+            for key, value in (overrides or {}).items():
+                key = resolve_key(key)
+                if key not in RESUMABLE:
+                    raise ConfigError(f"{key} cannot change when resuming (only {', '.join(sorted(RESUMABLE))}); "
+                                      f"start a new run, e.g. with --pretrained {run_dir}/best.safetensors")
+                merge(cfg, {key: value})
+            split = run_dir / "split.csv"
+            trainer = cls(cfg, run_dir=run_dir, callbacks=callbacks, progress=progress,
+                          split_csv=split if split.is_file() else None)
+            if state is not None:
+                trainer._load_state(state)
+        except BaseException:
+            lock.release()
+            raise
+        trainer.lock = lock
         return trainer
 
-    def _data_record(self) -> dict[str, Any]:
-        """What resuming checks the folder against."""
-        return {"classes": self.classes, "train": len(self.scan.train), "val": len(self.scan.val)}
-
     def _load_state(self, state: dict[str, Any]) -> None:
-        data = self._data_record()
-        if state["data"]["classes"] != data["classes"]:
+        classes = state["data"]["classes"]
+        if classes != self.classes:
             raise CheckpointError(f"the classes in {self.cfg.data.root} changed since the run started "
-                                  f"({', '.join(state['data']['classes'])} then, {', '.join(self.classes)} now); "
-                                  "start a new run")
-        if state["data"] != data:
-            log.warning("%s changed since the run started: %d/%d train/val images then, %d/%d now",
-                        self.cfg.data.root, state["data"]["train"], state["data"]["val"], data["train"], data["val"])
+                                  f"({', '.join(classes)} then, {', '.join(self.classes)} now); start a new run")
         self.model.load_state_dict(state["model"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
@@ -235,16 +300,55 @@ class Trainer:
         self.epoch, self.step = state["epoch"], state["step"]
         self.history, self.best, self.bad_epochs = state["history"], state["best"], state["bad_epochs"]
         finished = state["finished"]
-        if self.cfg.train.epochs <= self.epoch:
-            raise ConfigError(f"this run already trained {self.epoch} epochs; pass --epochs above {self.epoch} "
-                              "to train further")
+        self._check_extension(finished)
         schedule = Schedule.from_state_dict(state["schedule"])
         self.schedule = schedule.resized(self.step, self.cfg.train.epochs * self.steps_per_epoch, finished)
         if finished:
             log.info("extending a finished run: a new cosine cycle over epochs %d-%d", self.epoch + 1,
                      self.cfg.train.epochs)
             self.bad_epochs = 0
+        self._recover_best()
         set_rng_state(state["rng"])
+
+    def _check_extension(self, finished: bool) -> None:
+        """A resumed run must have something left to do: epochs, or time under its limit."""
+        t = self.cfg.train
+        if t.time_limit:
+            left = t.time_limit * 60 - self.time_spent
+            if left <= 0:
+                raise ConfigError(f"this run has used its {t.time_limit:g}-minute time limit; pass a larger "
+                                  "--time-limit to train further (or --time-limit 0 with --epochs N)")
+            if finished or t.epochs <= self.epoch:  # a first plan, refitted by the budget once the pace is known
+                t.epochs = self.epoch + max(1, round(left / (self.time_spent / max(1, len(self.history)))))
+        elif t.epochs <= self.epoch:
+            raise ConfigError(f"this run already trained {self.epoch} epochs; pass --epochs above {self.epoch} "
+                              "to train further")
+
+    def _recover_best(self) -> None:
+        """A best model that is gone or unreadable is rewritten when the checkpoint holds it, else forgotten."""
+        if self.best["epoch"] is None:
+            return
+        path = self.run_dir / "best.safetensors"
+        try:
+            load_model(path)
+            return
+        except CheckpointError as e:
+            problem = str(e)
+        if self.best["epoch"] == self.history[-1]["epoch"]:
+            which = self.best["weights"]
+            model = self.ema.module if which == "ema" else self.model
+            save_model(model, path, self.model_meta(self.history[-1], which))
+            log.warning("%s; rewritten from last.ckpt (epoch %d)", problem, self.best["epoch"])
+        else:
+            log.warning("%s, and last.ckpt holds epoch %d, not the best epoch %d: that model is lost; the best "
+                        "epoch from now on is saved in its place", problem, self.history[-1]["epoch"],
+                        self.best["epoch"])
+            self.best = {"score": None, "epoch": None, "weights": None}
+
+    @property
+    def time_spent(self) -> float:
+        """Seconds the run has trained so far, in every session (what its time limit counts)."""
+        return sum(r["epoch_time_s"] for r in self.history)
 
     def _state(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
@@ -252,15 +356,14 @@ class Trainer:
                 "schedule": self.schedule.state_dict(), "epoch": self.epoch, "step": self.step,
                 "history": self.history, "best": self.best, "bad_epochs": self.bad_epochs,
                 "finished": self.finished, "rng": rng_state(), "config": self.cfg.to_dict(),
-                "data": self._data_record(),
-                "version": __version__}
+                "data": {"classes": self.classes}, "version": __version__}
 
     # -- the loop ---------------------------------------------------------------------------------
     def _emit(self, event: str) -> None:
         for cb in self.callbacks:
             cb(event, self)
 
-    def _train_epoch(self, epoch: int) -> dict[str, float]:
+    def _train_epoch(self, epoch: int, budget: TimeBudget | None) -> dict[str, float]:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
@@ -270,9 +373,12 @@ class Trainer:
         l1_weights = [p for p in self.model.parameters() if p.requires_grad and p.ndim > 1] if cfg.optim.l1 else []
         params = [p for p in self.model.parameters() if p.requires_grad]
         loss_sum, correct, seen, n_batches = 0.0, 0, 0, len(self.train_loader)
+        first_step = self.step
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
                    disable=None if self.progress else True, unit="batch")
-        start = time.perf_counter()
+        if budget is not None:
+            budget.epoch_started()
+        start = _budget.clock()
         for i, (x, y) in enumerate(bar):
             self.batch = i
             x = x.to(self.device, non_blocking=True, memory_format=self.memory_format)
@@ -293,7 +399,8 @@ class Trainer:
             if i % accum == 0:  # just before backward, not after the step: backward then reuses the freed
                 self.optimizer.zero_grad(set_to_none=True)  # memory instead of faulting in new pages (8% on CPU)
             self.scaler.scale(loss / accum).backward()
-            if (i + 1) % accum == 0 or i + 1 == n_batches:
+            stepped = (i + 1) % accum == 0 or i + 1 == n_batches
+            if stepped:
                 apply_lr(self.optimizer, self.base_lrs, self.schedule.factor(self.step))
                 if cfg.optim.clip_grad:
                     self.scaler.unscale_(self.optimizer)
@@ -309,12 +416,30 @@ class Trainer:
             if i % 10 == 0 or i + 1 == n_batches:
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.1%}",
                                 lr=f"{self.optimizer.param_groups[-1]['lr']:.2e}",
-                                img_s=f"{seen / (time.perf_counter() - start):.0f}")
+                                img_s=f"{seen / max(_budget.clock() - start, 1e-9):.0f}")
             self._emit("batch_end")
+            if stepped and budget is not None and self._fit_to_budget(budget, self.step - first_step):
+                if i + 1 < n_batches:
+                    log.info("time limit: the epoch ends after %d of %d batches", i + 1, n_batches)
+                break
         self.optimizer.zero_grad(set_to_none=True)  # no gradients held through validation and saving
-        elapsed = time.perf_counter() - start
+        elapsed = _budget.clock() - start
         return {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_top1": correct / seen,
-                "lr": self.optimizer.param_groups[-1]["lr"], "img_per_s": seen / elapsed, "train_time_s": elapsed}
+                "lr": self.optimizer.param_groups[-1]["lr"], "img_per_s": seen / max(elapsed, 1e-9),
+                "train_time_s": elapsed, "train_images": seen}
+
+    def _fit_to_budget(self, budget: TimeBudget, epoch_step: int) -> bool:
+        """Re-plan the run's length after a step; True when the budget ends it here."""
+        budget.step_done()
+        plan = budget.end_step(self.step, epoch_step)
+        if plan is None:
+            return False
+        end, ends = plan
+        self.stop_step = end
+        self.cfg.train.epochs = self.epoch + ends
+        if end != self.schedule.end:
+            self.schedule = self.schedule.resized(self.step, max(end, self.step + 1), finished=False)
+        return self.step >= end
 
     def _validate(self) -> dict[str, float]:
         row = {}
@@ -364,70 +489,91 @@ class Trainer:
             self.scan.write_skipped_csv(self.run_dir / "skipped.csv")
 
     def _write_metrics(self) -> None:
+        path = self.run_dir / "metrics.csv"
+        if not self.history:  # a restart: rows of an epoch that was never checkpointed go
+            path.unlink(missing_ok=True)
+            return
         keys = list(dict.fromkeys(k for row in self.history for k in row))
-        write_csv(self.run_dir / "metrics.csv", keys, ([row.get(k, "") for k in keys] for row in self.history))
+        write_csv(path, keys, ([row.get(k, "") for k in keys] for row in self.history))
 
     def _log_epoch(self, row: dict[str, float]) -> None:
         parts = [f"epoch {row['epoch']}/{self.cfg.train.epochs}",
                  f"train loss {row['train_loss']:.3f} acc {row['train_top1']:.1%}",
-                 f"val loss {row['val_loss']:.3f} top1 {row['val_top1']:.1%} top5 {row['val_top5']:.1%}"]
+                 f"val loss {row['val_loss']:.3f} top1 {row['val_top1']:.1%} "
+                 f"top{min(5, len(self.classes))} {row['val_top5']:.1%}"]
         if "ema_val_top1" in row:
             parts.append(f"ema top1 {row['ema_val_top1']:.1%}")
         parts.append(f"lr {row['lr']:.2e}  {row['img_per_s']:.0f} img/s  {row['epoch_time_s']:.1f}s")
         log.info("  ".join(parts))
 
-    def _fit_to_time_limit(self, elapsed: float, epochs_done: int) -> None:
-        """Set the run's length to the epochs that fit in `time_limit` at the pace so far; the lr schedule
-        is refitted without a jump (see `Schedule.resized`)."""
-        t = self.cfg.train
-        per_epoch = elapsed / epochs_done
-        fits = self.epoch + int((t.time_limit * 60 - elapsed) // per_epoch)
-        if fits != t.epochs:
-            t.epochs = max(self.epoch, fits)
-            self.schedule = self.schedule.resized(self.step, max(t.epochs * self.steps_per_epoch, self.step + 1),
-                                                  finished=False)
+    def _log_auto_choices(self) -> None:
+        if self.cfg.auto:
+            log.info("auto recipe (what you did not set; flags or --config override any of it):")
+            for key, reason in self.cfg.auto.items():
+                log.info("  %s", reason)
 
     def fit(self) -> dict[str, Any]:
-        """Train to the configured number of epochs (or an early stop); return the run's summary."""
+        """Train to the configured number of epochs (or an early stop, or the time limit); return the summary."""
         cfg = self.cfg
         if self.run_dir is None:
             self.run_dir = new_run_dir(cfg)
-        for stale in self.run_dir.glob(".*.tmp"):  # left by a process killed while saving
-            stale.unlink()
+        if self.lock is None:
+            self.lock = RunLock(self.run_dir)
+        try:
+            return self._fit()
+        finally:
+            self.lock.release()
+            self.lock = None
+
+    def _fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        for stale in [*self.run_dir.glob(".*.tmp"), *self.run_dir.glob(".tmp*")]:  # left by a kill while saving
+            with contextlib.suppress(OSError):
+                stale.unlink()
         self._write_run_files()
+        self._write_metrics()
         if self.scan.skipped:
             log.warning("skipped %d unreadable or non-image file(s); see %s", len(self.scan.skipped),
                         self.run_dir / "skipped.csv")
+        if not self.history:
+            self._log_auto_choices()
+        budget = None
+        if cfg.train.time_limit:
+            budget = TimeBudget(cfg.train.time_limit * 60 - self.time_spent, self.steps_per_epoch,
+                                len(self.val_loader) * (2 if self.ema is not None else 1))
         self._emit("train_start")
-        started, first_epoch = time.perf_counter(), self.epoch
         try:
             while self.epoch < cfg.train.epochs:
-                t0 = time.perf_counter()
-                row = self._train_epoch(self.epoch)
+                t0 = _budget.clock()
+                row = self._train_epoch(self.epoch, budget)
+                after_train = _budget.clock()
                 row.update(self._validate())
-                row["epoch_time_s"] = time.perf_counter() - t0
-                self.history.append(row)
-                self._write_metrics()
-                self._update_best(row)
                 self.epoch += 1
-                if cfg.train.time_limit:
-                    self._fit_to_time_limit(time.perf_counter() - started, self.epoch - first_epoch)
+                self.history.append(row)
+                self._update_best(row)
                 stop = bool(cfg.train.patience) and self.bad_epochs >= cfg.train.patience
                 self.finished = stop or self.epoch >= cfg.train.epochs
+                row["epoch_time_s"] = _budget.clock() - t0
                 save_checkpoint(self.run_dir / "last.ckpt", self._state())
+                self._write_metrics()
                 self._log_epoch(row)
                 self._emit("epoch_end")
+                if budget is not None:
+                    budget.epoch_overhead = _budget.clock() - after_train
                 if stop:
                     log.info("no improvement of %s for %d epochs: stopping early", cfg.train.metric,
                              cfg.train.patience)
                     break
         except KeyboardInterrupt:
-            log.warning("interrupted; continue with: resforge train --resume %s", self.run_dir)
+            if (self.run_dir / "last.ckpt").is_file():
+                log.warning("interrupted; continue with: resforge train --resume %s (from epoch %d)", self.run_dir,
+                            self.epoch)
+            else:
+                log.warning("interrupted before the first epoch was saved: resforge train --resume %s starts the "
+                            "run again from its config.yaml", self.run_dir)
             raise
         self._emit("train_end")
         return {"run_dir": str(self.run_dir), "epochs": self.epoch, "best_epoch": self.best["epoch"],
                 "best_weights": self.best["weights"], "metric": cfg.train.metric,
-                "stopped_early": self.epoch < cfg.train.epochs,
-                "train_time_s": sum(r["epoch_time_s"] for r in self.history),
+                "stopped_early": self.epoch < cfg.train.epochs, "train_time_s": self.time_spent,
                 "history": self.history}
-
