@@ -164,7 +164,8 @@ def _fields() -> dict[str, dataclasses.Field]:
     return out
 
 
-def _flat_alias(key: str) -> str:
+def flag_name(key: str) -> str:
+    """The bare name of an option, as its flag spells it (without the dashes)."""
     f = _fields()[key]
     return f.metadata.get("flag") or key.split(".", 1)[1]
 
@@ -175,12 +176,12 @@ def resolve_key(key: str) -> str:
     key = key.replace("-", "_")
     if key in fields:
         return key
-    matches = [k for k in fields if _flat_alias(k) == key]
+    matches = [k for k in fields if flag_name(k) == key]
     if len(matches) == 1:
         return matches[0]
     if matches:
         raise ConfigError(f"option {key!r} is ambiguous; use one of {', '.join(matches)}")
-    known = list(fields) + [_flat_alias(k) for k in fields]
+    known = list(fields) + [flag_name(k) for k in fields]
     close = difflib.get_close_matches(key, known, n=1)
     raise ConfigError(f"unknown option {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
 
@@ -360,7 +361,7 @@ def add_arguments(parser: argparse.ArgumentParser, sections: list[str] | None = 
         for key, f in fields.items():
             if not key.startswith(sec + ".") or f.metadata.get("flag", "") is None:
                 continue
-            flag = "--" + _flat_alias(key).replace("_", "-")
+            flag = "--" + flag_name(key).replace("_", "-")
             kw: dict[str, Any] = dict(dest=key, default=argparse.SUPPRESS, help=f.metadata["help"])
             hint = typing.get_type_hints(type(getattr(Config(), sec)))[f.name]
             if hint is bool or hint == bool | None:
@@ -368,7 +369,7 @@ def add_arguments(parser: argparse.ArgumentParser, sections: list[str] | None = 
             elif key in _CHOICES:
                 kw["metavar"] = "{" + ",".join(_CHOICES[key]) + "}"
             else:
-                kw.update(metavar=_flat_alias(key).upper(), nargs=f.metadata.get("nargs"))
+                kw.update(metavar=flag_name(key).upper(), nargs=f.metadata.get("nargs"))
             group.add_argument(flag, **kw)
 
 

@@ -145,6 +145,7 @@ def test_failed_drawing_keeps_previous_png(tmp_path, monkeypatch, draw):
     assert [p.name for p in tmp_path.iterdir()] == ["figure.png"]
 
 
+@pytest.mark.filterwarnings("ignore:Glyph")  # the stand-in font below has no CJK glyphs: matplotlib says so
 def test_class_names_without_a_font_are_written_out_not_drawn_as_boxes(tmp_path, figures, caplog, monkeypatch):
     names = ["猫", "犬"]
     found = plots._font_for(frozenset(map(ord, "猫犬")))

@@ -115,13 +115,13 @@ def test_choices_are_printed_once_before_the_first_epoch_and_recorded(tmp_path, 
                         project=str(tmp_path / "runs"), name="auto")
     lines = [r.getMessage() for r in caplog.records]
     first_epoch = next(i for i, m in enumerate(lines) if m.startswith("epoch 1/"))
-    shown = [i for i, m in enumerate(lines) if m.strip().startswith("img_size 28:")]
+    shown = [i for i, m in enumerate(lines) if m.strip().startswith("img-size 28:")]
     assert len(shown) == 1 and shown[0] < first_epoch
     run = tmp_path / "runs" / "auto"
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["recipe"] == "auto" and saved["auto"]["data.img_size"].startswith("img_size 28:")
+    assert saved["recipe"] == "auto" and saved["auto"]["data.img_size"].startswith("img-size 28:")
     assert "model.width" in saved["user_set"] and "model.width" not in saved["auto"]
-    assert "img_size 28: images are 28 px" in (run / "report.md").read_text()
+    assert "img-size 28: images are 28 px" in (run / "report.md").read_text()
     # Resuming keeps the choices as they were: nothing is fitted again, nothing printed again.
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="resforge"):

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ..config import Config, set_option
+from ..config import Config, flag_name, set_option
 from ..data.folder import ImageFolderScan
 from ..data.profile import DataProfile, profile_data
 
@@ -39,7 +39,7 @@ class _Chooser:
             return
         set_option(self.cfg, key, value)
         shown = value if not isinstance(value, list) else "-".join(f"{v:g}" for v in value)
-        self.reasons[key] = f"{key.split('.', 1)[1]} {shown}: {reason}"
+        self.reasons[key] = f"{flag_name(key).replace('_', '-')} {shown}: {reason}"
 
     def get(self, key: str) -> Any:
         section, name = key.split(".")
