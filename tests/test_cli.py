@@ -133,7 +133,7 @@ def test_train_resume_and_recipes_from_the_command_line(tmp_path, capsys):
     (["train", "x", "--device", "meta"], "device must be auto, cpu, cuda or cuda:N"),
     (["train", "/nonexistent", "--model", "resnet5"], "unknown model 'resnet5'"),
     (["train", "/nonexistent", "--act", "relu2"], "unknown activation 'relu2'"),
-    (["lr-find", "x", "--steps", "1"], "at least 2 steps"),
+    (["lr-find", "x", "--steps", "4"], "at least 5 steps"),
     (["predict", "/nonexistent/run", "x", "--topk", "0"], "topk and batch_size must be at least 1"),
     (["eval", "/nonexistent/run", "x"], "no model at"),
     (["eval", "/nonexistent/run", "x", "--batch-size", "0"], "batch_size must be at least 1"),
@@ -146,7 +146,13 @@ def test_train_resume_and_recipes_from_the_command_line(tmp_path, capsys):
     (["demo", "--minutes", "-1"], "--minutes must be a number of minutes above 0"),
 ])
 def test_train_errors_are_one_line(args, message, capsys, tmp_path, monkeypatch):
+    import resforge.demo
+
+    def started(*args, **kwargs):
+        raise AssertionError("the demo started before checking its options")
+
     monkeypatch.chdir(tmp_path)  # the demo must refuse before it writes anything here
+    monkeypatch.setattr(resforge.demo, "import_dataset", started)
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("resforge: error:") and message in err and "\n" not in err

@@ -72,7 +72,7 @@ def finish_run(trainer: Trainer, summary: dict[str, Any]) -> dict[str, Any]:
             results[split] = evaluate_samples(lm, samples, run_dir, name=split, device=trainer.device,
                                               amp_dtype=trainer.amp_dtype, batch_size=cfg.data.batch_size,
                                               workers=cfg.data.workers)
-    plot_history(summary["history"], run_dir / "plots" / "history.png")
+    plot_history(summary["history"], run_dir / "plots" / "history.png", k=min(5, len(trainer.classes)))
     model_summary = summarize(lm.model, cfg.data.img_size, cfg.model.name)
     summary = {**summary, "lr": trainer.lr, "device": str(trainer.device),
                "precision": str(trainer.amp_dtype).replace("torch.", "") if trainer.amp_dtype else "fp32"}

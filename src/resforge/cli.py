@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("recipes", cmd_recipes, "list the built-in training recipes")
 
     p = add("eval", cmd_eval, "evaluate a trained model on a labelled folder",
-            "Top-1/top-5, per-class precision/recall/F1, confusion matrix (PNG + CSV), a grid of predictions "
+            "Top-1/top-5 (top-k with k = the class count below 5), per-class precision/recall/F1, confusion matrix (PNG + CSV), a grid of predictions "
             "and of the most confident mistakes.")
     p.add_argument("model", help="run directory, or a .safetensors file with its .json sidecar")
     p.add_argument("data", help="class-folder tree, or a split layout (its test, else val, split is used)")
@@ -231,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("demo", cmd_demo, "run the main job on the bundled Fashion-MNIST sample",
             "Write the bundled Fashion-MNIST sample (4,000 train + 1,000 test images) to data/, inspect it, train "
-            "a ResNet-50 on it for a few minutes, evaluate it on the test split and write the report.")
+            "on it for a few minutes with the default recipe (what 'resforge train FOLDER --time-limit N' does), "
+            "evaluate it on the test split and write the report.")
     p.add_argument("--minutes", type=float, default=3.0, help="training time budget, above 0 (default: 3)")
     return parser
 

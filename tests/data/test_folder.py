@@ -161,6 +161,16 @@ def test_a_test_folder_of_classes_without_train_is_refused(tmp_path):
         scan_folder(tmp_path)
 
 
+def test_evaluation_reads_a_folder_holding_only_test_and_val(tmp_path):
+    make_image_folder(tmp_path / "test", classes=("a", "b"), per_class=2)
+    make_image_folder(tmp_path / "val", classes=("b", "c"), per_class=3)
+    s = scan_folder(tmp_path, strict=False)
+    assert s.classes == ["a", "b", "c"] and s.layout == "splits" and not s.train
+    assert s.counts("test") == [2, 2, 0] and s.counts("val") == [0, 3, 3]
+    with pytest.raises(DataError, match="no train/"):
+        scan_folder(tmp_path)  # training needs one
+
+
 def test_broken_links_and_link_loops_are_listed_as_skipped(tmp_path):
     make_image_folder(tmp_path, per_class=3)
     (tmp_path / "a" / "gone.png").symlink_to(tmp_path / "nowhere.png")
@@ -182,15 +192,16 @@ def test_a_data_path_that_is_a_file_says_so(tmp_path):
         scan_folder(f)
 
 
-def test_the_pil_bomb_warning_gives_way_to_our_limit(tmp_path):
-    import warnings
-
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_images_over_the_pixel_limit_are_refused_by_name(tmp_path):
+    """Before decoding. That PIL's own warning is not printed beside it is tested through the command
+    line (test_predict_names_a_decompression_bomb_without_pils_warning): pytest resets warning filters."""
     big = tmp_path / "big.png"
     Image.new("1", (9500, 9500)).save(big)  # 90.25M pixels: over PIL's warning threshold, small on disk
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        with pytest.raises(DataError, match="over the limit of 89,478,485"):
-            load_image(big)
+    with pytest.raises(DataError, match="big.png: 9500x9500 pixels is over the limit of 89,478,485"):
+        load_image(big)
+    with pytest.raises(DataError, match="over the limit of 1,000"):
+        load_image(tmp_path / "big.png", max_pixels=1000)
 
 
 def test_a_recorded_split_is_read_back_whatever_changed(tmp_path):

@@ -141,6 +141,8 @@ def test_lr_find_says_why_there_is_no_suggestion():
     assert suggest_lr(lrs[:3], [2.0, 1.5, 9.0])[1].startswith("the loss diverged after 3 step(s)")
     none, reason = suggest_lr(lrs, [1.0, 1.1, 1.5, 2.0, 3.0, 4.0])
     assert none is None and "lowest at the start" in reason and "fell" not in reason
+    none, reason = suggest_lr(lrs, [3.0, 2.0, 2.5, 4.0, 6.0, 9.0])
+    assert none is None and "fell for one step only" in reason and "lowest at the start" not in reason
     assert suggest_lr(lrs, [3.0, 2.5, 1.0, 0.9, 2.0, 5.0])[0] == 1e-3  # the steepest fall, before the minimum
 
 
@@ -201,6 +203,23 @@ def test_eval_lists_the_files_it_could_not_read(run, tmp_path):
     assert [r["path"] for r in rows] == ["a/broken.png"] and "corrupt" in rows[0]["reason"]
 
 
+def test_predict_names_a_decompression_bomb_without_pils_warning(run, tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    run_dir, data, _ = run
+    big = tmp_path / "big.png"
+    Image.new("1", (9500, 9500)).save(big)  # 90.25M pixels: over PIL's warning threshold, small on disk
+    r = subprocess.run([sys.executable, "-W", "default", "-m", "resforge", "predict", run_dir, str(big),
+                        str(data / "a" / "000.png"), "--format", "json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert "over the limit of 89,478,485" in rows[0]["error"] and rows[1]["top"]
+    assert "DecompressionBombWarning" not in r.stderr
+
+
 def test_predict_fails_when_no_input_can_be_read(run, tmp_path, capsys):
     run_dir, _, _ = run
     for i in range(2):
@@ -217,9 +236,16 @@ def test_three_classes_are_reported_as_top_3(run, tmp_path):
     assert "| top-3 |" in text and "top-5" not in text
 
 
-def test_the_report_gives_images_over_time_not_a_mean_of_rates():
+def test_the_report_gives_images_over_time_not_a_mean_of_rates(run):
+    import csv
+
     from resforge.report import images_per_second
 
     rows = [{"img_per_s": 10.0, "train_time_s": 1.0, "train_images": 10},
             {"img_per_s": 1.0, "train_time_s": 9.0, "train_images": 9}]
     assert images_per_second(rows) == pytest.approx(19 / 10)  # a mean of the rates would say 5.5
+    run_dir = run[0]
+    history = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(open(f"{run_dir}/metrics.csv"))]
+    images = sum(r["train_images"] for r in history)
+    seconds = sum(r["train_time_s"] for r in history)
+    assert f"{images / seconds:.0f} training images/s" in open(f"{run_dir}/report.md").read()

@@ -55,6 +55,12 @@ def test_history(tmp_path, figures):
     assert {"val_top5", "lr", "val_top1"} <= set(drawn) and "ema_val_loss" not in drawn
 
 
+def test_history_names_top_k_by_the_class_count(tmp_path, figures):
+    plots.plot_history(HISTORY, tmp_path / "h.png", k=3)
+    drawn = _lines(figures[0])
+    assert "val_top3" in drawn and "val_top5" not in drawn
+
+
 def test_history_from_csv_strings_and_sparse_rows(tmp_path, figures):
     rows = [{"epoch": "1", "train_loss": "0.9", "val_top1": ""}, {"epoch": "2", "train_loss": "0.7"}]
     _check_png(plots.plot_history(rows, tmp_path / "h.png"))

@@ -156,9 +156,13 @@ def test_sigkill_during_the_first_save_leaves_a_run_that_resumes(data, tmp_path,
     assert r.returncode == -signal.SIGKILL, r.stderr.decode()[-2000:]
     run = tmp_path / "runs" / "first"
     assert not (run / "last.ckpt").exists() and list(run.glob(".*.tmp"))
+    if mode == "first-save":  # metrics.csv follows the checkpoint: no row for an epoch that was not saved
+        assert not (run / "metrics.csv").exists()
+    (run / "plots").mkdir(exist_ok=True)
+    (run / "plots" / ".history.png.x1.tmp").write_bytes(b"half a plot")
     out = api.train(resume=run, progress=False)
     assert out["epochs"] == 2 and len((run / "metrics.csv").read_text().splitlines()) == 3
-    assert not list(run.glob(".*.tmp")) and not list(run.glob(".tmp*"))
+    assert not list(run.rglob(".*.tmp"))
     resforge.models.load_model(run)
 
 
@@ -187,12 +191,17 @@ def test_resume_keeps_the_recorded_split(tmp_path):
     for rel in train_a[:5]:
         (folder / rel).unlink()
     make_image_folder(tmp_path / "more", classes=("a",), per_class=5, size=20, seed=3)
+    added = []
     for f in sorted((tmp_path / "more" / "a").iterdir()):
         f.rename(folder / "a" / f"new-{f.name}")
+        added.append(f"a/new-{f.name}")
     assert api.train(resume=run, epochs=2, progress=False)["epochs"] == 2
     after = {(row["split"], row["path"]) for row in csv.DictReader(open(run / "split.csv"))}
     assert after == before - {("train", p) for p in train_a[:5]}
     assert not any("new-" in p for _, p in after)
+    skipped = {row["path"]: row["reason"] for row in csv.DictReader(open(run / "skipped.csv"))}
+    assert sorted(p for p, r in skipped.items() if "added since the run started" in r) == added
+    assert sorted(p for p, r in skipped.items() if "no longer in the folder" in r) == train_a[:5]
 
 
 def test_resume_without_its_best_model_rewrites_it_from_the_checkpoint(data, tmp_path, caplog):
@@ -239,10 +248,14 @@ def test_two_processes_cannot_train_one_run_at_once(data, tmp_path):
     assert api.train(resume=run, epochs=2, progress=False)["epochs"] == 2  # free again once released
 
 
-def test_more_workers_than_cores_are_capped(caplog):
+def test_more_workers_than_cores_are_capped(data, tmp_path, caplog):
     from resforge.data.loader import cpu_cores, resolve_workers
 
-    assert resolve_workers(100) == cpu_cores() and "more than the" in caplog.text
+    cfg = build_config("fast", overrides={**_opts(tmp_path), "data.root": str(data), "workers": cpu_cores() + 5,
+                                          "cache": "off"})
+    t = Trainer(cfg, progress=False)
+    assert t.train_loader.num_workers == t.val_loader.num_workers == cpu_cores()
+    assert f"data.workers {cpu_cores() + 5} is more than the {cpu_cores()} CPU core(s)" in caplog.text
     assert resolve_workers(-1) == max(0, min(8, cpu_cores() - 1)) and resolve_workers(0) == 0
     # decoded images in memory: on a machine with few cores the model keeps every core
     assert resolve_workers(-1, cached=True) == (0 if cpu_cores() < 4 else max(0, min(8, cpu_cores() - 1)))

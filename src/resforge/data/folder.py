@@ -28,6 +28,9 @@ from ..io import write_csv
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 SPLIT_DIRS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own warning threshold
+# PIL's bomb warning says less than our own pixel limit, which every decode checks; one filter for
+# the process, since `warnings.catch_warnings` is not thread-safe and decoding runs in a thread pool.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 Sample = tuple[str, int]
 
@@ -86,10 +89,7 @@ def load_image(path: str | os.PathLike, mode: str = "RGB", max_pixels: int = DEF
     try:
         if path.stat().st_size == 0:
             raise DataError(f"{path}: empty file")
-        with warnings.catch_warnings():  # PIL's bomb warning: the pixel limit below is ours, and says more
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(path)
-        with im:
+        with Image.open(path) as im:
             if im.width * im.height > max_pixels:
                 raise DataError(f"{path}: {im.width}x{im.height} pixels is over the limit of {max_pixels:,} "
                                 "(a decompression bomb?)")
@@ -153,20 +153,22 @@ def _find_split_dirs(root: Path) -> dict[str, Path]:
     return found
 
 
-def _check_layout(root: Path, split_dirs: dict[str, Path]) -> None:
-    """Refuse a folder that mixes split folders with class folders: one of them would be dropped unseen."""
+def _check_layout(root: Path, split_dirs: dict[str, Path], need_train: bool) -> bool:
+    """Refuse a folder that mixes split folders with class folders: one of them would be dropped unseen.
+    True when the folder is a split layout (without train/ only where none is needed: evaluation)."""
     split_names = {n for names in SPLIT_DIRS.values() for n in names}
-    if "train" in split_dirs:
+    splits = [p for p in split_dirs.values() if _list_class_dirs(p)]
+    if "train" in split_dirs or (splits and not need_train):
         others = [d.name for d in _list_class_dirs(root) if d.name not in split_names]
         if others:
             raise DataError(f"{root} holds split folders ({', '.join(sorted(p.name for p in split_dirs.values()))}) "
                             f"and also {', '.join(others)}, which is not a split: move it into "
-                            f"{split_dirs['train'].name}/ as a class, or out of {root}")
-    else:
-        splits = [p for p in split_dirs.values() if _list_class_dirs(p)]
-        if splits:
-            raise DataError(f"{root} has a {splits[0].name}/ folder of classes but no train/ folder: put the "
-                            f"training classes in {root / 'train'}/ (or rename {splits[0].name}/ if it is a class)")
+                            f"{(split_dirs.get('train') or splits[0]).name}/ as a class, or out of {root}")
+        return True
+    if splits:
+        raise DataError(f"{root} has a {splits[0].name}/ folder of classes but no train/ folder: put the "
+                        f"training classes in {root / 'train'}/ (or rename {splits[0].name}/ if it is a class)")
+    return False
 
 
 def _stratified_split(samples: list[Sample], num_classes: int, val_split: float, seed: int
@@ -199,16 +201,19 @@ class _Listing:
     skipped: list[tuple[str, str]]
 
 
-def _list_folder(root: Path) -> _Listing:
+def _list_folder(root: Path, need_train: bool = True) -> _Listing:
     if not root.exists():
         raise DataError(f"data folder not found: {root}")
     if not root.is_dir():
         raise DataError(f"{root} is a file, not a folder of images (root/<class>/<image files>)")
     split_dirs = _find_split_dirs(root)
-    _check_layout(root, split_dirs)
-    layout = "splits" if "train" in split_dirs else "classes"
-    train_dir = split_dirs.get("train", root)
-    classes = [d.name for d in _list_class_dirs(train_dir)]
+    layout = "splits" if _check_layout(root, split_dirs, need_train) else "classes"
+    if layout == "splits" and "train" not in split_dirs:  # evaluation of a folder holding only test/ or val/
+        train_dir = next(iter(split_dirs.values()))
+        classes = sorted({d.name for p in split_dirs.values() for d in _list_class_dirs(p)})
+    else:
+        train_dir = split_dirs.get("train", root)
+        classes = [d.name for d in _list_class_dirs(train_dir)]
     if not classes:
         raise DataError(f"{train_dir} has no class folders; expected {train_dir}/<class>/<image files>")
     index = {c: i for i, c in enumerate(classes)}
@@ -273,13 +278,16 @@ def scan_folder(root: str | os.PathLike, *, val_split: float = 0.2, seed: int = 
     report or use such folders as they are.
     """
     root = Path(root)
-    listing = _list_folder(root)
+    listing = _list_folder(root, need_train=strict)
     every = [s for split in listing.candidates.values() for s in split]
     sizes, bad = _decode_all(every, max_pixels, threads)
     good = {split: [s for s in samples if s[0] in sizes] for split, samples in listing.candidates.items()}
     skipped = listing.skipped + bad
-    _check_classes(good["train"], listing.classes, listing.train_dir, len(skipped), strict)
-    if "val" in good:
+    _check_classes(good.get("train") or [s for g in good.values() for s in g], listing.classes, listing.train_dir,
+                   len(skipped), strict)
+    if "train" not in good:  # evaluation of a folder holding only test/ or val/
+        train, val, val_source = [], good.get("val", []), "folder"
+    elif "val" in good:
         train, val, val_source = good["train"], good["val"], "folder"
     else:
         train, val = _stratified_split(good["train"], len(listing.classes), val_split, seed)
@@ -309,8 +317,8 @@ def scan_recorded_split(root: str | os.PathLike, split_csv: str | os.PathLike, *
     """The folder as a run recorded it: the same files in the same splits, never drawn again.
 
     Files that are gone (or no longer readable) are left out and listed as skipped; files added
-    since are left out too, and counted in `new_files`, so validation stays the images the model
-    never trained on.
+    since are left out too, listed as skipped and in `new_files`, so validation stays the images
+    the model never trained on.
     """
     root = Path(root)
     listing = _list_folder(root)
@@ -329,9 +337,9 @@ def scan_recorded_split(root: str | os.PathLike, split_csv: str | os.PathLike, *
     present = [s for samples in recorded.values() for s in samples if Path(s[0]).is_file()]
     sizes, bad = _decode_all(present, max_pixels, threads)
     good = {split: [s for s in samples if s[0] in sizes] for split, samples in recorded.items()}
-    skipped = listing.skipped + gone + bad
-    _check_classes(good["train"], listing.classes, listing.train_dir, len(skipped), strict=True)
     new = sorted(p for samples in listing.candidates.values() for p, _ in samples if p not in known)
+    skipped = listing.skipped + gone + bad + [(p, "added since the run started: not in its recorded split") for p in new]
+    _check_classes(good["train"], listing.classes, listing.train_dir, len(skipped), strict=True)
     return ImageFolderScan(root=str(root), classes=listing.classes, layout=listing.layout,
                            val_source="as recorded in split.csv", train=good["train"], val=good["val"],
                            test=good["test"], skipped=sorted(skipped), sizes=sizes, new_files=new)

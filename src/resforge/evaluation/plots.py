@@ -89,8 +89,9 @@ def _number(value: float | str | None) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def plot_history(rows: list[dict[str, float]], path: str | os.PathLike) -> Path:
-    """Loss, accuracy and learning rate per epoch; a series absent or NaN in some rows is drawn where present."""
+def plot_history(rows: list[dict[str, float]], path: str | os.PathLike, k: int = 5) -> Path:
+    """Loss, accuracy and learning rate per epoch; a series absent or NaN in some rows is drawn where present.
+    `k`: what `val_top5` holds (top-k with k = min(5, classes)), named so in the legend."""
     if not rows:
         raise ValueError("no epochs to plot")
     fig = Figure(figsize=(15, 4), layout="constrained")
@@ -99,7 +100,7 @@ def plot_history(rows: list[dict[str, float]], path: str | os.PathLike) -> Path:
             points = [(_number(r.get("epoch", i + 1)), _number(r.get(key))) for i, r in enumerate(rows)]
             points = [(x, y) for x, y in points if x is not None and y is not None]
             if points:
-                ax.plot(*zip(*points), marker="o", markersize=3, label=key)
+                ax.plot(*zip(*points), marker="o", markersize=3, label=key.replace("top5", f"top{k}"))
         ax.set(title=title, xlabel="epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)

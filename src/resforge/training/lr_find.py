@@ -29,9 +29,12 @@ class LRFindResult:
     reason: str = ""  # why there is no suggestion
 
 
+MIN_STEPS = 5  # fewer smoothed losses show no slope to suggest from
+
+
 def check_range(start_lr: float, end_lr: float, steps: int) -> None:
-    if steps < 2 or not 0 < start_lr < end_lr:
-        raise ConfigError("lr-find needs at least 2 steps and 0 < start_lr < end_lr")
+    if steps < MIN_STEPS or not 0 < start_lr < end_lr:
+        raise ConfigError(f"lr-find needs at least {MIN_STEPS} steps and 0 < start_lr < end_lr")
 
 
 def lr_find(trainer: Trainer, start_lr: float = 1e-6, end_lr: float = 10.0, steps: int = 100,
@@ -87,12 +90,14 @@ def lr_find(trainer: Trainer, start_lr: float = 1e-6, end_lr: float = 10.0, step
 
 def suggest_lr(lrs: list[float], losses: list[float]) -> tuple[float | None, str]:
     """The steepest descent of loss against log(lr), up to the loss minimum; or None and why not."""
-    if len(losses) < 5:
+    if len(losses) < MIN_STEPS:  # the run asked for at least MIN_STEPS: it stopped early
         return None, (f"the loss diverged after {len(losses)} step(s), at lr {lrs[-1]:.2g}: lower --start-lr "
                       "or --end-lr")
     stop = int(np.argmin(losses)) + 1
-    if stop < 3:
-        return None, (f"the loss was lowest at the start (lr {lrs[stop - 1]:.2g}) and only rose: lower "
-                      "--start-lr")
+    if stop == 1:
+        return None, f"the loss was lowest at the start (lr {lrs[0]:.2g}) and only rose: lower --start-lr"
+    if stop == 2:
+        return None, (f"the loss fell for one step only (to lr {lrs[1]:.2g}), then rose: too little descent to "
+                      "find its steepest part; lower --start-lr")
     grads = np.gradient(np.asarray(losses[:stop]), np.log(np.asarray(lrs[:stop])))
     return float(lrs[int(np.argmin(grads))]), ""

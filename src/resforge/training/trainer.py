@@ -131,9 +131,9 @@ class Trainer:
         if split_csv is not None:
             self.scan = scan_recorded_split(d.root, split_csv, max_pixels=d.max_pixels)
             if self.scan.new_files:
-                log.warning("%d file(s) were added to %s since the run started; they are left out, so the "
-                            "recorded split stays as it was (start a new run to use them)", len(self.scan.new_files),
-                            d.root)
+                log.warning("%d file(s) were added to %s since the run started; they are left out (listed in "
+                            "skipped.csv), so the recorded split stays as it was (start a new run to use them)",
+                            len(self.scan.new_files), d.root)
         else:
             self.scan: ImageFolderScan = scan_folder(d.root, val_split=d.val_split, seed=d.split_seed,
                                                      max_pixels=d.max_pixels)
@@ -527,7 +527,7 @@ class Trainer:
 
     def _fit(self) -> dict[str, Any]:
         cfg = self.cfg
-        for stale in [*self.run_dir.glob(".*.tmp"), *self.run_dir.glob(".tmp*")]:  # left by a kill while saving
+        for stale in self.run_dir.rglob(".*.tmp"):  # left by a kill while saving (io.atomic_path names them so)
             with contextlib.suppress(OSError):
                 stale.unlink()
         self._write_run_files()
