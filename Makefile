@@ -28,10 +28,11 @@ $(VENV)/.bench: pyproject.toml | $(PY)
 	$(PIP) -e '.[bench]'
 	@touch $@ $(VENV)/.base
 
-# Speed and accuracy measurements (markdown tables; about 3 hours on 2 CPU cores, most of it defaults.py).
+# Speed and accuracy measurements (markdown tables; about 3.5 hours on 2 CPU cores, most of it defaults.py).
 bench: $(VENV)/.bench
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/data_loader.py
+	$(PY) benchmarks/inference_cpu.py
 	$(PY) benchmarks/defaults.py
 
 clean:

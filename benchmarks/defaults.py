@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -41,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import datasets  # noqa: E402
 
 import resforge  # noqa: E402
+from resforge.device import cpu_name  # noqa: E402
 
 MINUTES = {"digits": 1.0, "faces": 0.5, "photos": 3.0, "fashion-mnist-sample": 2.0, "fashion-mnist": 10.0}
 SEEDS = {"faces": 3}  # 40 test images: one is 2.5 points, so the mean of three seeds is reported
@@ -135,7 +135,8 @@ def mean_rows(runs: list[list[tuple[str, dict]]]) -> list[tuple[str, dict]]:
     out = []
     for i, (label, first) in enumerate(runs[0]):
         rs = [r[i][1] for r in runs]
-        out.append((label, {**first, **{k: sum(r[k] for r in rs) / len(rs) for k in ("test", "epochs", "minutes", "wall")}}))
+        means = {k: sum(r[k] for r in rs) / len(rs) for k in ("test", "epochs", "minutes", "wall")}
+        out.append((label, {**first, **means}))
     return out
 
 
@@ -148,16 +149,6 @@ def print_table(name: str, minutes: float, rows: list[tuple[str, dict]], seeds: 
         print(f"| {label} | {r['model']} | {r['img_size']} | {r['epochs']:.3g} | {r['minutes']:.1f} | "
               f"{r['wall']:.1f} | {r['test']:.2%} |")
     sys.stdout.flush()
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

@@ -11,6 +11,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _cache(tmp_path_factory):
+    """Downloads, ONNX exports and auto-backend measurements go to a folder of the session, not the user's."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RESFORGE_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture
 def http_root(tmp_path):
     """Serve a folder on 127.0.0.1; yields (folder, base URL)."""

@@ -36,3 +36,37 @@ def make_image_folder(root, classes=("a", "b"), per_class=6, size=24, fmt="png",
             im = im.convert(mode) if mode != "RGB" else im
             im.save(root / name / f"{i:03d}.{fmt}")
     return root
+
+
+def real_photos() -> dict:
+    """The photos that ship with scikit-learn and matplotlib (no download)."""
+    from pathlib import Path
+
+    import matplotlib
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    china, flower = load_sample_images().images
+    with Image.open(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg") as im:
+        hopper = np.asarray(im.convert("RGB"))
+    return {"china": china, "flower": flower, "hopper": hopper}
+
+
+def write_crops(root, per_class: int, seed: int, sizes=(40, 200)):
+    """JPEG crops of each photo at random places, sizes and aspect ratios: root/<photo>/<i>.jpg."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    for name, img in real_photos().items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        h, w = img.shape[:2]
+        for i in range(per_class):
+            ch, cw = (int(rng.integers(*sizes)) for _ in range(2))
+            y, x = int(rng.integers(0, h - ch)), int(rng.integers(0, w - cw))
+            Image.fromarray(img[y:y + ch, x:x + cw]).save(root / name / f"{i:03d}.jpg", quality=90)
+    return root

@@ -132,7 +132,7 @@ def test_train_resume_and_recipes_from_the_command_line(tmp_path, capsys):
     (["train", "x", "--device", "gpu0"], "device must be auto, cpu, cuda or cuda:N"),
     (["train", "x", "--device", "meta"], "device must be auto, cpu, cuda or cuda:N"),
     (["train", "/nonexistent", "--model", "resnet5"], "unknown model 'resnet5'"),
-    (["train", "/nonexistent", "--act", "relu2"], "unknown activation 'relu2'"),
+    (["train", "/nonexistent", "--act", "relu2"], "model.act must be one of relu, leaky_relu"),
     (["lr-find", "x", "--steps", "4"], "at least 5 steps"),
     (["predict", "/nonexistent/run", "x", "--topk", "0"], "topk and batch_size must be at least 1"),
     (["eval", "/nonexistent/run", "x"], "no model at"),
@@ -191,15 +191,21 @@ def test_data_import_from_idx_files(tmp_path):
     assert len(list((tmp_path / "fm" / "test").rglob("*.png"))) == 10
 
 
-def test_demo_runs_end_to_end(tmp_path, monkeypatch):
-    """`make demo` with a budget of one short epoch: import, inspect, train, evaluate, report."""
+def test_demo_runs_end_to_end(tmp_path, monkeypatch, caplog):
+    """`make demo` with a budget of one short epoch: import, inspect, train, evaluate, report, export, bench."""
+    import logging
+
     from resforge.demo import run_demo
 
+    caplog.set_level(logging.INFO, logger="resforge")
     monkeypatch.chdir(tmp_path)
     out = run_demo(minutes=0.01)
     assert out["epochs"] == 1 and out["results"]["test"]["num_samples"] == 1000
     assert (tmp_path / "runs" / "demo" / "report.md").is_file()
     assert (tmp_path / "runs" / "inspect-fashion-mnist-sample" / "samples.png").is_file()
+    assert (tmp_path / "runs" / "demo" / "best.onnx").is_file() and "parity on" in caplog.text
+    for backend in ("torch", "onnxruntime", "openvino"):
+        assert f"| demo | {backend} |" in caplog.text
 
 
 def test_the_stage_functions_are_not_shadowed_by_subpackages():

@@ -14,11 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from .config import AUTO_RECIPE, Config, build_config
-from .data.folder import scan_images
+from .data.folder import scan_images, thumbnail
 from .data.inspect import FolderReport, inspect_folder
-from .device import resolve_amp, resolve_device
+from .deploy.bench import bench
+from .deploy.export import export
+from .deploy.predictor import Predictor
+from .device import precision_name
 from .errors import ConfigError, DataError
-from .evaluation.evaluate import LoadedModel, evaluate_samples, labelled_samples, predict_paths, thumbnail
+from .evaluation.evaluate import evaluate_samples, labelled_samples
 from .evaluation.metrics import ClassificationReport
 from .evaluation.plots import plot_history, plot_image_grid, plot_lr_find
 from .io import write_json
@@ -29,6 +32,8 @@ from .training.lr_find import lr_find as _lr_find
 from .training.trainer import Callback, Trainer
 
 log = logging.getLogger("resforge")
+
+__all__ = ["train", "evaluate", "predict", "lr_find", "inspect_data", "export", "bench", "Predictor"]
 
 
 def _config(data: str | None, model: str | None, recipe: str | None, config: str | os.PathLike | None,
@@ -64,18 +69,18 @@ def train(data: str | os.PathLike | None = None, *, model: str | None = None, re
 def finish_run(trainer: Trainer, summary: dict[str, Any]) -> dict[str, Any]:
     """Evaluate the best model on val (and test), draw the plots, write results.json and report.md."""
     run_dir, cfg = trainer.run_dir, trainer.cfg
-    lm = LoadedModel.load(run_dir / "best.safetensors", trainer.device)
+    precision = precision_name(trainer.amp_dtype)
+    best = Predictor.load(run_dir / "best.safetensors", "torch", str(trainer.device), precision)
     results: dict[str, ClassificationReport] = {}
     for split in ("val", "test"):
         samples = getattr(trainer.scan, split)
         if samples:
-            results[split] = evaluate_samples(lm, samples, run_dir, name=split, device=trainer.device,
-                                              amp_dtype=trainer.amp_dtype, batch_size=cfg.data.batch_size,
+            results[split] = evaluate_samples(best, samples, run_dir, name=split, batch_size=cfg.data.batch_size,
                                               workers=cfg.data.workers)
     plot_history(summary["history"], run_dir / "plots" / "history.png", k=min(5, len(trainer.classes)))
-    model_summary = summarize(lm.model, cfg.data.img_size, cfg.model.name)
+    model_summary = summarize(best.model, cfg.data.img_size, cfg.model.name)
     summary = {**summary, "lr": trainer.lr, "device": str(trainer.device),
-               "precision": str(trainer.amp_dtype).replace("torch.", "") if trainer.amp_dtype else "fp32"}
+               "precision": precision}
     write_json(run_dir / "results.json", {"summary": {k: v for k, v in summary.items() if k != "history"},
                                           **{k: r.to_dict() for k, r in results.items()}})
     report = write_run_report(run_dir, cfg, trainer.scan, summary, model_summary, results)
@@ -90,17 +95,19 @@ def finish_run(trainer: Trainer, summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def evaluate(source: str | os.PathLike, data: str | os.PathLike, *, tta: str | None = None,
-             out: str | os.PathLike | None = None, batch_size: int = 64, workers: int = -1,
-             device: str = "auto", amp: str = "auto") -> ClassificationReport:
-    """Evaluate a run's best model (or a saved model) on a labelled folder; write metrics and plots.
+             out: str | os.PathLike | None = None, batch_size: int = 64, workers: int = -1, backend: str = "auto",
+             device: str = "auto", precision: str = "auto", metadata: dict[str, Any] | None = None
+             ) -> ClassificationReport:
+    """Evaluate a model (a run, a .safetensors, an .onnx or an OpenVINO .xml) on a labelled folder; write
+    metrics and plots.
 
-    `data` is a class-folder tree, or a split layout (its test split, else val, is used).
-    Results go to `out` (default: `<run>/eval-<folder>` or `runs/eval-<folder>`).
+    `data` is a class-folder tree, or a split layout (its test split, else val, is used). Results go
+    to `out` (default: `<run>/eval-<folder>` or `runs/eval-<folder>`). `metadata` supplies what a
+    model file without resforge's record lacks (classes, img_size, ...).
     """
     _check_batching(batch_size, workers)
-    dev = resolve_device(device)
-    lm = LoadedModel.load(source, dev)
-    samples, scan = labelled_samples(data, lm.classes)
+    predictor = Predictor.load(source, backend, device, precision, batch_size=batch_size, metadata=metadata)
+    samples, scan = labelled_samples(data, predictor.classes)
     name = Path(data).resolve().name
     if out is None:
         base = Path(source) if Path(source).is_dir() else Path("runs")
@@ -109,10 +116,10 @@ def evaluate(source: str | os.PathLike, data: str | os.PathLike, *, tta: str | N
         scan.write_skipped_csv(Path(out) / "skipped.csv")
         log.warning("skipped %d unreadable or non-image file(s) in %s; see %s", len(scan.skipped), data,
                     Path(out) / "skipped.csv")
-    report = evaluate_samples(lm, samples, out, name=name, device=dev, amp_dtype=resolve_amp(amp, dev),
-                              batch_size=batch_size, workers=workers, tta=tta)
-    log.info("%s on %s (%d images%s): top-1 %.2f%%, top-%d %.2f%%; details in %s", source, data,
-             report.num_samples, f", TTA {tta}" if tta else "", 100 * report.top1, report.k, 100 * report.top5, out)
+    report = evaluate_samples(predictor, samples, out, name=name, batch_size=batch_size, workers=workers, tta=tta)
+    log.info("%s on %s (%d images%s, %s): top-1 %.2f%%, top-%d %.2f%%; details in %s", source, data,
+             report.num_samples, f", TTA {tta}" if tta else "", predictor.describe(), 100 * report.top1, report.k,
+             100 * report.top5, out)
     return report
 
 
@@ -124,17 +131,18 @@ def _check_batching(batch_size: int, workers: int) -> None:
 
 
 def predict(source: str | os.PathLike, paths: list[str | os.PathLike], *, topk: int = 5, batch_size: int = 64,
-            device: str = "auto", amp: str = "auto") -> list[dict[str, Any]]:
-    """Top-k classes for image files, folders or glob patterns.
+            backend: str = "auto", device: str = "auto", precision: str = "auto",
+            metadata: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Top-k classes for image files, folders or glob patterns, as rows {"path", "top"} or {"path", "error"}.
 
     An unreadable file gets an error entry; when no file at all can be read, that is an error.
     """
     if topk < 1 or batch_size < 1:
         raise ConfigError("topk and batch_size must be at least 1")
-    dev = resolve_device(device)
-    lm = LoadedModel.load(source, dev)
-    rows = predict_paths(lm, scan_images(list(paths)), device=dev, topk=topk, batch_size=batch_size,
-                         amp_dtype=resolve_amp(amp, dev))
+    files = scan_images(list(paths))
+    predictor = Predictor.load(source, backend, device, precision, batch_size=min(batch_size, len(files)),
+                               metadata=metadata)
+    rows = [{"path": p, **r} for p, r in zip(files, predictor.predict(files, topk, batch_size, names=files))]
     if all("error" in r for r in rows):
         first = rows[0]
         raise DataError(f"none of the {len(rows)} image(s) could be read (first: {first['path']}: {first['error']})"

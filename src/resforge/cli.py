@@ -101,11 +101,48 @@ def cmd_recipes(args: argparse.Namespace) -> None:
         print(f"{name:<16} {description}")
 
 
+MODEL_HELP = "run directory, .safetensors (with its .json sidecar), .onnx file or OpenVINO .xml"
+
+
+def _deploy_options(p: argparse.ArgumentParser) -> None:
+    """Where and how a model runs, and what a model file without resforge's metadata lacks."""
+    from .deploy.backends import BACKENDS, PRECISIONS
+
+    p.add_argument("--backend", choices=["auto", *BACKENDS], default="auto",
+                   help="engine (default: auto, the fastest here by a short measurement, remembered per model)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto: bf16 where the hardware has it (torch, openvino), else fp32")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    _metadata_options(p)
+
+
+def _metadata_options(p: argparse.ArgumentParser) -> None:
+    from .config import CHOICES
+
+    g = p.add_argument_group("for a model file without resforge's metadata (an ONNX file from elsewhere)")
+    g.add_argument("--classes", help="class names, comma-separated, or a text file with one per line")
+    g.add_argument("--img-size", type=int, help="input size (default: read from the graph)")
+    g.add_argument("--crop-pct", type=float, help="centre-crop fraction of the resized image (default: 0.875)")
+    g.add_argument("--mean", type=float, nargs="+", help="normalisation mean per channel (default: ImageNet's)")
+    g.add_argument("--std", type=float, nargs="+", help="normalisation std per channel (default: ImageNet's)")
+    g.add_argument("--interpolation", choices=CHOICES["data.interpolation"], help="resize interpolation")
+
+
+def _metadata(args: argparse.Namespace) -> dict:
+    from .deploy.metadata import OVERRIDES
+
+    return {k: getattr(args, k) for k in OVERRIDES if getattr(args, k, None) is not None}
+
+
+def _deploy_kwargs(args: argparse.Namespace) -> dict:
+    return {"backend": args.backend, "precision": args.precision, "device": args.device, "metadata": _metadata(args)}
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from . import api
 
     report = api.evaluate(args.model, args.data, tta=args.tta, out=args.out, batch_size=args.batch_size,
-                          workers=args.workers, device=args.device)
+                          workers=args.workers, **_deploy_kwargs(args))
     print(report.to_markdown())
 
 
@@ -114,12 +151,44 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from .evaluation.evaluate import format_predictions
     from .io import write_text
 
-    rows = api.predict(args.model, args.paths, topk=args.topk, batch_size=args.batch_size, device=args.device)
+    rows = api.predict(args.model, args.paths, topk=args.topk, batch_size=args.batch_size, **_deploy_kwargs(args))
     text = format_predictions(rows, args.format)
     if args.output:
         write_text(args.output, text + ("" if text.endswith("\n") else "\n"))
     else:
         print(text)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from . import api
+
+    result = api.export(args.model, args.format, args.output, opset=args.opset, dynamic_batch=args.dynamic_batch,
+                        dtype=args.dtype, embed_preprocessing=args.embed_preprocessing, images=args.images)
+    print(result.path)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from . import api
+    from .deploy.bench import settings_line, table
+    from .io import write_json, write_text
+
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    rows = api.bench(args.models, backends, precision=args.precision, batch_sizes=args.batch_sizes,
+                     threads=args.threads, duration=args.duration, warmup=args.warmup, images=args.images,
+                     isolate=args.isolate, metadata=_metadata(args))
+    text = table(rows, args.batch_sizes) + "\n\n" + settings_line(rows, args.duration, args.warmup)
+    print(text)
+    if args.json:
+        write_json(args.json, rows)
+    if args.markdown:
+        write_text(args.markdown, text + "\n")
 
 
 def cmd_data_inspect(args: argparse.Namespace) -> None:
@@ -140,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="resforge",
-        description="Train, evaluate and use ResNet image classifiers on a folder of images.",
+        description="Train, evaluate, export, benchmark and use ResNet image classifiers on a folder of images.",
         epilog="Run 'resforge COMMAND --help' for the options of a command.")
     parser.add_argument("--version", action="version", version=f"resforge {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -183,26 +252,68 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("recipes", cmd_recipes, "list the built-in training recipes")
 
-    p = add("eval", cmd_eval, "evaluate a trained model on a labelled folder",
-            "Top-1/top-5 (top-k with k = the class count below 5), per-class precision/recall/F1, confusion matrix (PNG + CSV), a grid of predictions "
-            "and of the most confident mistakes.")
-    p.add_argument("model", help="run directory, or a .safetensors file with its .json sidecar")
+    from .evaluation.runner import TTA_MODES
+
+    p = add("eval", cmd_eval, "evaluate a model on a labelled folder",
+            "Top-1/top-5 (top-k with k = the class count below 5), per-class precision/recall/F1, confusion matrix "
+            "(PNG + CSV), a grid of predictions and of the most confident mistakes. The model may be a run, or a "
+            "file exported from one: the same metrics on every backend.")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("data", help="class-folder tree, or a split layout (its test, else val, split is used)")
-    p.add_argument("--tta", choices=["flip", "multicrop"], help="test-time augmentation: flip (2 views) or "
-                   "multicrop (ten crops)")
+    p.add_argument("--tta", choices=TTA_MODES, help="test-time augmentation: flip (2 views) or multicrop (ten crops)")
     p.add_argument("--out", help="output folder (default: <run>/eval-<folder>)")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
     p.add_argument("--workers", type=int, default=-1, help="data-loading processes (default: spare cores)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    _deploy_options(p)
 
     p = add("predict", cmd_predict, "top-k classes for image files, folders or globs")
-    p.add_argument("model", help="run directory, or a .safetensors file with its .json sidecar")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("paths", nargs="+", help="image files, folders (searched recursively) or glob patterns")
     p.add_argument("--topk", type=int, default=5, help="classes per image (default: 5)")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format")
     p.add_argument("--output", "-o", help="write to this file instead of stdout")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    _deploy_options(p)
+
+    from .deploy.convert import DEFAULT_OPSET
+    from .deploy.export import DTYPES, FORMATS
+
+    p = add("export", cmd_export, "a trained model as an ONNX, OpenVINO or torch.export file, checked against PyTorch",
+            "Write the model with its classes and preprocessing in the file's metadata, load it back and run it "
+            "beside the PyTorch model on the run's validation images (up to 256): the largest logit difference "
+            "and the top-1 agreement are printed; past the tolerance the export fails and no file is left. "
+            "TensorRT: export onnx and run it with --backend tensorrt where onnxruntime-gpu has TensorRT.")
+    p.add_argument("model", help="run directory, or a .safetensors file with its .json sidecar")
+    p.add_argument("--format", choices=FORMATS, default="onnx", help="file format (default: onnx)")
+    p.add_argument("--output", "-o", help="file to write (default: beside the weights, e.g. <run>/best.onnx)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")
+    p.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: a fixed batch of 1)")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="weights and activations (default: fp32)")
+    p.add_argument("--embed-preprocessing", action="store_true",
+                   help="the graph takes uint8 NHWC pixels of any size and resizes, crops and normalises itself")
+    p.add_argument("--images", help="folder of images for the parity check (default: the run's validation split)")
+
+    from .deploy.bench import BENCH_BACKENDS
+    from .deploy.backends import PRECISIONS
+
+    p = add("bench", cmd_bench, "latency, throughput, cold start and memory of models on backends, side by side",
+            "Measure every model on every backend, each in a process of its own: cold start (load + first "
+            "inference), latency percentiles at batch 1, throughput per batch size, peak memory and file size; "
+            "with --images, the end-to-end rate from image files too.")
+    p.add_argument("models", nargs="+", help=MODEL_HELP + " (several: side by side)")
+    p.add_argument("--backends", default="auto", help=f"comma-separated, among {', '.join(BENCH_BACKENDS)} "
+                                                     "(default: auto)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto: bf16 where the hardware has it")
+    p.add_argument("--batch-sizes", type=_int_list, default=[1, 8, 32], help="comma-separated (default: 1,8,32)")
+    p.add_argument("--threads", type=int, help="threads per engine (default: all cores)")
+    p.add_argument("--duration", type=float, default=3.0, help="seconds of timed calls per figure (default: 3)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls before each figure (default: 3)")
+    p.add_argument("--images", help="folder of images: adds end-to-end figures from files")
+    p.add_argument("--json", help="also write the measurements as JSON to this file")
+    p.add_argument("--markdown", help="also write the table as markdown to this file")
+    p.add_argument("--no-isolate", dest="isolate", action="store_false",
+                   help="measure in this process (cold start and memory then include what ran before)")
+    _metadata_options(p)
 
     def data_usage(args: argparse.Namespace) -> None:
         args.data_parser.error("give a data command: inspect or import")
@@ -239,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")  # other libraries: their warnings only
+    log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         args.func(args)
     except (ResforgeError, OSError) as e:  # OSError: a folder not writable, a disk full

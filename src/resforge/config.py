@@ -32,16 +32,17 @@ def _opt(default: Any, help: str, **kw: Any) -> Any:
 class ModelConfig:
     name: str = _opt("resnet50", "model name (see 'resforge models')", flag="model")
     pretrained: str | None = _opt(None, "weights to start from: a path or URL (.pth, .safetensors, Keras .h5)")
-    variant: str | None = _opt(None, "v1.5 | v1 | d (default: v1.5, or what the pretrained weights are)")
+    variant: str | None = _opt(None, "v1.5: stride on the 3x3; v1: on the first 1x1 (paper, Keras); d: deep stem + "
+                                     "avg-pool shortcut (default: v1.5, or what the pretrained weights are)")
     small_input: bool | None = _opt(None, "3x3 stride-1 stem without max-pool (default: on when img_size <= 64)")
     width: float = _opt(1.0, "channel width multiplier")
-    act: str = _opt("relu", "activation: relu, leaky_relu, elu, selu, prelu, silu, gelu")
-    norm: str = _opt("batchnorm", "normalisation: batchnorm | groupnorm")
+    act: str = _opt("relu", "activation")
+    norm: str = _opt("batchnorm", "normalisation")
     se: bool = _opt(False, "squeeze-and-excitation in every block")
     drop_rate: float = _opt(0.0, "dropout before the classifier")
     drop_path_rate: float = _opt(0.0, "stochastic depth: drop rate of the last block (grows linearly)")
     zero_init_residual: bool = _opt(True, "start each residual branch at zero (last BN gamma = 0)")
-    init: str = _opt("he", "conv weight init: he | xavier")
+    init: str = _opt("he", "conv weight init")
 
 
 @dataclass
@@ -52,7 +53,7 @@ class DataConfig:
     img_size: int = _opt(224, "square input size the network sees")
     crop_pct: float = _opt(0.875, "evaluation: resize to img_size/crop_pct, then centre-crop img_size")
     in_chans: int = _opt(3, "3 for RGB, 1 to read images as grayscale")
-    interpolation: str = _opt("bilinear", "resize interpolation: bilinear | bicubic | nearest")
+    interpolation: str = _opt("bilinear", "resize interpolation")
     normalize: str = _opt("auto", "auto (the pretrained weights' or ImageNet's) | imagenet | dataset | none")
     batch_size: int = _opt(32, "images per batch")
     workers: int = _opt(-1, "data-loading processes (-1: one per spare CPU core, up to 8)")
@@ -93,7 +94,7 @@ class OptimConfig:
     min_lr_ratio: float = _opt(0.0, "final learning rate as a fraction of the peak (cosine)")
     step_size: int = _opt(30, "step schedule: epochs between decays")
     gamma: float = _opt(0.1, "step schedule: decay factor")
-    freeze: list[str] = _opt([], "parts kept fixed: stem, layer1..layer4, or backbone (all but the head)")
+    freeze: list[str] = _opt([], "parts kept fixed (backbone: all but the head)")
     backbone_lr_mult: float = _opt(1.0, "learning-rate multiplier for everything but the head")
 
 
@@ -142,7 +143,7 @@ SECTIONS = [f.name for f in dataclasses.fields(Config) if f.name not in _META]
 AUTO_RECIPE = "auto"
 AUTO_DESCRIPTION = ("the default: fitted to the folder and the budget (image size, crops, flips, stem, channels, "
                     "model, batch, optimiser, warm-up and decay), each choice printed with its reason")
-_CHOICES = {
+CHOICES = {  # the one list of each option's accepted values
     "augment.preset": ("none", "standard", "strong"),
     "augment.auto_augment": ("trivial", "rand", "none"),
     "optim.optimizer": ("sgd", "adam", "adamw", "rmsprop"),
@@ -152,6 +153,11 @@ _CHOICES = {
     "data.normalize": ("auto", "imagenet", "dataset", "none"),
     "data.cache": ("auto", "on", "off"),
     "data.interpolation": ("bilinear", "bicubic", "nearest"),
+    "model.act": ("relu", "leaky_relu", "elu", "selu", "prelu", "silu", "gelu"),
+    "model.norm": ("batchnorm", "groupnorm"),
+    "model.variant": ("v1.5", "v1", "d"),
+    "model.init": ("he", "xavier"),
+    "optim.freeze": ("stem", "layer1", "layer2", "layer3", "layer4", "backbone"),  # each item of the list
 }
 
 
@@ -221,8 +227,10 @@ def set_option(cfg: Config, key: str, value: Any) -> None:
     key = resolve_key(key)
     sec, name = key.split(".")
     value = _coerce(key, value)
-    if key in _CHOICES and value is not None and value not in _CHOICES[key]:
-        raise ConfigError(f"{key} must be one of {', '.join(_CHOICES[key])}, got {value!r}")
+    allowed = CHOICES.get(key)
+    if allowed and value is not None and not all(v in allowed for v in (value if isinstance(value, list) else [value])):
+        raise ConfigError(f"{key} must be {'made of' if isinstance(value, list) else 'one of'} "
+                          f"{', '.join(allowed)}, got {value!r}")
     setattr(getattr(cfg, sec), name, value)
 
 
@@ -342,8 +350,6 @@ def validate(cfg: Config) -> None:
         (o.backbone_lr_mult >= 0, "optim.backbone_lr_mult must not be negative"),
         (t.patience >= 0, "train.patience must not be negative"),
         (d.workers >= -1, "data.workers must be -1 (automatic) or a count"),
-        (all(p in ("stem", "layer1", "layer2", "layer3", "layer4", "backbone") for p in o.freeze),
-         "optim.freeze takes stem, layer1, layer2, layer3, layer4 or backbone"),
     ]
     for ok, message in checks:
         if not ok:
@@ -366,8 +372,8 @@ def add_arguments(parser: argparse.ArgumentParser, sections: list[str] | None = 
             hint = typing.get_type_hints(type(getattr(Config(), sec)))[f.name]
             if hint is bool or hint == bool | None:
                 kw["action"] = argparse.BooleanOptionalAction
-            elif key in _CHOICES:
-                kw["metavar"] = "{" + ",".join(_CHOICES[key]) + "}"
+            elif key in CHOICES:
+                kw["metavar"] = "{" + ",".join(CHOICES[key]) + "}"
             else:
                 kw.update(metavar=flag_name(key).upper(), nargs=f.metadata.get("nargs"))
             group.add_argument(flag, **kw)

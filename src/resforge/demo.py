@@ -3,7 +3,8 @@
 The Fashion-MNIST sample that ships with resforge is written out as an image folder, inspected,
 and trained on for a few minutes of CPU time with the default recipe, the one a user gets who
 names nothing but the folder and the budget; the best model is evaluated on the test split and
-reported. Each step prints the command that does the same from a shell.
+reported, exported to ONNX (checked against PyTorch) and measured on each backend. Each step
+prints the command that does the same from a shell.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from . import api
 from .data.sources import import_dataset
+from .deploy.bench import settings_line, table
 from .errors import ConfigError
 
 log = logging.getLogger("resforge")
@@ -35,6 +37,12 @@ def run_demo(minutes: float = 3.0) -> dict:
     test = out["results"]["test"]
     log.info("\ntest top-1 %.2f%% on %d images the model never saw; report: %s", 100 * test["top1"],
              test["num_samples"], out["report"])
-    log.info("Next: resforge eval %s <labelled folder> | resforge predict %s <images>", out["run_dir"],
-             out["run_dir"])
+    run = out["run_dir"]
+    log.info("\n$ resforge export %s --format onnx", run)
+    exported = api.export(run, "onnx")
+    log.info("\n$ resforge bench %s --backends torch,onnxruntime,openvino --batch-sizes 1,32 --duration 1", run)
+    batch_sizes = [1, 32]
+    rows = api.bench([run], ["torch", "onnxruntime", "openvino"], batch_sizes=batch_sizes, duration=1.0)
+    log.info("%s\n%s", table(rows, batch_sizes), settings_line(rows, 1.0, 3))
+    log.info("\nNext: resforge eval %s <labelled folder> | resforge predict %s <images>", run, exported.path)
     return out

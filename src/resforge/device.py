@@ -1,12 +1,41 @@
-"""Where a model runs and in what precision: shared by training, evaluation and (later) serving."""
+"""Where a model runs, in what precision, and from which seed: shared by training, evaluation and deploy."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 
+from .config import CHOICES
 from .errors import ConfigError
 
-AMP_CHOICES = ("auto", "bf16", "fp16", "off")  # as config's train.amp (config stays free of torch)
+AMP_CHOICES = CHOICES["train.amp"]
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """bf16 runs at full speed here: CUDA that has it, or a CPU with AVX512-BF16 or AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -35,6 +64,24 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "bf16":
         return torch.bfloat16
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return torch.bfloat16 if native else None
+        return torch.bfloat16 if native_bf16(device) else torch.float16
+    return torch.bfloat16 if native_bf16(device) else None
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """A mixed-precision dtype as the backends' precision names it: bf16, fp16, or fp32 for none."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+
+
+def cpu_name() -> str:
+    """The processor's model name (what a measurement was taken on)."""
+    import platform
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

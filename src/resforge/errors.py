@@ -24,3 +24,7 @@ class DataError(ResforgeError):
 
 class TrainingError(ResforgeError):
     """A run that cannot go on (a NaN loss); the last good checkpoint is kept."""
+
+
+class ExportError(ResforgeError):
+    """An export that failed its checks; no file was kept."""

@@ -24,8 +24,8 @@ def run(tmp_path_factory):
 
 def test_eval_writes_metrics_confusion_and_grids(run, tmp_path):
     run_dir, data, _ = run
-    report = api.evaluate(run_dir, data, out=tmp_path / "ev", workers=0, amp="off")
-    rows = api.predict(run_dir, [data], topk=1, amp="off")  # the same model, image by image
+    report = api.evaluate(run_dir, data, out=tmp_path / "ev", workers=0, backend="torch", precision="fp32")
+    rows = api.predict(run_dir, [data], topk=1, backend="torch", precision="fp32")  # the same model, image by image
     truth = [r["path"].split("/")[-2] for r in rows]
     guess = [r["top"][0]["class"] for r in rows]
     assert report.num_samples == 36
@@ -48,16 +48,17 @@ def test_tta_changes_the_scores(run, tmp_path):
 
     from resforge.data.loader import ImageDataset, make_loader
     from resforge.data.transforms import eval_transform
-    from resforge.evaluation.evaluate import LoadedModel, labelled_samples
+    from resforge.deploy.predictor import Predictor
+    from resforge.evaluation.evaluate import labelled_samples
     from resforge.evaluation.runner import TenCropViews, infer
 
     run_dir, data, _ = run
-    lm = LoadedModel.load(run_dir, torch.device("cpu"))
+    lm = Predictor.load(run_dir, "torch", "cpu", "fp32")
     samples, _ = labelled_samples(data, lm.classes)
 
     def logits(transform, flip=False):
         loader = make_loader(ImageDataset(samples, transform, lm.pre), 8, train=False, workers=0, seed=0)
-        return infer(lm.model, loader, torch.device("cpu"), flip=flip)[0]
+        return infer(lm, loader, flip=flip)[0]
 
     plain, flip = logits(eval_transform(lm.pre)), logits(eval_transform(lm.pre), flip=True)
     crops = logits(TenCropViews(lm.pre))
@@ -65,7 +66,7 @@ def test_tta_changes_the_scores(run, tmp_path):
     assert not torch.allclose(plain, flip) and not torch.allclose(plain, crops)
     assert torch.allclose(flip.exp().sum(1), torch.ones(36), atol=1e-4)  # averaged probabilities, as logs
     for tta in ("flip", "multicrop"):
-        api.evaluate(run_dir, data, out=tmp_path / tta, workers=0, tta=tta)
+        api.evaluate(run_dir, data, out=tmp_path / tta, workers=0, tta=tta, backend="torch")
         assert json.loads((tmp_path / tta / "metrics_shapes.json").read_text())["tta"] == tta
 
 
@@ -107,16 +108,16 @@ def test_predict_matches_the_model_on_its_own(run):
     import torch
 
     from resforge.data.folder import load_image
-    from resforge.data.loader import _pil_to_tensor
+    from resforge.data.loader import pil_to_tensor
     from resforge.data.transforms import Preprocess, eval_transform
 
     model, meta = resforge.models.load_model(run_dir)
     pre = Preprocess.from_dict(meta["preprocess"])
     path = str(data / "b" / "003.png")
-    x = eval_transform(pre)(_pil_to_tensor(load_image(path, pre.mode)))[None]
+    x = eval_transform(pre)(pil_to_tensor(load_image(path, pre.mode)))[None]
     with torch.no_grad():
         probs = model(x).softmax(-1)[0]
-    row = api.predict(run_dir, [path], topk=1, amp="off")[0]
+    row = api.predict(run_dir, [path], topk=1, backend="torch", precision="fp32")[0]
     assert row["top"][0]["class"] == meta["classes"][int(probs.argmax())]
     assert row["top"][0]["prob"] == pytest.approx(float(probs.max()), abs=1e-5)
 
@@ -213,7 +214,7 @@ def test_predict_names_a_decompression_bomb_without_pils_warning(run, tmp_path):
     big = tmp_path / "big.png"
     Image.new("1", (9500, 9500)).save(big)  # 90.25M pixels: over PIL's warning threshold, small on disk
     r = subprocess.run([sys.executable, "-W", "default", "-m", "resforge", "predict", run_dir, str(big),
-                        str(data / "a" / "000.png"), "--format", "json"], capture_output=True, text=True)
+                        str(data / "a" / "000.png"), "--format", "json", "--backend", "torch"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
     assert "over the limit of 89,478,485" in rows[0]["error"] and rows[1]["top"]

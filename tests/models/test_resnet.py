@@ -94,6 +94,12 @@ def test_init_choice_changes_weight_scale():
     assert w_x.std().item() == pytest.approx((2 / (fan_in + fan_out)) ** 0.5, rel=0.15)
 
 
+def test_every_activation_the_options_name_is_built():
+    from resforge.config import CHOICES
+
+    assert tuple(ACTIVATIONS) == CHOICES["model.act"]
+
+
 @pytest.mark.parametrize("act", sorted(ACTIVATIONS))
 def test_activation_choice(act):
     m = tiny("resnet18", act=act)

@@ -48,6 +48,44 @@ def test_photos_keep_colour_and_a_centre_crop(tmp_path):
     assert cfg.data.img_size == 128 and cfg.data.crop_pct == 0.875 and cfg.augment.scale == [0.08, 1.0]
 
 
+@pytest.mark.parametrize("images, side, batch", [(48000, 28, 256), (3200, 28, 64), (1437, 32, 32), (128, 25, 32),
+                                                 (768, 112, 32), (20000, 160, 32)])
+def test_batches_shrink_for_small_folders_but_not_below_32(tmp_path, monkeypatch, images, side, batch):
+    import resforge.training.auto as auto
+    from resforge.data.profile import DataProfile
+
+    folder = make_image_folder(tmp_path / "d", per_class=4, size=24)
+    monkeypatch.setattr(auto, "profile_data", lambda scan, seed: DataProfile(
+        images=images, classes=10, short_side=side, long_side=side, gray=False, imbalance=1.0))
+    cfg, reasons = _fit(folder)
+    assert cfg.data.batch_size == batch and f"{images:,} training images" in reasons["data.batch_size"]
+
+
+def test_large_folders_hold_out_5000_images_not_a_fifth(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    import resforge.training.auto as auto
+    from resforge.data.folder import ImageFolderScan
+    from resforge.data.profile import DataProfile
+
+    monkeypatch.setattr(auto, "profile_data", lambda scan, seed: DataProfile(
+        images=len(scan.train), classes=10, short_side=28, long_side=28, gray=True, imbalance=1.0))
+    samples = [(f"/x/{i:05d}.png", i % 10) for i in range(60000)]
+    scan = ImageFolderScan(root="/x", classes=[str(i) for i in range(10)], layout="classes",
+                           val_source="0.2 of each class, seed 123", train=samples[:48000], val=samples[48000:])
+    cfg = build_config("auto", overrides={"data.root": "/x"})
+    reasons = fit_recipe(cfg, scan)
+    assert cfg.data.val_split == 0.083 and "5,000 are enough to pick the best epoch" in reasons["data.val_split"]
+    again = scan.resplit(cfg.data.val_split, 123)
+    assert len(again.val) == 4980 and sorted(again.train + again.val) == samples  # 498 of each class's 6,000
+    given = build_config("auto", overrides={"data.root": "/x", "val_split": 0.3})
+    fit_recipe(given, scan)
+    assert given.data.val_split == 0.3  # the user's share wins
+    folder = build_config("auto", overrides={"data.root": "/x"})
+    assert "data.val_split" not in fit_recipe(folder, replace(scan, val_source="folder"))  # a val folder stays
+    assert replace(scan, val_source="folder").resplit(0.1, 1).val == scan.val
+
+
 def test_what_the_user_sets_wins(tmp_path):
     folder = make_image_folder(tmp_path / "d", per_class=8, size=24, mode="L")
     cfg, reasons = _fit(folder, img_size=32, hflip=0.25, model="resnet34", lr=0.3)
@@ -88,8 +126,8 @@ def test_regularisation_grows_with_the_budget(tmp_path):
     medium, _ = _fit(folder, epochs=20)
     long, _ = _fit(folder, epochs=100)
     assert short.augment.preset == "none" and "underfits" in reasons["augment.preset"]
-    assert (medium.augment.preset, medium.augment.scale) == ("standard", [0.5, 1.0])
-    assert long.augment.scale == [0.35, 1.0]
+    assert (medium.augment.preset, medium.augment.scale) == ("standard", [0.8, 1.0])
+    assert long.augment.scale == [0.5, 1.0]
     assert (short.augment.mixup, short.train.ema, medium.augment.mixup, medium.train.ema) == (0, False, 0, False)
     assert long.augment.mixup == 0.2 and long.train.ema
     assert short.optim.warmup_epochs < medium.optim.warmup_epochs < long.optim.warmup_epochs == 1.0

@@ -13,10 +13,11 @@ palette, RGBA, CMYK and 16-bit images to 8-bit RGB (or L).
 from __future__ import annotations
 
 import errno
+import io
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -60,11 +61,18 @@ class ImageFolderScan:
                   ((split, self.classes[label], os.path.relpath(p, self.root))
                    for split in ("train", "val", "test") for p, label in getattr(self, split)))
 
+    def resplit(self, val_split: float, seed: int) -> ImageFolderScan:
+        """The same images with another validation share, chosen after the scan (a val folder stays as it is)."""
+        if self.val_source == "folder":
+            return self
+        train, val = _stratified_split(self.train + self.val, len(self.classes), val_split, seed)
+        return replace(self, train=train, val=val, val_source=f"{val_split:g} of each class, seed {seed}")
+
     def write_skipped_csv(self, path: str | os.PathLike) -> None:
         write_csv(path, ["path", "reason"], ((os.path.relpath(p, self.root), r) for p, r in self.skipped))
 
 
-def _convert(im: Image.Image, mode: str) -> Image.Image:
+def convert_mode(im: Image.Image, mode: str) -> Image.Image:
     """8-bit RGB or L from any PIL mode; 16-bit images are rescaled, not clipped."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         a = np.asarray(im, dtype=np.float64)
@@ -76,40 +84,56 @@ def _convert(im: Image.Image, mode: str) -> Image.Image:
     return im if im.mode == mode else im.convert(mode)
 
 
-def load_image(path: str | os.PathLike, mode: str = "RGB", max_pixels: int = DEFAULT_MAX_PIXELS,
-               min_size: int | None = None) -> Image.Image:
-    """Decode one image fully, upright and in `mode`; raise DataError naming the file if it can't be.
+def load_image(source: str | os.PathLike | bytes, mode: str = "RGB", max_pixels: int = DEFAULT_MAX_PIXELS,
+               min_size: int | None = None, name: str | None = None) -> Image.Image:
+    """Decode one image fully, upright and in `mode`; raise DataError naming it if it can't be.
 
-    With `min_size`, a large JPEG is decoded at a reduced DCT scale that keeps both sides at least
-    `min_size` pixels: several times faster, and the image is resized to that size anyway.
+    `source` is a path or the bytes of an image file (what a server receives); errors name it by
+    `name`, else the path, else "image". With `min_size`, a large JPEG is decoded at a reduced DCT
+    scale that keeps both sides at least `min_size` pixels: several times faster, and the image is
+    resized to that size anyway.
     """
-    path = Path(path)
-    if path.is_symlink() and (problem := _link_problem(path)):
-        raise DataError(f"{path}: {problem}")
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        label = name or "image"
+        if not len(source):
+            raise DataError(f"{label}: empty file")
+        fp: Path | io.BytesIO = io.BytesIO(source)
+    else:
+        fp = Path(source)
+        label = name or str(fp)
+        if fp.is_symlink() and (problem := _link_problem(fp)):
+            raise DataError(f"{label}: {problem}")
     try:
-        if path.stat().st_size == 0:
-            raise DataError(f"{path}: empty file")
-        with Image.open(path) as im:
+        if isinstance(fp, Path) and fp.stat().st_size == 0:
+            raise DataError(f"{label}: empty file")
+        with Image.open(fp) as im:
             if im.width * im.height > max_pixels:
-                raise DataError(f"{path}: {im.width}x{im.height} pixels is over the limit of {max_pixels:,} "
+                raise DataError(f"{label}: {im.width}x{im.height} pixels is over the limit of {max_pixels:,} "
                                 "(a decompression bomb?)")
             if min_size and im.format == "JPEG":
                 im.draft(mode, (min_size, min_size))
             im.load()
             ImageOps.exif_transpose(im, in_place=True)  # in place: no copy for the common upright image
-            return _convert(im, mode)
+            return convert_mode(im, mode)
     except DataError:
         raise
     except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
+        raise DataError(f"{label}: no such file") from None
     except IsADirectoryError:
-        raise DataError(f"{path}: a folder, not an image file") from None
+        raise DataError(f"{label}: a folder, not an image file") from None
     except Image.DecompressionBombError as e:
-        raise DataError(f"{path}: {e}") from None
+        raise DataError(f"{label}: {e}") from None
     except Image.UnidentifiedImageError:
-        raise DataError(f"{path}: not an image PIL can read") from None
+        raise DataError(f"{label}: not an image PIL can read") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise DataError(f"{path}: corrupt or truncated ({e})") from None
+        raise DataError(f"{label}: corrupt or truncated ({e})") from None
+
+
+def thumbnail(path: str | os.PathLike, mode: str, size: int = 112) -> np.ndarray:
+    """A small copy of an image for figures (grids of samples, predictions, mistakes)."""
+    im = load_image(path, mode, min_size=size)
+    im.thumbnail((size, size))
+    return np.asarray(im)
 
 
 def _list_class_dirs(folder: Path) -> list[Path]:
@@ -338,7 +362,8 @@ def scan_recorded_split(root: str | os.PathLike, split_csv: str | os.PathLike, *
     sizes, bad = _decode_all(present, max_pixels, threads)
     good = {split: [s for s in samples if s[0] in sizes] for split, samples in recorded.items()}
     new = sorted(p for samples in listing.candidates.values() for p, _ in samples if p not in known)
-    skipped = listing.skipped + gone + bad + [(p, "added since the run started: not in its recorded split") for p in new]
+    added = [(p, "added since the run started: not in its recorded split") for p in new]
+    skipped = listing.skipped + gone + bad + added
     _check_classes(good["train"], listing.classes, listing.train_dir, len(skipped), strict=True)
     return ImageFolderScan(root=str(root), classes=listing.classes, layout=listing.layout,
                            val_source="as recorded in split.csv", train=good["train"], val=good["val"],

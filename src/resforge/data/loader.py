@@ -22,15 +22,23 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from torchvision.transforms import v2
 
 from .folder import DEFAULT_MAX_PIXELS, Sample, load_image
-from .transforms import Preprocess, _interp
+from .transforms import Preprocess, eval_transform, interpolation_mode
 
 CACHE_AUTO_BYTES = 2 * 1024**3
 log = logging.getLogger("resforge")
 
 
-def _pil_to_tensor(im) -> torch.Tensor:
+def pil_to_tensor(im) -> torch.Tensor:
+    """The image's pixels copied into a uint8 CxHxW tensor (channels-last memory, as torchvision takes it)."""
     a = np.asarray(im)
     return torch.from_numpy(a.copy()).unsqueeze(0) if a.ndim == 2 else torch.from_numpy(a.copy()).permute(2, 0, 1)
+
+
+def decode_image(source: str | os.PathLike | bytes, pre: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 name: str | None = None) -> torch.Tensor:
+    """An image file (path or bytes) as uint8 CxHxW in the model's channels, a large JPEG at a reduced DCT
+    scale that still covers the resize size: the one decoding of training, evaluation and prediction."""
+    return pil_to_tensor(load_image(source, pre.mode, max_pixels, min_size=pre.resize_size, name=name))
 
 
 class ImageDataset(Dataset):
@@ -52,14 +60,14 @@ class ImageDataset(Dataset):
         """The uint8 CxHxW image, shorter side at least the resize size for large JPEGs."""
         if self.cache is not None:
             return self.cache[i]
-        im = load_image(self.samples[i][0], self.pre.mode, self.max_pixels, min_size=self.pre.resize_size)
-        return _pil_to_tensor(im)
+        return decode_image(self.samples[i][0], self.pre, self.max_pixels)
 
     def build_cache(self, progress: bool = True) -> None:
         """Decode everything once, resized so the shorter side is the evaluation resize size."""
         from tqdm.auto import tqdm
 
-        resize = v2.Resize(self.pre.resize_size, interpolation=_interp(self.pre.interpolation), antialias=True)
+        resize = v2.Resize(self.pre.resize_size, interpolation=interpolation_mode(self.pre.interpolation),
+                           antialias=True)
         bar = tqdm(range(len(self)), desc="caching", disable=None if progress else True, leave=False, unit="img")
         self.cache = [resize(self.decode(i)) for i in bar]
 
@@ -160,3 +168,21 @@ def make_loader(dataset: ImageDataset, batch_size: int, *, train: bool, workers:
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       persistent_workers=workers > 0, pin_memory=pin_memory, drop_last=drop_last,
                       prefetch_factor=4 if workers > 0 else None)
+
+
+def dataset_stats(samples: Sequence[Sample], pre: Preprocess, limit: int = 2000) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of (up to `limit`) training images as the network will see them."""
+    plain = Preprocess(**{**pre.to_dict(), "mean": [0.0] * pre.in_chans, "std": [1.0] * pre.in_chans})
+    step = max(1, len(samples) // limit)
+    ds = ImageDataset(samples[::step], eval_transform(plain), plain)
+    total = torch.zeros(pre.in_chans, dtype=torch.float64)
+    sq = torch.zeros_like(total)
+    n = 0
+    for i in range(len(ds)):
+        x = ds[i][0].double()
+        total += x.sum((1, 2))
+        sq += (x * x).sum((1, 2))
+        n += x[0].numel()
+    mean = total / n
+    std = (sq / n - mean**2).clamp_min(1e-12).sqrt()
+    return mean.tolist(), std.tolist()

@@ -93,7 +93,7 @@ def make_preprocess(img_size: int, crop_pct: float, in_chans: int, interpolation
                       std=list(std), in_chans=in_chans, interpolation=interpolation)
 
 
-def _interp(name: str) -> InterpolationMode:
+def interpolation_mode(name: str) -> InterpolationMode:
     return InterpolationMode(name)
 
 
@@ -101,7 +101,7 @@ def eval_transform(pre: Preprocess) -> v2.Compose:
     """Resize the shorter side, centre-crop, scale to [0, 1], normalise."""
     return v2.Compose([
         v2.ToImage(),
-        v2.Resize(pre.resize_size, interpolation=_interp(pre.interpolation), antialias=True),
+        v2.Resize(pre.resize_size, interpolation=interpolation_mode(pre.interpolation), antialias=True),
         v2.CenterCrop(pre.img_size),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(pre.mean, pre.std),
@@ -114,7 +114,7 @@ def train_transform(pre: Preprocess, aug: AugmentConfig) -> v2.Compose:
     hflip = preset["hflip"] if aug.hflip is None else aug.hflip
     auto = preset["auto_augment"] if aug.auto_augment is None else aug.auto_augment
     erasing = preset["random_erasing"] if aug.random_erasing is None else aug.random_erasing
-    interp = _interp(pre.interpolation)
+    interp = interpolation_mode(pre.interpolation)
     ops: list[Any] = [v2.ToImage()]
     if preset["random_crop"]:
         ops.append(v2.RandomResizedCrop(pre.img_size, scale=tuple(aug.scale), interpolation=interp, antialias=True))

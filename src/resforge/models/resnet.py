@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torchvision.ops import SqueezeExcitation, StochasticDepth
 
+from ..config import CHOICES
 from ..errors import ConfigError
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -32,10 +33,10 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "silu": lambda: nn.SiLU(inplace=True),
     "gelu": lambda: nn.GELU(),
 }
-NORMS = ("batchnorm", "groupnorm")
-VARIANTS = ("v1.5", "v1", "d")
+NORMS = CHOICES["model.norm"]
+VARIANTS = CHOICES["model.variant"]
 BLOCKS = ("basic", "bottleneck")
-INITS = ("he", "xavier")
+INITS = CHOICES["model.init"]
 
 
 def _choice(what: str, value: str, allowed: Sequence[str]) -> str:
@@ -169,7 +170,7 @@ class ResNet(nn.Module):
         super().__init__()
         _choice("block", block, BLOCKS)
         _choice("variant", variant, VARIANTS)
-        _choice("activation", act, list(ACTIVATIONS))
+        _choice("activation", act, CHOICES["model.act"])
         _choice("norm", norm, NORMS)
         _choice("init", init, INITS)
         if len(layers) != 4 or min(layers) < 1:

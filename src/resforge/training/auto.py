@@ -23,7 +23,9 @@ MIN_SIDE = 24  # smaller images are upscaled to 32: the standard stem divides by
 CROPS_FROM_EPOCHS = 10  # shorter budgets underfit: random crops only slow them
 STRONG_FROM_EPOCHS = 40  # from here, crops as strong as the images allow
 LONG_EPOCHS = 60  # schedules at least this long can afford mixup and a weight EMA
-MIN_STEPS_PER_EPOCH = 30  # small folders get smaller batches, so an epoch still has this many steps
+MIN_STEPS_PER_EPOCH = 30  # small folders get smaller batches, so an epoch still has this many steps ...
+MIN_BATCH = 32  # ... down to this: below it a CPU does less per second than the extra steps give back
+VAL_IMAGES = 5000  # a validation split of this many ranks epochs well; more only takes from training
 LOOP_EFFICIENCY = 0.85  # the training loop's pace against the bare model's (loading, metrics, schedule)
 
 
@@ -55,12 +57,24 @@ def fit_recipe(cfg: Config, scan: ImageFolderScan, pace: Callable[[Config], floa
     p = profile_data(scan, seed=cfg.data.split_seed)
     choose = _Chooser(cfg)
     pretrained = bool(cfg.model.pretrained)
+    _validation(choose, scan)
     _input(choose, p, pretrained)
     _batch(choose, p)
     epochs = _epochs(choose, p, pace)
     _augmentation(choose, p, epochs)
     _optimiser(choose, pretrained, epochs)
     return choose.reasons
+
+
+def _validation(choose: _Chooser, scan: ImageFolderScan) -> None:
+    """Large folders split off VAL_IMAGES for validation, not a fifth: the rest trains (a val folder stays)."""
+    if scan.val_source == "folder":
+        return
+    total = len(scan.train) + len(scan.val)
+    share = round(VAL_IMAGES / total, 3)
+    if share < choose.get("data.val_split"):
+        choose("data.val_split", share, f"{total:,} images: {VAL_IMAGES:,} are enough to pick the best epoch, "
+                                        "the rest train")
 
 
 def _input(choose: _Chooser, p: DataProfile, pretrained: bool) -> None:
@@ -89,7 +103,7 @@ def _input(choose: _Chooser, p: DataProfile, pretrained: bool) -> None:
 def _batch(choose: _Chooser, p: DataProfile) -> None:
     size = choose.get("data.img_size")
     batch = 256 if size <= 32 else 128 if size <= 64 else 64 if size <= 128 else 32
-    while batch > 16 and p.images / batch < MIN_STEPS_PER_EPOCH:
+    while batch > MIN_BATCH and p.images / batch < MIN_STEPS_PER_EPOCH:
         batch //= 2
     choose("data.batch_size", batch, f"{p.images:,} training images at {size} px"
                                      + (": large batches keep a CPU busy on small images" if batch > 32 else ""))
@@ -114,10 +128,10 @@ def _augmentation(choose: _Chooser, p: DataProfile, epochs: float) -> None:
         choose("augment.preset", "none", f"no random crops: in about {epochs:.3g} epochs the model underfits, "
                                          "and crops slow its learning more than they curb overfitting")
     else:
-        low = (0.5 if small else 0.35) if epochs < STRONG_FROM_EPOCHS else (0.35 if small else 0.08)
+        low = (0.8 if small else 0.35) if epochs < STRONG_FROM_EPOCHS else (0.5 if small else 0.08)
         choose("augment.preset", "standard", f"random crops: {epochs:.3g} epochs are enough to overfit without")
         choose("augment.scale", [low, 1.0], "crops keep at least " + (
-            f"{low:g} of a small image: most of the object stays" if small else f"{low:g} of the image"))
+            f"{low:g} of a small image: the object stays whole or nearly" if small else f"{low:g} of the image"))
     if p.flip_hazard:
         choose("augment.hflip", 0.0, f"no flips: {p.flip_hazard}")
     else:

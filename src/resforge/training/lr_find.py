@@ -13,10 +13,9 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from ..errors import ConfigError, TrainingError
-from ..evaluation.runner import autocast
+from ..device import autocast
 from .optim import set_train_mode
 from .trainer import Trainer
 

@@ -21,7 +21,6 @@ from torch import nn
 from ..config import OptimConfig
 from ..errors import ConfigError
 
-STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
 ONECYCLE_DIV = 25.0  # OneCycleLR's div_factor: the cycle starts at peak/25 ...
 ONECYCLE_FINAL = 1e4  # ... and ends at start/1e4 (final_div_factor)
 ONECYCLE_PCT = 0.3  # share of the cycle spent rising

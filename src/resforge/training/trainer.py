@@ -24,12 +24,12 @@ from torch.optim.swa_utils import AveragedModel
 from .. import __version__
 from ..config import Config, load_yaml, merge, resolve_key, validate
 from ..data.folder import ImageFolderScan, scan_folder, scan_recorded_split
-from ..data.loader import CACHE_AUTO_BYTES, ImageDataset, cache_bytes, make_loader, resolve_workers
+from ..data.loader import CACHE_AUTO_BYTES, ImageDataset, cache_bytes, dataset_stats, make_loader, resolve_workers
 from ..data.transforms import BatchMix, Preprocess, eval_transform, imagenet_stats, make_preprocess, train_transform
-from ..device import resolve_amp, resolve_device
+from ..device import autocast, resolve_amp, resolve_device, seed_everything
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..evaluation.metrics import topk_correct
-from ..evaluation.runner import autocast, infer
+from ..evaluation.runner import infer
 from ..io import write_csv, write_json, write_text
 from ..models import ResNet, create_model, load_model, save_model
 from . import budget as _budget
@@ -42,20 +42,6 @@ log = logging.getLogger("resforge")
 Callback = Callable[[str, "Trainer"], None]
 # What a resumed run may change; anything else would make it another experiment.
 RESUMABLE = {"train.epochs", "train.patience", "train.time_limit", "train.device", "data.workers"}
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.benchmark = not deterministic
 
 
 def new_run_dir(cfg: Config) -> Path:
@@ -83,24 +69,6 @@ def _ema_fn(decay: float) -> Callable:
             for e, c in zip(ema, current):
                 e.copy_(c)
     return update
-
-
-def dataset_stats(samples: list, pre: Preprocess, limit: int = 2000) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of (up to `limit`) training images as the network will see them."""
-    plain = Preprocess(**{**pre.to_dict(), "mean": [0.0] * pre.in_chans, "std": [1.0] * pre.in_chans})
-    step = max(1, len(samples) // limit)
-    ds = ImageDataset(samples[::step], eval_transform(plain), plain)
-    total = torch.zeros(pre.in_chans, dtype=torch.float64)
-    sq = torch.zeros_like(total)
-    n = 0
-    for i in range(len(ds)):
-        x = ds[i][0].double()
-        total += x.sum((1, 2))
-        sq += (x * x).sum((1, 2))
-        n += x[0].numel()
-    mean = total / n
-    std = (sq / n - mean**2).clamp_min(1e-12).sqrt()
-    return mean.tolist(), std.tolist()
 
 
 class Trainer:
@@ -145,6 +113,8 @@ class Trainer:
 
             cfg.auto = fit_recipe(cfg, self.scan, pace=self._pace)
             validate(cfg)
+            if "data.val_split" in cfg.auto:
+                self.scan = self.scan.resplit(cfg.data.val_split, cfg.data.split_seed)
         self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         self.model = self._build_model()
         self.pre = self._build_preprocess()
@@ -445,12 +415,26 @@ class Trainer:
         row = {}
         models = [("val", self.fwd_model)] + ([("ema_val", self.ema.module)] if self.ema is not None else [])
         for prefix, model in models:
-            logits, targets = infer(model, self.val_loader, self.device, self.amp_dtype, self.cfg.train.channels_last)
+            was_training = model.training
+            model.eval()
+            try:
+                logits, targets = infer(self._forward(model), self.val_loader)
+            finally:
+                model.train(was_training)
             k = topk_correct(logits, targets, (1, 5))
             row[f"{prefix}_loss"] = F.cross_entropy(logits, targets).item()
             row[f"{prefix}_top1"] = k[1] / len(targets)
             row[f"{prefix}_top5"] = k[5] / len(targets)
         return row
+
+    def _forward(self, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Validation's forward pass: the batch on the device, in the run's layout and precision."""
+        @torch.no_grad()
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            x = x.to(self.device, non_blocking=True, memory_format=self.memory_format)
+            with autocast(self.device, self.amp_dtype):
+                return model(x).float()
+        return forward
 
     def _score(self, row: dict[str, float], prefix: str) -> float:
         """Higher is better."""

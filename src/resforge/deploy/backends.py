@@ -1,0 +1,162 @@
+"""The engines a Predictor runs on, behind one call: PyTorch, ONNX Runtime and OpenVINO.
+
+A runner takes a prepared batch as a CPU tensor (float NCHW, normalised; or uint8 NHWC pixels for
+a graph with the preprocessing inside) and returns float32 logits on the CPU. Providers, threads
+and precision are fixed when it is built, so a call is one engine call and little else.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..device import autocast, precision_name, resolve_amp
+from ..errors import CheckpointError, ConfigError
+
+BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")  # tensorrt: ONNX Runtime's TensorRT provider
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PIP_EXTRA = {"onnxruntime": "onnxruntime", "openvino": "openvino", "tensorrt": "onnxruntime-gpu with TensorRT"}
+_OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+
+
+def resolve_precision(backend: str, precision: str, device: torch.device, exported: str = "fp32") -> str:
+    """auto: bf16 where the hardware runs it natively (torch, OpenVINO; as training's amp auto), else fp32.
+    ONNX Runtime runs a file in the precision it was exported in (`exported`)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if backend in ("onnxruntime", "tensorrt"):
+        if precision not in ("auto", exported):
+            raise ConfigError(f"{backend} runs a model in the precision it was exported in ({exported}); for "
+                              f"{precision} use --backend torch or openvino, or export with --dtype {precision}")
+        return exported
+    return precision_name(resolve_amp("off" if precision == "fp32" else precision, device))
+
+
+def require_backend(backend: str):
+    """The backend's package, or a clear error naming what to install."""
+    module = {"onnxruntime": "onnxruntime", "tensorrt": "onnxruntime", "openvino": "openvino"}[backend]
+    try:
+        return __import__(module)
+    except ImportError:
+        raise ConfigError(f"the {backend} backend needs the {module} package: "
+                          f"pip install {PIP_EXTRA[backend]}") from None
+
+
+class Runner:
+    """One loaded model on one engine."""
+
+    backend: str
+    precision: str
+    max_batch: int | None = None  # a graph exported with a fixed batch size takes exactly this many
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of a batch of any size (a fixed-batch graph gets it in slices, the last one padded)."""
+        n = self.max_batch
+        if n is None or len(x) == n:
+            return self.run(x)
+        parts = []
+        for i in range(0, len(x), n):
+            part = x[i:i + n]
+            padded = torch.cat([part, part[-1:].expand(n - len(part), *part.shape[1:])]) if len(part) < n else part
+            parts.append(self.run(padded)[:len(part)])
+        return torch.cat(parts)
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TorchRunner(Runner):
+    backend = "torch"
+
+    def __init__(self, model: nn.Module, device: torch.device, precision: str, compile: bool = False):
+        self.device, self.precision = device, precision
+        self.dtype = resolve_amp("off" if precision == "fp32" else precision, device)
+        self.model = model.eval().to(device, memory_format=torch.channels_last)
+        self.forward = torch.compile(self.model) if compile else self.model
+
+    @torch.inference_mode()
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True, memory_format=torch.channels_last)
+        with autocast(self.device, self.dtype):
+            return self.forward(x).float().cpu()
+
+
+class OnnxRuntimeRunner(Runner):
+    backend = "onnxruntime"
+
+    def __init__(self, model: bytes | Path, device: torch.device, threads: int | None = None, tensorrt: bool = False):
+        ort = require_backend("tensorrt" if tensorrt else "onnxruntime")
+        self.precision = "fp32"
+        available = ort.get_available_providers()
+        if tensorrt:
+            self.backend = "tensorrt"
+            if "TensorrtExecutionProvider" not in available:
+                raise ConfigError("TensorRT is not available here: this onnxruntime build has no "
+                                  "TensorrtExecutionProvider (it needs onnxruntime-gpu with TensorRT on an NVIDIA GPU)")
+            providers = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+        elif device.type == "cuda":
+            if "CUDAExecutionProvider" not in available:
+                raise ConfigError("this onnxruntime build has no CUDA provider (pip install onnxruntime-gpu), "
+                                  "or run it with --device cpu")
+            providers = [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
+                                                providers=providers)
+        except Exception as e:  # ORT raises its own types for unreadable graphs and unsupported opsets
+            raise CheckpointError(f"onnxruntime cannot load {model if isinstance(model, Path) else 'the model'}: "
+                                  f"{str(e).splitlines()[0][:300]}") from None
+        inp = self.session.get_inputs()[0]
+        self.input_name, self.output_name = inp.name, self.session.get_outputs()[0].name
+        self.max_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return torch.from_numpy(self.session.run([self.output_name], {self.input_name: x.numpy()})[0])
+        except Exception as e:  # ORT's own error types: a graph that does not take what its record says
+            raise _refused(self.backend, x, e) from None
+
+
+class OpenVinoRunner(Runner):
+    backend = "openvino"
+
+    def __init__(self, model: Any, device: torch.device, precision: str, threads: int | None = None):
+        ov = require_backend("openvino")
+        if device.type != "cpu":
+            raise ConfigError("the openvino backend runs on the CPU here (--device cpu)")
+        self.precision = precision
+        config = {"INFERENCE_PRECISION_HINT": _OV_PRECISION[precision], "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        core = ov.Core()
+        try:
+            if isinstance(model, (str, os.PathLike)):
+                model = core.read_model(str(model))
+            compiled = core.compile_model(model, "CPU", config)
+        except RuntimeError as e:
+            raise CheckpointError(f"openvino cannot load the model: {str(e).strip().splitlines()[0][:300]}") from None
+        self.request = compiled.create_infer_request()
+        first = compiled.inputs[0].get_partial_shape()[0]
+        self.max_batch = first.get_length() if first.is_static else None
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            self.request.infer({0: x.numpy()}, share_inputs=True)
+        except RuntimeError as e:
+            raise _refused(self.backend, x, e) from None
+        return torch.from_numpy(self.request.get_output_tensor(0).data.copy())
+
+
+def _refused(backend: str, x: torch.Tensor, e: Exception) -> CheckpointError:
+    reason = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
+    return CheckpointError(f"{backend} could not run the model on a {str(x.dtype).replace('torch.', '')} input of "
+                           f"shape {list(x.shape)}: {reason}")

@@ -1,0 +1,260 @@
+"""`resforge export`: a trained model as a file for another engine, checked against PyTorch before it is kept.
+
+Formats: ONNX, OpenVINO IR (.xml + .bin) and a `torch.export` program (.pt2). Each file carries the
+model's record (classes, preprocessing, architecture, metrics, versions: `metadata.ModelInfo`), so
+`Predictor.load` needs nothing else for an ONNX file or an IR (a .pt2 is for PyTorch programs:
+`read_pt2_info` gives its record). With `embed_preprocessing` the graph takes uint8 NHWC pixels
+of any size and resizes, crops and normalises them itself.
+
+The parity gate: the written file is loaded back and run on real images from the run's own
+validation split (up to 256) beside the PyTorch model; the largest logit difference and the top-1
+agreement are printed, and past the tolerance the export fails and leaves no file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..data.folder import read_split_csv
+from ..data.loader import decode_image
+from ..data.transforms import eval_transform
+from ..errors import ConfigError, DataError, ExportError, ResforgeError
+from .backends import require_backend
+from .convert import DEFAULT_OPSET, HalfPrecision, to_onnx, to_openvino
+from .metadata import PT2_FILE, ModelInfo
+from .predictor import Source, build_runner, open_source
+
+log = logging.getLogger("resforge")
+
+FORMATS = ("onnx", "openvino", "pt2")
+DTYPES = ("fp32", "fp16")
+SUFFIX = {"onnx": ".onnx", "openvino": ".xml", "pt2": ".pt2"}
+PARITY_IMAGES = 256
+# Largest logit difference allowed, as a fraction of the largest logit (at least 1): fp32 engines differ
+# in summation order only; fp16 weights and activations keep about three decimal digits.
+LOGIT_TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2}
+PIXELS_AGREEMENT = 0.995  # a graph resizing pixels itself differs from torchvision by a grey level at most
+PIXELS_PROB_DIFF = 0.01
+
+
+@dataclass
+class Parity:
+    """The exported file against the PyTorch model, on the same images."""
+
+    images: int
+    where: str  # which images
+    max_abs_diff: float  # largest logit difference
+    tolerance: float  # the largest allowed: a share of the largest logit
+    top1_agreement: float
+    max_prob_diff: float
+    mean_prob_diff: float
+    decided: int  # disagreements where PyTorch's top two were further apart than twice the tolerance
+
+    def line(self) -> str:
+        return (f"parity on {self.images} {self.where}: max |logit diff| {self.max_abs_diff:.2e} (tolerance "
+                f"{self.tolerance:.2e}), top-1 agreement {self.top1_agreement:.2%}, max prob diff "
+                f"{self.max_prob_diff:.2e}")
+
+
+@dataclass
+class Exported:
+    path: Path
+    format: str
+    parity: Parity
+
+
+def export(source: str | os.PathLike, format: str = "onnx", out: str | os.PathLike | None = None, *,
+           opset: int = DEFAULT_OPSET, dynamic_batch: bool = False, dtype: str = "fp32",
+           embed_preprocessing: bool = False, images: str | os.PathLike | None = None) -> Exported:
+    """Export a run's best model (or a .safetensors with its sidecar) and gate it on parity with PyTorch.
+
+    `images`: a folder of images for the parity check instead of the run's validation split.
+    """
+    _check_options(format, dtype, opset, embed_preprocessing)
+    src = open_source(source)
+    if src.kind != "torch":
+        raise ConfigError(f"{source} is already an exported {src.kind} file: export from the run directory or "
+                          "its .safetensors")
+    info = replace(src.info.with_export(format=format, dtype=dtype, opset=opset if format != "pt2" else None,
+                                        dynamic_batch=dynamic_batch, resforge=__version__, torch=torch.__version__),
+                   input="pixels" if embed_preprocessing else "tensor")
+    path = Path(out) if out else _default_path(src, format, dtype, embed_preprocessing)
+    if path.suffix.lower() != SUFFIX[format]:
+        raise ConfigError(f"{format} exports are {SUFFIX[format]} files, got {path}")
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder; give the file to write")
+    samples, where = parity_images(src, images)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}.") as tmp:
+        written = Path(tmp) / path.name
+        try:
+            _write(src, info, format, written, opset, dynamic_batch, dtype)
+        except ResforgeError:
+            raise
+        except Exception as e:  # the exporters' own errors: say which step failed, keep the cause for Python users
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise ExportError(f"the {format} conversion of {source} failed: {reason}; nothing was written") from e
+        parity = check_parity(src, info, written, format, samples, where)
+        log.info("%s", parity.line())
+        _gate(parity, embed_preprocessing, path)
+        _move_into_place(written, path, format)
+    log.info("exported %s (%s, %.1f MB)", path, format, _size(path, format) / 1e6)
+    return Exported(path, format, parity)
+
+
+def _check_options(format: str, dtype: str, opset: int, pixels: bool) -> None:
+    if format not in FORMATS:
+        hint = (" (TensorRT: export onnx, and run it with --backend tensorrt where onnxruntime-gpu has TensorRT)"
+                if format == "tensorrt" else "")
+        raise ConfigError(f"format must be one of {', '.join(FORMATS)}, got {format!r}{hint}")
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if format != "pt2" and not DEFAULT_OPSET <= opset <= newest:
+        raise ConfigError(f"opset must lie in {DEFAULT_OPSET}..{newest} (18 is the first with antialiased "
+                          f"Resize; the installed onnx knows up to {newest}), got {opset}")
+    if pixels and format == "pt2":
+        raise ConfigError("--embed-preprocessing makes an ONNX or OpenVINO graph that takes pixels; a pt2 program "
+                          "takes the preprocessed tensor")
+    if format == "openvino":
+        require_backend("openvino")
+
+
+def _default_path(src: Source, format: str, dtype: str, pixels: bool) -> Path:
+    """Beside the weights: best.onnx, best-fp16-pixels.xml, ..."""
+    stem = src.path.stem + ("-fp16" if dtype == "fp16" else "") + ("-pixels" if pixels else "")
+    return src.path.with_name(stem + SUFFIX[format])
+
+
+def _write(src: Source, info: ModelInfo, format: str, path: Path, opset: int, dynamic_batch: bool,
+           dtype: str) -> None:
+    if format == "pt2":
+        net = src.model.eval() if dtype == "fp32" else HalfPrecision(src.model).eval()
+        pre = info.pre
+        x = torch.zeros(2 if dynamic_batch else 1, pre.in_chans, pre.img_size, pre.img_size)
+        shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+        program = torch.export.export(net, (x,), dynamic_shapes=shapes)
+        torch.export.save(program, str(path), extra_files={PT2_FILE: info.to_json()})
+        return
+    import onnx
+
+    if format == "onnx":
+        onnx.save(to_onnx(src.model, info, opset=opset, dynamic_batch=dynamic_batch, dtype=dtype), str(path))
+        return
+    import openvino as ov
+
+    bare = replace(info, input="tensor")  # the network; the PrePostProcessor adds the pixels input
+    model = to_openvino(to_onnx(src.model, bare, opset=opset, dynamic_batch=dynamic_batch), info)
+    ov.save_model(model, str(path), compress_to_fp16=dtype == "fp16")  # fp16 weights, computed as the CPU can
+
+
+def parity_images(src: Source, folder: str | os.PathLike | None) -> tuple[list[str], str]:
+    """Up to PARITY_IMAGES image files to check an export on: from `folder`, else the run's validation
+    split (found through the sidecar), spread over the split; none found is an error naming the fix."""
+    if folder is not None:
+        from ..data.folder import scan_images
+
+        paths = scan_images([folder])
+        return _spread(paths), f"images from {folder}"
+    trained = src.info.trained
+    run = Path(trained.get("run") or src.path.parent)
+    data = trained.get("data")
+    split = run / "split.csv"
+    if data and split.is_file():
+        try:
+            rows = read_split_csv(split)
+        except DataError:
+            rows = []
+        paths = [str(Path(data) / rel) for s, _, rel in rows if s == "val" and (Path(data) / rel).is_file()]
+        if paths:
+            return _spread(paths), f"validation images of {run}"
+    raise ConfigError(f"no validation images of {src.path}'s run were found (its split.csv or data folder moved) "
+                      "to check the export on: give a folder of images with --images DIR")
+
+
+def _spread(paths: list[str]) -> list[str]:
+    step = max(1, len(paths) // PARITY_IMAGES)
+    return sorted(paths)[::step][:PARITY_IMAGES]
+
+
+def _reference_and_candidate(src: Source, info: ModelInfo, written: Path, format: str, files: list[str]
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of the PyTorch model (fp32) and of the written file, on the same decoded images."""
+    pre, transform = info.pre, eval_transform(info.pre)
+    decoded = [decode_image(f, pre) for f in files]
+    model = src.model.eval()
+    with torch.inference_mode():
+        reference = torch.cat([model(torch.stack([transform(x) for x in decoded[i:i + 32]])).float()
+                               for i in range(0, len(decoded), 32)])
+    if format == "pt2":
+        program = torch.export.load(str(written)).module()
+        run = torch.inference_mode()(program)
+    else:
+        backend, kind = ("onnxruntime", "onnx") if format == "onnx" else ("openvino", "openvino")
+        precision = "auto" if backend == "onnxruntime" else "fp32"  # ORT: the file's own; OpenVINO: no bf16 hint
+        run = build_runner(Source(kind, written, info), backend, torch.device("cpu"), precision)
+    # one by one: a fixed-batch graph takes one image, a pixel graph each image at its own size
+    candidate = [run((x.permute(1, 2, 0).contiguous() if info.takes_pixels else transform(x))[None]).float()
+                 for x in decoded]
+    return reference, torch.cat(candidate)
+
+
+def check_parity(src: Source, info: ModelInfo, written: Path, format: str, files: list[str], where: str) -> Parity:
+    reference, candidate = _reference_and_candidate(src, info, written, format, files)
+    agree = candidate.argmax(1) == reference.argmax(1)
+    top2 = reference.topk(min(2, reference.shape[1]), dim=1).values
+    tolerance = LOGIT_TOLERANCE[info.export.get("dtype", "fp32")] * max(1.0, float(reference.abs().max()))
+    prob_diff = (candidate.softmax(1) - reference.softmax(1)).abs()
+    return Parity(images=len(files), where=where, max_abs_diff=float((candidate - reference).abs().max()),
+                  tolerance=tolerance, top1_agreement=float(agree.float().mean()),
+                  max_prob_diff=float(prob_diff.max()), mean_prob_diff=float(prob_diff.mean()),
+                  decided=int((~agree & (top2[:, 0] - top2[:, -1] > 2 * tolerance)).sum()))
+
+
+def _gate(parity: Parity, pixels: bool, path: Path) -> None:
+    """fp32 and fp16: every logit within the tolerance, and no top-1 disagreement outside near-ties. A
+    graph resizing pixels itself (a grey level off torchvision at most): 99.5% agreement, and probabilities
+    that differ by less than PIXELS_PROB_DIFF on average (a wrong normalisation moves them all)."""
+    if pixels:
+        ok = parity.top1_agreement >= PIXELS_AGREEMENT and parity.mean_prob_diff <= PIXELS_PROB_DIFF
+        what = (f"top-1 agreement {parity.top1_agreement:.2%} (at least {PIXELS_AGREEMENT:.1%}) or mean probability "
+                f"difference {parity.mean_prob_diff:.3g} (at most {PIXELS_PROB_DIFF:g})")
+    else:
+        ok = parity.max_abs_diff <= parity.tolerance and parity.decided == 0
+        what = (f"max |logit diff| {parity.max_abs_diff:.3g} over the tolerance {parity.tolerance:.3g}" if
+                parity.max_abs_diff > parity.tolerance else f"{parity.decided} clear top-1 disagreement(s)")
+    if not ok:
+        raise ExportError(f"the export disagrees with the PyTorch model: {what}; {path} was not written")
+
+
+def _move_into_place(written: Path, path: Path, format: str) -> None:
+    """On disk first (fsync), then renamed: the weights before the .xml that names them."""
+    files = [written.with_suffix(".bin"), written] if format == "openvino" else [written]
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    for f in files:
+        os.replace(f, path.with_suffix(f.suffix))
+
+
+def _size(path: Path, format: str) -> int:
+    return path.stat().st_size + (path.with_suffix(".bin").stat().st_size if format == "openvino" else 0)
+
+
+def read_pt2_info(path: str | os.PathLike) -> ModelInfo:
+    """The record inside a .pt2 export."""
+    extra = {PT2_FILE: ""}
+    torch.export.load(str(path), extra_files=extra)
+    return ModelInfo.from_json(extra[PT2_FILE], str(path))

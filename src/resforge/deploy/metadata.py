@@ -1,0 +1,194 @@
+"""What a model carries about itself, the same in every format: one versioned JSON record.
+
+The record holds what it takes to use the model without its training code: the class names, the
+preprocessing (resize of the shorter side, centre crop, scaling, mean/std, channel order), what
+the input is (a normalised float NCHW tensor, or uint8 NHWC pixels of any size when the
+preprocessing is inside the graph), the architecture, the training metrics and where it came from.
+It travels in the safetensors sidecar (as its fields), in an ONNX file's `metadata_props` under
+`resforge.model` (beside ONNX's own `Image.*` keys where they apply), and in an OpenVINO IR's
+rt_info under `resforge`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from ..config import DataConfig
+from ..data.transforms import Preprocess, imagenet_stats, make_preprocess
+from ..errors import CheckpointError, ConfigError
+
+SCHEMA = "resforge.model"
+VERSION = 1
+ONNX_KEY = SCHEMA  # metadata_props key
+OV_KEY = "resforge"  # rt_info key
+PT2_FILE = "resforge.model.json"  # extra file of a torch.export program
+INPUTS = ("tensor", "pixels")  # float NCHW normalised | uint8 NHWC, any size, preprocessing in the graph
+# What a user may give for a model that carries no record (a foreign ONNX file): option -> what it is.
+OVERRIDES = {"classes": "class names", "img_size": "input size", "crop_pct": "centre-crop fraction",
+             "mean": "normalisation mean", "std": "normalisation std", "interpolation": "resize interpolation"}
+
+
+@dataclass
+class ModelInfo:
+    classes: list[str]
+    pre: Preprocess
+    input: str = "tensor"
+    arch: dict[str, Any] | None = None  # {"name", "kwargs"}: rebuilds the network (ResNet(**kwargs))
+    metrics: dict[str, Any] = field(default_factory=dict)
+    trained: dict[str, Any] = field(default_factory=dict)
+    export: dict[str, Any] = field(default_factory=dict)  # format, opset, dtype, versions, parity
+
+    @property
+    def takes_pixels(self) -> bool:
+        return self.input == "pixels"
+
+    @property
+    def name(self) -> str:
+        return (self.arch or {}).get("name") or "model"
+
+    def to_dict(self) -> dict[str, Any]:
+        p = self.pre
+        return {
+            "schema": SCHEMA, "version": VERSION, "classes": self.classes,
+            "preprocess": {"img_size": p.img_size, "resize_size": p.resize_size, "resize": "shorter_side",
+                           "crop": "center", "interpolation": p.interpolation, "antialias": True,
+                           "scale": 1 / 255, "mean": p.mean, "std": p.std, "in_chans": p.in_chans,
+                           "channel_order": "RGB" if p.in_chans == 3 else "L"},
+            "input": ({"kind": "pixels", "dtype": "uint8", "layout": "NHWC", "size": "any"} if self.takes_pixels
+                      else {"kind": "tensor", "dtype": "float32", "layout": "NCHW",
+                            "size": [p.in_chans, p.img_size, p.img_size]}),
+            "model": self.arch, "metrics": self.metrics, "trained": self.trained, "export": self.export}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str) -> ModelInfo:
+        """A record read from a file; CheckpointError names what is wrong with it."""
+        if not isinstance(d, dict) or d.get("schema") != SCHEMA:
+            raise CheckpointError(f"{source}: its metadata is not a resforge model record")
+        if not isinstance(d.get("version"), int) or d["version"] > VERSION:
+            raise CheckpointError(f"{source} was written by a newer resforge (model record version "
+                                  f"{d.get('version')!r}; this one reads up to {VERSION}): upgrade resforge")
+        pre = d.get("preprocess")
+        if not isinstance(pre, dict):
+            raise CheckpointError(f"{source}: its model record has no preprocessing")
+        unsupported = {k: pre.get(k) for k, v in (("resize", "shorter_side"), ("crop", "center"), ("antialias", True))
+                       if pre.get(k, v) != v}
+        if unsupported:
+            raise CheckpointError(f"{source}: preprocessing this resforge cannot reproduce: {unsupported}")
+        inp, arch = d.get("input") or {}, d.get("model")
+        kind = inp.get("kind", "tensor") if isinstance(inp, dict) else None
+        if kind not in INPUTS or not (arch is None or isinstance(arch, dict)):
+            raise CheckpointError(f"{source}: its model record has an unknown input kind or model entry")
+        info = cls(classes=d.get("classes"), pre=_preprocess(pre, source), input=kind, arch=arch,
+                   metrics=d.get("metrics") or {}, trained=d.get("trained") or {}, export=d.get("export") or {})
+        _check_classes(info.classes, source)
+        return info
+
+    @classmethod
+    def from_json(cls, text: str, source: str) -> ModelInfo:
+        try:
+            d = json.loads(text)
+        except ValueError as e:
+            raise CheckpointError(f"{source}: its model record is not valid JSON ({e})") from None
+        return cls.from_dict(d, source)
+
+    @classmethod
+    def from_sidecar(cls, meta: dict[str, Any], source: str) -> ModelInfo:
+        """The record of a model saved by a training run (`best.json`)."""
+        if not {"classes", "preprocess"} <= meta.keys():
+            raise CheckpointError(f"{source} has no classes or preprocessing in its sidecar: it was not saved by "
+                                  "a training run, so it cannot classify images as it is")
+        _check_classes(meta["classes"], f"the sidecar of {source}")
+        return cls(classes=meta["classes"], pre=_preprocess(meta["preprocess"], f"the sidecar of {source}"),
+                   arch=meta.get("arch"), metrics=meta.get("metrics") or {}, trained=meta.get("trained") or {})
+
+    def check_model(self, source: str, outputs: int | None, in_chans: int | None) -> None:
+        """The record and the network agree on the class count and the input channels."""
+        if outputs is not None and outputs != len(self.classes):
+            raise CheckpointError(f"{source} names {len(self.classes)} classes but the model has {outputs} outputs")
+        if in_chans is not None and in_chans != self.pre.in_chans:
+            raise CheckpointError(f"{source} feeds {self.pre.in_chans} channel(s) to a model that takes {in_chans}")
+
+    def with_export(self, **export: Any) -> ModelInfo:
+        return replace(self, export={**self.export, **export})
+
+
+def _check_classes(classes: Any, source: str) -> None:
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise CheckpointError(f"{source} has no list of class names")
+
+
+def _preprocess(d: Any, source: str) -> Preprocess:
+    try:
+        return Preprocess.from_dict(d)
+    except ValueError as e:
+        raise CheckpointError(f"{source} has unusable preprocessing: {e}") from None
+
+
+def onnx_props(info: ModelInfo) -> dict[str, str]:
+    """metadata_props of an exported ONNX file: our record, plus ONNX's image keys for a graph taking pixels."""
+    props = {ONNX_KEY: info.to_json()}
+    if info.takes_pixels:  # the keys of the ONNX model zoo / Windows ML image metadata
+        props.update({"Image.BitmapPixelFormat": "Rgb8" if info.pre.in_chans == 3 else "Gray8",
+                      "Image.ColorSpaceGamma": "SRGB", "Image.NominalPixelRange": "NominalRange_0_255"})
+    return props
+
+
+def assemble(source: str, found: str | None, overrides: dict[str, Any], in_chans: int | None,
+             img_size: int | None, outputs: int | None) -> ModelInfo:
+    """The record of a model file: the one it carries, or, for a file without one, what the user gave
+    (`overrides`) and the graph shows (input channels and size, class count). A missing piece is named.
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    unknown = set(given) - set(OVERRIDES)
+    if unknown:
+        raise CheckpointError(f"unknown model metadata {', '.join(sorted(unknown))}; known: {', '.join(OVERRIDES)}")
+    if found is not None:
+        info = ModelInfo.from_json(found, source)
+        if given:
+            info = _apply(info, given, source)
+    else:
+        missing = [f"{OVERRIDES['classes']} (--classes)"] if "classes" not in given else []
+        size = given.get("img_size") or img_size
+        if not size:
+            missing.append(f"{OVERRIDES['img_size']} (--img-size; the graph's input size is not fixed)")
+        if missing:
+            raise CheckpointError(f"{source} carries no resforge metadata, and these are unknown: "
+                                  f"{'; '.join(missing)}. Give them, or export the model with resforge")
+        chans, defaults = in_chans or 3, DataConfig()
+        mean, std = imagenet_stats(chans)
+        pre = make_preprocess(size, given.get("crop_pct", defaults.crop_pct), chans,
+                              given.get("interpolation", defaults.interpolation), given.get("mean", mean),
+                              given.get("std", std))
+        info = ModelInfo(classes=_class_list(given["classes"]), pre=_preprocess(pre.to_dict(), source))
+    info.check_model(source, outputs, in_chans)
+    return info
+
+
+def _apply(info: ModelInfo, given: dict[str, Any], source: str) -> ModelInfo:
+    """A record with the user's corrections (for instance class names for a file that has indices)."""
+    p = info.pre
+    crop = given.get("crop_pct", p.img_size / p.resize_size)
+    pre = make_preprocess(given.get("img_size", p.img_size), crop, p.in_chans,
+                          given.get("interpolation", p.interpolation), given.get("mean", p.mean),
+                          given.get("std", p.std))
+    classes = _class_list(given["classes"]) if "classes" in given else info.classes
+    return replace(info, classes=classes, pre=_preprocess(pre.to_dict(), source))
+
+
+def _class_list(classes: Any) -> list[str]:
+    """Class names as a list, a comma-separated string, or a UTF-8 text file with one per line."""
+    if isinstance(classes, str):
+        path = Path(classes)
+        if "," not in classes and path.is_file():
+            try:
+                return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            except (OSError, UnicodeDecodeError) as e:
+                raise ConfigError(f"cannot read class names from {path}: {e}") from None
+        return [c.strip() for c in classes.split(",") if c.strip()]
+    return [str(c) for c in classes]
