@@ -213,3 +213,25 @@ def test_a_foreign_graph_of_any_size_asks_for_its_size(photo_run, tmp_path):
         Predictor.load(tmp_path / "any.onnx", "onnxruntime", metadata={"classes": "a,b,c"})
     p = Predictor.load(tmp_path / "any.onnx", "onnxruntime", metadata={"classes": "a,b,c", "img_size": 32})
     assert p.pre.img_size == 32 and len(p.predict(scan_images([test])[:3])) == 3
+
+
+def test_openvino_predictors_freed_in_load_order_leave_signals_safe(onnx_file):
+    """Each OpenVINO Core swapped the thread's signal stack and put back its predecessor's when freed:
+    two freed in load order left a freed stack in place, and the next handled signal crashed the
+    process (the test suite died so at a child's SIGCHLD). Run in a child: the failure is a crash."""
+    import subprocess
+
+    script = f"""
+import gc, os, signal
+from resforge.deploy.predictor import Predictor
+a = Predictor.load({str(onnx_file)!r}, "openvino", precision="fp32")
+b = Predictor.load({str(onnx_file)!r}, "openvino", precision="fp32")
+del a; gc.collect(); del b; gc.collect()
+signal.signal(signal.SIGUSR1, lambda *_: None)
+for _ in range(200):
+    os.kill(os.getpid(), signal.SIGUSR1)
+    junk = [list(range(100)) for _ in range(2000)]
+print("survived")
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "survived", (r.returncode, r.stderr[-2000:])

@@ -7,6 +7,7 @@ and precision are fixed when it is built, so a call is one engine call and littl
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -126,18 +127,30 @@ class OnnxRuntimeRunner(Runner):
             raise _refused(self.backend, x, e) from None
 
 
+def openvino_core() -> Any:
+    """The process's one OpenVINO Core. Each Core's CPU plugin puts a signal stack of its own on the
+    thread that compiles and, when it goes, puts back the one it found: Cores freed in any order but
+    the reverse leave the thread on a freed signal stack, and the next signal handled there (a child
+    process ending, with a SIGCHLD handler installed) corrupts memory. One Core is never freed early."""
+    return _core(require_backend("openvino"))
+
+
+@functools.cache
+def _core(ov: Any) -> Any:
+    return ov.Core()
+
+
 class OpenVinoRunner(Runner):
     backend = "openvino"
 
     def __init__(self, model: Any, device: torch.device, precision: str, threads: int | None = None):
-        ov = require_backend("openvino")
         if device.type != "cpu":
             raise ConfigError("the openvino backend runs on the CPU here (--device cpu)")
         self.precision = precision
         config = {"INFERENCE_PRECISION_HINT": _OV_PRECISION[precision], "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
-        core = ov.Core()
+        core = openvino_core()
         try:
             if isinstance(model, (str, os.PathLike)):
                 model = core.read_model(str(model))

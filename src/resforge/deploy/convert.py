@@ -27,7 +27,7 @@ from torch import nn
 
 from .. import __version__
 from ..data.transforms import Preprocess
-from .backends import require_backend
+from .backends import openvino_core
 from .metadata import OV_KEY, ModelInfo, onnx_props
 
 DEFAULT_OPSET = 18  # the first with antialiased Resize
@@ -158,11 +158,10 @@ def to_openvino(onnx_proto: Any, info: ModelInfo) -> Any:
     folded in by a PrePostProcessor when `info.takes_pixels`, and `info` in its rt_info."""
     import onnx
 
-    ov = require_backend("openvino")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
         onnx.save(onnx_proto, path)
-        model = ov.Core().read_model(str(path))
+        model = openvino_core().read_model(str(path))
     if info.takes_pixels:
         model = _ov_preprocessing(model, info.pre)
     model.set_rt_info(info.to_json(), OV_KEY)

@@ -42,6 +42,7 @@ from .backends import (
     OpenVinoRunner,
     Runner,
     TorchRunner,
+    openvino_core,
     require_backend,
     resolve_precision,
 )
@@ -134,11 +135,10 @@ def _record(path: Path, found: str | None, metadata: dict[str, Any], dims: list[
 
 
 def _open_openvino(path: Path, metadata: dict[str, Any]) -> Source:
-    ov = require_backend("openvino")
     if not path.with_suffix(".bin").is_file():
         raise CheckpointError(f"{path} has no weights file {path.with_suffix('.bin').name} beside it")
     try:
-        model = ov.Core().read_model(str(path))
+        model = openvino_core().read_model(str(path))
     except RuntimeError as e:
         raise CheckpointError(f"{path} is not a readable OpenVINO IR (corrupt or truncated?): "
                               f"{str(e).strip().splitlines()[0][:200]}") from None
