@@ -42,7 +42,9 @@ class ModelConfig:
     drop_rate: float = _opt(0.0, "dropout before the classifier")
     drop_path_rate: float = _opt(0.0, "stochastic depth: drop rate of the last block (grows linearly)")
     zero_init_residual: bool = _opt(True, "start each residual branch at zero (last BN gamma = 0)")
-    init: str = _opt("he", "conv weight init")
+    init: str = _opt("he", "conv weight init", flag="weight_init")
+    init_from: str | None = _opt(None, "start from a saved model (run directory or .safetensors): its architecture, "
+                                       "pruned widths included, its weights and its preprocessing", flag="init")
 
 
 @dataclass
@@ -108,6 +110,10 @@ class TrainConfig:
     device: str = _opt("auto", "auto (CUDA, then CPU) | cpu | cuda | cuda:N")
     ema: bool = _opt(False, "keep an exponential moving average of the weights, evaluated alongside")
     ema_decay: float = _opt(0.9998, "EMA decay per step (warmed up over the first steps)")
+    teacher: str | None = _opt(None, "distil from this model (run directory or .safetensors; same classes), "
+                                     "which sees the same augmented batches")
+    kd_alpha: float = _opt(0.5, "distillation: weight of the label loss (the teacher's gets 1 - alpha)")
+    kd_temperature: float = _opt(2.0, "distillation: softmax temperature of both models")
     time_limit: float = _opt(0.0, "minutes to train for: after each epoch the number of epochs (and the lr "
                                   "schedule) is refitted to end within it (0: off)")
     patience: int = _opt(0, "stop after this many epochs without improvement (0: never)")
@@ -221,6 +227,11 @@ def _coerce(key: str, value: Any) -> Any:
         return base(value)
     except (TypeError, ValueError, yaml.YAMLError):
         raise ConfigError(f"{key} must be {getattr(base, '__name__', base)}, got {value!r}") from None
+
+
+def get_option(cfg: Config, key: str) -> Any:
+    section, name = resolve_key(key).split(".")
+    return getattr(getattr(cfg, section), name)
 
 
 def set_option(cfg: Config, key: str, value: Any) -> None:
@@ -350,6 +361,10 @@ def validate(cfg: Config) -> None:
         (o.backbone_lr_mult >= 0, "optim.backbone_lr_mult must not be negative"),
         (t.patience >= 0, "train.patience must not be negative"),
         (d.workers >= -1, "data.workers must be -1 (automatic) or a count"),
+        (0 <= t.kd_alpha <= 1 and t.kd_temperature > 0, "train.kd_alpha must lie in [0, 1] and train.kd_temperature "
+                                                         "be positive"),
+        (not (cfg.model.init_from and cfg.model.pretrained), "give --init (a saved model, architecture and weights) "
+                                                             "or --pretrained (weights for the named model), not both"),
     ]
     for ok, message in checks:
         if not ok:

@@ -167,6 +167,22 @@ def test_spec_rebuilds_the_same_architecture_even_when_widths_change():
     assert torch.allclose(rebuilt.eval()(x), m.eval()(x))
 
 
+def test_spec_records_what_pruning_changes_beyond_the_widths():
+    """The deep stem's inner widths, SE squeeze widths and a projection kept where the widths now agree."""
+    base = tiny("resnet18", variant="d", se=True)
+    assert base.bn1.num_features == base.layer1[-1].last_norm.num_features and base.layer1[0].downsample is None
+    m = ResNet(**{**base.spec(), "deep_stem_widths": [8, 16], "se_widths": [[8, 16], [8, 8], [16, 8], [8, 8]],
+                  "projections": [[True, False], [True, False], [True, False], [True, False]]})
+    assert m.layer1[0].downsample is not None  # widths that agree, with a projection all the same
+    assert m.conv1[0].out_channels == 8 and m.conv1[3].out_channels == 16 and m.layer1[1].se.fc1.out_channels == 16
+    spec = m.spec()
+    assert spec["deep_stem_widths"] == [8, 16] and spec["se_widths"][0] == [8, 16]
+    assert spec["projections"][0] == [True, False]
+    rebuilt = ResNet(**spec)
+    rebuilt.load_state_dict(m.state_dict())  # strict
+    assert "deep_stem_widths" not in base.spec() and "projections" not in base.spec()
+
+
 def test_widths_that_do_not_match_the_layers_are_refused():
     with pytest.raises(resforge.ConfigError, match="do not match"):
         ResNet("basic", (2, 2, 2, 2), stage_widths=[64, 128])

@@ -204,3 +204,26 @@ def test_http_error_is_reported(tmp_path, http_root):
     _, base = http_root
     with pytest.raises(resforge.CheckpointError, match="404|Not Found"):
         download(f"{base}/missing.pth", cache=tmp_path / "c")
+
+
+def test_a_saved_model_keeps_its_transforms_and_newer_sidecars_are_named(tmp_path):
+    import json
+
+    from resforge.models import load_model, save_model
+
+    m = resforge.create_model("resnet18", width=0.125, num_classes=3)
+    m.transforms.append({"kind": "pruned", "ratio": 0.5})
+    path = save_model(m, tmp_path / "m.safetensors", {})
+    loaded, meta = load_model(path)
+    assert loaded.transforms == [{"kind": "pruned", "ratio": 0.5}] and meta["version"] == 2
+    side = tmp_path / "m.json"
+    record = json.loads(side.read_text())
+    side.write_text(json.dumps({**record, "arch": {**record["arch"], "transforms": [{"kind": "sparse-3d"}]}}))
+    with pytest.raises(resforge.CheckpointError, match="transformed by sparse-3d, which this resforge cannot rebuild"):
+        load_model(path)
+    side.write_text(json.dumps({**record, "version": 99}))
+    with pytest.raises(resforge.CheckpointError, match="version 99 of the sidecar; this resforge reads up to 2"):
+        load_model(path)
+    side.write_text(json.dumps({**record, "version": 1, "arch": {k: v for k, v in record["arch"].items()
+                                                                 if k != "transforms"}}))
+    assert load_model(path)[0].transforms == []  # what earlier releases wrote still loads

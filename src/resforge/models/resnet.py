@@ -72,7 +72,7 @@ class BasicBlock(nn.Module):
 
     def __init__(self, cin: int, mid: Sequence[int], cout: int, stride: int, downsample: nn.Module | None,
                  groups: int, stride_in_1x1: bool, act: Callable[[], nn.Module],
-                 norm: Callable[[int], nn.Module], se: bool, drop_path: float):
+                 norm: Callable[[int], nn.Module], se: int, drop_path: float):
         super().__init__()
         (w,) = mid
         self.conv1 = _conv3x3(cin, w, stride)
@@ -80,7 +80,7 @@ class BasicBlock(nn.Module):
         self.act1 = act()
         self.conv2 = _conv3x3(w, cout)
         self.bn2 = norm(cout)
-        self.se = SqueezeExcitation(cout, _se_channels(cout)) if se else None
+        self.se = SqueezeExcitation(cout, se) if se else None  # se: the squeeze width (0: none)
         self.drop_path = StochasticDepth(drop_path, "row") if drop_path > 0 else nn.Identity()
         self.downsample = downsample
         self.act2 = act()
@@ -105,7 +105,7 @@ class Bottleneck(nn.Module):
 
     def __init__(self, cin: int, mid: Sequence[int], cout: int, stride: int, downsample: nn.Module | None,
                  groups: int, stride_in_1x1: bool, act: Callable[[], nn.Module],
-                 norm: Callable[[int], nn.Module], se: bool, drop_path: float):
+                 norm: Callable[[int], nn.Module], se: int, drop_path: float):
         super().__init__()
         w1, w2 = mid
         self.conv1 = _conv1x1(cin, w1, stride if stride_in_1x1 else 1)
@@ -116,7 +116,7 @@ class Bottleneck(nn.Module):
         self.act2 = act()
         self.conv3 = _conv1x1(w2, cout)
         self.bn3 = norm(cout)
-        self.se = SqueezeExcitation(cout, _se_channels(cout)) if se else None
+        self.se = SqueezeExcitation(cout, se) if se else None  # se: the squeeze width (0: none)
         self.drop_path = StochasticDepth(drop_path, "row") if drop_path > 0 else nn.Identity()
         self.downsample = downsample
         self.act3 = act()
@@ -140,17 +140,27 @@ def _se_channels(c: int) -> int:
     return _round_channels(c / 16)
 
 
-def default_widths(block: str, layers: Sequence[int], width: float = 1.0, groups: int = 1,
-                   base_width: int = 64) -> tuple[int, list[int], list[list[list[int]]]]:
-    """(stem width, output width per stage, inner widths per block) of an unpruned network."""
+def derived_widths(kw: dict[str, Any], stem_width: int | None = None,
+                   stage_widths: Sequence[int] | None = None) -> dict[str, Any]:
+    """The widths an unpruned network derives from its options (`kw` as in `ResNet._kwargs`).
+
+    A given stem or stage width is taken as the base of what follows from it (the deep stem's
+    inner width, SE squeeze widths, which blocks need a projection), as in a network built so.
+    """
+    block, layers, width = kw["block"], kw["layers"], kw["width"]
     expansion = 4 if block == "bottleneck" else 1
     planes = [_round_channels(64 * 2**i * width) for i in range(len(layers))]
-    stem = _round_channels(64 * width)
-    inner = []
-    for p, n in zip(planes, layers):
-        w = max(1, int(p * base_width / 64)) * groups  # at least one channel per group
+    stem = stem_width or _round_channels(64 * width)
+    stages = list(stage_widths or [p * expansion for p in planes])
+    inner, projections, cin = [], [], stem
+    for i, (p, n) in enumerate(zip(planes, layers)):
+        w = max(1, int(p * kw["base_width"] / 64)) * kw["groups"]  # at least one channel per group
         inner.append([[w, w] if block == "bottleneck" else [p] for _ in range(n)])
-    return stem, [p * expansion for p in planes], inner
+        projections.append([j == 0 and (i > 0 or cin != stages[i]) for j in range(n)])
+        cin = stages[i]
+    return {"stem_width": stem, "stage_widths": stages, "inner_widths": inner, "projections": projections,
+            "deep_stem_widths": [stem // 2, stem // 2],
+            "se_widths": [[_se_channels(c)] * n for c, n in zip(stages, layers)]}
 
 
 class ResNet(nn.Module):
@@ -166,7 +176,9 @@ class ResNet(nn.Module):
                  act: str = "relu", norm: str = "batchnorm", se: bool = False, drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0, zero_init_residual: bool = True, init: str = "he",
                  stem_width: int | None = None, stage_widths: Sequence[int] | None = None,
-                 inner_widths: Sequence[Sequence[Sequence[int]]] | None = None):
+                 inner_widths: Sequence[Sequence[Sequence[int]]] | None = None,
+                 deep_stem_widths: Sequence[int] | None = None, se_widths: Sequence[Sequence[int]] | None = None,
+                 projections: Sequence[Sequence[bool]] | None = None):
         super().__init__()
         _choice("block", block, BLOCKS)
         _choice("variant", variant, VARIANTS)
@@ -187,22 +199,27 @@ class ResNet(nn.Module):
             se=se, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
             zero_init_residual=zero_init_residual, init=init)
 
-        d_stem, d_stages, d_inner = default_widths(block, layers, width, groups, base_width)
-        stem_width = stem_width or d_stem
-        stage_widths = list(stage_widths or d_stages)
-        inner_widths = [[list(w) for w in stage] for stage in (inner_widths or d_inner)]
-        if [len(s) for s in inner_widths] != list(layers) or len(stage_widths) != len(layers):
-            raise ConfigError("stage_widths/inner_widths do not match the number of blocks in layers")
+        if stage_widths is not None and len(stage_widths) != len(layers):
+            raise ConfigError(f"stage_widths do not match the {len(layers)} stages in layers")
+        derived = derived_widths(self._kwargs, stem_width, stage_widths)
+        stem_width = stem_width or derived["stem_width"]
+        stage_widths = list(stage_widths or derived["stage_widths"])
+        inner_widths = [[list(w) for w in stage] for stage in (inner_widths or derived["inner_widths"])]
+        deep_stem_widths = list(deep_stem_widths or derived["deep_stem_widths"])
+        se_widths = [list(s) for s in (se_widths or derived["se_widths"])]
+        projections = [list(s) for s in (projections or derived["projections"])]
+        if any([len(s) for s in table] != list(layers) for table in (inner_widths, se_widths, projections)):
+            raise ConfigError("stage_widths/inner_widths/se_widths/projections do not match the blocks in layers")
 
         actf, normf = ACTIVATIONS[act], _make_norm(norm)
         block_cls = Bottleneck if block == "bottleneck" else BasicBlock
         stem_stride = 1 if small_input else 2
         if variant == "d":
-            c = stem_width // 2
+            c1, c2 = deep_stem_widths
             self.conv1 = nn.Sequential(
-                _conv3x3(in_chans, c, stem_stride), normf(c), actf(),
-                _conv3x3(c, c), normf(c), actf(),
-                _conv3x3(c, stem_width))
+                _conv3x3(in_chans, c1, stem_stride), normf(c1), actf(),
+                _conv3x3(c1, c2), normf(c2), actf(),
+                _conv3x3(c2, stem_width))
         elif small_input:
             self.conv1 = nn.Conv2d(in_chans, stem_width, 3, 1, 1, bias=False)
         else:
@@ -220,12 +237,10 @@ class ResNet(nn.Module):
             blocks = []
             for j in range(n):
                 s = stride if j == 0 else 1
-                downsample = None
-                if s != 1 or cin != cout:
-                    downsample = self._shortcut(cin, cout, s, variant == "d", normf)
+                downsample = self._shortcut(cin, cout, s, variant == "d", normf) if projections[i][j] else None
                 dp = drop_path_rate * idx / max(n_blocks - 1, 1)
                 blocks.append(block_cls(cin, inner_widths[i][j], cout, s, downsample, groups,
-                                        variant == "v1", actf, normf, se, dp))
+                                        variant == "v1", actf, normf, se_widths[i][j] if se else 0, dp))
                 cin, idx = cout, idx + 1
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
             self.feature_info.append({"name": f"layer{i + 1}", "channels": cout, "reduction": reduction})
@@ -235,6 +250,7 @@ class ResNet(nn.Module):
         self.drop = nn.Dropout(drop_rate)
         self.fc: nn.Module = nn.Linear(cin, num_classes) if num_classes else nn.Identity()
         self.model_name: str | None = None  # the registry name, when built by create_model
+        self.transforms: list[dict[str, Any]] = []  # what was done to it since (pruned, ...), for its sidecar
         # Where pretrained weights came from and the input normalisation they expect (timm's habit).
         self.pretrained_cfg: dict[str, Any] = {}
         self._init_weights(init, zero_init_residual)
@@ -277,22 +293,25 @@ class ResNet(nn.Module):
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
 
     def spec(self) -> dict[str, Any]:
-        """Keyword arguments that rebuild this exact architecture (pruned widths included)."""
+        """Keyword arguments that rebuild this exact architecture: the options, and every width that
+        differs from what they derive (as pruning leaves them)."""
         kw = dict(self._kwargs, num_classes=self.num_classes, in_chans=self.stem_conv.in_channels)
-        stem, stages, inner = default_widths(kw["block"], kw["layers"], kw["width"], kw["groups"],
-                                             kw["base_width"])
-        live_stem = self.bn1.num_features
-        live_stages, live_inner = [], []
-        for i in range(len(kw["layers"])):
-            stage = getattr(self, f"layer{i + 1}")
-            live_stages.append(stage[-1].last_norm.num_features)
-            live_inner.append([[b.conv1.out_channels, b.conv2.out_channels][: len(inner[i][0])] for b in stage])
-        if live_stem != stem:
-            kw["stem_width"] = live_stem
-        if live_stages != stages:
-            kw["stage_widths"] = live_stages
-        if live_inner != inner:
-            kw["inner_widths"] = live_inner
+        stages = [getattr(self, f"layer{i + 1}") for i in range(len(kw["layers"]))]
+        live = {"stem_width": self.bn1.num_features,
+                "stage_widths": [stage[-1].last_norm.num_features for stage in stages],
+                "inner_widths": [[[b.conv1.out_channels] if isinstance(b, BasicBlock)
+                                  else [b.conv1.out_channels, b.conv2.out_channels] for b in stage]
+                                 for stage in stages],
+                "projections": [[b.downsample is not None for b in stage] for stage in stages]}
+        if kw["variant"] == "d":
+            live["deep_stem_widths"] = [self.conv1[0].out_channels, self.conv1[3].out_channels]
+        if kw["se"]:
+            live["se_widths"] = [[b.se.fc1.out_channels for b in stage] for stage in stages]
+        base = derived_widths(kw)
+        derived = derived_widths(kw, live["stem_width"], live["stage_widths"])
+        for key, value in live.items():  # stem and stage widths against the options, the rest against them
+            if value != (base if key in ("stem_width", "stage_widths") else derived)[key]:
+                kw[key] = value
         return kw
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:

@@ -209,6 +209,36 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str = "c
 
 
 SIDECAR_FORMAT = "resforge-model"
+SIDECAR_VERSION = 2  # 2: the architecture records its post-build transforms
+# What may have been done to a built model, each rebuilt from the spec alone (a pruned network is
+# a network of other widths); a transform not listed here was written by a newer resforge.
+TRANSFORMS = ("pruned",)
+
+
+def arch_record(model: nn.Module) -> dict[str, Any]:
+    """What rebuilds `model`: its registry name, its spec and the transforms applied since it was built."""
+    return {"name": model.model_name, "kwargs": model.spec(), "transforms": list(model.transforms)}
+
+
+def build_from_arch(arch: dict[str, Any], source: str) -> nn.Module:
+    """The model an `arch_record` describes, freshly initialised; CheckpointError names what does not fit."""
+    from .resnet import ResNet
+
+    if not isinstance(arch, dict) or not isinstance(arch.get("kwargs"), dict):
+        raise CheckpointError(f"{source} does not describe an architecture")
+    transforms = arch.get("transforms", [])
+    unknown = [t.get("kind") if isinstance(t, dict) else t for t in transforms
+               if not isinstance(t, dict) or t.get("kind") not in TRANSFORMS]
+    if unknown:
+        raise CheckpointError(f"{source} holds a model transformed by {', '.join(map(str, unknown))}, which this "
+                              f"resforge cannot rebuild (it knows {', '.join(TRANSFORMS)}); update resforge")
+    try:
+        model = ResNet(**arch["kwargs"])
+    except (TypeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{source} does not describe an architecture this resforge can build: {e}") from None
+    model.model_name = arch.get("name")
+    model.transforms = list(transforms)
+    return model
 
 
 def sidecar_path(weights: str | os.PathLike) -> Path:
@@ -230,8 +260,8 @@ def save_model(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any]) 
     path = Path(path)
     token = uuid.uuid4().hex
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    sidecar = {"format": SIDECAR_FORMAT, "version": 1, "weights": path.name, "id": token,
-               "arch": {"name": model.model_name, "kwargs": model.spec()}, **meta}
+    sidecar = {"format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, "weights": path.name, "id": token,
+               "arch": arch_record(model), **meta}
     # Both written before either is renamed into place: only a kill between the two renames can tear them.
     with atomic_path(path) as tmp, atomic_path(sidecar_path(path)) as side_tmp:
         save_file(state, tmp, metadata={"resforge_id": token})
@@ -258,8 +288,6 @@ def load_model(source: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
 
     from safetensors import safe_open
 
-    from .resnet import ResNet
-
     path = resolve_model_path(source)
     side = sidecar_path(path)
     if not side.is_file():
@@ -272,6 +300,9 @@ def load_model(source: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     if (not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT or not isinstance(meta.get("arch"), dict)
             or not isinstance(meta["arch"].get("kwargs"), dict)):
         raise CheckpointError(f"{side} is not a resforge model sidecar")
+    if not isinstance(meta.get("version"), int) or meta["version"] > SIDECAR_VERSION:
+        raise CheckpointError(f"{side} is version {meta.get('version')} of the sidecar; this resforge reads up to "
+                              f"{SIDECAR_VERSION}: update resforge")
     try:
         with safe_open(str(path), "pt") as f:
             token = (f.metadata() or {}).get("resforge_id")
@@ -280,11 +311,7 @@ def load_model(source: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     if token != meta.get("id"):
         raise CheckpointError(f"{side.name} does not describe {path.name} (their ids differ): the save was "
                               "interrupted or the files come from different runs")
-    try:
-        model = ResNet(**meta["arch"]["kwargs"])
-    except (TypeError, KeyError, ValueError) as e:
-        raise CheckpointError(f"{side} does not describe an architecture this resforge can build: {e}") from None
-    model.model_name = meta["arch"].get("name")
+    model = build_from_arch(meta["arch"], str(side))
     state, _ = read_checkpoint(path)
     load_into(model, state, source=str(path))
     return model.eval(), meta

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ..config import Config, flag_name, set_option
+from ..config import Config, flag_name, get_option, set_option
 from ..data.folder import ImageFolderScan
 from ..data.profile import DataProfile, profile_data
 
@@ -44,8 +44,7 @@ class _Chooser:
         self.reasons[key] = f"{flag_name(key).replace('_', '-')} {shown}: {reason}"
 
     def get(self, key: str) -> Any:
-        section, name = key.split(".")
-        return getattr(getattr(self.cfg, section), name)
+        return get_option(self.cfg, key)
 
 
 def fit_recipe(cfg: Config, scan: ImageFolderScan, pace: Callable[[Config], float] | None = None) -> dict[str, str]:
@@ -56,7 +55,7 @@ def fit_recipe(cfg: Config, scan: ImageFolderScan, pace: Callable[[Config], floa
     """
     p = profile_data(scan, seed=cfg.data.split_seed)
     choose = _Chooser(cfg)
-    pretrained = bool(cfg.model.pretrained)
+    pretrained = bool(cfg.model.pretrained or cfg.model.init_from)  # trained weights: a gentler optimiser
     _validation(choose, scan)
     _input(choose, p, pretrained)
     _batch(choose, p)
@@ -149,7 +148,7 @@ def _optimiser(choose: _Chooser, pretrained: bool, epochs: float) -> None:
         base = 1e-3 if pretrained else 2e-3
         choose("optim.lr", round(base * (batch / 32) ** 0.5, 6), f"{base:g} at batch 32, x sqrt(batch/32)")
         choose("optim.weight_decay", 0.05, "decoupled weight decay for AdamW")
-    if pretrained:
+    if cfg.model.pretrained:
         choose("optim.backbone_lr_mult", 0.1, "pretrained backbone: ten times slower than the new head")
     choose("optim.schedule", "cosine", "cosine decay to zero at the end of the budget")
     warmup = round(min(1.0, max(0.05, 0.03 * epochs)), 2)

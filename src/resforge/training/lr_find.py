@@ -1,7 +1,8 @@
 """The learning-rate range test (Smith 2017; the fastai `lr_find` habit).
 
 The learning rate grows exponentially from `start_lr` to `end_lr` over a short run of steps on
-the real training set and recipe; the loss (smoothed) is recorded until it diverges. The
+the real training set and recipe, each one the trainer's own step (loss, penalties, accumulation,
+clipping); the loss (smoothed) is recorded until it diverges. The
 suggestion is the rate where the smoothed loss falls fastest, before its minimum. The model and
 optimiser are put back as they were afterwards.
 """
@@ -9,13 +10,15 @@ optimiser are put back as they were afterwards.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from ..errors import ConfigError, TrainingError
-from ..device import autocast
 from .optim import set_train_mode
 from .trainer import Trainer
 
@@ -41,36 +44,22 @@ def lr_find(trainer: Trainer, start_lr: float = 1e-6, end_lr: float = 10.0, step
     check_range(start_lr, end_lr, steps)
     model, opt = trainer.model, trainer.optimizer
     saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
-    # Keep the recipe's ratios between groups (e.g. a slower backbone): scale them all together.
-    top = max(trainer.base_lrs)
-    ratios = [lr / top for lr in trainer.base_lrs]
+    top = max(trainer.base_lrs)  # the recipe's ratios between groups (e.g. a slower backbone) are kept
+    accum = trainer.cfg.optim.accum_steps
     lrs, losses, avg, best = [], [], 0.0, math.inf
     set_train_mode(model, trainer.frozen)
-    batches = iter(())
-    epoch = 0
+    batches = _endless(trainer)
     try:
         for i in range(steps):
-            try:
-                x, y = next(batches)
-            except StopIteration:
-                trainer.train_loader.sampler.set_epoch(epoch)
-                epoch += 1
-                batches = iter(trainer.train_loader)
-                x, y = next(batches)
             lr = start_lr * (end_lr / start_lr) ** (i / max(1, steps - 1))
-            for g, r in zip(opt.param_groups, ratios):
-                g["lr"] = lr * r
-            x, y = x.to(trainer.device, memory_format=trainer.memory_format), y.to(trainer.device)
-            x, y = trainer.mix(x, y)
-            with autocast(trainer.device, trainer.amp_dtype):
-                loss = trainer.criterion(trainer.fwd_model(x).float(), y)
-            opt.zero_grad(set_to_none=True)
-            trainer.scaler.scale(loss).backward()
-            trainer.scaler.step(opt)
-            trainer.scaler.update()
-            value = loss.item()
+            value = 0.0
+            for micro in range(accum):  # one probe is one real optimiser step, accumulation included
+                loss, _ = trainer.compute_loss(*trainer.prepare_batch(*next(batches)))
+                trainer.backward(loss, first=micro == 0)
+                value += loss.item() / accum
             if not math.isfinite(value):
                 break
+            trainer.optimizer_step(lr / top)
             avg = smoothing * avg + (1 - smoothing) * value
             smoothed = avg / (1 - smoothing ** (i + 1))
             lrs.append(lr)
@@ -79,12 +68,20 @@ def lr_find(trainer: Trainer, start_lr: float = 1e-6, end_lr: float = 10.0, step
             if smoothed > diverge * best:
                 break
     finally:
+        opt.zero_grad(set_to_none=True)
         model.load_state_dict(saved_model)
         opt.load_state_dict(saved_opt)
     if not lrs:
         raise TrainingError("the loss was not finite before the first step (at any learning rate): check the data "
                             "and the model options, or turn mixed precision off (train.amp off)")
     return LRFindResult(lrs, losses, *suggest_lr(lrs, losses))
+
+
+def _endless(trainer: Trainer) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The training batches, epoch after epoch, each epoch shuffled as training would."""
+    for epoch in itertools.count():
+        trainer.train_loader.sampler.set_epoch(epoch)
+        yield from trainer.train_loader
 
 
 def suggest_lr(lrs: list[float], losses: list[float]) -> tuple[float | None, str]:

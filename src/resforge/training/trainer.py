@@ -1,7 +1,9 @@
 """The training loop: a folder in, a run directory out.
 
-Everything the loop does per step is in `_train_epoch`, top to bottom: mixing, autocast, loss,
-NaN check, accumulation, clipping, the optimiser and EMA updates. Each epoch then validates the
+Each step is four calls that lr-find, distillation and pruning share: `prepare_batch` (device,
+layout, mixing), `compute_loss` (autocast, the criterion, penalties), `backward` (accumulation) and
+`optimizer_step` (schedule, clipping); `_train_epoch` runs them top to bottom with the NaN check,
+the EMA update and the callback events (`epoch_start`, `step_end`, `batch_end`, ...). Each epoch then validates the
 model (and its EMA), appends a row to `metrics.csv`, saves `best.safetensors` when the chosen
 metric improves, and rewrites `last.ckpt` atomically for `--resume`.
 """
@@ -22,7 +24,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from .. import __version__
-from ..config import Config, load_yaml, merge, resolve_key, validate
+from ..config import Config, get_option, load_yaml, merge, resolve_key, set_option, validate
 from ..data.folder import ImageFolderScan, scan_folder, scan_recorded_split
 from ..data.loader import CACHE_AUTO_BYTES, ImageDataset, cache_bytes, dataset_stats, make_loader, resolve_workers
 from ..data.transforms import BatchMix, Preprocess, eval_transform, imagenet_stats, make_preprocess, train_transform
@@ -32,15 +34,19 @@ from ..evaluation.metrics import topk_correct
 from ..evaluation.runner import infer
 from ..io import write_csv, write_json, write_text
 from ..models import ResNet, create_model, load_model, save_model
+from ..models.weights import arch_record, build_from_arch
 from . import budget as _budget
 from .budget import TimeBudget
 from .checkpoint import RunLock, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .losses import ClassificationLoss, DistillationLoss
 from .optim import Schedule, apply_lr, build_optimizer, default_lr, freeze, set_train_mode
 
 log = logging.getLogger("resforge")
 
 Callback = Callable[[str, "Trainer"], None]
 # What a resumed run may change; anything else would make it another experiment.
+# The model options an `--init` model fixes (its spec holds them).
+ARCH_OPTIONS = ("variant", "small_input", "width", "act", "norm", "se", "drop_rate", "drop_path_rate")
 RESUMABLE = {"train.epochs", "train.patience", "train.time_limit", "train.device", "data.workers"}
 
 
@@ -80,17 +86,21 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, *, run_dir: str | os.PathLike | None = None, callbacks: list[Callback] = (),
-                 progress: bool = True, split_csv: str | os.PathLike | None = None):
+                 progress: bool = True, split_csv: str | os.PathLike | None = None,
+                 state: dict[str, Any] | None = None):
         validate(cfg)
         if not cfg.data.root:
             raise ConfigError("no data folder given")
         self.cfg = cfg
+        self.state = state  # a checkpoint being resumed: its architecture and preprocessing are the run's
+        self.init_model = self._adopt_init() if cfg.model.init_from and state is None else None
         self.callbacks = list(callbacks)
         self.progress = progress
         self.device = resolve_device(cfg.train.device)
         self.amp_dtype = resolve_amp(cfg.train.amp, self.device)
-        with torch.device("meta"):  # a bad model option fails now, not after the whole folder is decoded
-            create_model(cfg.model.name, num_classes=2, **self._model_kwargs())
+        if self.init_model is None and state is None:
+            with torch.device("meta"):  # a bad model option fails now, not after the whole folder is decoded
+                create_model(cfg.model.name, num_classes=2, **self._model_kwargs())
         seed_everything(cfg.train.seed, cfg.train.deterministic)
         self.run_dir = Path(run_dir) if run_dir else None
         self.lock: RunLock | None = None
@@ -136,9 +146,39 @@ class Trainer:
                       drop_path_rate=m.drop_path_rate, zero_init_residual=m.zero_init_residual, init=m.init)
         return {**kwargs, "variant": m.variant} if m.variant else kwargs
 
+    def _adopt_init(self) -> tuple[ResNet, dict[str, Any]]:
+        """Load `--init`'s model: its architecture is the run's, and so are its input options unless set."""
+        cfg = self.cfg
+        model, meta = load_model(cfg.model.init_from)
+        spec, pre = meta["arch"]["kwargs"], meta["preprocess"]
+        arch = {"model.name": meta["arch"]["name"] or cfg.model.name,
+                **{f"model.{k}": spec[k] for k in ARCH_OPTIONS if k in spec}}
+        clash = [k for k in arch if k in cfg.user_set and get_option(cfg, k) != arch[k]]
+        if clash:
+            raise ConfigError(f"{cfg.model.init_from} fixes the architecture ({', '.join(f'{k} {arch[k]}' for k in clash)}"
+                              "): drop those options, or start from weights with --pretrained")
+        inputs = {"data.img_size": pre["img_size"], "data.in_chans": pre["in_chans"],
+                  "data.interpolation": pre["interpolation"],
+                  "data.crop_pct": round(pre["img_size"] / pre["resize_size"], 4)}
+        for key, value in {**arch, **inputs}.items():
+            if key not in cfg.user_set:
+                set_option(cfg, key, value)
+                cfg.user_set.append(key)
+        model.pretrained_cfg = {"source": str(cfg.model.init_from), "mean": pre["mean"], "std": pre["std"]}
+        return model, meta
+
     def _build_model(self) -> ResNet:
-        model = create_model(self.cfg.model.name, pretrained=self.cfg.model.pretrained,
-                             num_classes=len(self.classes), **self._model_kwargs())
+        if self.state is not None and "arch" in self.state:  # the checkpoint's own architecture (pruned, ...)
+            model = build_from_arch(self.state["arch"], str(self.run_dir / "last.ckpt"))
+        elif self.init_model is not None:
+            model, meta = self.init_model
+            if meta["classes"] != self.classes:
+                log.info("--init model has %d classes (%s), this folder %d: a new classifier head",
+                         len(meta["classes"]), ", ".join(meta["classes"][:5]), len(self.classes))
+                model.reset_classifier(len(self.classes))
+        else:
+            model = create_model(self.cfg.model.name, pretrained=self.cfg.model.pretrained,
+                                 num_classes=len(self.classes), **self._model_kwargs())
         return model.to(self.device, memory_format=self.memory_format)
 
     def _pace(self, cfg: Config, steps: int = 2) -> float:
@@ -149,7 +189,10 @@ class Trainer:
         d = cfg.data
         fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            model = create_model(cfg.model.name, num_classes=len(self.classes), **self._model_kwargs())
+            if self.init_model is not None:
+                model = ResNet(**{**self.init_model[0].spec(), "num_classes": len(self.classes)})
+            else:
+                model = create_model(cfg.model.name, num_classes=len(self.classes), **self._model_kwargs())
             model = model.to(self.device, memory_format=fmt).train()
             optimizer = build_optimizer(model, cfg.optim, default_lr(cfg.optim, d.batch_size))
             x = torch.randn(d.batch_size, d.in_chans, d.img_size, d.img_size, device=self.device).to(memory_format=fmt)
@@ -169,6 +212,8 @@ class Trainer:
         return d.batch_size / best
 
     def _build_preprocess(self) -> Preprocess:
+        if self.state is not None and "preprocess" in self.state:
+            return Preprocess.from_dict(self.state["preprocess"])
         d = self.cfg.data
         mean, std = imagenet_stats(d.in_chans)
         pretrained = self.model.pretrained_cfg
@@ -213,8 +258,35 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.ema = (AveragedModel(self.model, multi_avg_fn=_ema_fn(t.ema_decay), use_buffers=True)
                     if t.ema else None)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+        self.trained_params = [p for p in self.model.parameters() if p.requires_grad]
+        self.l1_weights = [p for p in self.trained_params if p.ndim > 1]
+        self.criterion = self._build_criterion()
         self.fwd_model = torch.compile(self.model) if t.compile else self.model
+
+    def _build_criterion(self) -> nn.Module:
+        t = self.cfg.train
+        if not t.teacher:
+            return ClassificationLoss(t.label_smoothing)
+        teacher, meta = load_model(t.teacher)
+        if meta["classes"] != self.classes:
+            raise ConfigError(f"the teacher {t.teacher} knows other classes ({', '.join(meta['classes'][:6])}) than "
+                              f"{self.cfg.data.root} ({', '.join(self.classes[:6])}): distil from a model trained "
+                              "on these classes")
+        theirs, ours = meta["preprocess"], self.pre.to_dict()
+        differ = [k for k in ("in_chans", "mean", "std") if theirs[k] != ours[k]]
+        if differ:
+            raise ConfigError(f"the teacher {t.teacher} expects other input ({', '.join(differ)}: "
+                              f"{', '.join(str(theirs[k]) for k in differ)}; the student gets "
+                              f"{', '.join(str(ours[k]) for k in differ)}): it must see the student's batches")
+        if theirs["img_size"] != ours["img_size"]:
+            log.warning("the teacher was trained at %d px and now sees the student's %d px", theirs["img_size"],
+                        ours["img_size"])
+        teacher = teacher.to(self.device, memory_format=self.memory_format).eval().requires_grad_(False)
+
+        def teach(x: torch.Tensor) -> torch.Tensor:
+            with autocast(self.device, self.amp_dtype):
+                return teacher(x)
+        return DistillationLoss(teach, t.kd_alpha, t.kd_temperature, t.label_smoothing)
 
     # -- resume -----------------------------------------------------------------------------------
     @classmethod
@@ -247,9 +319,10 @@ class Trainer:
                 merge(cfg, {key: value})
             split = run_dir / "split.csv"
             trainer = cls(cfg, run_dir=run_dir, callbacks=callbacks, progress=progress,
-                          split_csv=split if split.is_file() else None)
+                          split_csv=split if split.is_file() else None, state=state)
             if state is not None:
                 trainer._load_state(state)
+                trainer.state = None
         except BaseException:
             lock.release()
             raise
@@ -326,12 +399,43 @@ class Trainer:
                 "schedule": self.schedule.state_dict(), "epoch": self.epoch, "step": self.step,
                 "history": self.history, "best": self.best, "bad_epochs": self.bad_epochs,
                 "finished": self.finished, "rng": rng_state(), "config": self.cfg.to_dict(),
+                "arch": arch_record(self.model), "preprocess": self.pre.to_dict(),
                 "data": {"classes": self.classes}, "version": __version__}
 
     # -- the loop ---------------------------------------------------------------------------------
     def _emit(self, event: str) -> None:
         for cb in self.callbacks:
             cb(event, self)
+
+    # -- one step: the seam that lr-find, distillation and quantisation-aware training plug into --------
+    def prepare_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A loader's batch on the device, in the run's layout, mixed (MixUp/CutMix) when the recipe says so."""
+        x = x.to(self.device, non_blocking=True, memory_format=self.memory_format)
+        return self.mix(x, y.to(self.device, non_blocking=True))
+
+    def compute_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, logits) of a prepared batch: the training forward pass, the criterion and the L1 penalty."""
+        with autocast(self.device, self.amp_dtype):
+            logits = self.fwd_model(x)
+            loss = self.criterion(logits.float(), y, x)
+        if self.cfg.optim.l1:
+            loss = loss + self.cfg.optim.l1 * sum(w.abs().sum() for w in self.l1_weights)
+        return loss, logits
+
+    def backward(self, loss: torch.Tensor, first: bool) -> None:
+        """Accumulate the gradient of one micro-batch; `first` clears the last step's gradients."""
+        if first:  # just before backward, not after the step: backward then reuses the freed
+            self.optimizer.zero_grad(set_to_none=True)  # memory instead of faulting in new pages (8% on CPU)
+        self.scaler.scale(loss / self.cfg.optim.accum_steps).backward()
+
+    def optimizer_step(self, lr_factor: float) -> None:
+        """One optimiser step at `lr_factor` x the base rates, with the recipe's gradient clipping."""
+        apply_lr(self.optimizer, self.base_lrs, lr_factor)
+        if self.cfg.optim.clip_grad:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.trained_params, self.cfg.optim.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
 
     def _train_epoch(self, epoch: int, budget: TimeBudget | None) -> dict[str, float]:
         from tqdm.auto import tqdm
@@ -340,25 +444,18 @@ class Trainer:
         accum = cfg.optim.accum_steps
         set_train_mode(self.model, self.frozen)
         self.train_loader.sampler.set_epoch(epoch)
-        l1_weights = [p for p in self.model.parameters() if p.requires_grad and p.ndim > 1] if cfg.optim.l1 else []
-        params = [p for p in self.model.parameters() if p.requires_grad]
         loss_sum, correct, seen, n_batches = 0.0, 0, 0, len(self.train_loader)
         first_step = self.step
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
                    disable=None if self.progress else True, unit="batch")
         if budget is not None:
             budget.epoch_started()
+        self._emit("epoch_start")
         start = _budget.clock()
         for i, (x, y) in enumerate(bar):
             self.batch = i
-            x = x.to(self.device, non_blocking=True, memory_format=self.memory_format)
-            y = y.to(self.device, non_blocking=True)
-            x, y = self.mix(x, y)
-            with autocast(self.device, self.amp_dtype):
-                logits = self.fwd_model(x)
-                loss = self.criterion(logits.float(), y)
-            if l1_weights:
-                loss = loss + cfg.optim.l1 * sum(w.abs().sum() for w in l1_weights)
+            x, y = self.prepare_batch(x, y)
+            loss, logits = self.compute_loss(x, y)
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 where = f"epoch {epoch + 1}, batch {i + 1}, optimiser step {self.step + 1}"
@@ -366,20 +463,14 @@ class Trainer:
                         if self.epoch else "no checkpoint was written yet")
                 raise TrainingError(f"the loss became {loss_value} at {where}; {kept}. Lower optim.lr, "
                                     "set optim.clip_grad, or turn mixed precision off (train.amp off)")
-            if i % accum == 0:  # just before backward, not after the step: backward then reuses the freed
-                self.optimizer.zero_grad(set_to_none=True)  # memory instead of faulting in new pages (8% on CPU)
-            self.scaler.scale(loss / accum).backward()
+            self.backward(loss, first=i % accum == 0)
             stepped = (i + 1) % accum == 0 or i + 1 == n_batches
             if stepped:
-                apply_lr(self.optimizer, self.base_lrs, self.schedule.factor(self.step))
-                if cfg.optim.clip_grad:
-                    self.scaler.unscale_(self.optimizer)
-                    nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
+                self.optimizer_step(self.schedule.factor(self.step))
                 if self.ema is not None:
                     self.ema.update_parameters(self.model)
                 self.step += 1
+                self._emit("step_end")
             loss_sum += loss_value * len(x)
             correct += topk_correct(logits.detach(), y, (1,))[1]
             seen += len(x)

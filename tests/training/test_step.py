@@ -1,0 +1,123 @@
+"""The step seam and what plugs into it: lr-find's probes, distillation, starting from a saved model."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import make_image_folder
+
+import resforge
+from resforge import api
+from resforge.config import build_config
+from resforge.models import ResNet, load_model, save_model
+from resforge.training.checkpoint import load_checkpoint
+from resforge.training.losses import DistillationLoss
+from resforge.training.lr_find import lr_find
+from resforge.training.trainer import Trainer
+
+TINY = {"model": "resnet18", "width": 0.125, "img_size": 16, "batch_size": 8, "workers": 0, "amp": "off",
+        "epochs": 1, "recipe": "fast"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("data") / "shapes", classes=("a", "b", "c"), per_class=16,
+                             size=20)
+
+
+@pytest.fixture(scope="module")
+def teacher_run(data, tmp_path_factory):
+    project = tmp_path_factory.mktemp("teacher")
+    return api.train(data, progress=False, project=str(project), name="teacher", **TINY)["run_dir"]
+
+
+def _trainer(data, tmp_path, **kw):
+    opts = {**TINY, "project": str(tmp_path / "runs"), **kw}
+    recipe = opts.pop("recipe")
+    return Trainer(build_config(recipe, overrides={"data.root": str(data), **opts}), progress=False)
+
+
+def test_lr_find_probes_the_trainers_own_step(data, tmp_path, monkeypatch):
+    """Each probe is one real optimiser step: accumulated micro-batches, with the L1 penalty in its loss."""
+    plain = _trainer(data, tmp_path, deterministic=True, accum_steps=2)
+    penalised = _trainer(data, tmp_path, deterministic=True, l1=1e-3, accum_steps=2)
+    calls = {"loss": 0, "step": 0}
+    compute, step = penalised.compute_loss, penalised.optimizer_step
+    monkeypatch.setattr(penalised, "compute_loss", lambda *a: calls.__setitem__("loss", calls["loss"] + 1) or compute(*a))
+    monkeypatch.setattr(penalised, "optimizer_step", lambda f: calls.__setitem__("step", calls["step"] + 1) or step(f))
+    l1 = 1e-3 * sum(w.abs().sum().item() for w in penalised.l1_weights)
+    a = lr_find(plain, steps=6, end_lr=1e-5)
+    b = lr_find(penalised, steps=6, end_lr=1e-5)
+    assert calls == {"loss": 2 * len(b.lrs), "step": len(b.lrs)} and len(b.lrs) == 6
+    # Same seed, so the same weights and batches: the first probes differ by the penalty alone.
+    assert b.losses[0] - a.losses[0] == pytest.approx(l1, rel=1e-3)
+
+
+def test_callbacks_hear_every_epoch_start_and_optimiser_step(data, tmp_path):
+    events = []
+    out = api.train(data, progress=False, project=str(tmp_path / "runs"), callbacks=[lambda e, t: events.append(e)],
+                    **{**TINY, "epochs": 2, "accum_steps": 2})
+    t_steps = load_checkpoint(f"{out['run_dir']}/last.ckpt")["step"]
+    assert events.count("epoch_start") == 2 and events.count("step_end") == t_steps > 0
+    assert events.index("epoch_start") < events.index("step_end") < events.index("epoch_end")
+
+
+def test_distillation_loss_is_the_formula(data):
+    torch.manual_seed(0)
+    student, teacher = torch.randn(6, 3), torch.randn(6, 3)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    images = torch.randn(6, 1, 4, 4)
+    seen = []
+    loss = DistillationLoss(lambda x: seen.append(x) or teacher, alpha=0.3, temperature=4.0)(student, y, images)
+    p_teacher = F.softmax(teacher / 4, 1)
+    kl = (p_teacher * (p_teacher.log() - F.log_softmax(student / 4, 1))).sum(1).mean()
+    assert loss.item() == pytest.approx(0.3 * F.cross_entropy(student, y).item() + 0.7 * 16 * kl.item(), rel=1e-5)
+    assert seen[0] is images  # the teacher is shown the student's own batch
+
+
+def test_training_with_a_teacher_uses_its_soft_targets(data, tmp_path, teacher_run):
+    t = _trainer(data, tmp_path, teacher=teacher_run, kd_alpha=0.25, kd_temperature=3.0, augment="none",
+                 label_smoothing=0.0)
+    teacher, _ = load_model(teacher_run)
+    x, y = t.prepare_batch(*next(iter(t.train_loader)))
+    loss, logits = t.compute_loss(x, y)
+    with torch.no_grad():
+        soft = F.kl_div(F.log_softmax(logits / 3, 1), F.log_softmax(teacher(x) / 3, 1), reduction="batchmean",
+                        log_target=True) * 9
+    assert loss.item() == pytest.approx(0.25 * F.cross_entropy(logits, y).item() + 0.75 * soft.item(), rel=1e-4)
+    out = api.train(data, progress=False, project=str(tmp_path / "runs"), teacher=teacher_run, **TINY)
+    assert math.isfinite(out["history"][-1]["train_loss"])
+
+
+def test_a_teacher_of_other_classes_is_refused(tmp_path, teacher_run):
+    other = make_image_folder(tmp_path / "other", classes=("x", "y", "z"), per_class=8, size=20)
+    with pytest.raises(resforge.ConfigError, match="teacher .* knows other classes"):
+        _trainer(other, tmp_path, teacher=teacher_run)
+
+
+def test_init_rebuilds_a_narrower_model_trains_it_and_resumes_without_its_source(data, tmp_path, teacher_run):
+    """A model with other widths (as pruning leaves it) starts a run; the checkpoint carries its spec."""
+    source, meta = load_model(teacher_run)
+    spec = source.spec()
+    narrow = ResNet(**{**spec, "inner_widths": [[[4], [8]], [[16], [8]], [[16], [24]], [[32], [16]]],
+                       "stem_width": 8, "stage_widths": [8, 16, 24, 48]})
+    narrow.model_name = "resnet18"
+    path = save_model(narrow, tmp_path / "narrow.safetensors", {k: meta[k] for k in ("classes", "preprocess")})
+    out = api.train(data, progress=False, project=str(tmp_path / "runs"), name="narrow", init=str(path),
+                    **{k: v for k, v in TINY.items() if k not in ("model", "width", "img_size")})
+    trained, trained_meta = load_model(out["run_dir"])
+    assert trained.spec()["inner_widths"] == narrow.spec()["inner_widths"]
+    assert trained.layer4[0].conv1.out_channels == 32 and trained.fc.in_features == 48
+    assert trained_meta["preprocess"] == meta["preprocess"]
+    path.unlink()  # resume needs only the run's own checkpoint
+    resumed = api.train(resume=out["run_dir"], epochs=2, progress=False)
+    assert resumed["epochs"] == 2
+    assert load_model(out["run_dir"])[0].spec() == trained.spec()
+
+
+def test_init_refuses_architecture_options_that_contradict_it(data, tmp_path, teacher_run):
+    with pytest.raises(resforge.ConfigError, match="fixes the architecture"):
+        _trainer(data, tmp_path, init=teacher_run, se=True)
+    with pytest.raises(resforge.ConfigError, match="not both"):
+        _trainer(data, tmp_path, init=teacher_run, pretrained=f"{teacher_run}/best.safetensors")
