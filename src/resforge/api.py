@@ -13,6 +13,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from .compress.finetune import compression_run
+from .compress.prune import check_target, describe, prune_model, taylor_gradients
 from .config import AUTO_RECIPE, Config, build_config
 from .data.folder import scan_images, thumbnail
 from .data.inspect import FolderReport, inspect_folder
@@ -33,7 +37,7 @@ from .training.trainer import Callback, Trainer
 
 log = logging.getLogger("resforge")
 
-__all__ = ["train", "evaluate", "predict", "lr_find", "inspect_data", "export", "bench", "Predictor"]
+__all__ = ["train", "prune", "evaluate", "predict", "lr_find", "inspect_data", "export", "bench", "Predictor"]
 
 
 def _config(data: str | None, model: str | None, recipe: str | None, config: str | os.PathLike | None,
@@ -64,6 +68,33 @@ def train(data: str | os.PathLike | None = None, *, model: str | None = None, re
         trainer = Trainer(_config(data, model, recipe, config, options), callbacks=callbacks, progress=progress)
     summary = trainer.fit()
     return finish_run(trainer, summary)
+
+
+def prune(source: str | os.PathLike, *, ratio: float | None = None, macs: float | None = None,
+          importance: str = "l1", round_to: int = 8, taylor_batches: int = 8, data: str | os.PathLike | None = None,
+          distill: bool = True, recipe: str | None = None, config: str | os.PathLike | None = None,
+          callbacks: list[Callback] = (), progress: bool = True, **options: Any) -> dict[str, Any]:
+    """Remove whole channels from a trained model, then fine-tune it (distilled from the original).
+
+    `ratio` removes that share of every layer's channels; `macs` keeps at most that share of the MACs.
+    The run directory is a training run's, plus `start.safetensors` (the pruned model before the
+    fine-tune); options are the fine-tune's training options (epochs, time_limit, name, ...).
+    """
+    check_target(ratio, macs)
+
+    def transform(trainer: Trainer) -> dict[str, Any]:
+        gradients = None
+        if importance == "taylor":
+            batches = [trainer.prepare_batch(x, y) for (x, y), _ in zip(trainer.train_loader, range(taylor_batches))]
+            gradients = taylor_gradients(batches, torch.nn.functional.cross_entropy)
+        return prune_model(trainer.model, trainer.pre.img_size, ratio=ratio, macs=macs, importance=importance,
+                           round_to=round_to, gradients=gradients)
+
+    trainer, record = compression_run(source, transform, suffix="pruned", data=data, distill=distill, recipe=recipe,
+                                      config=config, callbacks=callbacks, progress=progress, **options)
+    log.info("%s; fine-tuning in %s", describe(record), trainer.run_dir)
+    summary = trainer.fit()
+    return {**finish_run(trainer, summary), "pruned": record}
 
 
 def finish_run(trainer: Trainer, summary: dict[str, Any]) -> dict[str, Any]:

@@ -86,6 +86,16 @@ def cmd_train(args: argparse.Namespace) -> None:
     api.train(args.data, recipe=args.recipe, config=args.config, resume=args.resume, **overrides_from_args(args))
 
 
+def cmd_prune(args: argparse.Namespace) -> None:
+    from . import api
+    from .config import overrides_from_args
+
+    out = api.prune(args.model, ratio=args.ratio, macs=args.macs, importance=args.importance,
+                    round_to=args.round_to, data=args.data, distill=args.distill, recipe=args.recipe,
+                    config=args.config, **overrides_from_args(args))
+    print(out["run_dir"])
+
+
 def cmd_lr_find(args: argparse.Namespace) -> None:
     from . import api
     from .config import overrides_from_args
@@ -238,6 +248,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue a run from its last.ckpt; with --epochs N a changed length refits the "
                         "remaining lr decay, and a finished run gets a new cosine cycle")
+    _config_options(p)
+
+    from .compress.prune import IMPORTANCE
+
+    p = add("prune", cmd_prune, "remove whole channels from a trained model, then fine-tune it",
+            "Structured pruning: channels that meet at a residual add are removed together (Torch-Pruning's "
+            "dependency graph), so the result is a plain ResNet of other widths that every backend runs faster. "
+            "It is fine-tuned on the source run's own training split, distilled from the unpruned model, and "
+            "written as a run directory (start.safetensors: the pruned model before fine-tuning).")
+    p.add_argument("model", help="run directory, or a .safetensors file with its .json sidecar")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--ratio", type=float, help="share of each layer's channels to remove, e.g. 0.3")
+    target.add_argument("--macs", type=float, help="share of the MACs to keep, e.g. 0.5")
+    p.add_argument("--importance", choices=IMPORTANCE, default="l1",
+                   help="which channels go first: l1/l2 weight norm (default: l1), bn-scale (network slimming; "
+                        "train with --l1-bn), taylor (gradients on a few training batches)")
+    p.add_argument("--round-to", type=int, default=8, help="keep widths a multiple of this (default: 8)")
+    p.add_argument("--data", help="image folder to fine-tune on (default: the one the model was trained on, "
+                                  "split as its run recorded)")
+    p.add_argument("--no-distill", dest="distill", action="store_false",
+                   help="fine-tune on the labels alone, without the unpruned model as teacher")
     _config_options(p)
 
     p = add("lr-find", cmd_lr_find, "learning-rate range test: loss against lr, and a suggestion",

@@ -89,6 +89,8 @@ class OptimConfig:
     weight_decay: float = _opt(5e-5, "L2 weight decay (decoupled for AdamW)")
     wd_norm_bias: bool = _opt(False, "also decay norm weights and biases (off: Bag of Tricks)")
     l1: float = _opt(0.0, "L1 penalty on conv and linear weights")
+    l1_bn: float = _opt(0.0, "L1 penalty on batch-norm scales (network slimming: sparse scales for "
+                             "'prune --importance bn-scale'; 1e-4 is the paper's)")
     clip_grad: float | None = _opt(None, "clip the gradient norm to this value")
     accum_steps: int = _opt(1, "accumulate gradients over this many batches per step")
     schedule: str = _opt("cosine", "cosine | step | onecycle | constant")
@@ -354,7 +356,7 @@ def validate(cfg: Config) -> None:
         (all(p is None or 0 <= p <= 1 for p in (a.hflip, a.vflip, a.random_erasing)),
          "augment.hflip/vflip/random_erasing are probabilities in [0, 1]"),
         (min(a.rotation, a.color_jitter, a.noise) >= 0, "augment.rotation/color_jitter/noise must not be negative"),
-        (min(o.momentum, o.weight_decay, o.l1) >= 0, "optim.momentum/weight_decay/l1 must not be negative"),
+        (min(o.momentum, o.weight_decay, o.l1, o.l1_bn) >= 0, "optim.momentum/weight_decay/l1/l1_bn must not be negative"),
         (o.clip_grad is None or o.clip_grad > 0, "optim.clip_grad must be positive"),
         (o.step_size >= 1 and 0 < o.gamma <= 1, "optim.step_size must be at least 1 and optim.gamma in (0, 1]"),
         (o.warmup_epochs >= 0 and 0 <= o.min_lr_ratio < 1, "optim.warmup_epochs/min_lr_ratio out of range"),

@@ -121,3 +121,14 @@ def test_init_refuses_architecture_options_that_contradict_it(data, tmp_path, te
         _trainer(data, tmp_path, init=teacher_run, se=True)
     with pytest.raises(resforge.ConfigError, match="not both"):
         _trainer(data, tmp_path, init=teacher_run, pretrained=f"{teacher_run}/best.safetensors")
+
+
+def test_slimming_adds_the_l1_of_the_batch_norm_scales_to_the_loss(data, tmp_path):
+    plain = _trainer(data, tmp_path, deterministic=True)
+    slim = _trainer(data, tmp_path, deterministic=True, l1_bn=1e-2)
+    x, y = plain.prepare_batch(*next(iter(plain.train_loader)))
+    gammas = sum(m.weight.abs().sum().item() for m in slim.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert slim.compute_loss(x, y)[0].item() - plain.compute_loss(x, y)[0].item() == pytest.approx(1e-2 * gammas,
+                                                                                                  rel=1e-4)
+    with pytest.raises(resforge.ConfigError, match="no batch norm|none to train"):
+        _trainer(data, tmp_path, l1_bn=1e-2, norm="groupnorm")

@@ -36,6 +36,9 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 Sample = tuple[str, int]
 
 
+RECORDED = "as recorded in split.csv"  # the val_source of a split read back from a run
+
+
 @dataclass
 class ImageFolderScan:
     """What a folder holds: classes, the usable samples of each split, and what was skipped."""
@@ -61,9 +64,14 @@ class ImageFolderScan:
                   ((split, self.classes[label], os.path.relpath(p, self.root))
                    for split in ("train", "val", "test") for p, label in getattr(self, split)))
 
+    @property
+    def split_fixed(self) -> bool:
+        """The validation images are given (a val folder, or a run's recorded split), not drawn here."""
+        return self.val_source in ("folder", RECORDED)
+
     def resplit(self, val_split: float, seed: int) -> ImageFolderScan:
-        """The same images with another validation share, chosen after the scan (a val folder stays as it is)."""
-        if self.val_source == "folder":
+        """The same images with another validation share, chosen after the scan (a fixed split stays as it is)."""
+        if self.split_fixed:
             return self
         train, val = _stratified_split(self.train + self.val, len(self.classes), val_split, seed)
         return replace(self, train=train, val=val, val_source=f"{val_split:g} of each class, seed {seed}")
@@ -366,7 +374,7 @@ def scan_recorded_split(root: str | os.PathLike, split_csv: str | os.PathLike, *
     skipped = listing.skipped + gone + bad + added
     _check_classes(good["train"], listing.classes, listing.train_dir, len(skipped), strict=True)
     return ImageFolderScan(root=str(root), classes=listing.classes, layout=listing.layout,
-                           val_source="as recorded in split.csv", train=good["train"], val=good["val"],
+                           val_source=RECORDED, train=good["train"], val=good["val"],
                            test=good["test"], skipped=sorted(skipped), sizes=sizes, new_files=new)
 
 

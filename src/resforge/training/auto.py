@@ -67,7 +67,7 @@ def fit_recipe(cfg: Config, scan: ImageFolderScan, pace: Callable[[Config], floa
 
 def _validation(choose: _Chooser, scan: ImageFolderScan) -> None:
     """Large folders split off VAL_IMAGES for validation, not a fifth: the rest trains (a val folder stays)."""
-    if scan.val_source == "folder":
+    if scan.split_fixed:
         return
     total = len(scan.train) + len(scan.val)
     share = round(VAL_IMAGES / total, 3)

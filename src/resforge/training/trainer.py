@@ -260,6 +260,11 @@ class Trainer:
                     if t.ema else None)
         self.trained_params = [p for p in self.model.parameters() if p.requires_grad]
         self.l1_weights = [p for p in self.trained_params if p.ndim > 1]
+        self.bn_scales = [m.weight for m in self.model.modules() if isinstance(m, nn.BatchNorm2d) and m.affine
+                          and m.weight.requires_grad]
+        if self.cfg.optim.l1_bn and not self.bn_scales:
+            raise ConfigError("optim.l1_bn (network slimming) penalises batch-norm scales, and this model has none "
+                              "to train (norm=groupnorm, or frozen)")
         self.criterion = self._build_criterion()
         self.fwd_model = torch.compile(self.model) if t.compile else self.model
 
@@ -287,6 +292,11 @@ class Trainer:
             with autocast(self.device, self.amp_dtype):
                 return teacher(x)
         return DistillationLoss(teach, t.kd_alpha, t.kd_temperature, t.label_smoothing)
+
+    def model_changed(self) -> None:
+        """The model's parameters were replaced (pruned, factorised): rebuild what holds or copies them."""
+        self.model.to(self.device, memory_format=self.memory_format)
+        self._setup_optim()
 
     # -- resume -----------------------------------------------------------------------------------
     @classmethod
@@ -418,8 +428,11 @@ class Trainer:
         with autocast(self.device, self.amp_dtype):
             logits = self.fwd_model(x)
             loss = self.criterion(logits.float(), y, x)
-        if self.cfg.optim.l1:
-            loss = loss + self.cfg.optim.l1 * sum(w.abs().sum() for w in self.l1_weights)
+        o = self.cfg.optim
+        if o.l1:
+            loss = loss + o.l1 * sum(w.abs().sum() for w in self.l1_weights)
+        if o.l1_bn:
+            loss = loss + o.l1_bn * sum(w.abs().sum() for w in self.bn_scales)
         return loss, logits
 
     def backward(self, loss: torch.Tensor, first: bool) -> None:

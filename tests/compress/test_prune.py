@@ -1,0 +1,108 @@
+"""Structured pruning end to end on tiny models: shapes, targets, files, fine-tune, resume, bad input."""
+
+import pytest
+import torch
+import yaml
+from helpers import make_image_folder
+from safetensors.torch import load_file
+
+import resforge
+from resforge.cli import main
+from resforge.compress.prune import prune_model
+from resforge.models import ResNet, load_model
+from resforge.models.summary import summarize
+
+TINY = {"model": "resnet18", "width": 0.25, "img_size": 16, "batch_size": 8, "workers": 0, "amp": "off"}
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prune")
+    data = make_image_folder(root / "shapes", classes=("a", "b", "c"), per_class=16, size=20)
+    run = resforge.train(data, progress=False, project=str(root / "runs"), name="src", epochs=2, **TINY)
+    return run["run_dir"], root
+
+
+@pytest.mark.parametrize("name,kw", [("resnet18", {}), ("resnet50", {"variant": "d", "se": True})])
+def test_pruned_networks_keep_residual_coupling_and_rebuild_from_their_spec(name, kw):
+    model = resforge.create_model(name, width=0.5, num_classes=4, **kw)
+    before = summarize(model, 32)
+    record = prune_model(model, 32, ratio=0.5)
+    for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
+        widths = {b.last_norm.num_features for b in stage}  # every block of a stage adds into one width
+        assert len(widths) == 1 and all(w % 8 == 0 for w in widths)
+    assert model.layer2[0].conv1.out_channels == resforge.create_model(name, width=0.5, **kw).layer2[0].conv1.out_channels // 2
+    assert record["macs"][1] == summarize(model, 32).macs < 0.4 * before.macs
+    rebuilt = ResNet(**model.spec())
+    rebuilt.load_state_dict(model.state_dict())  # strict: the spec is the whole architecture
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(rebuilt.eval()(x), model.eval()(x), atol=1e-5)
+
+
+def test_a_macs_target_is_met(source):
+    model = resforge.create_model("resnet50", width=0.5, num_classes=4)
+    base = summarize(model, 32).macs
+    record = prune_model(model, 32, macs=0.6)
+    assert 0.45 * base < record["macs"][1] <= 0.6 * base
+
+
+def test_prune_fine_tunes_on_the_source_split_distilled_and_saves_without_pickle(source):
+    run_dir, root = source
+    out = resforge.prune(run_dir, ratio=0.5, epochs=1, progress=False, project=str(root / "runs"))
+    pruned = out["run_dir"]
+    assert pruned.endswith("src-pruned")
+    cfg = yaml.safe_load(open(f"{pruned}/config.yaml"))
+    assert cfg["train"]["teacher"].endswith("src/best.safetensors")
+    assert cfg["model"]["init_from"] == f"{pruned}/start.safetensors"
+    assert open(f"{pruned}/split.csv").read() == open(f"{run_dir}/split.csv").read()
+    model, meta = load_model(pruned)  # safetensors + sidecar: no pickle anywhere
+    assert meta["arch"]["transforms"][0]["kind"] == "pruned" and meta["arch"]["transforms"][0]["ratio"] == 0.5
+    src_model, _ = load_model(run_dir)
+    assert model.layer3[0].conv1.out_channels == src_model.layer3[0].conv1.out_channels // 2
+    start = load_file(f"{pruned}/start.safetensors")
+    assert start["layer3.0.conv1.weight"].shape == model.layer3[0].conv1.weight.shape
+    # The pruned run resumes and extends like any run.
+    more = resforge.train(resume=pruned, epochs=2, progress=False)
+    assert more["epochs"] == 2 and load_model(pruned)[0].spec() == model.spec()
+
+
+def test_taylor_and_l1_choose_different_channels(source):
+    run_dir, root = source
+    picks = {}
+    for importance in ("l1", "taylor"):
+        out = resforge.prune(run_dir, ratio=0.5, importance=importance, epochs=1, progress=False,
+                             project=str(root / "runs"), name=f"imp-{importance}", distill=False)
+        picks[importance] = load_file(f"{out['run_dir']}/start.safetensors")
+        assert yaml.safe_load(open(f"{out['run_dir']}/config.yaml"))["train"]["teacher"] is None
+    assert picks["l1"].keys() == picks["taylor"].keys()
+    assert any(not torch.equal(picks["l1"][k], picks["taylor"][k]) for k in picks["l1"] if k.endswith("conv1.weight"))
+
+
+def test_cli_prune_and_its_bad_input(source, capsys):
+    run_dir, root = source
+    project = root / "cli-runs"
+    assert main(["prune", run_dir, "--macs", "0.6", "--epochs", "1", "--project", str(project), "--workers", "0"]) == 0
+    assert capsys.readouterr().out.strip().endswith("src-pruned")
+    cases = [(["--ratio", "1.5"], "--ratio must lie between 0 and 1"),
+             (["--macs", "0"], "--macs must lie between 0 and 1"),
+             (["--ratio", "0.5", "--importance", "bn-scale", "--data", "/nonexistent"], "nonexistent")]
+    for extra, message in cases:
+        assert main(["prune", run_dir, *extra, "--project", str(project), "--name", "bad"]) == 2
+        assert message in capsys.readouterr().err
+        assert not (project / "bad").exists()  # no half-written run directory
+    onnx = root / "m.onnx"
+    onnx.write_bytes(b"not a resforge model")
+    assert main(["prune", str(onnx), "--ratio", "0.5", "--project", str(project), "--name", "bad"]) == 2
+    assert "holds no resforge spec" in capsys.readouterr().err and not (project / "bad").exists()
+
+
+def test_bn_scale_needs_batch_norm_and_slimming_penalises_the_scales(source, tmp_path):
+    gn = resforge.create_model("resnet18", width=0.25, num_classes=3, norm="groupnorm")
+    with pytest.raises(resforge.ConfigError, match="no batch norm"):
+        prune_model(gn, 16, ratio=0.5, importance="bn-scale")
+    bn = resforge.create_model("resnet18", width=0.25, num_classes=3)
+    for m in bn.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data = torch.rand_like(m.weight)  # distinct scales to rank
+    prune_model(bn, 16, ratio=0.5, importance="bn-scale")
+    assert bn.layer1[0].bn1.num_features == 8
