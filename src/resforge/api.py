@@ -17,6 +17,7 @@ import torch
 
 from .compress.finetune import compression_run
 from .compress.prune import check_target, describe, prune_model, taylor_gradients
+from .compress.quantize import quantize
 from .config import AUTO_RECIPE, Config, build_config
 from .data.folder import scan_images, thumbnail
 from .data.inspect import FolderReport, inspect_folder
@@ -37,7 +38,7 @@ from .training.trainer import Callback, Trainer
 
 log = logging.getLogger("resforge")
 
-__all__ = ["train", "prune", "evaluate", "predict", "lr_find", "inspect_data", "export", "bench", "Predictor"]
+__all__ = ["train", "prune", "quantize", "evaluate", "predict", "lr_find", "inspect_data", "export", "bench", "Predictor"]
 
 
 def _config(data: str | None, model: str | None, recipe: str | None, config: str | os.PathLike | None,

@@ -104,7 +104,7 @@ def export(source: str | os.PathLike, format: str = "onnx", out: str | os.PathLi
         parity = check_parity(src, info, written, format, samples, where)
         log.info("%s", parity.line())
         _gate(parity, embed_preprocessing, path)
-        _move_into_place(written, path, format)
+        move_into_place(written, path, format)
     log.info("exported %s (%s, %.1f MB)", path, format, _size(path, format) / 1e6)
     return Exported(path, format, parity)
 
@@ -236,7 +236,7 @@ def _gate(parity: Parity, pixels: bool, path: Path) -> None:
         raise ExportError(f"the export disagrees with the PyTorch model: {what}; {path} was not written")
 
 
-def _move_into_place(written: Path, path: Path, format: str) -> None:
+def move_into_place(written: Path, path: Path, format: str) -> None:
     """On disk first (fsync), then renamed: the weights before the .xml that names them."""
     files = [written.with_suffix(".bin"), written] if format == "openvino" else [written]
     for f in files:

@@ -1,0 +1,82 @@
+"""int8 post-training quantisation on a tiny trained model: files, agreement with fp32, bad input."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from helpers import make_image_folder
+
+import resforge
+from resforge.cli import main
+from resforge.deploy.predictor import Predictor
+
+TINY = {"model": "resnet18", "width": 0.25, "img_size": 16, "batch_size": 8, "workers": 0, "amp": "off",
+        "epochs": 3}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quant")
+    data = make_image_folder(root / "shapes", classes=("a", "b", "c"), per_class=30, size=20)
+    return resforge.train(data, progress=False, project=str(root / "runs"), name="src", **TINY)["run_dir"], root
+
+
+def _val_files(run_dir):
+    data = json.load(open(f"{run_dir}/best.json"))["trained"]["data"]
+    return [f"{data}/{line.split(',')[2]}" for line in open(f"{run_dir}/split.csv").read().splitlines()[1:]
+            if line.startswith("val,")]
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_int8_agrees_with_fp32_on_real_images(run, backend):
+    run_dir, _ = run
+    result = resforge.quantize(run_dir, backend, calib=32)
+    assert result.path.name == ("best-int8.onnx" if backend == "onnxruntime" else "best-int8.xml")
+    # The file is self-describing and runs through the Predictor like any export.
+    int8 = Predictor.load(result.path, backend, precision="fp32" if backend == "openvino" else "auto")
+    fp32 = Predictor.load(run_dir, "torch", precision="fp32")
+    files = _val_files(run_dir)
+    p8, p32 = int8.probabilities(files), fp32.probabilities(files)
+    # Tolerance: int8 may flip at most one near-tie among the 18 validation images, and no
+    # probability moves by more than 0.15.
+    assert (p8.argmax(1) == p32.argmax(1)).mean() >= 17 / 18
+    assert np.abs(p8 - p32).max() < 0.15
+    assert result.agreement >= 17 / 18 and abs(result.drop) <= 100 / 18 + 1e-9
+    record = int8.info.export["quantized"]
+    assert record["calibration_images"] == 32 and record["backend"] == backend
+    if backend == "onnxruntime":
+        graph = onnx.load(str(result.path)).graph
+        assert sum(n.op_type == "QuantizeLinear" for n in graph.node) > 10
+        assert record["activations"] in ("u8", "s8") and set(record["img_per_s_batch1"]) == {"u8", "s8"}
+        # auto keeps the activation type that ran faster here
+        assert record["activations"] == max(record["img_per_s_batch1"], key=record["img_per_s_batch1"].get)
+
+
+def test_a_chosen_activation_type_is_used(run, tmp_path):
+    run_dir, _ = run
+    result = resforge.quantize(run_dir, out=tmp_path / "s8.onnx", calib=16, activations="s8", method="percentile")
+    graph = onnx.load(str(result.path)).graph
+    weights = {i.name: i for i in graph.initializer}
+    activation_zero_points = [weights[n.input[2]] for n in graph.node
+                              if n.op_type == "QuantizeLinear" and n.input[0] not in weights]
+    assert result.activations == "s8" and result.timings == {} and activation_zero_points
+    assert all(z.data_type == onnx.TensorProto.INT8 for z in activation_zero_points)
+
+
+def test_bad_input_is_one_clear_line_and_writes_nothing(run, capsys):
+    run_dir, root = run
+    out = root / "bad.onnx"
+    cases = [(["--calib", "1000"], "has 72 image(s), fewer than the 1000 asked"),
+             (["--calib", "0"], "--calib must be a positive number"),
+             (["--backend", "openvino", "--method", "entropy"], "NNCF (openvino) estimates its own ranges"),
+             (["--images", str(root / "empty")], "no images found in")]
+    (root / "empty").mkdir()
+    for extra, message in cases:
+        assert main(["quantize", run_dir, "-o", str(out), *extra]) == 2, extra
+        assert message in capsys.readouterr().err
+        assert not out.exists()
+    int8 = root / "q.onnx"
+    assert main(["quantize", run_dir, "-o", str(int8), "--calib", "8"]) == 0
+    assert main(["quantize", str(int8), "-o", str(out)]) == 2
+    assert "already quantised" in capsys.readouterr().err and not out.exists()
