@@ -90,9 +90,11 @@ def cmd_prune(args: argparse.Namespace) -> None:
     from . import api
     from .config import overrides_from_args
 
-    out = api.prune(args.model, ratio=args.ratio, macs=args.macs, importance=args.importance,
+    options = overrides_from_args(args)  # --sparsity is the training option, with its scope
+    out = api.prune(args.model, ratio=args.ratio, macs=args.macs, sparsity=options.pop("train.sparsity", None),
+                    scope=options.pop("train.sparsity_scope", "layer"), importance=args.importance,
                     round_to=args.round_to, data=args.data, distill=args.distill, recipe=args.recipe,
-                    config=args.config, **overrides_from_args(args))
+                    config=args.config, **options)
     print(out["run_dir"])
 
 
@@ -266,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
             "It is fine-tuned on the source run's own training split, distilled from the unpruned model, and "
             "written as a run directory (start.safetensors: the pruned model before fine-tuning).")
     p.add_argument("model", help="run directory, or a .safetensors file with its .json sidecar")
-    target = p.add_mutually_exclusive_group(required=True)
+    target = p.add_argument_group("the target: one of --ratio, --macs, or (unstructured) --sparsity with "
+                                  "--sparsity-scope among the train options")
     target.add_argument("--ratio", type=float, help="share of each layer's channels to remove, e.g. 0.3")
     target.add_argument("--macs", type=float, help="share of the MACs to keep, e.g. 0.5")
     p.add_argument("--importance", choices=IMPORTANCE, default="l1",

@@ -116,6 +116,9 @@ class TrainConfig:
                                      "which sees the same augmented batches")
     kd_alpha: float = _opt(0.5, "distillation: weight of the label loss (the teacher's gets 1 - alpha)")
     kd_temperature: float = _opt(2.0, "distillation: softmax temperature of both models")
+    sparsity: float = _opt(0.0, "unstructured pruning: zero this share of the conv and linear weights, growing on "
+                                "Zhu & Gupta's cubic schedule over the first seven tenths of the run (0: off)")
+    sparsity_scope: str = _opt("layer", "rank weights for --sparsity within each layer, or over all layers")
     time_limit: float = _opt(0.0, "minutes to train for: after each epoch the number of epochs (and the lr "
                                   "schedule) is refitted to end within it (0: off)")
     patience: int = _opt(0, "stop after this many epochs without improvement (0: never)")
@@ -158,6 +161,7 @@ CHOICES = {  # the one list of each option's accepted values
     "optim.schedule": ("cosine", "step", "onecycle", "constant"),
     "train.amp": ("auto", "bf16", "fp16", "off"),
     "train.metric": ("val_top1", "val_loss"),
+    "train.sparsity_scope": ("layer", "global"),
     "data.normalize": ("auto", "imagenet", "dataset", "none"),
     "data.cache": ("auto", "on", "off"),
     "data.interpolation": ("bilinear", "bicubic", "nearest"),
@@ -363,6 +367,7 @@ def validate(cfg: Config) -> None:
         (o.backbone_lr_mult >= 0, "optim.backbone_lr_mult must not be negative"),
         (t.patience >= 0, "train.patience must not be negative"),
         (d.workers >= -1, "data.workers must be -1 (automatic) or a count"),
+        (0 <= t.sparsity < 1, "train.sparsity must lie in [0, 1)"),
         (0 <= t.kd_alpha <= 1 and t.kd_temperature > 0, "train.kd_alpha must lie in [0, 1] and train.kd_temperature "
                                                          "be positive"),
         (not (cfg.model.init_from and cfg.model.pretrained), "give --init (a saved model, architecture and weights) "

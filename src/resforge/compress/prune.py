@@ -30,11 +30,11 @@ MAX_STEPS = 50  # a MACs target is approached in this many equal steps of the ch
 MAX_RATIO = 0.95  # no layer keeps fewer than 5% of its channels on the way to a MACs target
 
 
-def check_target(ratio: float | None, macs: float | None) -> None:
-    if (ratio is None) == (macs is None):
-        raise ConfigError("give one pruning target: --ratio (share of channels removed) or --macs (share of MACs "
-                          "kept)")
-    for name, value in (("ratio", ratio), ("macs", macs)):
+def check_target(ratio: float | None, macs: float | None, sparsity: float | None = None) -> None:
+    if sum(v is not None for v in (ratio, macs, sparsity)) != 1:
+        raise ConfigError("give one pruning target: --ratio (share of channels removed), --macs (share of MACs "
+                          "kept) or --sparsity (share of weights zeroed, unstructured)")
+    for name, value in (("ratio", ratio), ("macs", macs), ("sparsity", sparsity)):
         if value is not None and not 0 < value < 1:
             raise ConfigError(f"--{name} must lie between 0 and 1 (exclusive), got {value:g}")
 
@@ -95,6 +95,19 @@ def prune_model(model: ResNet, img_size: int, *, ratio: float | None = None, mac
               "macs": [before.macs, after.macs], "params": [before.params, after.params]}
     model.transforms.append(record)
     return record
+
+
+def structured(*, ratio: float | None, macs: float | None, importance: str, round_to: int,
+               taylor_batches: int = 8) -> Callable[[Any], dict[str, Any]]:
+    """The transform of a compression run that prunes channels (taylor: from the trainer's first batches)."""
+    def transform(trainer: Any) -> dict[str, Any]:
+        gradients = None
+        if importance == "taylor":
+            batches = [trainer.prepare_batch(x, y) for (x, y), _ in zip(trainer.train_loader, range(taylor_batches))]
+            gradients = taylor_gradients(batches, torch.nn.functional.cross_entropy)
+        return prune_model(trainer.model, trainer.pre.img_size, ratio=ratio, macs=macs, importance=importance,
+                           round_to=round_to, gradients=gradients)
+    return transform
 
 
 def taylor_gradients(batches: Iterable[tuple[torch.Tensor, torch.Tensor]],

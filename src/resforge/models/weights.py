@@ -211,8 +211,9 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str = "c
 SIDECAR_FORMAT = "resforge-model"
 SIDECAR_VERSION = 2  # 2: the architecture records its post-build transforms
 # What may have been done to a built model, each rebuilt from the spec alone (a pruned network is
-# a network of other widths); a transform not listed here was written by a newer resforge.
-TRANSFORMS = ("pruned",)
+# a network of other widths, a sparse one has zeros in its weights); a transform not listed here
+# was written by a newer resforge.
+TRANSFORMS = ("pruned", "sparse")
 
 
 def arch_record(model: nn.Module) -> dict[str, Any]:

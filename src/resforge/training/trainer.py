@@ -40,6 +40,7 @@ from .budget import TimeBudget
 from .checkpoint import RunLock, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .losses import ClassificationLoss, DistillationLoss
 from .optim import Schedule, apply_lr, build_optimizer, default_lr, freeze, set_train_mode
+from .sparsity import GradualMagnitude
 
 log = logging.getLogger("resforge")
 
@@ -266,7 +267,21 @@ class Trainer:
             raise ConfigError("optim.l1_bn (network slimming) penalises batch-norm scales, and this model has none "
                               "to train (norm=groupnorm, or frozen)")
         self.criterion = self._build_criterion()
+        self._setup_sparsity()
         self.fwd_model = torch.compile(self.model) if t.compile else self.model
+
+    def _setup_sparsity(self) -> None:
+        """Gradual magnitude pruning as a callback; only epochs at the final sparsity may be the best."""
+        t = self.cfg.train
+        self.callbacks = [cb for cb in self.callbacks if not isinstance(cb, GradualMagnitude)]
+        if not t.sparsity:
+            self.best_allowed = lambda: True
+            return
+        sparsifier = GradualMagnitude(t.sparsity, t.sparsity_scope)
+        self.callbacks.append(sparsifier)
+        self.best_allowed = lambda: sparsifier.reached(self)
+        if not any(tr.get("kind") == "sparse" for tr in self.model.transforms):
+            self.model.transforms.append({"kind": "sparse", "sparsity": t.sparsity, "scope": t.sparsity_scope})
 
     def _build_criterion(self) -> nn.Module:
         t = self.cfg.train
@@ -546,6 +561,8 @@ class Trainer:
         return -row[metric] if metric.endswith("loss") else row[metric]
 
     def _update_best(self, row: dict[str, float]) -> bool:
+        if not self.best_allowed():
+            return False
         candidates = [("model", self._score(row, "val"))]
         if self.ema is not None:
             candidates.append(("ema", self._score(row, "ema_val")))
