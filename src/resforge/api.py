@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .compress.finetune import compression_run
+from .compress.lowrank import factorize_model
 from .compress.prune import check_target, describe, structured
 from .compress.quantize import quantize
 from .config import AUTO_RECIPE, Config, build_config
@@ -38,7 +39,7 @@ from .training.trainer import Callback, Trainer
 
 log = logging.getLogger("resforge")
 
-__all__ = ["train", "prune", "quantize", "evaluate", "predict", "lr_find", "inspect_data", "export", "bench", "Predictor"]
+__all__ = ["train", "prune", "lowrank", "quantize", "evaluate", "predict", "lr_find", "inspect_data", "export", "bench", "Predictor"]
 
 
 def _config(data: str | None, model: str | None, recipe: str | None, config: str | os.PathLike | None,
@@ -96,6 +97,23 @@ def prune(source: str | os.PathLike, *, ratio: float | None = None, macs: float 
         log.info("%s; fine-tuning in %s", describe(record), trainer.run_dir)
     summary = trainer.fit()
     return {**finish_run(trainer, summary), "pruned": record}
+
+
+def lowrank(source: str | os.PathLike, *, energy: float = 0.9, data: str | os.PathLike | None = None,
+            distill: bool = True, recipe: str | None = None, config: str | os.PathLike | None = None,
+            callbacks: list[Callback] = (), progress: bool = True, **options: Any) -> dict[str, Any]:
+    """Factorise a trained model's layers (SVD, Tucker-2) at the rank keeping `energy`, then fine-tune it
+    distilled from the original; write a run directory (options as for `prune`)."""
+    if not 0 < energy < 1:  # before anything is read or written
+        raise ConfigError(f"--energy must lie between 0 and 1 (exclusive), got {energy:g}")
+    trainer, record = compression_run(
+        source, lambda t: factorize_model(t.model, t.pre.img_size, energy), suffix="lowrank", data=data,
+        distill=distill, recipe=recipe, config=config, callbacks=callbacks, progress=progress, **options)
+    (m0, m1), (p0, p1) = record["macs"], record["params"]
+    log.info("factorised %d layers at energy %g: %.1fM MACs of %.1fM (%.0f%%), %s parameters of %s; fine-tuning in %s",
+             len(record["ranks"]), energy, m1 / 1e6, m0 / 1e6, 100 * m1 / m0, f"{p1:,}", f"{p0:,}", trainer.run_dir)
+    summary = trainer.fit()
+    return {**finish_run(trainer, summary), "lowrank": record}
 
 
 def finish_run(trainer: Trainer, summary: dict[str, Any]) -> dict[str, Any]:

@@ -98,6 +98,15 @@ def cmd_prune(args: argparse.Namespace) -> None:
     print(out["run_dir"])
 
 
+def cmd_lowrank(args: argparse.Namespace) -> None:
+    from . import api
+    from .config import overrides_from_args
+
+    out = api.lowrank(args.model, energy=args.energy, data=args.data, distill=args.distill, recipe=args.recipe,
+                      config=args.config, **overrides_from_args(args))
+    print(out["run_dir"])
+
+
 def cmd_quantize(args: argparse.Namespace) -> None:
     from . import api
 
@@ -280,6 +289,16 @@ def build_parser() -> argparse.ArgumentParser:
                                   "split as its run recorded)")
     p.add_argument("--no-distill", dest="distill", action="store_false",
                    help="fine-tune on the labels alone, without the unpruned model as teacher")
+    _config_options(p)
+
+    p = add("lowrank", cmd_lowrank, "factorise a trained model's layers into low-rank products, then fine-tune",
+            "The classifier and 1x1 convolutions by truncated SVD, 3x3 convolutions by Tucker-2, each at the smallest "
+            "rank that keeps --energy of its squared singular values and only where that costs fewer MACs; then "
+            "fine-tuned like prune (the source run's split, distilled from the original model).")
+    p.add_argument("model", help="run directory, or a .safetensors file with its .json sidecar")
+    p.add_argument("--energy", type=float, default=0.9, help="share of each layer's energy kept (default: 0.9)")
+    p.add_argument("--data", help="image folder to fine-tune on (default: the one the model was trained on)")
+    p.add_argument("--no-distill", dest="distill", action="store_false", help="fine-tune on the labels alone")
     _config_options(p)
 
     from .compress import quantize as q

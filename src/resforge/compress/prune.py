@@ -66,6 +66,8 @@ def prune_model(model: ResNet, img_size: int, *, ratio: float | None = None, mac
     import torch_pruning as tp
 
     check_target(ratio, macs)
+    if any(t.get("kind") == "lowrank" for t in model.transforms):
+        raise ConfigError("this model is factorised (low-rank): prune the run it came from, then factorise")
     if importance == "taylor" and gradients is None:
         raise ConfigError("taylor importance needs training batches for its gradients")
     if round_to < 1:

@@ -281,7 +281,7 @@ class ResNet(nn.Module):
 
     @property
     def num_classes(self) -> int:
-        return self.fc.out_features if isinstance(self.fc, nn.Linear) else 0
+        return getattr(self.fc, "out_features", 0)  # a Linear, or its low-rank factors
 
     @property
     def stem_conv(self) -> nn.Conv2d:

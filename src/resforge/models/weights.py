@@ -210,10 +210,11 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str = "c
 
 SIDECAR_FORMAT = "resforge-model"
 SIDECAR_VERSION = 2  # 2: the architecture records its post-build transforms
-# What may have been done to a built model, each rebuilt from the spec alone (a pruned network is
-# a network of other widths, a sparse one has zeros in its weights); a transform not listed here
-# was written by a newer resforge.
-TRANSFORMS = ("pruned", "sparse")
+# What may have been done to a built model: a pruned network is a network of other widths and a
+# sparse one has zeros in its weights (the spec rebuilds both); a low-rank one has layers replaced
+# by their factors (the record's ranks rebuild them). A transform not listed here was written by a
+# newer resforge.
+TRANSFORMS = ("pruned", "sparse", "lowrank")
 
 
 def arch_record(model: nn.Module) -> dict[str, Any]:
@@ -238,6 +239,11 @@ def build_from_arch(arch: dict[str, Any], source: str) -> nn.Module:
     except (TypeError, KeyError, ValueError) as e:
         raise CheckpointError(f"{source} does not describe an architecture this resforge can build: {e}") from None
     model.model_name = arch.get("name")
+    for t in transforms:
+        if t["kind"] == "lowrank":
+            from .lowrank import apply_ranks
+
+            apply_ranks(model, t.get("ranks") or {})
     model.transforms = list(transforms)
     return model
 

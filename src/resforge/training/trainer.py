@@ -191,7 +191,9 @@ class Trainer:
         fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             if self.init_model is not None:
-                model = ResNet(**{**self.init_model[0].spec(), "num_classes": len(self.classes)})
+                model = build_from_arch(arch_record(self.init_model[0]), str(cfg.model.init_from))
+                if model.num_classes != len(self.classes):
+                    model.reset_classifier(len(self.classes))
             else:
                 model = create_model(cfg.model.name, num_classes=len(self.classes), **self._model_kwargs())
             model = model.to(self.device, memory_format=fmt).train()
