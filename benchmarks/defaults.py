@@ -114,19 +114,25 @@ def run_timm(data: Path, model_name: str, img_size: int, batch: int, minutes: fl
             "wall": (time.perf_counter() - t_start) / 60, "test": correct / len(test_set)}
 
 
-def judge(name: str, data: Path, project: Path, minutes: float, seed: int) -> list[tuple[str, dict]]:
+def judge(name: str, data: Path, project: Path, minutes: float, seed: int, only: set[str] | None = None
+          ) -> list[tuple[str, dict]]:
+    """The rows of one set; `only` keeps some of the runs after the default (which sets their model and size)."""
+    def wanted(run: str) -> bool:
+        return only is None or run in only
+
     rows = []
     default = run_resforge(data, project, minutes, seed, name=f"{name}-default")
     rows.append(("default", default))
     cfg = resforge.config.load_yaml(Path(default["run_dir"]) / "config.yaml")
     model, size, batch = cfg["model"]["name"], cfg["data"]["img_size"], cfg["data"]["batch_size"]
-    if model != "resnet50":
+    if model != "resnet50" and wanted("resnet50"):
         rows.append(("default, --model resnet50",
                      run_resforge(data, project, minutes, seed, model="resnet50", name=f"{name}-default-r50")))
-    for recipe in RECIPES:
+    for recipe in filter(wanted, RECIPES):
         rows.append((f"`{recipe}`", run_resforge(data, project, minutes, seed, recipe=recipe, model=model,
                                                  img_size=size, name=f"{name}-{recipe}")))
-    rows.append(("timm library defaults", run_timm(data, model, size, batch, minutes, seed)))
+    if wanted("timm"):
+        rows.append(("timm library defaults", run_timm(data, model, size, batch, minutes, seed)))
     return rows
 
 
@@ -156,7 +162,10 @@ def main() -> None:
     ap.add_argument("--sets", default=",".join(MINUTES), help="comma-separated: " + ", ".join(MINUTES))
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every budget by this")
     ap.add_argument("--data", help="folder for the datasets (default: a temporary one)")
+    ap.add_argument("--only", help="comma-separated runs to make beside the default: resnet50, "
+                                   f"{', '.join(RECIPES)}, timm (default: all; the summary needs all)")
     args = ap.parse_args()
+    only = set(args.only.split(",")) if args.only else None
     names = args.sets.split(",")
     unknown = set(names) - set(MINUTES)
     if unknown:
@@ -170,12 +179,16 @@ def main() -> None:
             minutes = MINUTES[name] * args.scale
             data = datasets.build(name, root)
             seeds = SEEDS.get(name, 1)
-            rows = mean_rows([judge(name, data, Path(tmp) / "runs", minutes, 42 + s) for s in range(seeds)])
+            rows = mean_rows([judge(name, data, Path(tmp) / "runs", minutes, 42 + s, only) for s in range(seeds)])
             print_table(name, minutes, rows, seeds)
+            if only is not None:
+                continue
             scores = dict((label, r["test"]) for label, r in rows)
             best_recipe = max((label for label in scores if label.startswith("`")), key=scores.get)
             summary.append((name, scores["default"], best_recipe, scores[best_recipe],
                             scores["`keras-baseline`"], scores["timm library defaults"]))
+    if not summary:
+        return
     print("\n| set | default | best built-in recipe | keras-baseline | timm | default - best recipe |")
     print("|---|---:|---|---:|---:|---:|")
     for name, default, best, best_score, keras, timm_score in summary:

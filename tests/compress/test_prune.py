@@ -1,5 +1,7 @@
 """Structured pruning end to end on tiny models: shapes, targets, files, fine-tune, resume, bad input."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -51,10 +53,10 @@ def test_prune_fine_tunes_on_the_source_split_distilled_and_saves_without_pickle
     out = resforge.prune(run_dir, ratio=0.5, epochs=1, progress=False, project=str(root / "runs"))
     pruned = out["run_dir"]
     assert pruned.endswith("src-pruned")
-    cfg = yaml.safe_load(open(f"{pruned}/config.yaml"))
+    cfg = yaml.safe_load(Path(f"{pruned}/config.yaml").read_text())
     assert cfg["train"]["teacher"].endswith("src/best.safetensors")
     assert cfg["model"]["init_from"] == f"{pruned}/start.safetensors"
-    assert open(f"{pruned}/split.csv").read() == open(f"{run_dir}/split.csv").read()
+    assert Path(f"{pruned}/split.csv").read_text() == Path(f"{run_dir}/split.csv").read_text()
     model, meta = load_model(pruned)  # safetensors + sidecar: no pickle anywhere
     assert meta["arch"]["transforms"][0]["kind"] == "pruned" and meta["arch"]["transforms"][0]["ratio"] == 0.5
     src_model, _ = load_model(run_dir)
@@ -73,7 +75,7 @@ def test_taylor_and_l1_choose_different_channels(source):
         out = resforge.prune(run_dir, ratio=0.5, importance=importance, epochs=1, progress=False,
                              project=str(root / "runs"), name=f"imp-{importance}", distill=False)
         picks[importance] = load_file(f"{out['run_dir']}/start.safetensors")
-        assert yaml.safe_load(open(f"{out['run_dir']}/config.yaml"))["train"]["teacher"] is None
+        assert yaml.safe_load(Path(f"{out['run_dir']}/config.yaml").read_text())["train"]["teacher"] is None
     assert picks["l1"].keys() == picks["taylor"].keys()
     assert any(not torch.equal(picks["l1"][k], picks["taylor"][k]) for k in picks["l1"] if k.endswith("conv1.weight"))
 

@@ -1,6 +1,7 @@
 """int8 post-training quantisation on a tiny trained model: files, agreement with fp32, bad input."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -23,8 +24,8 @@ def run(tmp_path_factory):
 
 
 def _val_files(run_dir):
-    data = json.load(open(f"{run_dir}/best.json"))["trained"]["data"]
-    return [f"{data}/{line.split(',')[2]}" for line in open(f"{run_dir}/split.csv").read().splitlines()[1:]
+    data = json.loads(Path(f"{run_dir}/best.json").read_text())["trained"]["data"]
+    return [f"{data}/{line.split(',')[2]}" for line in Path(f"{run_dir}/split.csv").read_text().splitlines()[1:]
             if line.startswith("val,")]
 
 

@@ -1,6 +1,7 @@
 """Unstructured (gradual magnitude) pruning: the schedule, the zeros it leaves, their report and resume."""
 
 import csv
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,7 +46,7 @@ def test_prune_to_a_sparsity_zeroes_each_layer_and_resumes_sparse(source):
     for name, w in prunable(model).items():
         assert (w == 0).float().mean().item() == pytest.approx(0.6, abs=1 / w.numel() + 1e-6), name
     assert meta["arch"]["transforms"][-1] == {"kind": "sparse", "sparsity": 0.6, "scope": "layer"}
-    rows = list(csv.DictReader(open(f"{sparse_dir}/sparsity.csv")))
+    rows = list(csv.DictReader(Path(f"{sparse_dir}/sparsity.csv").read_text().splitlines()))
     assert rows[-1]["layer"] == "all" and float(rows[-1]["sparsity"]) == pytest.approx(0.6, abs=0.01)
     assert zip_bytes(model) < 0.75 * zip_bytes(load_model(run_dir)[0])
     more = resforge.train(resume=sparse_dir, epochs=3, progress=False)  # the sparsity callback comes back

@@ -3,9 +3,9 @@
 Each step is four calls that lr-find, distillation and pruning share: `prepare_batch` (device,
 layout, mixing), `compute_loss` (autocast, the criterion, penalties), `backward` (accumulation) and
 `optimizer_step` (schedule, clipping); `_train_epoch` runs them top to bottom with the NaN check,
-the EMA update and the callback events (`epoch_start`, `step_end`, `batch_end`, ...). Each epoch then validates the
-model (and its EMA), appends a row to `metrics.csv`, saves `best.safetensors` when the chosen
-metric improves, and rewrites `last.ckpt` atomically for `--resume`.
+the EMA update and the callback events (`epoch_start`, `step_end`, `batch_end`, ...). Each epoch
+then validates the model (and its EMA), appends a row to `metrics.csv`, saves `best.safetensors`
+when the chosen metric improves, and rewrites `last.ckpt` atomically for `--resume`.
 """
 
 from __future__ import annotations
@@ -45,9 +45,9 @@ from .sparsity import GradualMagnitude
 log = logging.getLogger("resforge")
 
 Callback = Callable[[str, "Trainer"], None]
-# What a resumed run may change; anything else would make it another experiment.
 # The model options an `--init` model fixes (its spec holds them).
 ARCH_OPTIONS = ("variant", "small_input", "width", "act", "norm", "se", "drop_rate", "drop_path_rate")
+# What a resumed run may change; anything else would make it another experiment.
 RESUMABLE = {"train.epochs", "train.patience", "train.time_limit", "train.device", "data.workers"}
 
 
@@ -156,8 +156,9 @@ class Trainer:
                 **{f"model.{k}": spec[k] for k in ARCH_OPTIONS if k in spec}}
         clash = [k for k in arch if k in cfg.user_set and get_option(cfg, k) != arch[k]]
         if clash:
-            raise ConfigError(f"{cfg.model.init_from} fixes the architecture ({', '.join(f'{k} {arch[k]}' for k in clash)}"
-                              "): drop those options, or start from weights with --pretrained")
+            fixed = ", ".join(f"{k} {arch[k]}" for k in clash)
+            raise ConfigError(f"{cfg.model.init_from} fixes the architecture ({fixed}): drop those options, or "
+                              "start from weights with --pretrained")
         inputs = {"data.img_size": pre["img_size"], "data.in_chans": pre["in_chans"],
                   "data.interpolation": pre["interpolation"],
                   "data.crop_pct": round(pre["img_size"] / pre["resize_size"], 4)}
