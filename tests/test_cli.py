@@ -192,20 +192,23 @@ def test_data_import_from_idx_files(tmp_path):
 
 
 def test_demo_runs_end_to_end(tmp_path, monkeypatch, caplog):
-    """`make demo` with a budget of one short epoch: import, inspect, train, evaluate, report, export, bench."""
+    """`make demo` with a budget of one short epoch: import, inspect, train, evaluate, report, export, bench,
+    optimize."""
     import logging
 
     from resforge.demo import run_demo
 
     caplog.set_level(logging.INFO, logger="resforge")
     monkeypatch.chdir(tmp_path)
-    out = run_demo(minutes=0.01)
+    out = run_demo(minutes=0.01, optimize_minutes=0.02, seconds=0.1)
     assert out["epochs"] == 1 and out["results"]["test"]["num_samples"] == 1000
     assert (tmp_path / "runs" / "demo" / "report.md").is_file()
     assert (tmp_path / "runs" / "inspect-fashion-mnist-sample" / "samples.png").is_file()
     assert (tmp_path / "runs" / "demo" / "best.onnx").is_file() and "parity on" in caplog.text
     for backend in ("torch", "onnxruntime", "openvino"):
         assert f"| demo | {backend} |" in caplog.text
+    report = (tmp_path / "runs" / "demo-optimize" / "report.md").read_text()
+    assert "| pruned-int8 | onnxruntime" in report and "target: latency <= 2ms" in report.lower()
 
 
 def test_the_stage_functions_are_not_shadowed_by_subpackages():

@@ -15,6 +15,7 @@ from typing import Any
 
 from .compress.finetune import compression_run
 from .compress.lowrank import factorize_model
+from .compress.optimize import optimize as _optimize
 from .compress.prune import check_target, describe, structured
 from .compress.quantize import quantize
 from .config import AUTO_RECIPE, Config, build_config
@@ -39,7 +40,7 @@ from .training.trainer import Callback, Trainer
 
 log = logging.getLogger("resforge")
 
-__all__ = ["train", "prune", "lowrank", "quantize", "evaluate", "predict", "lr_find", "inspect_data", "export", "bench", "Predictor"]
+__all__ = ["train", "prune", "lowrank", "quantize", "optimize", "evaluate", "predict", "lr_find", "inspect_data", "export", "bench", "Predictor"]
 
 
 def _config(data: str | None, model: str | None, recipe: str | None, config: str | os.PathLike | None,
@@ -114,6 +115,19 @@ def lowrank(source: str | os.PathLike, *, energy: float = 0.9, data: str | os.Pa
              len(record["ranks"]), energy, m1 / 1e6, m0 / 1e6, 100 * m1 / m0, f"{p1:,}", f"{p0:,}", trainer.run_dir)
     summary = trainer.fit()
     return {**finish_run(trainer, summary), "lowrank": record}
+
+
+def optimize(source: str | os.PathLike, target: str, *, name: str | None = None, project: str | os.PathLike | None = None,
+             budget: float | None = None, epochs: int | None = None, macs: float = 0.5, energy: float = 0.9,
+             calib: int = 256, duration: float = 2.0, progress: bool = True) -> dict[str, Any]:
+    """The compression chain on a run, every variant measured alike; the best that meets `target`
+    (`latency=5ms`, `size=10MB`, `macs=1G` or `accuracy-drop=1.0`). Writes `<project>/<name>/report.md`
+    and `report.html` (default: beside the run, `<run>-optimize`); run again with the same name, it
+    resumes. `budget`: minutes of fine-tuning in all (else `epochs` per fine-tune)."""
+    run = Path(source)
+    out = Path(project or run.parent) / (name or f"{run.name}-optimize")
+    return _optimize(source, target, prune=prune, lowrank=lowrank, resume=train, out=out, macs=macs, energy=energy,
+                     calib=calib, duration=duration, budget=budget, epochs=epochs, progress=progress)
 
 
 def finish_run(trainer: Trainer, summary: dict[str, Any]) -> dict[str, Any]:

@@ -107,6 +107,15 @@ def cmd_lowrank(args: argparse.Namespace) -> None:
     print(out["run_dir"])
 
 
+def cmd_optimize(args: argparse.Namespace) -> None:
+    from . import api
+
+    state = api.optimize(args.model, args.target, name=args.name, project=args.project, budget=args.budget,
+                         epochs=args.epochs, macs=args.macs, energy=args.energy, calib=args.calib,
+                         duration=args.duration)
+    print(state["pick"]["line"])
+
+
 def cmd_quantize(args: argparse.Namespace) -> None:
     from . import api
 
@@ -300,6 +309,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="image folder to fine-tune on (default: the one the model was trained on)")
     p.add_argument("--no-distill", dest="distill", action="store_false", help="fine-tune on the labels alone")
     _config_options(p)
+
+    p = add("optimize", cmd_optimize, "the compression chain on a run, measured, and the best variant for a target",
+            "Baseline (fp32 on torch, onnxruntime, openvino) -> int8 -> channel pruning with a distilled fine-tune -> "
+            "int8 of the pruned model -> low-rank factorisation; every variant evaluated on the run's validation "
+            "split and timed by bench. Writes report.md and a self-contained report.html with Pareto plots, and "
+            "names the best variant that meets --target (or by how much the closest misses). Run again with the "
+            "same name, it resumes where it stopped.")
+    p.add_argument("model", help="run directory")
+    p.add_argument("--target", required=True, help="latency=5ms | size=10MB | macs=1G | accuracy-drop=1.0")
+    p.add_argument("--budget", type=float, help="minutes of fine-tuning in all (default: --epochs per fine-tune)")
+    p.add_argument("--epochs", type=int, help="epochs per fine-tune without --budget (default: the auto recipe's)")
+    p.add_argument("--name", help="output folder name (default: <run>-optimize)")
+    p.add_argument("--project", help="folder holding it (default: the run's)")
+    p.add_argument("--macs", type=float, default=0.5, help="share of the MACs pruning keeps (default: 0.5)")
+    p.add_argument("--energy", type=float, default=0.9, help="low-rank energy kept (default: 0.9)")
+    p.add_argument("--calib", type=int, default=256, help="int8 calibration images (default: 256)")
+    p.add_argument("--duration", type=float, default=2.0, help="seconds of timed calls per figure (default: 2)")
 
     from .compress import quantize as q
 

@@ -132,3 +132,14 @@ def test_slimming_adds_the_l1_of_the_batch_norm_scales_to_the_loss(data, tmp_pat
                                                                                                   rel=1e-4)
     with pytest.raises(resforge.ConfigError, match="no batch norm|none to train"):
         _trainer(data, tmp_path, l1_bn=1e-2, norm="groupnorm")
+
+
+def test_a_grayscale_model_started_from_and_distilled_from_keeps_its_statistics(tmp_path):
+    """--init and --teacher of a one-channel run: the student is fed exactly what the saved model was."""
+    gray = make_image_folder(tmp_path / "gray", classes=("a", "b"), per_class=10, size=20, mode="L")
+    run = api.train(gray, progress=False, project=str(tmp_path / "runs"), name="gray", in_chans=1, **TINY)["run_dir"]
+    _, meta = load_model(run)
+    opts = {k: v for k, v in TINY.items() if k not in ("model", "width", "img_size", "recipe")}
+    t = Trainer(build_config("fast", overrides={"data.root": str(gray), "project": str(tmp_path / "runs"),
+                                                "init": run, "teacher": run, **opts}), progress=False)
+    assert t.pre.to_dict() == meta["preprocess"] and t.pre.in_chans == 1

@@ -34,8 +34,8 @@ def compression_run(source: str | os.PathLike, transform: Transform, *, suffix: 
     """A Trainer whose model is `source` changed by `transform`, ready to fine-tune; and the transform's record.
 
     `recipe`, `config` and `options` configure the fine-tune as they do training (default: the auto
-    recipe, which treats the source's weights as pretrained). The data is the
-    folder the source was trained on (or `data`), split as the source run recorded it.
+    recipe, which treats the source's weights as pretrained). The data is the folder the source was
+    trained on (or `data`), split as the source run recorded it.
     """
     weights = resolve_model_path(source)
     if weights.suffix != ".safetensors" or not sidecar_path(weights).is_file():

@@ -40,6 +40,7 @@ from .budget import TimeBudget
 from .checkpoint import RunLock, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .losses import ClassificationLoss, DistillationLoss
 from .optim import Schedule, apply_lr, build_optimizer, default_lr, freeze, set_train_mode
+from .padding_taps import guard_padding_taps
 from .sparsity import GradualMagnitude
 
 log = logging.getLogger("resforge")
@@ -166,7 +167,6 @@ class Trainer:
             if key not in cfg.user_set:
                 set_option(cfg, key, value)
                 cfg.user_set.append(key)
-        model.pretrained_cfg = {"source": str(cfg.model.init_from), "mean": pre["mean"], "std": pre["std"]}
         return model, meta
 
     def _build_model(self) -> ResNet:
@@ -221,7 +221,9 @@ class Trainer:
         d = self.cfg.data
         mean, std = imagenet_stats(d.in_chans)
         pretrained = self.model.pretrained_cfg
-        if d.normalize == "auto" and "mean" in pretrained:
+        if d.normalize == "auto" and self.init_model is not None:  # the statistics the saved model was fed
+            mean, std = self.init_model[1]["preprocess"]["mean"], self.init_model[1]["preprocess"]["std"]
+        elif d.normalize == "auto" and "mean" in pretrained:
             mean, std = imagenet_stats(d.in_chans, pretrained["mean"], pretrained["std"])
         elif d.normalize == "none":
             mean, std = [0.0] * d.in_chans, [1.0] * d.in_chans
@@ -271,6 +273,10 @@ class Trainer:
                               "to train (norm=groupnorm, or frozen)")
         self.criterion = self._build_criterion()
         self._setup_sparsity()
+        for handle in getattr(self, "tap_hooks", []):
+            handle.remove()
+        cpu_bf16 = self.device.type == "cpu" and self.amp_dtype == torch.bfloat16
+        self.tap_hooks = guard_padding_taps(self.model) if cpu_bf16 else []
         self.fwd_model = torch.compile(self.model) if t.compile else self.model
 
     def _setup_sparsity(self) -> None:

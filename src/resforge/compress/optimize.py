@@ -1,0 +1,258 @@
+"""`resforge optimize`: the compression chain on one run, every variant measured the same way, and the
+best that meets a target.
+
+The chain: the baseline (fp32: PyTorch, and ONNX on onnxruntime and OpenVINO) -> int8 of it ->
+channel pruning with a distilled fine-tune -> int8 of the pruned model -> low-rank factorisation.
+Every variant is evaluated on the source run's own validation split and timed by `bench`'s
+`measure` (latency at batch 1, throughput at batch 16, at steady speed, one after another in this
+process), with its parameters, MACs and file size. `report.md` and a self-contained `report.html` (the Pareto plots inline) list them and
+name the best variant that meets the target, or by how much the closest one misses it.
+
+Each stage is recorded in `optimize.json` as it ends; a killed `optimize` run again with the same
+name skips what is done and resumes a fine-tune that was cut off.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import logging
+import os
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..data.folder import scan_recorded_split
+from ..data.loader import ImageDataset, make_loader, resolve_workers
+from ..deploy.bench import bench, file_size_mb
+from ..deploy.export import export
+from ..deploy.predictor import Predictor
+from ..errors import ConfigError
+from ..evaluation.metrics import topk_correct
+from ..evaluation.plots import plot_pareto
+from ..evaluation.runner import infer
+from ..io import write_json, write_text
+from ..models import load_model
+from ..models.summary import summarize
+from .prune import check_target
+from .quantize import quantize
+
+log = logging.getLogger("resforge")
+
+# target kind -> (variant field, unit suffixes and their scale)
+TARGETS = {"latency": ("latency_ms", {"ms": 1.0, "s": 1000.0, "": 1.0}),
+           "size": ("file_mb", {"mb": 1.0, "kb": 1e-3, "gb": 1e3, "": 1.0}),
+           "macs": ("gmacs", {"g": 1.0, "m": 1e-3, "": 1e-9}),
+           "accuracy-drop": ("drop", {"pt": 1.0, "": 1.0})}
+RunStep = Callable[..., dict[str, Any]]  # api.prune, api.lowrank, api.train(resume=): a fine-tuned run
+
+
+@dataclass
+class Target:
+    kind: str
+    value: float  # in the unit of the variant field (ms, MB, GMACs, points)
+
+    @classmethod
+    def parse(cls, text: str) -> Target:
+        """`latency=5ms`, `size=10MB`, `macs=1G`, `accuracy-drop=1.0`."""
+        m = re.fullmatch(r"\s*([a-z-]+)\s*=\s*([0-9.]+(?:e-?[0-9]+)?)\s*([a-zA-Z]*)\s*", text or "")
+        if not m or m.group(1) not in TARGETS:
+            raise ConfigError(f"--target takes latency=5ms, size=10MB, macs=1G or accuracy-drop=1.0, got {text!r}")
+        kind, number, unit = m.group(1), float(m.group(2)), m.group(3).lower()
+        scales = TARGETS[kind][1]
+        if unit not in scales or number <= 0:
+            raise ConfigError(f"--target {kind} needs a positive number in {', '.join(u for u in scales if u)}, "
+                              f"got {text!r}")
+        return cls(kind, number * scales[unit])
+
+    def field(self) -> str:
+        return TARGETS[self.kind][0]
+
+    def met(self, variant: dict[str, Any]) -> bool:
+        return variant[self.field()] <= self.value
+
+    def describe(self) -> str:
+        unit = {"latency": "ms", "size": "MB", "macs": " GMACs", "accuracy-drop": " pt of top-1 lost"}[self.kind]
+        return f"{self.kind} <= {self.value:g}{unit}"
+
+
+def optimize(source: str | os.PathLike, target: str, *, prune: RunStep, lowrank: RunStep, resume: RunStep,
+             out: str | os.PathLike, macs: float = 0.5, energy: float = 0.9, calib: int = 256, duration: float = 2.0,
+             budget: float | None = None, epochs: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run the chain on `source` (a run directory) into `out`; return the variants and the pick."""
+    from tqdm.auto import tqdm
+
+    goal = Target.parse(target)
+    run = Path(source)
+    if not (run / "best.safetensors").is_file() or not (run / "split.csv").is_file():
+        raise ConfigError(f"{source} is not a run directory (best.safetensors and split.csv): optimize starts from "
+                          "a training run")
+    if budget is not None and budget <= 0:
+        raise ConfigError(f"--budget must be a positive number of minutes, got {budget:g}")
+    check_target(None, macs)
+    if not 0 < energy < 1 or calib < 1 or duration <= 0:
+        raise ConfigError(f"--energy must lie in (0, 1), --calib be at least 1 and --duration above 0; got "
+                          f"{energy:g}, {calib} and {duration:g}")
+    _, meta = load_model(run)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state_file = out / "optimize.json"
+    state = _read_state(state_file, run, goal)
+    fine_tune = ({"time_limit": budget / 2} if budget else {}) | ({"epochs": epochs} if epochs else {})
+    stages: list[tuple[str, Callable[[], list[dict[str, Any]]]]] = [
+        ("baseline", lambda: _baseline(run, out)),
+        ("int8", lambda: _int8(run / "best.safetensors", out / "int8", calib)),
+        ("pruned", lambda: _fine_tuned(prune, resume, run, out, "pruned", dict(macs=macs, **fine_tune), progress)),
+        ("pruned-int8", lambda: _int8(out / "pruned" / "best.safetensors", out / "pruned-int8", calib)),
+        ("lowrank", lambda: _fine_tuned(lowrank, resume, run, out, "lowrank", dict(energy=energy, **fine_tune),
+                                        progress)),
+    ]
+    bar = tqdm(stages, desc="optimize", unit="stage", disable=None if progress else True)
+    for name, make in bar:
+        bar.set_postfix_str(name)
+        if name in state["stages"]:
+            continue
+        state["stages"][name] = make()
+        write_json(state_file, state)
+    variants = [v for name, _ in stages for v in state["stages"][name]]
+    samples = scan_recorded_split(meta["trained"]["data"], run / "split.csv").val
+    for v in tqdm(variants, desc="measure", unit="variant", disable=None if progress else True):
+        if "top1" not in v:
+            v.update(_measure(v, samples, duration))
+            write_json(state_file, state)
+    base = variants[0]["top1"]
+    for v in variants:
+        v["drop"] = 100 * (base - v["top1"])
+    pick = _pick(variants, goal)
+    state["pick"] = pick
+    write_json(state_file, state)
+    _write_reports(out, run, goal, variants, pick)
+    log.info("%s", pick["line"])
+    log.info("report: %s (and report.html)", out / "report.md")
+    return state
+
+
+def _read_state(path: Path, run: Path, goal: Target) -> dict[str, Any]:
+    import json
+
+    fresh = {"source": str(run.resolve()), "target": {"kind": goal.kind, "value": goal.value}, "stages": {}}
+    if not path.is_file():
+        return fresh
+    try:
+        state = json.loads(path.read_text())
+    except ValueError:
+        return fresh
+    if state.get("source") != fresh["source"]:
+        raise ConfigError(f"{path.parent} holds an optimize of {state.get('source')}: give another --name")
+    state["target"] = fresh["target"]  # the variants stand; a new target only changes the pick
+    log.info("resuming %s: %s done", path.parent, ", ".join(state["stages"]) or "nothing")
+    return state
+
+
+def _variant(name: str, path: Path, backend: str, precision: str, model: Path) -> dict[str, Any]:
+    """A file to measure on a backend; `model` is the saved network whose parameters and MACs it has."""
+    net, meta = load_model(model)
+    s = summarize(net, meta["preprocess"]["img_size"])
+    return {"name": name, "path": str(path), "backend": backend, "precision": precision, "params": s.params,
+            "gmacs": s.macs / 1e9, "file_mb": file_size_mb(path)}
+
+
+def _baseline(run: Path, out: Path) -> list[dict[str, Any]]:
+    onnx = export(run, "onnx", out / "baseline.onnx", dynamic_batch=True).path
+    weights = run / "best.safetensors"
+    return [_variant("fp32", weights, "torch", "fp32", weights),
+            _variant("fp32", onnx, "onnxruntime", "auto", weights),
+            _variant("fp32", onnx, "openvino", "fp32", weights)]
+
+
+def _int8(weights: Path, base: Path, calib: int) -> list[dict[str, Any]]:
+    """int8 for each engine with its own quantiser (onnxruntime's QDQ, NNCF for OpenVINO)."""
+    rows = []
+    for backend, suffix in (("onnxruntime", ".onnx"), ("openvino", ".xml")):
+        q = quantize(weights, backend, base.with_name(f"{base.name}{suffix}"), calib=calib)
+        rows.append(_variant(f"{base.name}", q.path, backend, "auto" if backend == "onnxruntime" else "fp32",
+                             weights))
+    return rows
+
+
+def _fine_tuned(step: RunStep, resume: RunStep, run: Path, out: Path, name: str, options: dict[str, Any],
+                progress: bool) -> list[dict[str, Any]]:
+    """A pruned or factorised run in out/<name>: resumed when a kill cut its fine-tune short."""
+    run_dir = out / name
+    if (run_dir / "last.ckpt").is_file() and not (run_dir / "results.json").is_file():
+        log.info("resuming the %s fine-tune in %s", name, run_dir)
+        resume(resume=run_dir, progress=progress)
+    elif not (run_dir / "results.json").is_file():
+        if run_dir.exists():
+            shutil.rmtree(run_dir)  # started, but not as far as a checkpoint: from the start
+        step(run, project=str(out), name=name, progress=progress, **options)
+    onnx = export(run_dir, "onnx", out / f"{name}.onnx", dynamic_batch=True).path
+    weights = run_dir / "best.safetensors"
+    return [_variant(name, onnx, "onnxruntime", "auto", weights), _variant(name, onnx, "openvino", "fp32", weights)]
+
+
+def _measure(v: dict[str, Any], samples: list, duration: float) -> dict[str, Any]:
+    """Top-1/top-5 on the validation split and latency/throughput by `bench`, for one variant."""
+    predictor = Predictor.load(v["path"], v["backend"], precision=v["precision"], batch_size=64)
+    loader = make_loader(ImageDataset(samples, predictor.transform, predictor.pre), 64, train=False,
+                         workers=resolve_workers(-1), seed=0)
+    logits, targets = infer(predictor, loader)
+    k = topk_correct(logits, targets, (1, 5))
+    del predictor
+    # in this process: the variants are compared at their steady speed (cold start and memory are bench's)
+    row = bench([v["path"]], [v["backend"]], precision=v["precision"], batch_sizes=[1, 16], duration=duration,
+                isolate=False, progress=False)[0]
+    if "error" in row:
+        raise ConfigError(f"measuring {v['name']} on {v['backend']} failed: {row['error']}")
+    return {"top1": k[1] / len(targets), "top5": k[5] / len(targets), "latency_ms": row["latency_ms"]["p50"],
+            "latency_p99_ms": row["latency_ms"]["p99"], "img_per_s_16": row["throughput"]["16"],
+            "precision": row["precision"]}
+
+
+def _pick(variants: list[dict[str, Any]], goal: Target) -> dict[str, Any]:
+    """The most accurate variant that meets a speed or size target (the fastest that meets an accuracy
+    target); else the closest, and by how much it misses."""
+    field = goal.field()
+    meeting = [v for v in variants if goal.met(v)]
+    if meeting:
+        best = (min(meeting, key=lambda v: v["latency_ms"]) if goal.kind == "accuracy-drop"
+                else max(meeting, key=lambda v: (v["top1"], -v["latency_ms"])))
+        line = (f"best variant for {goal.describe()}: {best['name']} on {best['backend']} ({best['precision']}), "
+                f"top-1 {best['top1']:.2%} ({best['drop']:+.2f} pt lost), {best['latency_ms']:.2f} ms at batch 1, "
+                f"{best['file_mb']:.1f} MB")
+        return {"met": True, "variant": f"{best['name']} {best['backend']}", "line": line}
+    closest = min(variants, key=lambda v: v[field])
+    line = (f"no variant meets {goal.describe()}: the closest, {closest['name']} on {closest['backend']}, has "
+            f"{closest[field]:.3g} ({closest[field] - goal.value:+.3g} over)")
+    return {"met": False, "variant": f"{closest['name']} {closest['backend']}", "line": line}
+
+
+COLUMNS = [("variant", "{name}"), ("backend", "{backend} {precision}"), ("top-1", "{top1:.2%}"),
+           ("top-5", "{top5:.2%}"), ("drop (pt)", "{drop:+.2f}"), ("params", "{params:,}"), ("GMACs", "{gmacs:.3f}"),
+           ("file MB", "{file_mb:.2f}"), ("p50 ms (b1)", "{latency_ms:.2f}"), ("p99 ms (b1)", "{latency_p99_ms:.2f}"),
+           ("img/s (b16)", "{img_per_s_16:.1f}")]
+
+
+def _write_reports(out: Path, run: Path, goal: Target, variants: list[dict[str, Any]], pick: dict[str, Any]) -> None:
+    cells = [[fmt.format(**v) for _, fmt in COLUMNS] for v in variants]
+    plot = plot_pareto(variants, out / "pareto.png")
+    md = [f"# optimize {run}", "", f"Target: {goal.describe()}. {pick['line']}.", "",
+          "| " + " | ".join(h for h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    md += ["| " + " | ".join(r) + " |" for r in cells]
+    md += ["", "Top-1 and top-5 on the run's validation split; latency and throughput measured by `resforge bench`, "
+               "one variant after another on this machine.", "", "![Pareto](pareto.png)", ""]
+    write_text(out / "report.md", "\n".join(md))
+    image = base64.b64encode(plot.read_bytes()).decode()
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in cells)
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>optimize {html.escape(str(run))}</title>"
+            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}</style>"
+            f"</head><body><h1>optimize {html.escape(str(run))}</h1><p>Target: {html.escape(goal.describe())}. "
+            f"<b>{html.escape(pick['line'])}</b>.</p><table><tr>"
+            + "".join(f"<th>{html.escape(h)}</th>" for h, _ in COLUMNS) + f"</tr>{rows}</table>"
+            f"<p><img alt='Pareto: top-1 against latency and size' src='data:image/png;base64,{image}'></p>"
+            "</body></html>\n")
+    write_text(out / "report.html", page)

@@ -1,0 +1,109 @@
+"""`optimize` end to end on a tiny run: every variant measured, the report with its Pareto plot, the pick,
+a kill and a resume, bad targets."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from helpers import make_image_folder
+
+import resforge
+from resforge.cli import main
+from resforge.compress.optimize import Target, _pick
+from resforge.evaluation.plots import pareto_front
+
+TINY = {"model": "resnet18", "width": 0.25, "img_size": 16, "batch_size": 8, "workers": 0, "amp": "off"}
+
+
+def test_targets_parse_with_their_units():
+    assert Target.parse("latency=5ms") == Target("latency", 5.0)
+    assert Target.parse("latency=0.01s") == Target("latency", 10.0)
+    assert Target.parse("size=512kb") == Target("size", 0.512)
+    assert Target.parse("macs=300M") == Target("macs", 0.3)
+    assert Target.parse("accuracy-drop=1.0") == Target("accuracy-drop", 1.0)
+    for bad in ("speed=5ms", "latency=5kg", "latency=-1ms", "latency", ""):
+        with pytest.raises(resforge.ConfigError, match="--target"):
+            Target.parse(bad)
+
+
+def test_the_pick_is_the_most_accurate_within_the_target_or_the_closest_miss():
+    variants = [{"name": "fp32", "backend": "torch", "precision": "fp32", "top1": 0.90, "drop": 0.0,
+                 "latency_ms": 10.0, "file_mb": 40.0},
+                {"name": "int8", "backend": "onnxruntime", "precision": "int8", "top1": 0.89, "drop": 1.0,
+                 "latency_ms": 3.0, "file_mb": 10.0},
+                {"name": "pruned", "backend": "onnxruntime", "precision": "int8", "top1": 0.86, "drop": 4.0,
+                 "latency_ms": 1.5, "file_mb": 5.0}]
+    assert _pick(variants, Target("latency", 5.0))["variant"] == "int8 onnxruntime"
+    assert _pick(variants, Target("accuracy-drop", 2.0))["variant"] == "int8 onnxruntime"  # the fastest within
+    miss = _pick(variants, Target("size", 1.0))
+    assert not miss["met"] and miss["variant"] == "pruned onnxruntime" and "+4 over" in miss["line"]
+    assert pareto_front([(v["latency_ms"], v["top1"]) for v in variants]) == [2, 1, 0]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    root = tmp_path_factory.mktemp("optimize")
+    data = make_image_folder(root / "shapes", classes=("a", "b", "c"), per_class=16, size=20)
+    return resforge.train(data, progress=False, project=str(root / "runs"), name="src", epochs=1, **TINY)["run_dir"], root
+
+
+def test_a_killed_optimize_resumes_where_it_stopped(source):
+    run_dir, root = source
+    project = root / "killed"
+    script = textwrap.dedent(f"""
+        import os, signal, resforge
+        def kill(event, trainer):
+            if event == "epoch_end" and trainer.epoch == 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+        import resforge.api as api
+        real = api.prune
+        api.prune = lambda *a, **k: real(*a, callbacks=[kill], **k)
+        resforge.optimize({run_dir!r}, "size=100MB", project={str(project)!r}, name="opt", epochs=2, calib=16,
+                          duration=0.2, progress=False)
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    state = json.loads((project / "opt" / "optimize.json").read_text())
+    assert list(state["stages"]) == ["baseline", "int8"]  # the pruning fine-tune was cut after its first epoch
+    assert (project / "opt" / "pruned" / "last.ckpt").is_file()
+    assert main(["optimize", run_dir, "--target", "size=100MB", "--project", str(project), "--name", "opt",
+                 "--epochs", "2", "--calib", "16", "--duration", "0.2"]) == 0
+    state = json.loads((project / "opt" / "optimize.json").read_text())
+    assert list(state["stages"]) == ["baseline", "int8", "pruned", "pruned-int8", "lowrank"]
+    metrics = (project / "opt" / "pruned" / "metrics.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in metrics[1:]] == ["1", "2"]  # resumed at epoch 2, not started again
+    # Every variant measured alike, in the report with its Pareto plot, and the pick named.
+    variants = [v for stage in state["stages"].values() for v in stage]
+    assert {(v["name"], v["backend"]) for v in variants} == {
+        ("fp32", "torch"), ("fp32", "onnxruntime"), ("fp32", "openvino"), ("int8", "onnxruntime"),
+        ("int8", "openvino"), ("pruned", "onnxruntime"), ("pruned", "openvino"), ("pruned-int8", "onnxruntime"),
+        ("pruned-int8", "openvino"), ("lowrank", "onnxruntime"), ("lowrank", "openvino")}
+    for v in variants:
+        assert v["latency_ms"] > 0 and v["img_per_s_16"] > 0 and v["file_mb"] > 0 and v["params"] > 0
+    by = {(v["name"], v["backend"]): v for v in variants}
+    assert by["pruned", "onnxruntime"]["gmacs"] < 0.6 * by["fp32", "torch"]["gmacs"]
+    assert by["int8", "onnxruntime"]["file_mb"] < 0.5 * by["fp32", "onnxruntime"]["file_mb"]
+    assert state["pick"]["met"]  # every tiny variant is under 100 MB: the most accurate is picked
+    assert by[tuple(state["pick"]["variant"].split())]["top1"] == max(v["top1"] for v in variants)
+    report = (project / "opt" / "report.md").read_text()
+    assert state["pick"]["line"] in report and report.count("\n| ") == len(variants) + 1
+    page = (project / "opt" / "report.html").read_text()
+    assert "data:image/png;base64," in page and "src='http" not in page and "<link" not in page  # self-contained
+    assert (project / "opt" / "pareto.png").stat().st_size > 10_000
+
+
+def test_bad_input_writes_nothing(source, capsys):
+    run_dir, root = source
+    for args, message in ((["--target", "speed=1"], "--target takes"), (["--target", "size=1MB", "--budget", "0"],
+                                                                          "--budget must be")):
+        assert main(["optimize", run_dir, *args, "--project", str(root / "bad")]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["optimize", str(root / "shapes"), "--target", "size=1MB", "--project", str(root / "bad")]) == 2
+    assert "is not a run directory" in capsys.readouterr().err
+    assert not (root / "bad").exists()
+    assert os.path.isdir(run_dir)
