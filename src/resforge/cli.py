@@ -310,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-distill", dest="distill", action="store_false", help="fine-tune on the labels alone")
     _config_options(p)
 
-    p = add("optimize", cmd_optimize, "the compression chain on a run, measured, and the best variant for a target",
+    p = add("optimize", cmd_optimize, "int8, pruned and low-rank variants of a run, measured; the best for a target",
             "Baseline (fp32 on torch, onnxruntime, openvino) -> int8 -> channel pruning with a distilled fine-tune -> "
             "int8 of the pruned model -> low-rank factorisation; every variant evaluated on the run's validation "
             "split and timed by bench. Writes report.md and a self-contained report.html with Pareto plots, and "

@@ -50,7 +50,6 @@ def run_demo(minutes: float = 3.0, optimize_minutes: float = OPTIMIZE_MINUTES, s
     log.info("%s\n%s", table(rows, batch_sizes), settings_line(rows, seconds, 3))
     target = "latency=2ms"
     log.info("\n$ resforge optimize %s --target %s --budget %g --duration %g", run, target, optimize_minutes, seconds)
-    state = api.optimize(run, target, budget=optimize_minutes, duration=seconds)
-    log.info("%s\nreport: %s", state["pick"]["line"], Path(run).parent / f"{NAME}-optimize" / "report.html")
+    api.optimize(run, target, budget=optimize_minutes, duration=seconds)
     log.info("\nNext: resforge eval %s <labelled folder> | resforge predict %s <images>", run, exported.path)
     return out

@@ -32,13 +32,14 @@ def test_targets_parse_with_their_units():
 
 
 def test_the_pick_is_the_most_accurate_within_the_target_or_the_closest_miss():
-    variants = [{"name": "fp32", "backend": "torch", "precision": "fp32", "top1": 0.90, "drop": 0.0,
+    variants = [{"name": "fp32", "backend": "torch", "dtype": "fp32", "top1": 0.90, "drop": 0.0,
                  "latency_ms": 10.0, "file_mb": 40.0},
-                {"name": "int8", "backend": "onnxruntime", "precision": "int8", "top1": 0.89, "drop": 1.0,
+                {"name": "int8", "backend": "onnxruntime", "dtype": "int8", "top1": 0.89, "drop": 1.0,
                  "latency_ms": 3.0, "file_mb": 10.0},
-                {"name": "pruned", "backend": "onnxruntime", "precision": "int8", "top1": 0.86, "drop": 4.0,
+                {"name": "pruned", "backend": "onnxruntime", "dtype": "int8", "top1": 0.86, "drop": 4.0,
                  "latency_ms": 1.5, "file_mb": 5.0}]
-    assert _pick(variants, Target("latency", 5.0))["variant"] == "int8 onnxruntime"
+    within = _pick(variants, Target("latency", 5.0))
+    assert within["variant"] == "int8 onnxruntime" and "(1.00 pt lost against fp32)" in within["line"]
     assert _pick(variants, Target("accuracy-drop", 2.0))["variant"] == "int8 onnxruntime"  # the fastest within
     miss = _pick(variants, Target("size", 1.0))
     assert not miss["met"] and miss["variant"] == "pruned onnxruntime" and "+4 over" in miss["line"]

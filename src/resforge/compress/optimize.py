@@ -152,12 +152,14 @@ def _read_state(path: Path, run: Path, goal: Target) -> dict[str, Any]:
     return state
 
 
-def _variant(name: str, path: Path, backend: str, precision: str, model: Path) -> dict[str, Any]:
-    """A file to measure on a backend; `model` is the saved network whose parameters and MACs it has."""
+def _variant(name: str, path: Path, backend: str, precision: str, model: Path, dtype: str = "fp32"
+             ) -> dict[str, Any]:
+    """A file to measure on a backend (`precision`: the engine's setting; `dtype`: what the file holds);
+    `model` is the saved network whose parameters and MACs it has."""
     net, meta = load_model(model)
     s = summarize(net, meta["preprocess"]["img_size"])
-    return {"name": name, "path": str(path), "backend": backend, "precision": precision, "params": s.params,
-            "gmacs": s.macs / 1e9, "file_mb": file_size_mb(path)}
+    return {"name": name, "path": str(path), "backend": backend, "precision": precision, "dtype": dtype,
+            "params": s.params, "gmacs": s.macs / 1e9, "file_mb": file_size_mb(path)}
 
 
 def _baseline(run: Path, out: Path) -> list[dict[str, Any]]:
@@ -173,8 +175,8 @@ def _int8(weights: Path, base: Path, calib: int) -> list[dict[str, Any]]:
     rows = []
     for backend, suffix in (("onnxruntime", ".onnx"), ("openvino", ".xml")):
         q = quantize(weights, backend, base.with_name(f"{base.name}{suffix}"), calib=calib)
-        rows.append(_variant(f"{base.name}", q.path, backend, "auto" if backend == "onnxruntime" else "fp32",
-                             weights))
+        rows.append(_variant(base.name, q.path, backend, "auto" if backend == "onnxruntime" else "fp32", weights,
+                             dtype="int8"))
     return rows
 
 
@@ -208,8 +210,7 @@ def _measure(v: dict[str, Any], samples: list, duration: float) -> dict[str, Any
     if "error" in row:
         raise ConfigError(f"measuring {v['name']} on {v['backend']} failed: {row['error']}")
     return {"top1": k[1] / len(targets), "top5": k[5] / len(targets), "latency_ms": row["latency_ms"]["p50"],
-            "latency_p99_ms": row["latency_ms"]["p99"], "img_per_s_16": row["throughput"]["16"],
-            "precision": row["precision"]}
+            "latency_p99_ms": row["latency_ms"]["p99"], "img_per_s_16": row["throughput"]["16"]}
 
 
 def _pick(variants: list[dict[str, Any]], goal: Target) -> dict[str, Any]:
@@ -220,8 +221,9 @@ def _pick(variants: list[dict[str, Any]], goal: Target) -> dict[str, Any]:
     if meeting:
         best = (min(meeting, key=lambda v: v["latency_ms"]) if goal.kind == "accuracy-drop"
                 else max(meeting, key=lambda v: (v["top1"], -v["latency_ms"])))
-        line = (f"best variant for {goal.describe()}: {best['name']} on {best['backend']} ({best['precision']}), "
-                f"top-1 {best['top1']:.2%} ({best['drop']:+.2f} pt lost), {best['latency_ms']:.2f} ms at batch 1, "
+        change = f"{best['drop']:.2f} pt lost" if best["drop"] >= 0 else f"{-best['drop']:.2f} pt gained"
+        line = (f"best variant for {goal.describe()}: {best['name']} on {best['backend']} ({best['dtype']}), "
+                f"top-1 {best['top1']:.2%} ({change} against fp32), {best['latency_ms']:.2f} ms at batch 1, "
                 f"{best['file_mb']:.1f} MB")
         return {"met": True, "variant": f"{best['name']} {best['backend']}", "line": line}
     closest = min(variants, key=lambda v: v[field])
@@ -230,7 +232,7 @@ def _pick(variants: list[dict[str, Any]], goal: Target) -> dict[str, Any]:
     return {"met": False, "variant": f"{closest['name']} {closest['backend']}", "line": line}
 
 
-COLUMNS = [("variant", "{name}"), ("backend", "{backend} {precision}"), ("top-1", "{top1:.2%}"),
+COLUMNS = [("variant", "{name}"), ("backend", "{backend} {dtype}"), ("top-1", "{top1:.2%}"),
            ("top-5", "{top5:.2%}"), ("drop (pt)", "{drop:+.2f}"), ("params", "{params:,}"), ("GMACs", "{gmacs:.3f}"),
            ("file MB", "{file_mb:.2f}"), ("p50 ms (b1)", "{latency_ms:.2f}"), ("p99 ms (b1)", "{latency_p99_ms:.2f}"),
            ("img/s (b16)", "{img_per_s_16:.1f}")]
