@@ -198,8 +198,14 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch, caplog):
 
     from resforge.demo import run_demo
 
+    import functools
+
+    import resforge.demo
+
     caplog.set_level(logging.INFO, logger="resforge")
     monkeypatch.chdir(tmp_path)
+    # the whole chain, with fewer calibration images than a user's 256 (the suite's time is short)
+    monkeypatch.setattr(resforge.demo.api, "optimize", functools.partial(resforge.demo.api.optimize, calib=16))
     out = run_demo(minutes=0.01, optimize_minutes=0.02, seconds=0.1)
     assert out["epochs"] == 1 and out["results"]["test"]["num_samples"] == 1000
     assert (tmp_path / "runs" / "demo" / "report.md").is_file()

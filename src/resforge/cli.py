@@ -140,6 +140,17 @@ def cmd_recipes(args: argparse.Namespace) -> None:
 
 
 MODEL_HELP = "run directory, .safetensors (with its .json sidecar), .onnx file or OpenVINO .xml"
+SAVED_MODEL_HELP = "run directory, or a .safetensors file with its .json sidecar"
+
+
+def _compression_options(p: argparse.ArgumentParser) -> None:
+    """What a compression run takes beside its own target: the source, its data, the teacher, the fine-tune."""
+    p.add_argument("model", help=SAVED_MODEL_HELP)
+    p.add_argument("--data", help="image folder to fine-tune on (default: the one the model was trained on, "
+                                  "split as its run recorded)")
+    p.add_argument("--no-distill", dest="distill", action="store_false",
+                   help="fine-tune on the labels alone, without the original model as teacher")
+    _config_options(p)
 
 
 def _deploy_options(p: argparse.ArgumentParser) -> None:
@@ -285,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
             "dependency graph), so the result is a plain ResNet of other widths that every backend runs faster. "
             "It is fine-tuned on the source run's own training split, distilled from the unpruned model, and "
             "written as a run directory (start.safetensors: the pruned model before fine-tuning).")
-    p.add_argument("model", help="run directory, or a .safetensors file with its .json sidecar")
+    _compression_options(p)
     target = p.add_argument_group("the target: one of --ratio, --macs, or (unstructured) --sparsity with "
                                   "--sparsity-scope among the train options")
     target.add_argument("--ratio", type=float, help="share of each layer's channels to remove, e.g. 0.3")
@@ -294,21 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which channels go first: l1/l2 weight norm (default: l1), bn-scale (network slimming; "
                         "train with --l1-bn), taylor (gradients on a few training batches)")
     p.add_argument("--round-to", type=int, default=8, help="keep widths a multiple of this (default: 8)")
-    p.add_argument("--data", help="image folder to fine-tune on (default: the one the model was trained on, "
-                                  "split as its run recorded)")
-    p.add_argument("--no-distill", dest="distill", action="store_false",
-                   help="fine-tune on the labels alone, without the unpruned model as teacher")
-    _config_options(p)
 
     p = add("lowrank", cmd_lowrank, "factorise a trained model's layers into low-rank products, then fine-tune",
             "The classifier and 1x1 convolutions by truncated SVD, 3x3 convolutions by Tucker-2, each at the smallest "
             "rank that keeps --energy of its squared singular values and only where that costs fewer MACs; then "
             "fine-tuned like prune (the source run's split, distilled from the original model).")
-    p.add_argument("model", help="run directory, or a .safetensors file with its .json sidecar")
+    _compression_options(p)
     p.add_argument("--energy", type=float, default=0.9, help="share of each layer's energy kept (default: 0.9)")
-    p.add_argument("--data", help="image folder to fine-tune on (default: the one the model was trained on)")
-    p.add_argument("--no-distill", dest="distill", action="store_false", help="fine-tune on the labels alone")
-    _config_options(p)
 
     p = add("optimize", cmd_optimize, "int8, pruned and low-rank variants of a run, measured; the best for a target",
             "Baseline (fp32 on torch, onnxruntime, openvino) -> int8 -> channel pruning with a distilled fine-tune -> "
@@ -334,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
             "preprocessing), write an int8 model file with per-channel int8 weights, and measure its top-1 "
             "against fp32 on the run's validation split. onnxruntime: QDQ through its quantize_static, with the "
             "activation type measured here (u8 or s8: the faster); openvino: NNCF's nncf.quantize.")
-    p.add_argument("model", help="run directory, or a .safetensors file with its .json sidecar")
+    p.add_argument("model", help=SAVED_MODEL_HELP)
     p.add_argument("--backend", choices=q.BACKENDS, default="onnxruntime", help="engine the file is for "
                                                                                "(default: onnxruntime)")
     p.add_argument("--output", "-o", help="file to write (default: beside the weights, e.g. <run>/best-int8.onnx)")
@@ -388,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
             "beside the PyTorch model on the run's validation images (up to 256): the largest logit difference "
             "and the top-1 agreement are printed; past the tolerance the export fails and no file is left. "
             "TensorRT: export onnx and run it with --backend tensorrt where onnxruntime-gpu has TensorRT.")
-    p.add_argument("model", help="run directory, or a .safetensors file with its .json sidecar")
+    p.add_argument("model", help=SAVED_MODEL_HELP)
     p.add_argument("--format", choices=FORMATS, default="onnx", help="file format (default: onnx)")
     p.add_argument("--output", "-o", help="file to write (default: beside the weights, e.g. <run>/best.onnx)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")

@@ -30,7 +30,8 @@ def guard_padding_taps(model: nn.Module) -> list[torch.utils.hooks.RemovableHand
     size of the last forward pass, a tap read only padding."""
     handles = []
     for conv in model.modules():
-        if not isinstance(conv, nn.Conv2d) or conv.kernel_size == (1, 1) or not isinstance(conv.padding, tuple):
+        if (not isinstance(conv, nn.Conv2d) or conv.kernel_size == (1, 1) or not isinstance(conv.padding, tuple)
+                or not conv.weight.requires_grad):  # 'same'/'valid' padding is a string; frozen layers learn nothing
             continue
         state: dict = {"size": None, "mask": None}
 
