@@ -40,7 +40,8 @@ from .training.trainer import Callback, Trainer
 
 log = logging.getLogger("resforge")
 
-__all__ = ["train", "prune", "lowrank", "quantize", "optimize", "evaluate", "predict", "lr_find", "inspect_data", "export", "bench", "Predictor"]
+__all__ = ["train", "prune", "lowrank", "quantize", "optimize", "evaluate", "predict", "lr_find", "inspect_data",
+           "export", "bench", "Predictor"]
 
 
 def _config(data: str | None, model: str | None, recipe: str | None, config: str | os.PathLike | None,
@@ -111,15 +112,16 @@ def lowrank(source: str | os.PathLike, *, energy: float = 0.9, data: str | os.Pa
         source, lambda t: factorize_model(t.model, t.pre.img_size, energy), suffix="lowrank", data=data,
         distill=distill, recipe=recipe, config=config, callbacks=callbacks, progress=progress, **options)
     (m0, m1), (p0, p1) = record["macs"], record["params"]
-    log.info("factorised %d layers at energy %g: %.1fM MACs of %.1fM (%.0f%%), %s parameters of %s; fine-tuning in %s",
-             len(record["ranks"]), energy, m1 / 1e6, m0 / 1e6, 100 * m1 / m0, f"{p1:,}", f"{p0:,}", trainer.run_dir)
+    log.info("factorised %d layers at energy %g: %.1fM MACs of %.1fM (%.0f%%), %s parameters of %s; fine-tuning "
+             "in %s", len(record["ranks"]), energy, m1 / 1e6, m0 / 1e6, 100 * m1 / m0, f"{p1:,}", f"{p0:,}",
+             trainer.run_dir)
     summary = trainer.fit()
     return {**finish_run(trainer, summary), "lowrank": record}
 
 
-def optimize(source: str | os.PathLike, target: str, *, name: str | None = None, project: str | os.PathLike | None = None,
-             budget: float | None = None, epochs: int | None = None, macs: float = 0.5, energy: float = 0.9,
-             calib: int = 256, duration: float = 2.0, progress: bool = True) -> dict[str, Any]:
+def optimize(source: str | os.PathLike, target: str, *, name: str | None = None,
+             project: str | os.PathLike | None = None, budget: float | None = None, epochs: int | None = None,
+             macs: float = 0.5, energy: float = 0.9, calib: int = 256, duration: float = 2.0, progress: bool = True) -> dict[str, Any]:
     """The compression chain on a run, every variant measured alike; the best that meets `target`
     (`latency=5ms`, `size=10MB`, `macs=1G` or `accuracy-drop=1.0`). Writes `<project>/<name>/report.md`
     and `report.html` (default: beside the run, `<run>-optimize`); run again with the same name, it

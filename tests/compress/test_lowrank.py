@@ -45,7 +45,8 @@ def test_layers_of_low_rank_factorise_exactly_and_rebuild_from_the_record(name):
 def source(tmp_path_factory):
     root = tmp_path_factory.mktemp("lowrank")
     data = make_image_folder(root / "shapes", classes=("a", "b", "c"), per_class=16, size=20)
-    return resforge.train(data, progress=False, project=str(root / "runs"), name="src", epochs=1, **TINY)["run_dir"], root
+    run = resforge.train(data, progress=False, project=str(root / "runs"), name="src", epochs=1, **TINY)
+    return run["run_dir"], root
 
 
 def test_lowrank_run_fine_tunes_saves_without_pickle_and_exports(source, capsys):

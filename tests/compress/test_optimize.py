@@ -50,7 +50,8 @@ def test_the_pick_is_the_most_accurate_within_the_target_or_the_closest_miss():
 def source(tmp_path_factory):
     root = tmp_path_factory.mktemp("optimize")
     data = make_image_folder(root / "shapes", classes=("a", "b", "c"), per_class=16, size=20)
-    return resforge.train(data, progress=False, project=str(root / "runs"), name="src", epochs=1, **TINY)["run_dir"], root
+    run = resforge.train(data, progress=False, project=str(root / "runs"), name="src", epochs=1, **TINY)
+    return run["run_dir"], root
 
 
 def test_a_killed_optimize_resumes_where_it_stopped(source):

@@ -33,7 +33,8 @@ def test_pruned_networks_keep_residual_coupling_and_rebuild_from_their_spec(name
     for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
         widths = {b.last_norm.num_features for b in stage}  # every block of a stage adds into one width
         assert len(widths) == 1 and all(w % 8 == 0 for w in widths)
-    assert model.layer2[0].conv1.out_channels == resforge.create_model(name, width=0.5, **kw).layer2[0].conv1.out_channels // 2
+    unpruned = resforge.create_model(name, width=0.5, **kw)
+    assert model.layer2[0].conv1.out_channels == unpruned.layer2[0].conv1.out_channels // 2
     assert record["macs"][1] == summarize(model, 32).macs < 0.4 * before.macs
     rebuilt = ResNet(**model.spec())
     rebuilt.load_state_dict(model.state_dict())  # strict: the spec is the whole architecture

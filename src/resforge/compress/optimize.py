@@ -5,8 +5,9 @@ The chain: the baseline (fp32: PyTorch, and ONNX on onnxruntime and OpenVINO) ->
 channel pruning with a distilled fine-tune -> int8 of the pruned model -> low-rank factorisation.
 Every variant is evaluated on the source run's own validation split and timed by `bench`'s
 `measure` (latency at batch 1, throughput at batch 16, at steady speed, one after another in this
-process), with its parameters, MACs and file size. `report.md` and a self-contained `report.html` (the Pareto plots inline) list them and
-name the best variant that meets the target, or by how much the closest one misses it.
+process), with its parameters, MACs and file size. `report.md` and a self-contained `report.html`
+(the Pareto plots inline) list them and name the best variant that meets the target, or by how
+much the closest one misses it.
 
 Each stage is recorded in `optimize.json` as it ends; a killed `optimize` run again with the same
 name skips what is done and resumes a fine-tune that was cut off.

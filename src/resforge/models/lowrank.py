@@ -23,7 +23,8 @@ class LowRankConv(nn.Sequential):
         bias = conv.bias is not None
         if len(ranks) == 1:
             (r,) = ranks
-            layers = [nn.Conv2d(conv.in_channels, r, k, s, p, bias=False), nn.Conv2d(r, conv.out_channels, 1, bias=bias)]
+            layers = [nn.Conv2d(conv.in_channels, r, k, s, p, bias=False),
+                      nn.Conv2d(r, conv.out_channels, 1, bias=bias)]
         else:
             r_in, r_out = ranks
             layers = [nn.Conv2d(conv.in_channels, r_in, 1, bias=False), nn.Conv2d(r_in, r_out, k, s, p, bias=False),
