@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..data.folder import scan_recorded_split
+from ..data.folder import recorded_samples
 from ..data.loader import ImageDataset, make_loader, resolve_workers
 from ..deploy.bench import bench, file_size_mb
 from ..deploy.export import export
@@ -119,7 +119,7 @@ def optimize(source: str | os.PathLike, target: str, *, prune: RunStep, lowrank:
         state["stages"][name] = make()
         write_json(state_file, state)
     variants = [v for name, _ in stages for v in state["stages"][name]]
-    samples = scan_recorded_split(meta["trained"]["data"], run / "split.csv").val
+    samples = recorded_samples(meta["trained"]["data"], run / "split.csv", "val", meta["classes"])
     for v in tqdm(variants, desc="measure", unit="variant", disable=None if progress else True):
         if "top1" not in v:
             v.update(_measure(v, samples, duration))

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..data.folder import read_split_csv
-from ..data.loader import decode_image
+from ..data.folder import recorded_samples
+from ..data.loader import ImageDataset, decode_image, make_loader, resolve_workers
 from ..data.transforms import eval_transform
 from ..deploy.backends import openvino_core, require_backend
 from ..deploy.convert import DEFAULT_OPSET, INPUT, to_onnx, to_openvino
@@ -36,6 +36,7 @@ from ..deploy.export import move_into_place
 from ..deploy.metadata import OV_KEY, ModelInfo, onnx_props
 from ..deploy.predictor import Source, build_runner, open_source
 from ..errors import ConfigError
+from ..evaluation.runner import infer
 
 log = logging.getLogger("resforge")
 
@@ -156,9 +157,7 @@ def _recorded(src: Source, split: str) -> list[tuple[str, int]]:
     run, data = Path(trained.get("run") or src.path.parent), trained.get("data")
     if not data or not (run / "split.csv").is_file():
         return []
-    index = {c: i for i, c in enumerate(src.info.classes)}
-    return [(str(Path(data) / rel), index[c]) for s, c, rel in read_split_csv(run / "split.csv")
-            if s == split and c in index and (Path(data) / rel).is_file()]
+    return recorded_samples(data, run / "split.csv", split, src.info.classes)
 
 
 def _calibration_files(src: Source, images: str | os.PathLike | None, calib: int) -> list[str]:
@@ -260,15 +259,14 @@ def _measure(fp32: Source, backend: str, written: Path, info: ModelInfo, val: li
     """Top-1 of the fp32 graph and of the int8 file, on the same engine and the same validation images."""
     kind = "onnx" if backend == "onnxruntime" else "openvino"
     precision = "auto" if backend == "onnxruntime" else "fp32"  # ORT: the file's own; OpenVINO: no bf16 hint
-    runners = {"fp32": build_runner(fp32, backend, torch.device("cpu"), precision),
-               "int8": build_runner(Source(kind, written, info), backend, torch.device("cpu"), precision)}
-    transform, labels = eval_transform(info.pre), torch.tensor([y for _, y in val])
-    preds: dict[str, list[torch.Tensor]] = {"fp32": [], "int8": []}
-    for i in range(0, len(val), 32):
-        x = torch.stack([transform(decode_image(f, info.pre)) for f, _ in val[i:i + 32]])
-        for name, run in runners.items():
-            preds[name].append(run(x).argmax(1))
-    p32, p8 = torch.cat(preds["fp32"]), torch.cat(preds["int8"])
+    run32 = build_runner(fp32, backend, torch.device("cpu"), precision)
+    run8 = build_runner(Source(kind, written, info), backend, torch.device("cpu"), precision)
+    loader = make_loader(ImageDataset(val, eval_transform(info.pre), info.pre), 32, train=False,
+                         workers=resolve_workers(-1), seed=0)
+    # one pass over the images, both graphs on each batch: their logits side by side
+    logits, labels = infer(lambda x: torch.cat([run32(x), run8(x)], 1), loader)
+    p32, p8 = logits.chunk(2, dim=1)
+    p32, p8 = p32.argmax(1), p8.argmax(1)
     return Quantized(path=written, backend=backend, activations="", calib=0,
                      fp32_top1=float((p32 == labels).float().mean()), int8_top1=float((p8 == labels).float().mean()),
                      agreement=float((p32 == p8).float().mean()), images=len(val))

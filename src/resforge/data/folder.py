@@ -328,6 +328,15 @@ def scan_folder(root: str | os.PathLike, *, val_split: float = 0.2, seed: int = 
                            train=train, val=val, test=good.get("test", []), skipped=sorted(skipped), sizes=sizes)
 
 
+def recorded_samples(data: str | os.PathLike, split_csv: str | os.PathLike, split: str, classes: list[str]
+                     ) -> list[Sample]:
+    """(file, class index in `classes`) of one split as a run recorded it, the files still there; nothing
+    is decoded (`scan_recorded_split` checks every file, for training)."""
+    index = {c: i for i, c in enumerate(classes)}
+    return [(str(Path(data) / rel), index[c]) for s, c, rel in read_split_csv(split_csv)
+            if s == split and c in index and (Path(data) / rel).is_file()]
+
+
 def read_split_csv(path: str | os.PathLike) -> list[tuple[str, str, str]]:
     """The (split, class, path relative to the data folder) rows a run recorded in its split.csv."""
     import csv

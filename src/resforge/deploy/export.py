@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..data.folder import read_split_csv
+from ..data.folder import recorded_samples
 from ..data.loader import decode_image
 from ..data.transforms import eval_transform
 from ..errors import ConfigError, DataError, ExportError, ResforgeError
@@ -171,10 +171,9 @@ def parity_images(src: Source, folder: str | os.PathLike | None) -> tuple[list[s
     split = run / "split.csv"
     if data and split.is_file():
         try:
-            rows = read_split_csv(split)
+            paths = [f for f, _ in recorded_samples(data, split, "val", src.info.classes)]
         except DataError:
-            rows = []
-        paths = [str(Path(data) / rel) for s, _, rel in rows if s == "val" and (Path(data) / rel).is_file()]
+            paths = []
         if paths:
             return _spread(paths), f"validation images of {run}"
     raise ConfigError(f"no validation images of {src.path}'s run were found (its split.csv or data folder moved) "
