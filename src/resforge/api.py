@@ -17,7 +17,9 @@ from .compress.finetune import compression_run
 from .compress.lowrank import factorize_model
 from .compress.optimize import optimize as _optimize
 from .compress.prune import check_target, describe, structured
-from .compress.quantize import quantize
+from .compress import qat as _qat
+from .compress.quantize import Quantized, check_calibration
+from .compress.quantize import quantize as _quantize
 from .config import AUTO_RECIPE, Config, build_config
 from .data.folder import scan_images, thumbnail
 from .data.inspect import FolderReport, inspect_folder
@@ -75,23 +77,24 @@ def train(data: str | os.PathLike | None = None, *, model: str | None = None, re
 
 
 def prune(source: str | os.PathLike, *, ratio: float | None = None, macs: float | None = None,
-          sparsity: float | None = None, importance: str = "l1", round_to: int = 8, scope: str = "layer",
+          latency: float | None = None, sparsity: float | None = None, importance: str = "l1", round_to: int = 8, scope: str = "layer",
           data: str | os.PathLike | None = None, distill: bool = True, recipe: str | None = None,
           config: str | os.PathLike | None = None, callbacks: list[Callback] = (), progress: bool = True,
           **options: Any) -> dict[str, Any]:
     """Prune a trained model and fine-tune it, distilled from the original; write a run directory.
 
     Structured: `ratio` removes that share of every layer's channels, `macs` keeps at most that share
-    of the MACs (`importance`, `round_to`). Unstructured: `sparsity` zeroes that share of the weights
+    of the MACs, `latency` the fewest channels that make batch-1 onnxruntime inference at the run's
+    input size take at most that many ms here (`importance`, `round_to`). Unstructured: `sparsity` zeroes that share of the weights
     (by magnitude, within each layer or `scope="global"`), growing over the fine-tune. Options are the
     fine-tune's training options (epochs, time_limit, name, ...).
     """
-    check_target(ratio, macs, sparsity)
+    check_target(ratio, macs, sparsity, latency)
     if sparsity is not None:
         options.update(sparsity=sparsity, sparsity_scope=scope)
         transform = lambda trainer: {"kind": "sparse", "sparsity": sparsity, "scope": scope}  # noqa: E731
     else:
-        transform = structured(ratio=ratio, macs=macs, importance=importance, round_to=round_to)
+        transform = structured(ratio=ratio, macs=macs, importance=importance, round_to=round_to, latency=latency)
     trainer, record = compression_run(source, transform, suffix="sparse" if sparsity else "pruned", data=data,
                                       distill=distill, recipe=recipe, config=config, callbacks=callbacks,
                                       progress=progress, **options)
@@ -117,6 +120,34 @@ def lowrank(source: str | os.PathLike, *, energy: float = 0.9, data: str | os.Pa
              trainer.run_dir)
     summary = trainer.fit()
     return {**finish_run(trainer, summary), "lowrank": record}
+
+
+def quantize(source: str | os.PathLike, backend: str = "onnxruntime", out: str | os.PathLike | None = None, *,
+             calib: int = 256, method: str = "minmax", activations: str = "auto",
+             images: str | os.PathLike | None = None, qat: bool = False, data: str | os.PathLike | None = None,
+             distill: bool = True, recipe: str | None = None, config: str | os.PathLike | None = None,
+             callbacks: list[Callback] = (), progress: bool = True, **options: Any) -> Quantized:
+    """An int8 model file of a trained model (`compress.quantize.quantize`). With `qat`, first a
+    quantisation-aware fine-tune (a run directory, options as for `prune`), whose learned scales the
+    int8 file keeps (default file: `<qat run>/best-int8.onnx`); it is measured against `source`'s fp32."""
+    if not qat:
+        given = [k for k, v in (("data", data), ("recipe", recipe), ("config", config)) if v is not None]
+        if options or given or not distill:
+            raise ConfigError(f"training options ({', '.join(given + list(options)) or 'no-distill'}) are for "
+                              "quantisation-aware training: add --qat")
+        return _quantize(source, backend, out, calib=calib, method=method, activations=activations, images=images)
+    if backend != "onnxruntime" or activations == "s8":
+        raise ConfigError("--qat writes an onnxruntime model with uint8 activations (its quantiser takes the "
+                          "learned scales); NNCF, for openvino, estimates its own")
+    check_calibration(source, backend, calib, method, activations, images)
+    trainer, record = compression_run(source, _qat.transform(), suffix="qat", data=data, distill=distill,
+                                      recipe=recipe, config=config, callbacks=callbacks, progress=progress,
+                                      **options)
+    log.info("folded %d batch norms into their convolutions; learning %d activation scales; fine-tuning in %s",
+             record["folded"], record["learned_scales"], trainer.run_dir)
+    finish_run(trainer, trainer.fit())
+    return _quantize(trainer.run_dir / "best.safetensors", backend, out or trainer.run_dir / "best-int8.onnx",
+                     calib=calib, method=method, activations=activations, images=images, baseline=source)
 
 
 def optimize(source: str | os.PathLike, target: str, *, name: str | None = None,

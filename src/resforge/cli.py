@@ -91,7 +91,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
     from .config import overrides_from_args
 
     options = overrides_from_args(args)  # --sparsity is the training option, with its scope
-    out = api.prune(args.model, ratio=args.ratio, macs=args.macs, sparsity=options.pop("train.sparsity", None),
+    out = api.prune(args.model, ratio=args.ratio, macs=args.macs, latency=args.latency, sparsity=options.pop("train.sparsity", None),
                     scope=options.pop("train.sparsity_scope", "layer"), importance=args.importance,
                     round_to=args.round_to, data=args.data, distill=args.distill, recipe=args.recipe,
                     config=args.config, **options)
@@ -119,8 +119,11 @@ def cmd_optimize(args: argparse.Namespace) -> None:
 def cmd_quantize(args: argparse.Namespace) -> None:
     from . import api
 
+    from .config import overrides_from_args
+
     result = api.quantize(args.model, args.backend, args.output, calib=args.calib, method=args.method,
-                          activations=args.activations, images=args.images)
+                          activations=args.activations, images=args.images, qat=args.qat, data=args.data,
+                          distill=args.distill, recipe=args.recipe, config=args.config, **overrides_from_args(args))
     print(result.path)
 
 
@@ -297,10 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
             "It is fine-tuned on the source run's own training split, distilled from the unpruned model, and "
             "written as a run directory (start.safetensors: the pruned model before fine-tuning).")
     _compression_options(p)
-    target = p.add_argument_group("the target: one of --ratio, --macs, or (unstructured) --sparsity with "
-                                  "--sparsity-scope among the train options")
+    target = p.add_argument_group("the target: one of --ratio, --macs, --latency, or (unstructured) --sparsity "
+                                  "with --sparsity-scope among the train options")
     target.add_argument("--ratio", type=float, help="share of each layer's channels to remove, e.g. 0.3")
     target.add_argument("--macs", type=float, help="share of the MACs to keep, e.g. 0.5")
+    target.add_argument("--latency", type=float, metavar="MS",
+                        help="milliseconds at batch 1 to reach, measured here on onnxruntime at the run's input size "
+                             "(the channel ratio is searched by bisection)")
     p.add_argument("--importance", choices=IMPORTANCE, default="l1",
                    help="which channels go first: l1/l2 weight norm (default: l1), bn-scale (network slimming; "
                         "train with --l1-bn), taylor (gradients on a few training batches)")
@@ -336,8 +342,13 @@ def build_parser() -> argparse.ArgumentParser:
             "Calibrate int8 activation ranges on the run's own training images (with exactly the evaluation "
             "preprocessing), write an int8 model file with per-channel int8 weights, and measure its top-1 "
             "against fp32 on the run's validation split. onnxruntime: QDQ through its quantize_static, with the "
-            "activation type measured here (u8 or s8: the faster); openvino: NNCF's nncf.quantize.")
-    p.add_argument("model", help=SAVED_MODEL_HELP)
+            "activation type measured here (u8 or s8: the faster); openvino: NNCF's nncf.quantize. With --qat, "
+            "first a quantisation-aware fine-tune (batch norms folded, int8-rounded weights and activations, the "
+            "activation scales learned; a run directory like prune's, taking the training options), whose scales "
+            "the onnxruntime file keeps.")
+    _compression_options(p)
+    p.add_argument("--qat", action="store_true",
+                   help="quantisation-aware training first (--epochs, --time-limit, ... set its fine-tune)")
     p.add_argument("--backend", choices=q.BACKENDS, default="onnxruntime", help="engine the file is for "
                                                                                "(default: onnxruntime)")
     p.add_argument("--output", "-o", help="file to write (default: beside the weights, e.g. <run>/best-int8.onnx)")

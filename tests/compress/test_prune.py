@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import resforge
 from resforge.cli import main
-from resforge.compress.prune import prune_model
+from resforge.compress.prune import latency_steps, prune_model
 from resforge.models import ResNet, load_model
 from resforge.models.summary import summarize
 
@@ -47,6 +47,22 @@ def test_a_macs_target_is_met(source):
     base = summarize(model, 32).macs
     record = prune_model(model, 32, macs=0.6)
     assert 0.45 * base < record["macs"][1] <= 0.6 * base
+
+
+def test_a_latency_target_finds_the_fewest_channels_that_meet_it():
+    # A fake clock: "milliseconds" proportional to the MACs, so the search is judged without the machine's speed.
+    model = resforge.create_model("resnet18", width=0.5, num_classes=4)
+    base = summarize(model, 32).macs
+    timer = lambda net: 10 * summarize(net, 32).macs / base  # noqa: E731 - 10 ms unpruned
+    found = latency_steps(model, 5.0, timer, 32)
+    assert summarize(model, 32).macs == base  # the model itself is not touched
+    assert found["latency_ms"][0] == 10 and found["latency_ms"][1] <= 5.0
+    pruned = resforge.create_model("resnet18", width=0.5, num_classes=4)
+    record = prune_model(pruned, 32, steps=found["steps"])
+    assert timer(pruned) == found["latency_ms"][1] <= 5.0 and record["steps"] == found["steps"]
+    slower = resforge.create_model("resnet18", width=0.5, num_classes=4)
+    prune_model(slower, 32, steps=found["steps"] - 1)  # one step fewer misses it
+    assert timer(slower) > 5.0
 
 
 def test_prune_fine_tunes_on_the_source_split_distilled_and_saves_without_pickle(source):
@@ -88,6 +104,9 @@ def test_cli_prune_and_its_bad_input(source, capsys):
     assert capsys.readouterr().out.strip().endswith("src-pruned")
     cases = [(["--ratio", "1.5"], "--ratio must lie between 0 and 1"),
              (["--macs", "0"], "--macs must lie between 0 and 1"),
+             (["--latency", "0"], "--latency is milliseconds at batch 1 and must be positive"),
+             (["--latency", "100000"], "within the 100000 ms asked: nothing to prune"),  # measured, any machine
+             (["--latency", "1e-9"], "not the 1e-09 ms asked"),
              (["--ratio", "0.5", "--importance", "bn-scale", "--data", "/nonexistent"], "nonexistent")]
     for extra, message in cases:
         assert main(["prune", run_dir, *extra, "--project", str(project), "--name", "bad"]) == 2

@@ -75,6 +75,8 @@ def factorize_model(model: nn.Module, img_size: int, energy: float = 0.9) -> dic
         raise ConfigError(f"--energy must lie between 0 and 1 (exclusive), got {energy:g}")
     if any(t.get("kind") == "lowrank" for t in model.transforms):
         raise ConfigError("this model is already factorised; factorise the run it came from")
+    if any(t.get("kind") == "fakequant" for t in model.transforms):
+        raise ConfigError("this model was trained for int8: factorise the run it came from, then train it for int8")
     before = summarize(model, img_size)
     ranks: dict[str, list[int]] = {}
     for name, layer in list(model.named_modules()):

@@ -12,8 +12,11 @@ expansion of the loss, Molchanov et al. 2019, from gradients on a few training b
 
 from __future__ import annotations
 
+import copy
 import logging
+import tempfile
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,21 +25,27 @@ from torch import nn
 from ..errors import ConfigError
 from ..models import ResNet
 from ..models.summary import summarize
+from ..models.weights import arch_record, build_from_arch
 
 log = logging.getLogger("resforge")
 
 IMPORTANCE = ("l1", "l2", "bn-scale", "taylor")
 MAX_STEPS = 50  # a MACs target is approached in this many equal steps of the channel ratio, at most
 MAX_RATIO = 0.95  # no layer keeps fewer than 5% of its channels on the way to a MACs target
+LATENCY_SECONDS = 1.0  # of timed batch-1 calls per candidate
 
 
-def check_target(ratio: float | None, macs: float | None, sparsity: float | None = None) -> None:
-    if sum(v is not None for v in (ratio, macs, sparsity)) != 1:
+def check_target(ratio: float | None, macs: float | None, sparsity: float | None = None,
+                 latency: float | None = None) -> None:
+    if sum(v is not None for v in (ratio, macs, sparsity, latency)) != 1:
         raise ConfigError("give one pruning target: --ratio (share of channels removed), --macs (share of MACs "
-                          "kept) or --sparsity (share of weights zeroed, unstructured)")
+                          "kept), --latency (milliseconds at batch 1, measured here) or --sparsity (share of "
+                          "weights zeroed, unstructured)")
     for name, value in (("ratio", ratio), ("macs", macs), ("sparsity", sparsity)):
         if value is not None and not 0 < value < 1:
             raise ConfigError(f"--{name} must lie between 0 and 1 (exclusive), got {value:g}")
+    if latency is not None and not latency > 0:
+        raise ConfigError(f"--latency is milliseconds at batch 1 and must be positive, got {latency:g}")
 
 
 def _importance(kind: str, model: ResNet) -> Any:
@@ -55,19 +64,26 @@ def _importance(kind: str, model: ResNet) -> Any:
 
 
 def prune_model(model: ResNet, img_size: int, *, ratio: float | None = None, macs: float | None = None,
-                importance: str = "l1", round_to: int = 8,
+                steps: int | None = None, importance: str = "l1", round_to: int = 8,
                 gradients: Callable[[ResNet], None] | None = None) -> dict[str, Any]:
     """Remove channels from `model` in place, the same share from each layer; return what changed.
 
-    `ratio` removes that share of each layer's channels; `macs` removes channels in steps until the
-    network keeps at most that share of its MACs. Widths are multiples of `round_to`. `gradients`
-    fills `.grad` from a few training batches, which "taylor" needs before each step.
+    `ratio` removes that share of each layer's channels; `macs` removes channels in MAX_STEPS equal
+    steps towards MAX_RATIO until the network keeps at most that share of its MACs; `steps` takes
+    that many of those steps (what a latency target searches over). Widths are multiples of
+    `round_to`. `gradients` fills `.grad` from a few training batches, which "taylor" needs before
+    each step.
     """
     import torch_pruning as tp
 
-    check_target(ratio, macs)
+    if steps is None:
+        check_target(ratio, macs)
+    elif ratio is not None or macs is not None or not 1 <= steps <= MAX_STEPS:
+        raise ConfigError(f"steps ({steps}) is a number of the {MAX_STEPS} pruning steps, without ratio or macs")
     if any(t.get("kind") == "lowrank" for t in model.transforms):
         raise ConfigError("this model is factorised (low-rank): prune the run it came from, then factorise")
+    if any(t.get("kind") == "fakequant" for t in model.transforms):
+        raise ConfigError("this model was trained for int8: prune the run it came from, then train it for int8")
     if importance == "taylor" and gradients is None:
         raise ConfigError("taylor importance needs training batches for its gradients")
     if round_to < 1:
@@ -75,12 +91,12 @@ def prune_model(model: ResNet, img_size: int, *, ratio: float | None = None, mac
     model.eval()
     before = summarize(model, img_size)
     example = torch.zeros(1, model.stem_conv.in_channels, img_size, img_size)
-    steps = 1 if ratio is not None else MAX_STEPS
     pruner = tp.pruner.BasePruner(model, example, importance=_importance(importance, model),
-                                  pruning_ratio=ratio if ratio is not None else MAX_RATIO, iterative_steps=steps,
+                                  pruning_ratio=ratio if ratio is not None else MAX_RATIO,
+                                  iterative_steps=1 if ratio is not None else MAX_STEPS,
                                   ignored_layers=[model.fc], round_to=round_to)
     after = before
-    for _ in range(steps):
+    for _ in range(1 if ratio is not None else steps or MAX_STEPS):
         if gradients is not None:
             model.zero_grad(set_to_none=True)
             gradients(model)
@@ -93,23 +109,81 @@ def prune_model(model: ResNet, img_size: int, *, ratio: float | None = None, mac
         raise ConfigError(f"pruning reached {after.macs / before.macs:.0%} of the MACs, not the {macs:.0%} asked: "
                           f"each layer keeps at least {1 - MAX_RATIO:.0%} of its channels; ask for more MACs")
     record = {"kind": "pruned", "importance": importance, "round_to": round_to,
-              **({"ratio": ratio} if ratio is not None else {"macs_target": macs}),
+              **({"ratio": ratio} if ratio is not None else {"macs_target": macs} if macs is not None
+                 else {"steps": steps, "of": MAX_STEPS, "towards_ratio": MAX_RATIO}),
               "macs": [before.macs, after.macs], "params": [before.params, after.params]}
     model.transforms.append(record)
     return record
 
 
 def structured(*, ratio: float | None, macs: float | None, importance: str, round_to: int,
-               taylor_batches: int = 8) -> Callable[[Any], dict[str, Any]]:
-    """The transform of a compression run that prunes channels (taylor: from the trainer's first batches)."""
+               latency: float | None = None, taylor_batches: int = 8) -> Callable[[Any], dict[str, Any]]:
+    """The transform of a compression run that prunes channels (taylor: from the trainer's first batches;
+    a `latency` target in ms: measured on onnxruntime at batch 1 and the run's input size)."""
     def transform(trainer: Any) -> dict[str, Any]:
         gradients = None
         if importance == "taylor":
             batches = [trainer.prepare_batch(x, y) for (x, y), _ in zip(trainer.train_loader, range(taylor_batches))]
             gradients = taylor_gradients(batches, torch.nn.functional.cross_entropy)
-        return prune_model(trainer.model, trainer.pre.img_size, ratio=ratio, macs=macs, importance=importance,
-                           round_to=round_to, gradients=gradients)
+        if latency is None:
+            return prune_model(trainer.model, trainer.pre.img_size, ratio=ratio, macs=macs, importance=importance,
+                               round_to=round_to, gradients=gradients)
+        timer = onnxruntime_latency(trainer.classes, trainer.pre)
+        found = latency_steps(trainer.model, latency, timer, trainer.pre.img_size, importance=importance,
+                              round_to=round_to, gradients=gradients)
+        record = prune_model(trainer.model, trainer.pre.img_size, steps=found["steps"], importance=importance,
+                             round_to=round_to, gradients=gradients)
+        record.update(latency_target_ms=latency, latency_ms=found["latency_ms"])
+        return record
     return transform
+
+
+def latency_steps(model: ResNet, target_ms: float, timer: Callable[[nn.Module], float], img_size: int,
+                  **prune_options: Any) -> dict[str, Any]:
+    """The fewest pruning steps whose pruned copy of `model` runs within `target_ms` by `timer`, by
+    bisection (each step removes more channels); `model` is left as it is."""
+    def pruned_time(steps: int) -> float:
+        trial = copy.deepcopy(model)
+        prune_model(trial, img_size, steps=steps, **prune_options)
+        return timer(trial)
+
+    base = timer(model)
+    if base <= target_ms:
+        raise ConfigError(f"the model already runs in {base:.2f} ms at batch 1 here, within the {target_ms:g} ms "
+                          "asked: nothing to prune for it")
+    fastest = pruned_time(MAX_STEPS)
+    if fastest > target_ms:
+        raise ConfigError(f"pruning reached {fastest:.2f} ms at batch 1 here, not the {target_ms:g} ms asked (from "
+                          f"{base:.2f} ms; each layer keeps at least {1 - MAX_RATIO:.0%} of its channels): ask "
+                          "for more time")
+    low, high, best = 0, MAX_STEPS, fastest  # low misses the target, high meets it
+    while high - low > 1:
+        mid = (low + high) // 2
+        t = pruned_time(mid)
+        if t <= target_ms:
+            high, best = mid, t
+        else:
+            low = mid
+    return {"steps": high, "latency_ms": [base, best]}
+
+
+def onnxruntime_latency(classes: list[str], pre: Any) -> Callable[[nn.Module], float]:
+    """Median batch-1 milliseconds of a network exported to ONNX and run by onnxruntime (as `bench` times it)."""
+    import onnx
+
+    from ..deploy.bench import measure
+    from ..deploy.convert import to_onnx
+    from ..deploy.metadata import ModelInfo
+
+    def timer(net: nn.Module) -> float:
+        clean = build_from_arch(arch_record(net), "the pruned network")  # without the trainer's hooks
+        clean.load_state_dict(net.state_dict())
+        with tempfile.TemporaryDirectory(prefix="resforge-latency-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            onnx.save(to_onnx(clean.cpu().eval(), ModelInfo(classes=classes, pre=pre), dynamic_batch=False), str(path))
+            row = measure(str(path), "onnxruntime", batch_sizes=[1], duration=LATENCY_SECONDS)
+        return row["latency_ms"]["p50"]
+    return timer
 
 
 def taylor_gradients(batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -126,5 +200,9 @@ def taylor_gradients(batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
 
 def describe(record: dict[str, Any]) -> str:
     (m0, m1), (p0, p1) = record["macs"], record["params"]
+    timing = ""
+    if "latency_ms" in record:
+        (t0, t1) = record["latency_ms"]
+        timing = f", {t1:.2f} ms at batch 1 from {t0:.2f} (onnxruntime, here)"
     return (f"pruned by {record['importance']}: {m1 / 1e6:,.1f}M MACs of {m0 / 1e6:,.1f}M ({m1 / m0:.0%}), "
-            f"{p1:,} parameters of {p0:,} ({p1 / p0:.0%})")
+            f"{p1:,} parameters of {p0:,} ({p1 / p0:.0%}){timing}")

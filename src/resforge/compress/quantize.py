@@ -37,6 +37,7 @@ from ..deploy.metadata import OV_KEY, ModelInfo, onnx_props
 from ..deploy.predictor import Source, build_runner, open_source
 from ..errors import ConfigError
 from ..evaluation.runner import infer
+from . import qat
 
 log = logging.getLogger("resforge")
 
@@ -73,11 +74,13 @@ class Quantized:
 
 def quantize(source: str | os.PathLike, backend: str = "onnxruntime", out: str | os.PathLike | None = None, *,
              calib: int = 256, method: str = "minmax", activations: str = "auto",
-             images: str | os.PathLike | None = None) -> Quantized:
+             images: str | os.PathLike | None = None, baseline: str | os.PathLike | None = None) -> Quantized:
     """Quantise a run's model (or a .safetensors with its sidecar) to an int8 ONNX or OpenVINO IR file.
 
     `calib` images of the run's training split (or of `images`) calibrate the activation ranges;
-    the run's validation split measures what the int8 file loses against fp32.
+    the run's validation split measures what the int8 file loses against fp32 (the fp32 graph of
+    `baseline`, default `source`). A model trained for int8 (`resforge quantize --qat`) keeps the
+    activation scales it learned.
     """
     _check_options(backend, calib, method, activations)
     src = open_source(source)
@@ -89,6 +92,13 @@ def quantize(source: str | os.PathLike, backend: str = "onnxruntime", out: str |
     path = Path(out) if out else src.path.with_name(f"{src.path.stem}-int8{SUFFIX[backend]}")
     if path.suffix.lower() != SUFFIX[backend]:
         raise ConfigError(f"{backend} int8 models are {SUFFIX[backend]} files, got {path}")
+    net, learned = src.model, None
+    if any(t.get("kind") == "fakequant" for t in getattr(src.model, "transforms", [])):
+        if backend != "onnxruntime" or activations == "s8":
+            raise ConfigError(f"{source} was trained for int8 with uint8 activations, whose learned scales "
+                              "onnxruntime's quantiser takes: quantise it with --backend onnxruntime (u8)")
+        net, learned = qat.plain(src.model)
+        activations = "u8"
     calib_files = _calibration_files(src, images, calib)
     val = _recorded(src, "val")
     if not val:
@@ -103,24 +113,43 @@ def quantize(source: str | os.PathLike, backend: str = "onnxruntime", out: str |
         fp32 = Path(tmp) / "fp32.onnx"
         import onnx
 
-        proto = to_onnx(src.model, replace(info, export={**info.export, "dtype": "fp32"}), dynamic_batch=True)
+        fp32_info = replace(info, export={**info.export, "dtype": "fp32"})
+        proto = to_onnx(net, fp32_info, dynamic_batch=True)
         onnx.save(proto, str(fp32))
         raw, written = Path(tmp) / f"raw{SUFFIX[backend]}", Path(tmp) / path.name
         if backend == "onnxruntime":
-            chosen, timings = _quantize_ort(fp32, raw, batch, method, activations, Path(tmp))
+            fixed = qat.overrides(proto, net, learned, INPUT, torch.from_numpy(batch[:1])) if learned else {}
+            chosen, timings = _quantize_ort(fp32, raw, batch, method, activations, Path(tmp), fixed)
         else:
             chosen, timings = _quantize_openvino(proto, info, raw, batch), {}
-        result = _measure(Source("onnx", fp32, info), backend, raw, info, val)
+        reference = fp32
+        if baseline is not None:
+            reference = Path(tmp) / "baseline.onnx"
+            onnx.save(to_onnx(open_source(baseline).model, fp32_info, dynamic_batch=True), str(reference))
+        result = _measure(Source("onnx", reference, info), backend, raw, info, val)
         result = replace(result, path=path, activations=chosen, calib=len(calib_files), timings=timings)
         record = info.with_export(quantized={"backend": backend, "activations": chosen, "method": method,
                                              "calibration_images": len(calib_files), "fp32_top1": result.fp32_top1,
                                              "int8_top1": result.int8_top1, "agreement": result.agreement,
-                                             "validation_images": result.images, "img_per_s_batch1": timings})
+                                             "validation_images": result.images, "img_per_s_batch1": timings,
+                                             **({"learned_scales": len(learned), "baseline": str(baseline)}
+                                                if learned else {})})
         _write_record(raw, written, backend, record)
         move_into_place(written, path, "onnx" if backend == "onnxruntime" else "openvino")
     log.info("%s", result.line())
     log.info("wrote %s", path)
     return result
+
+
+def check_calibration(source: str | os.PathLike, backend: str, calib: int, method: str, activations: str,
+                      images: str | os.PathLike | None) -> None:
+    """What `quantize` would refuse about its options and calibration set, asked before a fine-tune."""
+    _check_options(backend, calib, method, activations)
+    src = open_source(source)
+    if src.kind != "torch":
+        raise ConfigError(f"{source} is an exported {src.kind} file: train for int8 from the run directory or its "
+                          ".safetensors")
+    _calibration_files(src, images, calib)
 
 
 def _check_options(backend: str, calib: int, method: str, activations: str) -> None:
@@ -178,9 +207,10 @@ def _calibration_files(src: Source, images: str | os.PathLike | None, calib: int
     return [files[int(i * step)] for i in range(calib)]
 
 
-def _quantize_ort(fp32: Path, out: Path, batch: np.ndarray, method: str, activations: str, tmp: Path
-                  ) -> tuple[str, dict[str, float]]:
-    """QDQ with per-channel int8 weights; both activation types when `auto`, the faster kept."""
+def _quantize_ort(fp32: Path, out: Path, batch: np.ndarray, method: str, activations: str, tmp: Path,
+                  fixed: dict[str, Any]) -> tuple[str, dict[str, float]]:
+    """QDQ with per-channel int8 weights; both activation types when `auto`, the faster kept. `fixed`:
+    the scales of some tensors, given rather than calibrated."""
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quant_pre_process, quantize_static)
 
@@ -201,7 +231,8 @@ def _quantize_ort(fp32: Path, out: Path, batch: np.ndarray, method: str, activat
         files[kind] = tmp / f"int8-{kind}.onnx"
         quantize_static(str(prepared), str(files[kind]), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8 if kind == "u8" else QuantType.QInt8,
-                        weight_type=QuantType.QInt8, calibrate_method=calibrate)
+                        weight_type=QuantType.QInt8, calibrate_method=calibrate,
+                        extra_options={"TensorQuantOverrides": fixed} if fixed else None)
     timings = {}
     if len(candidates) > 1:
         timings = {kind: _images_per_second(files[kind], batch[:1]) for kind in candidates}

@@ -89,6 +89,10 @@ class BasicBlock(nn.Module):
     def last_norm(self) -> nn.Module:
         return self.bn2
 
+    @property
+    def last_conv(self) -> nn.Module:
+        return self.conv2
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
         out = self.act1(self.bn1(self.conv1(x)))
@@ -124,6 +128,10 @@ class Bottleneck(nn.Module):
     @property
     def last_norm(self) -> nn.Module:
         return self.bn3
+
+    @property
+    def last_conv(self) -> nn.Module:
+        return self.conv3
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
@@ -297,8 +305,9 @@ class ResNet(nn.Module):
         differs from what they derive (as pruning leaves them)."""
         kw = dict(self._kwargs, num_classes=self.num_classes, in_chans=self.stem_conv.in_channels)
         stages = [getattr(self, f"layer{i + 1}") for i in range(len(kw["layers"]))]
-        live = {"stem_width": self.bn1.num_features,
-                "stage_widths": [stage[-1].last_norm.num_features for stage in stages],
+        stem = self.conv1[-1] if isinstance(self.conv1, nn.Sequential) else self.conv1
+        live = {"stem_width": stem.out_channels,  # convolutions, not norms: int8 training folds the norms away
+                "stage_widths": [stage[-1].last_conv.out_channels for stage in stages],
                 "inner_widths": [[[b.conv1.out_channels] if isinstance(b, BasicBlock)
                                   else [b.conv1.out_channels, b.conv2.out_channels] for b in stage]
                                  for stage in stages],

@@ -212,9 +212,10 @@ SIDECAR_FORMAT = "resforge-model"
 SIDECAR_VERSION = 2  # 2: the architecture records its post-build transforms
 # What may have been done to a built model: a pruned network is a network of other widths and a
 # sparse one has zeros in its weights (the spec rebuilds both); a low-rank one has layers replaced
-# by their factors (the record's ranks rebuild them). A transform not listed here was written by a
-# newer resforge.
-TRANSFORMS = ("pruned", "sparse", "lowrank")
+# by their factors (the record's ranks rebuild them); a network trained for int8 has its batch norms
+# folded ("fused") and rounds weights and activations ("fakequant", models.quantized). A transform
+# not listed here was written by a newer resforge.
+TRANSFORMS = ("pruned", "sparse", "lowrank", "fused", "fakequant")
 
 
 def arch_record(model: nn.Module) -> dict[str, Any]:
@@ -244,6 +245,10 @@ def build_from_arch(arch: dict[str, Any], source: str) -> nn.Module:
             from .lowrank import apply_ranks
 
             apply_ranks(model, t.get("ranks") or {})
+        elif t["kind"] in ("fused", "fakequant"):
+            from .quantized import rebuild
+
+            rebuild(model, t)
     model.transforms = list(transforms)
     return model
 
