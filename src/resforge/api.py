@@ -77,7 +77,8 @@ def train(data: str | os.PathLike | None = None, *, model: str | None = None, re
 
 
 def prune(source: str | os.PathLike, *, ratio: float | None = None, macs: float | None = None,
-          latency: float | None = None, sparsity: float | None = None, importance: str = "l1", round_to: int = 8, scope: str = "layer",
+          latency: float | None = None, sparsity: float | None = None, importance: str = "l1", round_to: int = 8,
+          scope: str = "layer",
           data: str | os.PathLike | None = None, distill: bool = True, recipe: str | None = None,
           config: str | os.PathLike | None = None, callbacks: list[Callback] = (), progress: bool = True,
           **options: Any) -> dict[str, Any]:
@@ -85,9 +86,9 @@ def prune(source: str | os.PathLike, *, ratio: float | None = None, macs: float 
 
     Structured: `ratio` removes that share of every layer's channels, `macs` keeps at most that share
     of the MACs, `latency` the fewest channels that make batch-1 onnxruntime inference at the run's
-    input size take at most that many ms here (`importance`, `round_to`). Unstructured: `sparsity` zeroes that share of the weights
-    (by magnitude, within each layer or `scope="global"`), growing over the fine-tune. Options are the
-    fine-tune's training options (epochs, time_limit, name, ...).
+    input size take at most that many ms here (`importance`, `round_to`). Unstructured: `sparsity`
+    zeroes that share of the weights (by magnitude, within each layer or `scope="global"`), growing
+    over the fine-tune. Options are the fine-tune's training options (epochs, time_limit, name, ...).
     """
     check_target(ratio, macs, sparsity, latency)
     if sparsity is not None:
@@ -124,7 +125,8 @@ def lowrank(source: str | os.PathLike, *, energy: float = 0.9, data: str | os.Pa
 
 def quantize(source: str | os.PathLike, backend: str = "onnxruntime", out: str | os.PathLike | None = None, *,
              calib: int = 256, method: str = "minmax", activations: str = "auto",
-             images: str | os.PathLike | None = None, qat: bool = False, data: str | os.PathLike | None = None,
+             images: str | os.PathLike | None = None, max_drop: float | None = None, qat: bool = False,
+             data: str | os.PathLike | None = None,
              distill: bool = True, recipe: str | None = None, config: str | os.PathLike | None = None,
              callbacks: list[Callback] = (), progress: bool = True, **options: Any) -> Quantized:
     """An int8 model file of a trained model (`compress.quantize.quantize`). With `qat`, first a
@@ -135,11 +137,12 @@ def quantize(source: str | os.PathLike, backend: str = "onnxruntime", out: str |
         if options or given or not distill:
             raise ConfigError(f"training options ({', '.join(given + list(options)) or 'no-distill'}) are for "
                               "quantisation-aware training: add --qat")
-        return _quantize(source, backend, out, calib=calib, method=method, activations=activations, images=images)
+        return _quantize(source, backend, out, calib=calib, method=method, activations=activations, images=images,
+                         max_drop=max_drop)
     if backend != "onnxruntime" or activations == "s8":
         raise ConfigError("--qat writes an onnxruntime model with uint8 activations (its quantiser takes the "
                           "learned scales); NNCF, for openvino, estimates its own")
-    check_calibration(source, backend, calib, method, activations, images)
+    check_calibration(source, backend, calib, method, activations, images, max_drop)
     trainer, record = compression_run(source, _qat.transform(), suffix="qat", data=data, distill=distill,
                                       recipe=recipe, config=config, callbacks=callbacks, progress=progress,
                                       **options)
@@ -147,12 +150,14 @@ def quantize(source: str | os.PathLike, backend: str = "onnxruntime", out: str |
              record["folded"], record["learned_scales"], trainer.run_dir)
     finish_run(trainer, trainer.fit())
     return _quantize(trainer.run_dir / "best.safetensors", backend, out or trainer.run_dir / "best-int8.onnx",
-                     calib=calib, method=method, activations=activations, images=images, baseline=source)
+                     calib=calib, method=method, activations=activations, images=images, max_drop=max_drop,
+                     baseline=source)
 
 
 def optimize(source: str | os.PathLike, target: str, *, name: str | None = None,
              project: str | os.PathLike | None = None, budget: float | None = None, epochs: int | None = None,
-             macs: float = 0.5, energy: float = 0.9, calib: int = 256, duration: float = 2.0, progress: bool = True) -> dict[str, Any]:
+             macs: float = 0.5, energy: float = 0.9, calib: int = 256, duration: float = 2.0, progress: bool = True
+             ) -> dict[str, Any]:
     """The compression chain on a run, every variant measured alike; the best that meets `target`
     (`latency=5ms`, `size=10MB`, `macs=1G` or `accuracy-drop=1.0`). Writes `<project>/<name>/report.md`
     and `report.html` (default: beside the run, `<run>-optimize`); run again with the same name, it

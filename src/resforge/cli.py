@@ -91,7 +91,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
     from .config import overrides_from_args
 
     options = overrides_from_args(args)  # --sparsity is the training option, with its scope
-    out = api.prune(args.model, ratio=args.ratio, macs=args.macs, latency=args.latency, sparsity=options.pop("train.sparsity", None),
+    out = api.prune(args.model, ratio=args.ratio, macs=args.macs, latency=args.latency,
+                    sparsity=options.pop("train.sparsity", None),
                     scope=options.pop("train.sparsity_scope", "layer"), importance=args.importance,
                     round_to=args.round_to, data=args.data, distill=args.distill, recipe=args.recipe,
                     config=args.config, **options)
@@ -122,7 +123,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from .config import overrides_from_args
 
     result = api.quantize(args.model, args.backend, args.output, calib=args.calib, method=args.method,
-                          activations=args.activations, images=args.images, qat=args.qat, data=args.data,
+                          activations=args.activations, images=args.images, max_drop=args.max_drop, qat=args.qat,
+                          data=args.data,
                           distill=args.distill, recipe=args.recipe, config=args.config, **overrides_from_args(args))
     print(result.path)
 
@@ -358,6 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activations", choices=q.ACTIVATIONS, default="auto",
                    help="onnxruntime's activation type: auto measures u8 and s8 here and keeps the faster")
     p.add_argument("--images", help="folder of images to calibrate on (default: the run's training split)")
+    p.add_argument("--max-drop", type=float, metavar="POINTS",
+                   help="top-1 points int8 may lose on the validation split: the most sensitive layers stay in fp32 "
+                        "until it holds (onnxruntime: the noisiest by its QDQ debugging tools, doubling; openvino: "
+                        "NNCF's accuracy control)")
 
     p = add("lr-find", cmd_lr_find, "learning-rate range test: loss against lr, and a suggestion",
             "Grow the learning rate exponentially over a short run with the recipe's model, data and "

@@ -1,4 +1,4 @@
-"""Quantisation-aware training on a tiny trained model: folding, learned scales exported as trained, resume, bad input."""
+"""Quantisation-aware training on a tiny model: folding, learned scales exported as trained, resume, bad input."""
 
 import json
 from pathlib import Path
@@ -75,7 +75,8 @@ def test_scales_learn_and_the_int8_file_carries_them(run):
     model, meta = load_model(qat_run)  # rebuilt from its record, without pickle
     assert [t["kind"] for t in meta["arch"]["transforms"]] == ["fused", "fakequant"]
     assert any(isinstance(m, QConv2d) for m in model.modules())
-    start = {n: float(q.scale.detach()) for n, q in activation_quantizers(load_model(qat_run / "start.safetensors")[0]).items()}
+    start_model, _ = load_model(qat_run / "start.safetensors")
+    start = {n: float(q.scale.detach()) for n, q in activation_quantizers(start_model).items()}
     trained = {n: float(q.scale.detach()) for n, q in activation_quantizers(model).items()}
     assert trained.keys() == start.keys() and any(abs(trained[n] - start[n]) > 1e-6 for n in trained)
     # Every learned scale and zero point is an exported one, bit for bit; the input's on the input.

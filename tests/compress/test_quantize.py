@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import pytest
 from helpers import make_image_folder
+from PIL import Image
 
 import resforge
 from resforge.cli import main
@@ -70,6 +71,7 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(run, capsys):
     out = root / "bad.onnx"
     cases = [(["--calib", "1000"], "has 72 image(s), fewer than the 1000 asked"),
              (["--calib", "0"], "--calib must be a positive number"),
+             (["--max-drop", "-1"], "--max-drop is the top-1 points int8 may lose and cannot be negative"),
              (["--backend", "openvino", "--method", "entropy"], "NNCF (openvino) estimates its own ranges"),
              (["--images", str(root / "empty")], "no images found in")]
     (root / "empty").mkdir()
@@ -81,3 +83,29 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(run, capsys):
     assert main(["quantize", run_dir, "-o", str(int8), "--calib", "8"]) == 0
     assert main(["quantize", str(int8), "-o", str(out)]) == 2
     assert "already quantised" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_max_drop_keeps_sensitive_layers_in_fp32_until_it_holds(run, tmp_path, backend):
+    run_dir, _ = run
+    # Calibrated on white images, int8 clips the real activations: a loss to win back.
+    white = tmp_path / "white"
+    white.mkdir()
+    for i in range(16):
+        Image.new("RGB", (20, 20), (255, 255, 255)).save(white / f"{i}.png")
+    suffix = ".onnx" if backend == "onnxruntime" else ".xml"
+    plain = resforge.quantize(run_dir, backend, tmp_path / f"plain{suffix}", calib=16, images=white)
+    assert plain.drop > 0 and not plain.kept_fp32
+    held = resforge.quantize(run_dir, backend, tmp_path / f"held{suffix}", calib=16, images=white, max_drop=0)
+    assert held.drop <= 0 and held.kept_fp32
+    record = Predictor.load(held.path, backend, precision="fp32" if backend == "openvino" else "auto").info.export[
+        "quantized"]
+    assert record["max_drop"] == 0 and record["kept_fp32"] == held.kept_fp32
+    if backend == "onnxruntime":  # the convolutions kept compute in fp32: their weights are the float ones
+        graph = onnx.load(str(held.path)).graph
+        floats = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+        kept = [n for n in graph.node if n.name in held.kept_fp32]
+        assert len(kept) == len(held.kept_fp32)
+        convs = [n for n in kept if n.op_type == "Conv"]
+        assert convs and all(n.input[1] in floats for n in convs)
+        assert all(n.input[1] not in floats for n in graph.node if n.op_type == "Conv" and n not in kept)

@@ -19,7 +19,9 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,7 @@ METHODS = ("minmax", "entropy", "percentile")
 ACTIVATIONS = ("auto", "u8", "s8")
 SUFFIX = {"onnxruntime": ".onnx", "openvino": ".xml"}
 TIMING_SECONDS = 1.0  # per candidate, to choose the activation type
+SENSITIVITY_IMAGES = 8  # validation images whose activations rank the layers for --max-drop
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "FakeQuantize", "ConvInteger"}
 
 
@@ -60,6 +63,7 @@ class Quantized:
     agreement: float  # share of validation images whose top-1 class is the fp32 graph's
     images: int  # validation images
     timings: dict[str, float] = field(default_factory=dict)  # activation type -> img/s at batch 1, when measured
+    kept_fp32: list[str] = field(default_factory=list)  # layers left in higher precision for --max-drop
 
     @property
     def drop(self) -> float:
@@ -69,20 +73,23 @@ class Quantized:
     def line(self) -> str:
         return (f"int8 ({self.backend}, {self.activations} activations, {self.calib} calibration images): top-1 "
                 f"{self.int8_top1:.2%} against fp32 {self.fp32_top1:.2%} ({self.drop:+.2f} pt lost) on {self.images} "
-                f"validation images; top-1 agreement {self.agreement:.2%}")
+                f"validation images; top-1 agreement {self.agreement:.2%}"
+                + (f"; {len(self.kept_fp32)} layer(s) kept in higher precision" if self.kept_fp32 else ""))
 
 
 def quantize(source: str | os.PathLike, backend: str = "onnxruntime", out: str | os.PathLike | None = None, *,
              calib: int = 256, method: str = "minmax", activations: str = "auto",
-             images: str | os.PathLike | None = None, baseline: str | os.PathLike | None = None) -> Quantized:
+             images: str | os.PathLike | None = None, max_drop: float | None = None,
+             baseline: str | os.PathLike | None = None) -> Quantized:
     """Quantise a run's model (or a .safetensors with its sidecar) to an int8 ONNX or OpenVINO IR file.
 
     `calib` images of the run's training split (or of `images`) calibrate the activation ranges;
     the run's validation split measures what the int8 file loses against fp32 (the fp32 graph of
-    `baseline`, default `source`). A model trained for int8 (`resforge quantize --qat`) keeps the
+    `baseline`, default `source`). `max_drop` (points of top-1) leaves the most sensitive layers in
+    fp32 until the loss is within it. A model trained for int8 (`resforge quantize --qat`) keeps the
     activation scales it learned.
     """
-    _check_options(backend, calib, method, activations)
+    _check_options(backend, calib, method, activations, max_drop)
     src = open_source(source)
     if src.kind != "torch":
         if _is_quantized(src):
@@ -117,23 +124,34 @@ def quantize(source: str | os.PathLike, backend: str = "onnxruntime", out: str |
         proto = to_onnx(net, fp32_info, dynamic_batch=True)
         onnx.save(proto, str(fp32))
         raw, written = Path(tmp) / f"raw{SUFFIX[backend]}", Path(tmp) / path.name
-        if backend == "onnxruntime":
-            fixed = qat.overrides(proto, net, learned, INPUT, torch.from_numpy(batch[:1])) if learned else {}
-            chosen, timings = _quantize_ort(fp32, raw, batch, method, activations, Path(tmp), fixed)
-        else:
-            chosen, timings = _quantize_openvino(proto, info, raw, batch), {}
         reference = fp32
         if baseline is not None:
             reference = Path(tmp) / "baseline.onnx"
             onnx.save(to_onnx(open_source(baseline).model, fp32_info, dynamic_batch=True), str(reference))
-        result = _measure(Source("onnx", reference, info), backend, raw, info, val)
-        result = replace(result, path=path, activations=chosen, calib=len(calib_files), timings=timings)
+        measure = partial(_measure, Source("onnx", reference, info), backend, info=info, val=val)
+        kept: list[str] = []
+        if backend == "onnxruntime":
+            fixed = qat.overrides(proto, net, learned, INPUT, torch.from_numpy(batch[:1])) if learned else {}
+            chosen, timings = _quantize_ort(fp32, raw, batch, method, activations, Path(tmp), fixed)
+            result = measure(raw)
+            if max_drop is not None and result.drop > max_drop:
+                probe = np.stack([transform(decode_image(f, pre)).numpy()
+                                  for f, _ in val[::max(1, len(val) // SENSITIVITY_IMAGES)][:SENSITIVITY_IMAGES]])
+                kept, result = _restore_ort(Path(tmp), raw, batch, probe, method, chosen, fixed, measure, max_drop)
+        else:
+            chosen, timings = "nncf", {}
+            kept = _quantize_openvino(proto, info, raw, batch, val if max_drop is not None else None, max_drop)
+            result = measure(raw)
+        result = replace(result, path=path, activations=chosen, calib=len(calib_files), timings=timings,
+                         kept_fp32=kept)
         record = info.with_export(quantized={"backend": backend, "activations": chosen, "method": method,
                                              "calibration_images": len(calib_files), "fp32_top1": result.fp32_top1,
                                              "int8_top1": result.int8_top1, "agreement": result.agreement,
                                              "validation_images": result.images, "img_per_s_batch1": timings,
                                              **({"learned_scales": len(learned), "baseline": str(baseline)}
-                                                if learned else {})})
+                                                if learned else {}),
+                                             **({"max_drop": max_drop, "kept_fp32": kept}
+                                                if max_drop is not None else {})})
         _write_record(raw, written, backend, record)
         move_into_place(written, path, "onnx" if backend == "onnxruntime" else "openvino")
     log.info("%s", result.line())
@@ -142,9 +160,9 @@ def quantize(source: str | os.PathLike, backend: str = "onnxruntime", out: str |
 
 
 def check_calibration(source: str | os.PathLike, backend: str, calib: int, method: str, activations: str,
-                      images: str | os.PathLike | None) -> None:
+                      images: str | os.PathLike | None, max_drop: float | None = None) -> None:
     """What `quantize` would refuse about its options and calibration set, asked before a fine-tune."""
-    _check_options(backend, calib, method, activations)
+    _check_options(backend, calib, method, activations, max_drop)
     src = open_source(source)
     if src.kind != "torch":
         raise ConfigError(f"{source} is an exported {src.kind} file: train for int8 from the run directory or its "
@@ -152,7 +170,9 @@ def check_calibration(source: str | os.PathLike, backend: str, calib: int, metho
     _calibration_files(src, images, calib)
 
 
-def _check_options(backend: str, calib: int, method: str, activations: str) -> None:
+def _check_options(backend: str, calib: int, method: str, activations: str, max_drop: float | None) -> None:
+    if max_drop is not None and not max_drop >= 0:
+        raise ConfigError(f"--max-drop is the top-1 points int8 may lose and cannot be negative, got {max_drop:g}")
     if backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if method not in METHODS:
@@ -211,28 +231,15 @@ def _quantize_ort(fp32: Path, out: Path, batch: np.ndarray, method: str, activat
                   fixed: dict[str, Any]) -> tuple[str, dict[str, float]]:
     """QDQ with per-channel int8 weights; both activation types when `auto`, the faster kept. `fixed`:
     the scales of some tensors, given rather than calibrated."""
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quant_pre_process, quantize_static)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.items = iter([{INPUT: batch[i:i + 1]} for i in range(len(batch))])
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self.items, None)
+    from onnxruntime.quantization import quant_pre_process
 
     prepared = tmp / "prepared.onnx"
     quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-    calibrate = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                 "percentile": CalibrationMethod.Percentile}[method]
     candidates = ["u8", "s8"] if activations == "auto" else [activations]
     files = {}
     for kind in candidates:
         files[kind] = tmp / f"int8-{kind}.onnx"
-        quantize_static(str(prepared), str(files[kind]), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8 if kind == "u8" else QuantType.QInt8,
-                        weight_type=QuantType.QInt8, calibrate_method=calibrate,
-                        extra_options={"TensorQuantOverrides": fixed} if fixed else None)
+        _ort_static(prepared, files[kind], batch, method, kind, fixed)
     timings = {}
     if len(candidates) > 1:
         timings = {kind: _images_per_second(files[kind], batch[:1]) for kind in candidates}
@@ -241,6 +248,77 @@ def _quantize_ort(fp32: Path, out: Path, batch: np.ndarray, method: str, activat
     chosen = max(timings, key=timings.get) if timings else candidates[0]
     os.replace(files[chosen], out)
     return chosen, timings
+
+
+def _reader(batch: np.ndarray) -> Any:
+    """onnxruntime's calibration reader over the images of `batch`, one at a time."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter([{INPUT: batch[i:i + 1]} for i in range(len(batch))])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.items, None)
+    return Reader()
+
+
+def _ort_static(prepared: Path, out: Path, batch: np.ndarray, method: str, kind: str, fixed: dict[str, Any],
+                exclude: list[str] = ()) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    calibrate = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                 "percentile": CalibrationMethod.Percentile}[method]
+    quantize_static(str(prepared), str(out), _reader(batch), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8 if kind == "u8" else QuantType.QInt8,
+                    weight_type=QuantType.QInt8, calibrate_method=calibrate, nodes_to_exclude=list(exclude),
+                    extra_options={"TensorQuantOverrides": fixed} if fixed else None)
+
+
+def _restore_ort(tmp: Path, raw: Path, batch: np.ndarray, probe: np.ndarray, method: str, kind: str,
+                 fixed: dict[str, Any], measure: Callable[[Path], Quantized], max_drop: float
+                 ) -> tuple[list[str], Quantized]:
+    """Quantise again with the noisiest nodes on the validation images `probe` left in fp32, twice as
+    many each time, until the top-1 lost is within `max_drop` (so at most twice the fewest that would
+    do, by that ranking); the file at `raw` is the last."""
+    order = _noisiest_nodes(tmp / "prepared.onnx", raw, probe, tmp)
+    k = 1
+    while True:
+        kept = order[:k]
+        _ort_static(tmp / "prepared.onnx", raw, batch, method, kind, fixed, kept)
+        result = measure(raw)
+        log.info("%d of %d quantised nodes kept in fp32: %.2f pt of top-1 lost", k, len(order), result.drop)
+        if result.drop <= max_drop:
+            return kept, result
+        if k == len(order):
+            raise ConfigError(f"with all {k} quantised nodes in fp32 the int8 file still loses {result.drop:.2f} pt, "
+                              f"more than the {max_drop:g} asked")
+        k = min(2 * k, len(order))
+
+
+def _noisiest_nodes(prepared: Path, qdq: Path, batch: np.ndarray, tmp: Path) -> list[str]:
+    """The quantised nodes, noisiest first: the quantisation noise power of their int8 inputs (activations
+    on `batch`, and weights) relative to the signal, by onnxruntime's QDQ debugging tools."""
+    import onnx
+    from onnxruntime.quantization.qdq_loss_debug import (collect_activations, compute_activation_error,
+                                                         compute_weight_error, create_activation_matching,
+                                                         create_weight_matching,
+                                                         modify_model_output_intermediate_tensors)
+
+    activations = {}
+    for kind, model in (("float", prepared), ("int8", qdq)):
+        augmented = tmp / f"augmented-{kind}.onnx"
+        modify_model_output_intermediate_tensors(str(model), str(augmented))
+        activations[kind] = collect_activations(str(augmented), _reader(batch))
+    matched = create_activation_matching(activations["int8"], activations["float"])
+    noise_db = {name: e["qdq_err"] for name, e in compute_activation_error(matched).items()}
+    noise_db.update(compute_weight_error(create_weight_matching(str(prepared), str(qdq))))
+    noise = {}
+    for node in onnx.load(str(prepared)).graph.node:  # the float graph's node names are the int8 graph's
+        terms = [noise_db[t] for t in node.input if t in noise_db]
+        if terms:
+            noise[node.name] = sum(10 ** (-db / 10) for db in terms)
+    return sorted(noise, key=noise.get, reverse=True)
 
 
 def _images_per_second(path: Path, x: np.ndarray) -> float:
@@ -256,16 +334,37 @@ def _images_per_second(path: Path, x: np.ndarray) -> float:
     return n * len(x) / (time.perf_counter() - start)
 
 
-def _quantize_openvino(proto: Any, info: ModelInfo, out: Path, batch: np.ndarray) -> str:
-    """NNCF's post-training quantisation of the IR (the performance preset: symmetric activations)."""
+def _quantize_openvino(proto: Any, info: ModelInfo, out: Path, batch: np.ndarray,
+                       val: list[tuple[str, int]] | None = None, max_drop: float | None = None) -> list[str]:
+    """NNCF's post-training quantisation of the IR (the performance preset: symmetric activations); with
+    `max_drop`, NNCF's accuracy control, which returns layers to fp32 until top-1 on `val` is within it.
+    Returns the layers it left in fp32."""
     import nncf
     import openvino as ov
 
     model = to_openvino(proto, replace(info, input="tensor"))
     dataset = nncf.Dataset([batch[i:i + 1] for i in range(len(batch))])
-    quantized = nncf.quantize(model, dataset, subset_size=len(batch), preset=nncf.QuantizationPreset.PERFORMANCE)
+    options = {"subset_size": len(batch), "preset": nncf.QuantizationPreset.PERFORMANCE}
+    kept: list[str] = []
+    if max_drop is None:
+        quantized = nncf.quantize(model, dataset, **options)
+    else:
+        transform = eval_transform(info.pre)
+
+        def top1(compiled: Any, items: Iterable[tuple[str, int]]) -> tuple[float, list[float]]:
+            hits = [float(np.argmax(compiled(transform(decode_image(f, info.pre)).numpy()[None])[0]) == label)
+                    for f, label in items]
+            return float(np.mean(hits)), hits
+
+        quantized = nncf.quantize_with_accuracy_control(model, dataset, nncf.Dataset(val), top1,
+                                                        max_drop=max_drop / 100, drop_type=nncf.DropType.ABSOLUTE,
+                                                        **options)
+        fp32_ops = {op.get_friendly_name() for op in quantized.get_ops() if op.get_type_name() == "Convolution"
+                    and not any(i.get_source_output().get_node().get_type_name() == "FakeQuantize"
+                                for i in op.inputs())}
+        kept = sorted(fp32_ops)
     ov.save_model(quantized, str(out), compress_to_fp16=False)
-    return "nncf"
+    return kept
 
 
 def _write_record(raw: Path, out: Path, backend: str, info: ModelInfo) -> None:
@@ -286,7 +385,8 @@ def _write_record(raw: Path, out: Path, backend: str, info: ModelInfo) -> None:
     ov.save_model(model, str(out), compress_to_fp16=False)
 
 
-def _measure(fp32: Source, backend: str, written: Path, info: ModelInfo, val: list[tuple[str, int]]) -> Quantized:
+def _measure(fp32: Source, backend: str, written: Path, *, info: ModelInfo, val: list[tuple[str, int]]
+             ) -> Quantized:
     """Top-1 of the fp32 graph and of the int8 file, on the same engine and the same validation images."""
     kind = "onnx" if backend == "onnxruntime" else "openvino"
     precision = "auto" if backend == "onnxruntime" else "fp32"  # ORT: the file's own; OpenVINO: no bf16 hint
