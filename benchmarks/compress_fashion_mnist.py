@@ -34,12 +34,14 @@ import datasets
 from inference_cpu import eager_rate
 
 import resforge
+from resforge.compress.prune import prune_model
 from resforge.device import cpu_name
 from resforge.models import load_model, save_model
 from resforge.models.summary import summarize
 from resforge.training.sparsity import zip_bytes
 
 SPEED_IMAGES = 64  # per split of the small record the 224-px copies calibrate and check parity on
+ROUND_TO = (1, 8, 16, 32, 64)  # channel multiples compared
 
 
 class Stages:
@@ -119,8 +121,9 @@ def accuracy(st: Stages, data: Path, runs: Path, args: argparse.Namespace) -> di
     return rows
 
 
-def at_224(weights: Path, out: Path, data: Path) -> Path:
-    """The same network and weights recorded for 224-px inputs, with a small split record to calibrate on."""
+def at_224(weights: Path, out: Path, data: Path, model: torch.nn.Module | None = None) -> Path:
+    """The network of `weights` (or `model`, changed from it) recorded for 224-px inputs, with a small
+    split record to calibrate on."""
     run = out.parent
     run.mkdir(parents=True, exist_ok=True)
     source_run = weights.parent
@@ -135,24 +138,48 @@ def at_224(weights: Path, out: Path, data: Path) -> Path:
         w = csv.DictWriter(f, ["split", "class", "path"])
         w.writeheader()
         w.writerows(picked)
-    model, meta = load_model(weights)
+    loaded, meta = load_model(weights)
+    model = model or loaded
     meta = {k: v for k, v in meta.items() if k not in ("format", "version", "weights", "id", "arch")}
     meta["preprocess"] = {**meta["preprocess"], "img_size": 224, "resize_size": 256}
     meta["trained"] = {**meta.get("trained", {}), "run": str(run), "data": str(data)}
     return save_model(model, out, meta)
 
 
+def rate(path: Path, backend: str, args: argparse.Namespace, engine_precision: str | None = None
+         ) -> dict[str, Any]:
+    r = resforge.bench([path], [backend], precision=engine_precision or precision(backend), batch_sizes=[1, 16],
+                       threads=args.threads, duration=args.duration, progress=False)[0]
+    if "error" in r:
+        return {"error": r["error"]}
+    return {"b1": r["throughput"]["1"], "b16": r["throughput"]["16"], "p50_ms": r["latency_ms"]["p50"],
+            "p99_ms": r["latency_ms"]["p99"]}
+
+
+def round_to(st: Stages, acc: dict[str, dict[str, Any]], work: Path, data: Path, args: argparse.Namespace
+             ) -> dict[str, Any]:
+    """Which channel multiple suits the kernels: the trained ResNet-50 pruned to half its MACs with widths
+    rounded to each multiple, timed at 224 px on onnxruntime fp32 and int8 and OpenVINO bf16."""
+    def make() -> dict[str, Any]:
+        rows = {}
+        weights = Path(acc["fp32"]["weights"])
+        for multiple in ROUND_TO:
+            model, _ = load_model(weights)
+            record = prune_model(model, 224, macs=0.5, round_to=multiple)
+            root = work / "round-to" / f"x{multiple}"
+            w = at_224(weights, root / "best.safetensors", data, model)
+            onnx = resforge.export(w, "onnx", root / "fp32.onnx", dynamic_batch=True).path
+            q = resforge.quantize(w, "onnxruntime", root / "int8.onnx", calib=SPEED_IMAGES, activations="u8")
+            rows[str(multiple)] = {"gmacs": record["macs"][1] / 1e9, "ort fp32": rate(onnx, "onnxruntime", args),
+                                   "ort int8": rate(q.path, "onnxruntime", args),
+                                   "openvino bf16": rate(onnx, "openvino", args, "bf16")}
+        return rows
+    return st("round-to", make)
+
+
 def speed(st: Stages, acc: dict[str, dict[str, Any]], work: Path, data: Path, args: argparse.Namespace
           ) -> dict[str, Any]:
     """img/s at batch 1 and 16 of every variant at 224 px, all measured in this one stage."""
-    def rate(path: Path, backend: str) -> dict[str, Any]:
-        r = resforge.bench([path], [backend], precision=precision(backend), batch_sizes=[1, 16],
-                           threads=args.threads, duration=args.duration, progress=False)[0]
-        if "error" in r:
-            return {"error": r["error"]}
-        return {"b1": r["throughput"]["1"], "b16": r["throughput"]["16"], "p50_ms": r["latency_ms"]["p50"],
-                "p99_ms": r["latency_ms"]["p99"]}
-
     def make() -> dict[str, Any]:
         root = work / "speed"
         result: dict[str, Any] = {"eager": {}, "activations": {}}
@@ -161,12 +188,12 @@ def speed(st: Stages, acc: dict[str, dict[str, Any]], work: Path, data: Path, ar
             result["eager"][name] = {str(b): eager_rate(w, args.threads, args.duration, b) for b in (1, 16)}
             onnx = resforge.export(w, "onnx", root / f"{name}.onnx", dynamic_batch=True).path
             for backend in ("onnxruntime", "openvino"):
-                result[f"{name} fp32 {backend}"] = rate(onnx, backend)
+                result[f"{name} fp32 {backend}"] = rate(onnx, backend, args)
             if name == "lowrank":
                 continue
             for backend, suffix in (("onnxruntime", ".onnx"), ("openvino", ".xml")):
                 q = resforge.quantize(w, backend, root / f"{name}-int8{suffix}", calib=SPEED_IMAGES)
-                result[f"{name} int8 {backend}"] = rate(q.path, backend)
+                result[f"{name} int8 {backend}"] = rate(q.path, backend, args)
                 if q.timings:
                     result["activations"][name] = q.timings
         return result
@@ -238,6 +265,20 @@ def goals(acc: dict[str, dict[str, Any]], sp: dict[str, Any], ort: dict[str, flo
         print(f"| {name} | {target} | {value:.2f} | {'yes' if met else '**no**'} |")
 
 
+def print_round_to(rows: dict[str, Any]) -> None:
+    print("\n**Channel multiple** (`prune --round-to`): ResNet-50 pruned to half its MACs, 224 px, img/s at batch 1 "
+          "/ 16 (ratio: against multiple 1)\n")
+    print("| multiple | GMACs | ORT fp32 | ORT int8 (u8) | OpenVINO bf16 |\n|---:|---:|---:|---:|---:|")
+    first = rows[str(ROUND_TO[0])]
+    for m, r in rows.items():
+        cells = []
+        for engine in ("ort fp32", "ort int8", "openvino bf16"):
+            e, f = r[engine], first[engine]
+            cells.append(e.get("error", f"{e['b1']:.1f} / {e['b16']:.1f} ({e['b1'] / f['b1']:.2f}x / "
+                                        f"{e['b16'] / f['b16']:.2f}x)") if "error" not in f else "-")
+        print(f"| {m} | {r['gmacs']:.2f} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/tmp/compress-fmnist", help="folder for the data, runs and results")
@@ -257,7 +298,9 @@ def main() -> None:
     data = datasets.build(args.set, work / "data")
     acc = accuracy(st, data, work / "runs", args)
     sp = speed(st, acc, work, data, args)
+    multiples = round_to(st, acc, work, data, args)
     print_tables(acc, sp, args)
+    print_round_to(multiples)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,9 @@ def prune_model(model: ResNet, img_size: int, *, ratio: float | None = None, mac
         check_target(ratio, macs)
     elif ratio is not None or macs is not None or not 1 <= steps <= MAX_STEPS:
         raise ConfigError(f"steps ({steps}) is a number of the {MAX_STEPS} pruning steps, without ratio or macs")
+    if not isinstance(model, ResNet):
+        raise ConfigError(f"channel pruning rebuilds ResNets from their widths, and {model.model_name or 'this model'} "
+                          "is not one: distil a ResNet into it instead (train --teacher)")
     if any(t.get("kind") == "lowrank" for t in model.transforms):
         raise ConfigError("this model is factorised (low-rank): prune the run it came from, then factorise")
     if any(t.get("kind") == "fakequant" for t in model.transforms):

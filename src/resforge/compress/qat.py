@@ -34,7 +34,7 @@ def check_model(model: nn.Module) -> None:
     if kinds & {"fused", "fakequant"}:
         raise ConfigError("this model was already trained for int8: quantise it (without --qat)")
     acts = {type(m).__name__ for m in model.modules() if isinstance(m, (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.SELU,
-                                                                          nn.SiLU, nn.GELU, nn.Mish))}
+                                                                          nn.SiLU, nn.GELU, nn.Mish, nn.Hardswish))}
     if acts - {"ReLU"}:
         raise ConfigError(f"quantisation-aware training maps its learned scales onto ReLU outputs; this model uses "
                           f"{', '.join(sorted(acts - {'ReLU'}))}: quantise it after training (without --qat)")

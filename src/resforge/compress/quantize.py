@@ -19,7 +19,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -264,7 +264,7 @@ def _reader(batch: np.ndarray) -> Any:
 
 
 def _ort_static(prepared: Path, out: Path, batch: np.ndarray, method: str, kind: str, fixed: dict[str, Any],
-                exclude: list[str] = ()) -> None:
+                exclude: Sequence[str] = ()) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     calibrate = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -342,29 +342,45 @@ def _quantize_openvino(proto: Any, info: ModelInfo, out: Path, batch: np.ndarray
     import nncf
     import openvino as ov
 
+    if max_drop is not None:
+        # NNCF's accuracy control compiles models on OpenVINO Cores of its own; after it, this
+        # process's next OpenVINO model crashed (a segfault): it runs in a process of its own.
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(_accuracy_controlled, proto, info, out, batch, val or [], max_drop).result()
     model = to_openvino(proto, replace(info, input="tensor"))
     dataset = nncf.Dataset([batch[i:i + 1] for i in range(len(batch))])
-    options = {"subset_size": len(batch), "preset": nncf.QuantizationPreset.PERFORMANCE}
-    kept: list[str] = []
-    if max_drop is None:
-        quantized = nncf.quantize(model, dataset, **options)
-    else:
-        transform = eval_transform(info.pre)
-
-        def top1(compiled: Any, items: Iterable[tuple[str, int]]) -> tuple[float, list[float]]:
-            hits = [float(np.argmax(compiled(transform(decode_image(f, info.pre)).numpy()[None])[0]) == label)
-                    for f, label in items]
-            return float(np.mean(hits)), hits
-
-        quantized = nncf.quantize_with_accuracy_control(model, dataset, nncf.Dataset(val), top1,
-                                                        max_drop=max_drop / 100, drop_type=nncf.DropType.ABSOLUTE,
-                                                        **options)
-        fp32_ops = {op.get_friendly_name() for op in quantized.get_ops() if op.get_type_name() == "Convolution"
-                    and not any(i.get_source_output().get_node().get_type_name() == "FakeQuantize"
-                                for i in op.inputs())}
-        kept = sorted(fp32_ops)
+    quantized = nncf.quantize(model, dataset, subset_size=len(batch), preset=nncf.QuantizationPreset.PERFORMANCE)
     ov.save_model(quantized, str(out), compress_to_fp16=False)
-    return kept
+    return []
+
+
+def _accuracy_controlled(proto: Any, info: ModelInfo, out: Path, batch: np.ndarray, val: list[tuple[str, int]],
+                         max_drop: float) -> list[str]:
+    """NNCF's quantisation with accuracy control (in a process of its own); the layers it left in fp32."""
+    import nncf
+    import openvino as ov
+
+    model = to_openvino(proto, replace(info, input="tensor"))
+    dataset = nncf.Dataset([batch[i:i + 1] for i in range(len(batch))])
+    transform = eval_transform(info.pre)
+
+    def top1(compiled: Any, items: Iterable[tuple[str, int]]) -> tuple[float, list[float]]:
+        hits = [float(np.argmax(compiled(transform(decode_image(f, info.pre)).numpy()[None])[0]) == label)
+                for f, label in items]
+        return float(np.mean(hits)), hits
+
+    quantized = nncf.quantize_with_accuracy_control(model, dataset, nncf.Dataset(val), top1,
+                                                    max_drop=max_drop / 100, drop_type=nncf.DropType.ABSOLUTE,
+                                                    subset_size=len(batch),
+                                                    preset=nncf.QuantizationPreset.PERFORMANCE)
+    fp32_ops = {op.get_friendly_name() for op in quantized.get_ops() if op.get_type_name() == "Convolution"
+                and not any(i.get_source_output().get_node().get_type_name() == "FakeQuantize"
+                            for i in op.inputs())}
+    ov.save_model(quantized, str(out), compress_to_fp16=False)
+    return sorted(fp32_ops)
 
 
 def _write_record(raw: Path, out: Path, backend: str, info: ModelInfo) -> None:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import ConfigError
+from .mobilenet import MobileNetV3
 from .resnet import ResNet
 
 log = logging.getLogger("resforge")
@@ -74,6 +75,18 @@ def resnext50_32x4d(**kwargs: Any) -> ResNet:
 def resnext101_32x8d(**kwargs: Any) -> ResNet:
     """ResNeXt-101 32x8d: 32 groups of width 8 in each 3x3 conv."""
     return ResNet("bottleneck", (3, 4, 23, 3), groups=32, base_width=8, **kwargs)
+
+
+@register_model
+def mobilenet_v3_small(**kwargs: Any) -> MobileNetV3:
+    """MobileNetV3-Small (torchvision's): a small student to distil a ResNet into."""
+    return MobileNetV3("small", **kwargs)
+
+
+@register_model
+def mobilenet_v3_large(**kwargs: Any) -> MobileNetV3:
+    """MobileNetV3-Large (torchvision's): a student to distil a ResNet into."""
+    return MobileNetV3("large", **kwargs)
 
 
 # ResNet-D (deep stem, avg-pool shortcut) of each depth, named as timm names them.

@@ -65,7 +65,8 @@ def summarize(model: ResNet, img_size: int = 224, name: str = "model") -> ModelS
         ("stem", (model.conv1, model.bn1, model.act1), model.forward_stem)]
     stages += [(info["name"], (getattr(model, info["name"]),), getattr(model, info["name"]))
                for info in model.feature_info]
-    stages.append(("head", (model.fc,), model.forward_head))
+    head = tuple(m for n, m in model.named_children() if n in ("drop", "fc", "classifier"))
+    stages.append(("head", head, model.forward_head))
     was_training = model.training
     model.eval()
     rows = []

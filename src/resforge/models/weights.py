@@ -176,17 +176,18 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str = "c
         have, want = state[stem_key].shape[1], own[stem_key].shape[1]
         state[stem_key] = adapt_input_conv(state[stem_key], want)
         notes.append(f"stem weights folded from {have} to {want} input channel(s)")
-    head = [k for k in own if k.startswith("fc.")]
-    ckpt_head = [k for k in state if k.startswith("fc.")]
+    prefix = next(n for n, m in model.named_modules() if m is model.fc) + "."  # fc. (ResNet), classifier.3.
+    head = [k for k in own if k.startswith(prefix)]
+    ckpt_head = [k for k in state if k.startswith(prefix)]
     if not ckpt_head and head:
         notes.append(f"{source} has no classifier: the {model.num_classes}-class head starts fresh")
     elif ckpt_head and any(k not in own or state[k].shape != own[k].shape for k in ckpt_head):
-        n = state["fc.weight"].shape[0] if "fc.weight" in state else "?"
+        n = state[f"{prefix}weight"].shape[0] if f"{prefix}weight" in state else "?"
         notes.append(f"{source} has {n} classes, the model {model.num_classes}: "
                      "the classifier was replaced and starts fresh")
         for k in ckpt_head:
             del state[k]
-    skip = set(head) if not any(k.startswith("fc.") for k in state) else set()
+    skip = set(head) if not any(k.startswith(prefix) for k in state) else set()
     optional = re.compile(r"num_batches_tracked$")
     missing = [k for k in own if k not in state and k not in skip and not optional.search(k)]
     unexpected = [k for k in state if k not in own and not optional.search(k)]
@@ -225,6 +226,7 @@ def arch_record(model: nn.Module) -> dict[str, Any]:
 
 def build_from_arch(arch: dict[str, Any], source: str) -> nn.Module:
     """The model an `arch_record` describes, freshly initialised; CheckpointError names what does not fit."""
+    from .mobilenet import MobileNetV3
     from .resnet import ResNet
 
     if not isinstance(arch, dict) or not isinstance(arch.get("kwargs"), dict):
@@ -236,7 +238,7 @@ def build_from_arch(arch: dict[str, Any], source: str) -> nn.Module:
         raise CheckpointError(f"{source} holds a model transformed by {', '.join(map(str, unknown))}, which this "
                               f"resforge cannot rebuild (it knows {', '.join(TRANSFORMS)}); update resforge")
     try:
-        model = ResNet(**arch["kwargs"])
+        model = (MobileNetV3 if str(arch.get("name")).startswith("mobilenet_v3") else ResNet)(**arch["kwargs"])
     except (TypeError, KeyError, ValueError) as e:
         raise CheckpointError(f"{source} does not describe an architecture this resforge can build: {e}") from None
     model.model_name = arch.get("name")

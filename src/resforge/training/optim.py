@@ -37,7 +37,7 @@ def _part_modules(model: nn.Module, part: str) -> list[nn.Module]:
     if part == "stem":
         return [model.conv1, model.bn1, model.act1]
     if part == "backbone":  # the head is the classifier and the dropout before it
-        return [m for name, m in model.named_children() if name not in ("drop", "fc")]
+        return [m for name, m in model.named_children() if name not in ("drop", "fc", "classifier")]
     return [getattr(model, part)]
 
 
