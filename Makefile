@@ -34,6 +34,7 @@ bench: $(VENV)/.bench
 	$(PY) benchmarks/data_loader.py
 	$(PY) benchmarks/inference_cpu.py
 	$(PY) benchmarks/defaults.py
+	$(PY) benchmarks/compress_fashion_mnist.py
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info .pytest_cache

@@ -213,8 +213,9 @@ def print_tables(acc: dict[str, dict[str, Any]], sp: dict[str, Any], args: argpa
     print("|---|---|---:|---:|---:|---:|---:|")
     for name, r in acc.items():
         ref = acc["fp32 onnx"] if "int8" in name else base  # int8 against fp32 on the same engine's graph
-        size = f"{r['file_mb']:.1f}" + (f" ({r['zip_mb']:.1f} zipped, dense {r['dense_zip_mb']:.1f})"
-                                        if "zip_mb" in r else "")
+        mb = r["file_mb"] + (Path(r["file"]).with_suffix(".bin").stat().st_size / 1e6 if r["file"].endswith(".xml")
+                             else 0)  # an IR's weights are in its .bin
+        size = f"{mb:.1f}" + (f" ({r['zip_mb']:.1f} zipped, dense {r['dense_zip_mb']:.1f})" if "zip_mb" in r else "")
         print(f"| {name} | {r['backend']} | {pct(r['top1'])} | {100 * (ref['top1'] - r['top1']):+.2f} | "
               f"{r['params']:,} | {r['macs'] / 1e6:.1f} | {size} |")
     ort = sp["fp32 fp32 onnxruntime"]
@@ -290,6 +291,7 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=10.0, help="seconds of timing per model and batch size")
     ap.add_argument("--set", default="fashion-mnist", choices=sorted(datasets.SETS),
                     help="the dataset (fashion-mnist-sample: a quick check of the script)")
+    ap.add_argument("--skip", default="", help="comma-separated optional stages to leave out: round-to")
     ap.add_argument("--redo", default="", help="comma-separated stages to make again (e.g. speed)")
     args = ap.parse_args()
     work = Path(args.work)
@@ -298,9 +300,10 @@ def main() -> None:
     data = datasets.build(args.set, work / "data")
     acc = accuracy(st, data, work / "runs", args)
     sp = speed(st, acc, work, data, args)
-    multiples = round_to(st, acc, work, data, args)
+    multiples = None if "round-to" in args.skip else round_to(st, acc, work, data, args)
     print_tables(acc, sp, args)
-    print_round_to(multiples)
+    if multiples:
+        print_round_to(multiples)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ from resforge.models import load_model
 threads, duration, batch = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
 torch.set_num_threads(threads)
 model = load_model(sys.argv[4])[0].eval()
-x = torch.randn(batch, 3, 224, 224)
+x = torch.randn(batch, model.stem_conv.in_channels, 224, 224)
 with torch.inference_mode():
     for _ in range(3):
         model(x)
