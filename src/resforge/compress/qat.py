@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models.quantized import (QConv2d, QLinear, QuantReLU, activation_quantizers,
-                                apply_fake_quant, apply_fused, conv_bn_pairs)
+                                apply_fake_quant, apply_fused, conv_bn_pairs, parent_of)
 
 INIT_BATCHES = 8  # training batches whose ranges set the activation scales before training learns them
 
@@ -107,8 +107,6 @@ def plain(model: nn.Module) -> tuple[nn.Module, dict[str, tuple[float, int]]]:
                for name, q in activation_quantizers(model).items()}
     net = copy.deepcopy(model).cpu().float().eval()
     for name, module in list(net.named_modules()):
-        parent_name, _, attr = name.rpartition(".")
-        parent = net.get_submodule(parent_name) if parent_name else net
         if isinstance(module, QConv2d):
             new: nn.Module = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
                                        module.padding, module.dilation, module.groups, module.bias is not None,
@@ -121,7 +119,7 @@ def plain(model: nn.Module) -> tuple[nn.Module, dict[str, tuple[float, int]]]:
             continue
         new.load_state_dict({k: v for k, v in module.state_dict().items() if not k.startswith(("quant.",
                                                                                               "input_quant."))})
-        setattr(parent, attr, new)
+        setattr(*parent_of(net, name), new)
     net.transforms = [t for t in net.transforms if t.get("kind") != "fakequant"]
     return net, learned
 

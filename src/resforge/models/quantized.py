@@ -93,7 +93,7 @@ class QLinear(nn.Linear):
         return F.linear(x, fake_quant_weight(self.weight), self.bias)
 
 
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+def parent_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent, _, attr = name.rpartition(".")
     try:
         return (model.get_submodule(parent) if parent else model), attr
@@ -128,7 +128,7 @@ def apply_fused(model: nn.Module, pairs: list[list[str]], weights: bool = True) 
     from torch.nn.utils.fusion import fuse_conv_bn_weights
 
     for conv_name, bn_name in pairs:
-        (cp, ca), (bp, ba) = _parent(model, conv_name), _parent(model, bn_name)
+        (cp, ca), (bp, ba) = parent_of(model, conv_name), parent_of(model, bn_name)
         conv, bn = getattr(cp, ca), getattr(bp, ba)
         if not isinstance(conv, nn.Conv2d) or not isinstance(bn, (nn.BatchNorm2d, nn.Identity)):
             raise CheckpointError(f"{conv_name} and {bn_name} are not a convolution and its batch norm")
@@ -146,7 +146,7 @@ def apply_fake_quant(model: nn.Module, input_conv: str) -> None:
     for name, module in list(model.named_modules()):
         if not name:
             continue
-        parent, attr = _parent(model, name)
+        parent, attr = parent_of(model, name)
         if type(module) is nn.Conv2d:
             new: nn.Module = QConv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
                                      module.padding, module.dilation, module.groups, module.bias is not None,
