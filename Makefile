@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --progress-bar off --disable-pip-version-check -q
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean chromium
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,18 @@ $(VENV)/.test: pyproject.toml | $(PY)
 demo: $(VENV)/.base
 	$(VENV)/bin/resforge demo
 
-test: $(VENV)/.test
+# The page's test drives Debian's chromium; installed here when missing (apt needs root).
+CHROMIUM := $(firstword $(wildcard /usr/bin/chromium /usr/bin/chromium-browser))
+
+chromium:
+ifeq ($(CHROMIUM),)
+	@if [ "$$(id -u)" = 0 ]; then \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	else echo "chromium is missing and apt needs root: the browser test will be skipped"; fi
+endif
+
+test: $(VENV)/.test chromium
 	KERAS_BACKEND=torch $(PY) -m pytest
 
 $(VENV)/.bench: pyproject.toml | $(PY)
@@ -35,6 +46,7 @@ bench: $(VENV)/.bench
 	$(PY) benchmarks/inference_cpu.py
 	$(PY) benchmarks/defaults.py
 	$(PY) benchmarks/compress_fashion_mnist.py
+	$(PY) benchmarks/serve_load.py
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info .pytest_cache

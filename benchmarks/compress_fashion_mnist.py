@@ -77,10 +77,15 @@ def model_row(weights: Path, test: Path, backend: str = "torch", file: Path | No
             "file": str(f), "weights": str(weights), "backend": backend}
 
 
+def trained(st: Stages, data: Path, runs: Path, args: argparse.Namespace) -> Path:
+    """The ResNet-50 run every method starts from."""
+    return Path(st("train", lambda: resforge.train(data, model="resnet50", epochs=args.epochs, name="r50",
+                                                   project=str(runs), progress=False)["run_dir"]))
+
+
 def accuracy(st: Stages, data: Path, runs: Path, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     common = {"project": str(runs), "progress": False}
-    base = Path(st("train", lambda: resforge.train(data, model="resnet50", epochs=args.epochs, name="r50",
-                                                   **common)["run_dir"]))
+    base = trained(st, data, runs, args)
     best = base / "best.safetensors"
     pruned = Path(st("prune", lambda: resforge.prune(base, macs=0.5, epochs=args.prune_epochs, name="r50-pruned",
                                                      **common)["run_dir"]))
@@ -156,25 +161,36 @@ def rate(path: Path, backend: str, args: argparse.Namespace, engine_precision: s
             "p99_ms": r["latency_ms"]["p99"]}
 
 
-def round_to(st: Stages, acc: dict[str, dict[str, Any]], work: Path, data: Path, args: argparse.Namespace
-             ) -> dict[str, Any]:
-    """Which channel multiple suits the kernels: the trained ResNet-50 pruned to half its MACs with widths
-    rounded to each multiple, timed at 224 px on onnxruntime fp32 and int8 and OpenVINO bf16."""
+def round_to(st: Stages, base: Path, work: Path, data: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Which channel multiple suits the kernels: the trained ResNet-50 pruned with widths rounded to each
+    multiple, timed at 224 px on onnxruntime fp32 and int8 and OpenVINO bf16. The pruning steps move
+    the MACs in jumps that grow with the multiple, so each multiple is timed at the last step above
+    half the MACs and the first below, and compared at exactly half by interpolating the time per image."""
+    def timed(multiple: int, steps: int, root: Path) -> dict[str, Any]:
+        model, _ = load_model(base / "best.safetensors")
+        record = prune_model(model, 224, steps=steps, round_to=multiple)
+        w = at_224(base / "best.safetensors", root / "best.safetensors", data, model)
+        onnx = resforge.export(w, "onnx", root / "fp32.onnx", dynamic_batch=True).path
+        q = resforge.quantize(w, "onnxruntime", root / "int8.onnx", calib=SPEED_IMAGES, activations="u8")
+        return {"steps": steps, "macs": record["macs"], "ort fp32": rate(onnx, "onnxruntime", args),
+                "ort int8": rate(q.path, "onnxruntime", args), "openvino bf16": rate(onnx, "openvino", args, "bf16")}
+
     def make() -> dict[str, Any]:
         rows = {}
-        weights = Path(acc["fp32"]["weights"])
         for multiple in ROUND_TO:
-            model, _ = load_model(weights)
-            record = prune_model(model, 224, macs=0.5, round_to=multiple)
+            model, _ = load_model(base / "best.safetensors")
+            k = prune_model(model, 224, macs=0.5, round_to=multiple)["steps"]
             root = work / "round-to" / f"x{multiple}"
-            w = at_224(weights, root / "best.safetensors", data, model)
-            onnx = resforge.export(w, "onnx", root / "fp32.onnx", dynamic_batch=True).path
-            q = resforge.quantize(w, "onnxruntime", root / "int8.onnx", calib=SPEED_IMAGES, activations="u8")
-            rows[str(multiple)] = {"gmacs": record["macs"][1] / 1e9, "ort fp32": rate(onnx, "onnxruntime", args),
-                                   "ort int8": rate(q.path, "onnxruntime", args),
-                                   "openvino bf16": rate(onnx, "openvino", args, "bf16")}
+            rows[str(multiple)] = [timed(multiple, s, root / f"steps{s}") for s in (k - 1, k)]
         return rows
     return st("round-to", make)
+
+
+def at_half_macs(above: dict[str, Any], below: dict[str, Any], engine: str, batch: str) -> float:
+    """img/s at exactly half the unpruned MACs, the time per image interpolated linearly in MACs."""
+    half = above["macs"][0] / 2
+    (ma, mb), (ta, tb) = (above["macs"][1], below["macs"][1]), (1 / above[engine][batch], 1 / below[engine][batch])
+    return 1 / (tb + (half - mb) * (ta - tb) / (ma - mb))
 
 
 def speed(st: Stages, acc: dict[str, dict[str, Any]], work: Path, data: Path, args: argparse.Namespace
@@ -267,17 +283,23 @@ def goals(acc: dict[str, dict[str, Any]], sp: dict[str, Any], ort: dict[str, flo
 
 
 def print_round_to(rows: dict[str, Any]) -> None:
-    print("\n**Channel multiple** (`prune --round-to`): ResNet-50 pruned to half its MACs, 224 px, img/s at batch 1 "
-          "/ 16 (ratio: against multiple 1)\n")
-    print("| multiple | GMACs | ORT fp32 | ORT int8 (u8) | OpenVINO bf16 |\n|---:|---:|---:|---:|---:|")
+    print("\n**Channel multiple** (`prune --round-to`): ResNet-50 pruned with widths rounded to each multiple, 224 px, "
+          "img/s at batch 1 / 16 at exactly half the MACs (interpolated between the pruning steps either side; "
+          "ratio: against multiple 1)\n")
+    print("| multiple | GMACs either side | ORT fp32 | ORT int8 (u8) | OpenVINO bf16 |\n|---:|---|---:|---:|---:|")
+    engines = ("ort fp32", "ort int8", "openvino bf16")
+    failed = {e for pair in rows.values() for r in pair for e in engines if "error" in r[e]}
     first = rows[str(ROUND_TO[0])]
-    for m, r in rows.items():
+    for m, (above, below) in rows.items():
         cells = []
-        for engine in ("ort fp32", "ort int8", "openvino bf16"):
-            e, f = r[engine], first[engine]
-            cells.append(e.get("error", f"{e['b1']:.1f} / {e['b16']:.1f} ({e['b1'] / f['b1']:.2f}x / "
-                                        f"{e['b16'] / f['b16']:.2f}x)") if "error" not in f else "-")
-        print(f"| {m} | {r['gmacs']:.2f} | " + " | ".join(cells) + " |")
+        for e in engines:
+            if e in failed:
+                cells.append("-")
+                continue
+            b1, b16 = (at_half_macs(above, below, e, b) for b in ("b1", "b16"))
+            f1, f16 = (at_half_macs(*first, e, b) for b in ("b1", "b16"))
+            cells.append(f"{b1:.1f} / {b16:.1f} ({b1 / f1:.2f}x / {b16 / f16:.2f}x)")
+        print(f"| {m} | {above['macs'][1] / 1e9:.2f}, {below['macs'][1] / 1e9:.2f} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:
@@ -293,14 +315,19 @@ def main() -> None:
                     help="the dataset (fashion-mnist-sample: a quick check of the script)")
     ap.add_argument("--skip", default="", help="comma-separated optional stages to leave out: round-to")
     ap.add_argument("--redo", default="", help="comma-separated stages to make again (e.g. speed)")
+    ap.add_argument("--only", choices=["round-to"], help="train the ResNet-50 and measure only this stage")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     st = Stages(work / "results.json", {s for s in args.redo.split(",") if s})
     data = datasets.build(args.set, work / "data")
+    if args.only == "round-to":
+        print_round_to(round_to(st, trained(st, data, work / "runs", args), work, data, args))
+        return
     acc = accuracy(st, data, work / "runs", args)
     sp = speed(st, acc, work, data, args)
-    multiples = None if "round-to" in args.skip else round_to(st, acc, work, data, args)
+    multiples = None if "round-to" in args.skip else round_to(st, Path(acc["fp32"]["weights"]).parent, work, data,
+                                                               args)
     print_tables(acc, sp, args)
     if multiples:
         print_round_to(multiples)

@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 # The stage functions load on first use, so `import resforge` stays light (no matplotlib, no data code).
 _API = ("train", "prune", "lowrank", "quantize", "optimize", "evaluate", "predict", "lr_find", "inspect_data",
-        "export", "bench", "Predictor")
+        "export", "bench", "serve", "ensemble", "tune", "Predictor")
 
 
 def __getattr__(name: str) -> Any:

@@ -13,8 +13,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .compress.finetune import compression_run
-from .compress.lowrank import factorize_model
+from .compress.lowrank import check_target as check_lowrank_target
+from .compress.lowrank import describe as describe_lowrank
+from .compress.lowrank import factorization
 from .compress.optimize import optimize as _optimize
 from .compress.prune import check_target, describe, structured
 from .compress import qat as _qat
@@ -43,7 +47,7 @@ from .training.trainer import Callback, Trainer
 log = logging.getLogger("resforge")
 
 __all__ = ["train", "prune", "lowrank", "quantize", "optimize", "evaluate", "predict", "lr_find", "inspect_data",
-           "export", "bench", "Predictor"]
+           "export", "bench", "serve", "ensemble", "tune", "Predictor"]
 
 
 def _config(data: str | None, model: str | None, recipe: str | None, config: str | os.PathLike | None,
@@ -76,6 +80,60 @@ def train(data: str | os.PathLike | None = None, *, model: str | None = None, re
     return finish_run(trainer, summary)
 
 
+def tune(data: str | os.PathLike | None = None, *, trials: int | None = None, space: list[str] | None = None,
+         storage: str | None = None, study: str | None = None, pruner: str = "median",
+         time_limit: float | None = None, name: str | None = None, project: str | os.PathLike = "runs",
+         resume: str | os.PathLike | None = None, model: str | None = None, recipe: str | None = None,
+         config: str | os.PathLike | None = None, seed: int | None = None, **options: Any) -> dict[str, Any]:
+    """Search hyperparameters with Optuna: `trials` training runs (each with `options`, e.g. epochs=5) over
+    `space` (names of training.tune.SPACE) for the best `metric` option (val_top1 or val_loss), TPE-sampled, weak ones pruned per epoch (`pruner`). Writes
+    `<project>/<name>/`: the study (SQLite unless `storage`), trials/, summary.md, plots/, best.yaml.
+    `resume` continues a killed search (to `trials` finished ones, default as first asked); processes
+    given one `storage` URL and `study` name share the study. `time_limit`: minutes for this process."""
+    from .training import tune as t
+
+    if time_limit is not None and not time_limit > 0:
+        raise ConfigError(f"--time-limit must be a positive number of minutes, got {time_limit:g}")
+    if resume is not None:
+        if data is not None or options or model or recipe or config or space:
+            raise ConfigError("resuming a search continues it as it was set: give only --trials or --time-limit")
+        out = Path(resume)
+        state = t.read_state(out)
+        if trials is not None:
+            if trials < 1:
+                raise ConfigError(f"--trials must be at least 1, got {trials}")
+            state["trials"] = trials
+    else:
+        if data is None:
+            raise ConfigError("give the image folder to search on (or --resume DIR)")
+        out = t.default_dir(project, name, data)
+        if (out / t.STATE_FILE).is_file() and storage is None:
+            raise ConfigError(f"{out} already holds a search: continue it with --resume {out}, or give another --name")
+        metric = options.get("metric", options.get("train.metric", "val_top1"))  # also each trial's best epoch
+        state = t.new_state(str(data), options, space or list(t.DEFAULT_SPACE), metric, 20 if trials is None else trials, pruner,
+                            storage, study, out, seed)
+        state.update(model=model, recipe=recipe, config=str(config) if config else None)
+        _config(state["data"], model, recipe, config, options)  # a bad option fails before the folder is made
+        t.write_state(out, state)
+
+    def make_config(params: dict[str, Any]) -> Config:
+        return _config(state["data"], state["model"], state["recipe"], state["config"], {**state["options"], **params})
+
+    def train_trial(cfg: Config, run_dir: Path, callbacks: list[Callback]) -> dict[str, Any]:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return Trainer(cfg, run_dir=run_dir, callbacks=callbacks, progress=False).fit()
+
+    found = t.search(out, state, train_trial, make_config, time_limit)
+    done = [x for x in found.trials if x.value is not None and x.state.name == "COMPLETE"]
+    result = {"dir": out, "trials": len(found.trials), "complete": len(done),
+              "pruned": sum(x.state.name == "PRUNED" for x in found.trials)}
+    if done:
+        result.update(best_value=found.best_value, best_params=found.best_params, best_config=out / "best.yaml")
+        log.info("best of %d trials: %s %.4f with %s; summary %s, config %s", len(found.trials), state["metric"],
+                 found.best_value, found.best_params, out / "summary.md", out / "best.yaml")
+    return result
+
+
 def prune(source: str | os.PathLike, *, ratio: float | None = None, macs: float | None = None,
           latency: float | None = None, sparsity: float | None = None, importance: str = "l1", round_to: int = 8,
           scope: str = "layer",
@@ -105,20 +163,20 @@ def prune(source: str | os.PathLike, *, ratio: float | None = None, macs: float 
     return {**finish_run(trainer, summary), "pruned": record}
 
 
-def lowrank(source: str | os.PathLike, *, energy: float = 0.9, data: str | os.PathLike | None = None,
-            distill: bool = True, recipe: str | None = None, config: str | os.PathLike | None = None,
-            callbacks: list[Callback] = (), progress: bool = True, **options: Any) -> dict[str, Any]:
-    """Factorise a trained model's layers (SVD, Tucker-2) at the rank keeping `energy`, then fine-tune it
-    distilled from the original; write a run directory (options as for `prune`)."""
-    if not 0 < energy < 1:  # before anything is read or written
-        raise ConfigError(f"--energy must lie between 0 and 1 (exclusive), got {energy:g}")
+def lowrank(source: str | os.PathLike, *, energy: float | None = None, latency: float | None = None,
+            data: str | os.PathLike | None = None, distill: bool = True, recipe: str | None = None,
+            config: str | os.PathLike | None = None, callbacks: list[Callback] = (), progress: bool = True,
+            **options: Any) -> dict[str, Any]:
+    """Factorise a trained model's layers (SVD, Tucker-2) at the rank keeping `energy` of each (default 0.9),
+    or at the highest energy whose batch-1 onnxruntime inference takes at most `latency` ms here; then
+    fine-tune it distilled from the original and write a run directory (options as for `prune`)."""
+    check_lowrank_target(energy, latency)  # before anything is read or written
+    if energy is None and latency is None:
+        energy = 0.9
     trainer, record = compression_run(
-        source, lambda t: factorize_model(t.model, t.pre.img_size, energy), suffix="lowrank", data=data,
-        distill=distill, recipe=recipe, config=config, callbacks=callbacks, progress=progress, **options)
-    (m0, m1), (p0, p1) = record["macs"], record["params"]
-    log.info("factorised %d layers at energy %g: %.1fM MACs of %.1fM (%.0f%%), %s parameters of %s; fine-tuning "
-             "in %s", len(record["ranks"]), energy, m1 / 1e6, m0 / 1e6, 100 * m1 / m0, f"{p1:,}", f"{p0:,}",
-             trainer.run_dir)
+        source, factorization(energy=energy, latency=latency), suffix="lowrank", data=data, distill=distill,
+        recipe=recipe, config=config, callbacks=callbacks, progress=progress, **options)
+    log.info("%s; fine-tuning in %s", describe_lowrank(record), trainer.run_dir)
     summary = trainer.fit()
     return {**finish_run(trainer, summary), "lowrank": record}
 
@@ -230,6 +288,70 @@ def evaluate(source: str | os.PathLike, data: str | os.PathLike, *, tta: str | N
     return report
 
 
+def ensemble(sources: list[str | os.PathLike], data: str | os.PathLike, *, weights: list[float] | None = None,
+             fit: bool = False, out: str | os.PathLike | None = None, batch_size: int = 64, workers: int = -1
+             ) -> dict[str, Any]:
+    """Average several models' probabilities (equal, `weights`, or weights `fit` on the members' recorded
+    validation split), evaluate the ensemble beside each member on a labelled folder, and export it as
+    one ONNX model (`<out>/ensemble.onnx`, default out: runs/ensemble-<folder>) that every command takes."""
+    from .data.folder import recorded_samples
+    from .deploy.backends import TorchRunner
+    from .deploy.ensemble import check_weights, export_ensemble, fit_weights, mix, open_members
+    from .evaluation.metrics import classification_report
+
+    _check_batching(batch_size, workers)
+    if weights is not None and fit:
+        raise ConfigError("give --weights or --fit-weights, not both")
+    members = open_members(sources)
+    names = [str(s) for s in sources]
+    chosen = check_weights(weights, len(members)) if weights is not None else None
+    predictors = [Predictor(TorchRunner(m.model, torch.device("cpu"), "fp32"), m.info, n, m.model)
+                  for n, m in zip(names, members)]
+    classes = members[0].info.classes
+    samples, _ = labelled_samples(data, classes)
+    out = Path(out) if out else Path("runs") / f"ensemble-{Path(data).resolve().name}"
+
+    def probabilities(batch: list) -> tuple[list[torch.Tensor], torch.Tensor]:
+        runs = [_probabilities(p, batch, batch_size, workers) for p in predictors]
+        return [probs for probs, _ in runs], runs[0][1]
+
+    if fit:
+        first = members[0]
+        val = recorded_samples(first.info.trained.get("data", ""), first.path.parent / "split.csv", "val", classes)
+        chosen = fit_weights(*probabilities(val))
+        log.info("weights fitted on %d validation images of %s: %s", len(val), names[0],
+                 ", ".join(f"{w:.3f}" for w in chosen))
+    chosen = chosen or [1 / len(members)] * len(members)
+    member_probs, targets = probabilities(samples)
+    rows = [{"model": n, "weight": w, **_scores(classification_report(p.numpy(), targets.numpy(), classes))}
+            for n, w, p in zip(names, chosen, member_probs)]
+    mixed = classification_report(mix(member_probs, chosen).numpy(), targets.numpy(), classes)
+    result = {"data": str(data), "images": len(samples), "weights": chosen, "members": rows,
+              "ensemble": _scores(mixed)}
+    path = export_ensemble(members, chosen, names, out / "ensemble.onnx", [s for s, _ in samples[:64]],
+                           metrics={"top1": mixed.top1, "top5": mixed.top5, "data": str(data)})
+    write_json(out / "ensemble.json", {**result, "path": str(path)})
+    best = max(rows, key=lambda r: r["top1"])
+    log.info("ensemble of %d on %s (%d images): top-1 %.2f%% (best member %.2f%%, %s); written %s",
+             len(members), data, len(samples), 100 * mixed.top1, 100 * best["top1"], best["model"], path)
+    return {**result, "path": path}
+
+
+def _probabilities(predictor: Predictor, samples: list, batch_size: int, workers: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    from .data.loader import ImageDataset, make_loader, resolve_workers
+    from .evaluation.runner import infer
+
+    loader = make_loader(ImageDataset(samples, predictor.transform, predictor.pre), batch_size, train=False,
+                         workers=resolve_workers(workers), seed=0)
+    logits, targets = infer(predictor, loader)
+    return logits.softmax(-1), targets
+
+
+def _scores(report: ClassificationReport) -> dict[str, float]:
+    return {"top1": report.top1, "top5": report.top5, "macro_f1": report.macro["f1"]}
+
+
 def _check_batching(batch_size: int, workers: int) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size!r}")
@@ -255,6 +377,20 @@ def predict(source: str | os.PathLike, paths: list[str | os.PathLike], *, topk: 
         raise DataError(f"none of the {len(rows)} image(s) could be read (first: {first['path']}: {first['error']})"
                         if len(rows) > 1 else f"{first['path']}: {first['error']}")
     return rows
+
+
+def serve(source: str | os.PathLike, *, metadata: dict[str, Any] | None = None, **options: Any) -> None:
+    """Serve a model over HTTP (FastAPI on uvicorn) until SIGINT or SIGTERM: `POST /v1/predict`, `/health`,
+    `/ready`, `/v1/metadata`, `/metrics`, the page at `/`. Options are `ServeOptions`' fields (host, port,
+    backend, max_batch, max_wait_ms, queue, timeout, max_bytes, max_images, max_pixels, api_key, ...)."""
+    from .deploy.serve import ServeOptions
+    from .deploy.serve import serve as _serve
+
+    try:
+        settings = ServeOptions(**options)
+    except TypeError as e:
+        raise ConfigError(f"serve: {e}") from None
+    _serve(source, settings, metadata)
 
 
 def lr_find(data: str | os.PathLike | None = None, *, model: str | None = None, recipe: str | None = None,

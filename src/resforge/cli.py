@@ -86,6 +86,19 @@ def cmd_train(args: argparse.Namespace) -> None:
     api.train(args.data, recipe=args.recipe, config=args.config, resume=args.resume, **overrides_from_args(args))
 
 
+def cmd_tune(args: argparse.Namespace) -> None:
+    from . import api
+    from .config import overrides_from_args
+
+    options = overrides_from_args(args)
+    search = {k: options.pop(f"train.{k}", None) for k in ("time_limit", "name", "project")}
+    out = api.tune(args.data, trials=args.trials, space=args.space, storage=args.storage,
+                   study=args.study, pruner=args.pruner, time_limit=search["time_limit"], name=search["name"],
+                   project=search["project"] or "runs", resume=args.resume, recipe=args.recipe, config=args.config,
+                   seed=args.search_seed, model=options.pop("model.name", None), **options)
+    print(out["dir"] / "summary.md")
+
+
 def cmd_prune(args: argparse.Namespace) -> None:
     from . import api
     from .config import overrides_from_args
@@ -103,7 +116,7 @@ def cmd_lowrank(args: argparse.Namespace) -> None:
     from . import api
     from .config import overrides_from_args
 
-    out = api.lowrank(args.model, energy=args.energy, data=args.data, distill=args.distill, recipe=args.recipe,
+    out = api.lowrank(args.model, energy=args.energy, latency=args.latency, data=args.data, distill=args.distill, recipe=args.recipe,
                       config=args.config, **overrides_from_args(args))
     print(out["run_dir"])
 
@@ -245,6 +258,35 @@ def cmd_bench(args: argparse.Namespace) -> None:
         write_text(args.markdown, text + "\n")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from . import api
+    from .deploy.serve import ServeOptions
+
+    fields = ServeOptions.__dataclass_fields__
+    api.serve(args.model, metadata=_metadata(args),
+              **{k: getattr(args, k) for k in fields if getattr(args, k, None) is not None})
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def cmd_ensemble(args: argparse.Namespace) -> None:
+    from . import api
+
+    r = api.ensemble(args.models, args.data, weights=args.weights, fit=args.fit_weights, out=args.out,
+                     batch_size=args.batch_size, workers=args.workers)
+    lines = [f"{r['images']} images of {r['data']}", "", "| model | weight | top-1 | top-5 | macro F1 |",
+             "|---|---:|---:|---:|---:|"]
+    for row in [*r["members"], {"model": "**ensemble**", "weight": 1.0, **r["ensemble"]}]:
+        lines.append(f"| {row['model']} | {row['weight']:.3f} | {row['top1']:.2%} | {row['top5']:.2%} | "
+                     f"{row['macro_f1']:.3f} |")
+    print("\n".join(lines + ["", str(r["path"])]))
+
+
 def cmd_data_inspect(args: argparse.Namespace) -> None:
     from . import api
 
@@ -294,6 +336,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "remaining lr decay, and a finished run gets a new cosine cycle")
     _config_options(p)
 
+    from .training.tune import DEFAULT_SPACE, PRUNERS, SPACE
+
+    p = add("tune", cmd_tune, "search hyperparameters with Optuna: many short training runs, the best config",
+            "Each trial is a training run on DATA with the options given (e.g. --model, --img-size, --epochs) and "
+            "the searched ones sampled by TPE; weak trials are stopped early from their per-epoch validation. "
+            "--metric is the one searched (and each trial's best). Here --time-limit is the search's minutes and --name its folder (default: runs/tune-<data>), holding "
+            "the study (SQLite), trials/, summary.md, plots/ and best.yaml (for train --config). A killed search "
+            "continues with --resume DIR; processes given one --storage URL and --study share the study.")
+    p.add_argument("data", nargs="?", help="image folder")
+    p.add_argument("--trials", type=int, help="finished trials the study should hold (default: 20)")
+    p.add_argument("--space", type=lambda s: [v.strip() for v in s.split(",") if v.strip()],
+                   help=f"what to search, among {', '.join(SPACE)} (default: {','.join(DEFAULT_SPACE)})")
+    p.add_argument("--pruner", default="median", choices=PRUNERS, help="stops weak trials early (default: median)")
+    p.add_argument("--storage", help="Optuna storage URL shared by several processes, e.g. "
+                                     "postgresql://host/db (default: sqlite in the search's folder)")
+    p.add_argument("--study", help="study name within the storage (default: the folder's name)")
+    p.add_argument("--search-seed", type=int, help="seed of the sampler (default: random)")
+    p.add_argument("--resume", metavar="DIR", help="continue a search that was stopped")
+    _config_options(p)
+
     from .compress.prune import IMPORTANCE
 
     p = add("prune", cmd_prune, "remove whole channels from a trained model, then fine-tune it",
@@ -319,7 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
             "rank that keeps --energy of its squared singular values and only where that costs fewer MACs; then "
             "fine-tuned like prune (the source run's split, distilled from the original model).")
     _compression_options(p)
-    p.add_argument("--energy", type=float, default=0.9, help="share of each layer's energy kept (default: 0.9)")
+    target = p.add_argument_group("the target: one of --energy or --latency")
+    target.add_argument("--energy", type=float, help="share of each layer's energy kept (default: 0.9)")
+    target.add_argument("--latency", type=float, metavar="MS",
+                        help="milliseconds at batch 1 to reach, measured here on onnxruntime at the run's input size "
+                             "(the energy is searched by bisection from 0.99 down to 0.5)")
 
     p = add("optimize", cmd_optimize, "int8, pruned and low-rank variants of a run, measured; the best for a target",
             "Baseline (fp32 on torch, onnxruntime, openvino) -> int8 -> channel pruning with a distilled fine-tune -> "
@@ -439,6 +505,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-isolate", dest="isolate", action="store_false",
                    help="measure in this process (cold start and memory then include what ran before)")
     _metadata_options(p)
+
+    p = add("ensemble", cmd_ensemble, "average several models' probabilities; evaluate and export the ensemble",
+            "The members must know the same classes and take the same preprocessing. Their probabilities are "
+            "averaged (equal weights, --weights, or --fit-weights on the first run's recorded validation split), "
+            "the ensemble is evaluated beside each member on --data, and exported as one ONNX model "
+            "(<out>/ensemble.onnx, checked against PyTorch) that predict, eval, bench and serve take.")
+    p.add_argument("models", nargs="+", help=SAVED_MODEL_HELP + " (two or more)")
+    p.add_argument("--data", required=True, help="labelled image folder to evaluate on (its test split, else val)")
+    w = p.add_mutually_exclusive_group()
+    w.add_argument("--weights", type=_float_list, help="comma-separated, one per model (default: equal)")
+    w.add_argument("--fit-weights", action="store_true",
+                   help="fit the weights on the first run's validation split (lowest log-loss)")
+    p.add_argument("--out", help="output folder (default: runs/ensemble-<data folder>)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=-1, help="image loading processes (default: automatic)")
+
+    from .deploy.serve import API_KEY_ENV, ServeOptions
+
+    d = ServeOptions()
+    p = add("serve", cmd_serve, "serve a model over HTTP: micro-batched predictions, metrics, a page to try it",
+            "FastAPI on uvicorn: POST /v1/predict (an image as the body, or several as multipart files; ?topk=, "
+            "?timeout=), GET /health, /ready, /v1/metadata, /metrics (Prometheus), /docs, and a page at / to drop "
+            "images on. Requests are batched: a batch leaves when --max-batch images wait or the oldest has "
+            "waited --max-wait-ms. A full queue answers 503 at once; SIGTERM answers what is queued, then exits.")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--host", default=d.host, help=f"address to bind (default: {d.host}; any other needs --api-key)")
+    p.add_argument("--port", type=int, default=d.port, help=f"(default: {d.port}; 0: a free port, logged)")
+    _deploy_options(p)
+    g = p.add_argument_group("batching")
+    g.add_argument("--max-batch", type=int, default=d.max_batch, help=f"images per batch (default: {d.max_batch})")
+    g.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
+                   help=f"how long the oldest image waits for a fuller batch (default: {d.max_wait_ms:g})")
+    g.add_argument("--queue", type=int, default=d.queue, help=f"images waiting, at most (default: {d.queue})")
+    g.add_argument("--workers", type=int, help="threads decoding images (default: the CPU cores)")
+    g.add_argument("--timeout", type=float, default=d.timeout,
+                   help=f"seconds a request may take, unless it asks for less (default: {d.timeout:g})")
+    g = p.add_argument_group("limits and access")
+    g.add_argument("--max-bytes", type=int, default=d.max_bytes,
+                   help=f"request body size (default: {d.max_bytes:,})")
+    g.add_argument("--max-images", type=int, default=d.max_images,
+                   help=f"images per request (default: {d.max_images})")
+    g.add_argument("--max-pixels", type=int, default=d.max_pixels,
+                   help=f"pixels an image may declare (default: {d.max_pixels:,})")
+    g.add_argument("--api-key", help=f"required by every route but /health (default: ${API_KEY_ENV}); needed to "
+                                     "bind anything but loopback")
+    g.add_argument("--cors", action="append", metavar="ORIGIN", help="allow browser calls from this origin "
+                                                                      "(repeatable; default: none)")
 
     def data_usage(args: argparse.Namespace) -> None:
         args.data_parser.error("give a data command: inspect or import")

@@ -22,6 +22,17 @@ class DataError(ResforgeError):
     """A dataset folder or image that cannot be used."""
 
 
+class ImageError(DataError):
+    """One image that cannot be decoded; `reason` is one of IMAGE_REASONS (a server answers each its own way)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+IMAGE_REASONS = ("missing", "empty", "not an image", "corrupt", "too many pixels")
+
+
 class TrainingError(ResforgeError):
     """A run that cannot go on (a NaN loss); the last good checkpoint is kept."""
 

@@ -1,14 +1,17 @@
 """Low-rank factorisation: exact on low-rank layers, rebuilt from the sidecar, fine-tuned, exported."""
 
+import copy
+
 import pytest
 import torch
 from helpers import make_image_folder
 
 import resforge
 from resforge.cli import main
-from resforge.compress.lowrank import energy_rank, factorize_model
+from resforge.compress.lowrank import ENERGIES, energy_rank, factorize_model, latency_energy
 from resforge.models import load_model
 from resforge.models.lowrank import LowRankConv, LowRankLinear
+from resforge.models.summary import summarize
 from resforge.models.weights import arch_record, build_from_arch
 
 TINY = {"model": "resnet18", "width": 0.25, "img_size": 16, "batch_size": 8, "workers": 0, "amp": "off"}
@@ -41,6 +44,25 @@ def test_layers_of_low_rank_factorise_exactly_and_rebuild_from_the_record(name):
     assert torch.equal(rebuilt.eval()(x), model(x))
 
 
+def test_a_latency_target_finds_the_highest_energy_that_meets_it():
+    # A fake clock: "milliseconds" proportional to the MACs, so the search is judged without the machine's speed.
+    torch.manual_seed(0)
+    model = resforge.create_model("resnet18", width=0.5, num_classes=4)
+    base = summarize(model, 32).macs
+    timer = lambda net: 10 * summarize(net, 32).macs / base  # noqa: E731 - 10 ms unfactorised
+    energy, (t0, t1) = latency_energy(model, 7.0, timer, 32)
+    assert summarize(model, 32).macs == base  # the model itself is not touched
+    assert t0 == 10 and t1 <= 7.0 and ENERGIES[-1] <= energy < ENERGIES[0]
+    factorize_model(chosen := copy.deepcopy(model), 32, energy)
+    assert timer(chosen) == t1
+    factorize_model(richer := copy.deepcopy(model), 32, round(energy + 0.01, 2))  # the next energy up misses it
+    assert timer(richer) > 7.0
+    with pytest.raises(resforge.ConfigError, match="nothing to compress"):
+        latency_energy(model, 10.0, timer, 32)
+    with pytest.raises(resforge.ConfigError, match="the lowest tried"):
+        latency_energy(model, 0.01, timer, 32)
+
+
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     root = tmp_path_factory.mktemp("lowrank")
@@ -66,3 +88,10 @@ def test_lowrank_run_fine_tunes_saves_without_pickle_and_exports(source, capsys)
     assert "factorised (low-rank)" in capsys.readouterr().err and not (root / "runs" / "again").exists()
     assert main(["lowrank", run_dir, "--energy", "1.5", "--project", str(root / "runs"), "--name", "again"]) == 2
     assert "--energy must lie between 0 and 1" in capsys.readouterr().err
+    cases = [(["--energy", "0.5", "--latency", "3"], "give one low-rank target"),
+             (["--latency", "0"], "--latency is milliseconds at batch 1 and must be positive"),
+             (["--latency", "100000"], "within the 100000 ms asked: nothing to compress"),  # measured, any machine
+             (["--latency", "1e-9"], "not the 1e-09 ms asked")]
+    for extra, message in cases:
+        assert main(["lowrank", run_dir, *extra, "--project", str(root / "runs"), "--name", "again"]) == 2
+        assert message in capsys.readouterr().err and not (root / "runs" / "again").exists()

@@ -105,7 +105,7 @@ def test_cli_prune_and_its_bad_input(source, capsys):
     cases = [(["--ratio", "1.5"], "--ratio must lie between 0 and 1"),
              (["--macs", "0"], "--macs must lie between 0 and 1"),
              (["--latency", "0"], "--latency is milliseconds at batch 1 and must be positive"),
-             (["--latency", "100000"], "within the 100000 ms asked: nothing to prune"),  # measured, any machine
+             (["--latency", "100000"], "within the 100000 ms asked: nothing to compress"),  # measured, any machine
              (["--latency", "1e-9"], "not the 1e-09 ms asked"),
              (["--ratio", "0.5", "--importance", "bn-scale", "--data", "/nonexistent"], "nonexistent")]
     for extra, message in cases:

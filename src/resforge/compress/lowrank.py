@@ -7,7 +7,7 @@ transforms, so it saves as safetensors and rebuilds from its sidecar.
 
 from __future__ import annotations
 
-import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -16,8 +16,9 @@ from torch import nn
 from ..errors import ConfigError
 from ..models.lowrank import LowRankConv, LowRankLinear, factorized
 from ..models.summary import summarize
+from .latency import least_change_within, onnxruntime_latency
 
-log = logging.getLogger("resforge")
+ENERGIES = tuple(round(0.99 - 0.01 * i, 2) for i in range(50))  # what a latency target searches, least change first
 
 
 def energy_rank(singular: torch.Tensor, energy: float) -> int:
@@ -69,15 +70,25 @@ def _tucker2(conv: nn.Conv2d, energy: float) -> nn.Module | None:
     return new
 
 
-def factorize_model(model: nn.Module, img_size: int, energy: float = 0.9) -> dict[str, Any]:
-    """Replace every layer that gains by its low-rank factors, in place; return the transform record."""
-    if not 0 < energy < 1:
+def check_target(energy: float | None, latency: float | None) -> None:
+    if energy is not None and latency is not None:
+        raise ConfigError("give one low-rank target: --energy (share of each layer's energy kept) or --latency "
+                          "(milliseconds at batch 1, measured here)")
+    if energy is not None and not 0 < energy < 1:
         raise ConfigError(f"--energy must lie between 0 and 1 (exclusive), got {energy:g}")
+    if latency is not None and not latency > 0:
+        raise ConfigError(f"--latency is milliseconds at batch 1 and must be positive, got {latency:g}")
+
+
+def check_factorable(model: nn.Module) -> None:
     if any(t.get("kind") == "lowrank" for t in model.transforms):
         raise ConfigError("this model is already factorised; factorise the run it came from")
     if any(t.get("kind") == "fakequant" for t in model.transforms):
         raise ConfigError("this model was trained for int8: factorise the run it came from, then train it for int8")
-    before = summarize(model, img_size)
+
+
+def _replace_layers(model: nn.Module, energy: float) -> dict[str, list[int]]:
+    """Replace every layer that gains by its low-rank factors at `energy`, in place; return their ranks."""
     ranks: dict[str, list[int]] = {}
     for name, layer in list(model.named_modules()):
         if ".se." in f".{name}." or isinstance(layer, (LowRankConv, LowRankLinear)):
@@ -92,10 +103,60 @@ def factorize_model(model: nn.Module, img_size: int, energy: float = 0.9) -> dic
             parent_name, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
             ranks[name] = new.ranks
-    if not ranks:
+    return ranks
+
+
+def factorize_model(model: nn.Module, img_size: int, energy: float = 0.9) -> dict[str, Any]:
+    """Replace every layer that gains by its low-rank factors, in place; return the transform record."""
+    record = _factorize(model, img_size, energy)
+    if record is None:
         raise ConfigError(f"at energy {energy:g} no layer has a low-rank form cheaper than itself: lower --energy")
+    return record
+
+
+def _factorize(model: nn.Module, img_size: int, energy: float) -> dict[str, Any] | None:
+    """factorize_model, or None (the model untouched) where no layer gains."""
+    check_target(energy, None)
+    check_factorable(model)
+    before = summarize(model, img_size)
+    ranks = _replace_layers(model, energy)
+    if not ranks:
+        return None
     after = summarize(model, img_size)
     record = {"kind": "lowrank", "energy": energy, "ranks": ranks, "macs": [before.macs, after.macs],
               "params": [before.params, after.params]}
     model.transforms.append(record)
     return record
+
+
+def latency_energy(model: nn.Module, target_ms: float, timer: Callable[[nn.Module], float], img_size: int
+                   ) -> tuple[float, list[float]]:
+    """The highest of ENERGIES whose factorised copy of `model` runs within `target_ms` by `timer`, with the
+    times before and after; `model` is left as it is."""
+    check_factorable(model)
+    return least_change_within(model, target_ms, timer, ENERGIES, lambda trial, e: _factorize(trial, img_size, e),
+                               f"energy {ENERGIES[-1]:g}, the lowest tried")
+
+
+def factorization(*, energy: float | None, latency: float | None) -> Callable[[Any], dict[str, Any]]:
+    """The transform of a compression run that factorises at `energy`, or at the highest of ENERGIES whose
+    network runs within `latency` ms (measured on onnxruntime at batch 1 and the run's input size)."""
+    def transform(trainer: Any) -> dict[str, Any]:
+        model, size = trainer.model, trainer.pre.img_size
+        if latency is None:
+            return factorize_model(model, size, energy)
+        found, times = latency_energy(model, latency, onnxruntime_latency(trainer.classes, trainer.pre), size)
+        record = factorize_model(model, size, found)
+        record.update(latency_target_ms=latency, latency_ms=times)
+        return record
+    return transform
+
+
+def describe(record: dict[str, Any]) -> str:
+    (m0, m1), (p0, p1) = record["macs"], record["params"]
+    timing = ""
+    if "latency_ms" in record:
+        t0, t1 = record["latency_ms"]
+        timing = f", {t1:.2f} ms at batch 1 from {t0:.2f} (onnxruntime, here)"
+    return (f"factorised {len(record['ranks'])} layers at energy {record['energy']:g}: {m1 / 1e6:,.1f}M MACs of "
+            f"{m0 / 1e6:,.1f}M ({m1 / m0:.0%}), {p1:,} parameters of {p0:,} ({p1 / p0:.0%}){timing}")

@@ -12,11 +12,8 @@ expansion of the loss, Molchanov et al. 2019, from gradients on a few training b
 
 from __future__ import annotations
 
-import copy
 import logging
-import tempfile
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,14 +22,13 @@ from torch import nn
 from ..errors import ConfigError
 from ..models import ResNet
 from ..models.summary import summarize
-from ..models.weights import arch_record, build_from_arch
+from .latency import least_change_within, onnxruntime_latency
 
 log = logging.getLogger("resforge")
 
 IMPORTANCE = ("l1", "l2", "bn-scale", "taylor")
 MAX_STEPS = 50  # a MACs target is approached in this many equal steps of the channel ratio, at most
 MAX_RATIO = 0.95  # no layer keeps fewer than 5% of its channels on the way to a MACs target
-LATENCY_SECONDS = 1.0  # of timed batch-1 calls per candidate
 
 
 def check_target(ratio: float | None, macs: float | None, sparsity: float | None = None,
@@ -98,8 +94,8 @@ def prune_model(model: ResNet, img_size: int, *, ratio: float | None = None, mac
                                   pruning_ratio=ratio if ratio is not None else MAX_RATIO,
                                   iterative_steps=1 if ratio is not None else MAX_STEPS,
                                   ignored_layers=[model.fc], round_to=round_to)
-    after = before
-    for _ in range(1 if ratio is not None else steps or MAX_STEPS):
+    after, taken = before, 0
+    for taken in range(1, 1 + (1 if ratio is not None else steps or MAX_STEPS)):
         if gradients is not None:
             model.zero_grad(set_to_none=True)
             gradients(model)
@@ -112,7 +108,8 @@ def prune_model(model: ResNet, img_size: int, *, ratio: float | None = None, mac
         raise ConfigError(f"pruning reached {after.macs / before.macs:.0%} of the MACs, not the {macs:.0%} asked: "
                           f"each layer keeps at least {1 - MAX_RATIO:.0%} of its channels; ask for more MACs")
     record = {"kind": "pruned", "importance": importance, "round_to": round_to,
-              **({"ratio": ratio} if ratio is not None else {"macs_target": macs} if macs is not None
+              **({"ratio": ratio} if ratio is not None else
+                 {"macs_target": macs, "steps": taken, "of": MAX_STEPS, "towards_ratio": MAX_RATIO} if macs is not None
                  else {"steps": steps, "of": MAX_STEPS, "towards_ratio": MAX_RATIO}),
               "macs": [before.macs, after.macs], "params": [before.params, after.params]}
     model.transforms.append(record)
@@ -143,50 +140,13 @@ def structured(*, ratio: float | None, macs: float | None, importance: str, roun
 
 def latency_steps(model: ResNet, target_ms: float, timer: Callable[[nn.Module], float], img_size: int,
                   **prune_options: Any) -> dict[str, Any]:
-    """The fewest pruning steps whose pruned copy of `model` runs within `target_ms` by `timer`, by
-    bisection (each step removes more channels); `model` is left as it is."""
-    def pruned_time(steps: int) -> float:
-        trial = copy.deepcopy(model)
-        prune_model(trial, img_size, steps=steps, **prune_options)
-        return timer(trial)
-
-    base = timer(model)
-    if base <= target_ms:
-        raise ConfigError(f"the model already runs in {base:.2f} ms at batch 1 here, within the {target_ms:g} ms "
-                          "asked: nothing to prune for it")
-    fastest = pruned_time(MAX_STEPS)
-    if fastest > target_ms:
-        raise ConfigError(f"pruning reached {fastest:.2f} ms at batch 1 here, not the {target_ms:g} ms asked (from "
-                          f"{base:.2f} ms; each layer keeps at least {1 - MAX_RATIO:.0%} of its channels): ask "
-                          "for more time")
-    low, high, best = 0, MAX_STEPS, fastest  # low misses the target, high meets it
-    while high - low > 1:
-        mid = (low + high) // 2
-        t = pruned_time(mid)
-        if t <= target_ms:
-            high, best = mid, t
-        else:
-            low = mid
-    return {"steps": high, "latency_ms": [base, best]}
-
-
-def onnxruntime_latency(classes: list[str], pre: Any) -> Callable[[nn.Module], float]:
-    """Median batch-1 milliseconds of a network exported to ONNX and run by onnxruntime (as `bench` times it)."""
-    import onnx
-
-    from ..deploy.bench import measure
-    from ..deploy.convert import to_onnx
-    from ..deploy.metadata import ModelInfo
-
-    def timer(net: nn.Module) -> float:
-        clean = build_from_arch(arch_record(net), "the pruned network")  # without the trainer's hooks
-        clean.load_state_dict(net.state_dict())
-        with tempfile.TemporaryDirectory(prefix="resforge-latency-") as tmp:
-            path = Path(tmp) / "model.onnx"
-            onnx.save(to_onnx(clean.cpu().eval(), ModelInfo(classes=classes, pre=pre), dynamic_batch=False), str(path))
-            row = measure(str(path), "onnxruntime", batch_sizes=[1], duration=LATENCY_SECONDS)
-        return row["latency_ms"]["p50"]
-    return timer
+    """The fewest pruning steps whose pruned copy of `model` runs within `target_ms` by `timer`; `model` is
+    left as it is."""
+    steps, times = least_change_within(
+        model, target_ms, timer, range(1, MAX_STEPS + 1),
+        lambda trial, k: prune_model(trial, img_size, steps=k, **prune_options),
+        f"each layer keeps at least {1 - MAX_RATIO:.0%} of its channels")
+    return {"steps": steps, "latency_ms": times}
 
 
 def taylor_gradients(batches: Iterable[tuple[torch.Tensor, torch.Tensor]],

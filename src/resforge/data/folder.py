@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from ..errors import DataError
+from ..errors import DataError, ImageError
 from ..io import write_csv
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -104,20 +104,20 @@ def load_image(source: str | os.PathLike | bytes, mode: str = "RGB", max_pixels:
     if isinstance(source, (bytes, bytearray, memoryview)):
         label = name or "image"
         if not len(source):
-            raise DataError(f"{label}: empty file")
+            raise ImageError(f"{label}: empty file", "empty")
         fp: Path | io.BytesIO = io.BytesIO(source)
     else:
         fp = Path(source)
         label = name or str(fp)
         if fp.is_symlink() and (problem := _link_problem(fp)):
-            raise DataError(f"{label}: {problem}")
+            raise ImageError(f"{label}: {problem}", "missing")
     try:
         if isinstance(fp, Path) and fp.stat().st_size == 0:
-            raise DataError(f"{label}: empty file")
+            raise ImageError(f"{label}: empty file", "empty")
         with Image.open(fp) as im:
             if im.width * im.height > max_pixels:
-                raise DataError(f"{label}: {im.width}x{im.height} pixels is over the limit of {max_pixels:,} "
-                                "(a decompression bomb?)")
+                raise ImageError(f"{label}: {im.width}x{im.height} pixels is over the limit of {max_pixels:,} "
+                                 "(a decompression bomb?)", "too many pixels")
             if min_size and im.format == "JPEG":
                 im.draft(mode, (min_size, min_size))
             im.load()
@@ -126,15 +126,15 @@ def load_image(source: str | os.PathLike | bytes, mode: str = "RGB", max_pixels:
     except DataError:
         raise
     except FileNotFoundError:
-        raise DataError(f"{label}: no such file") from None
+        raise ImageError(f"{label}: no such file", "missing") from None
     except IsADirectoryError:
-        raise DataError(f"{label}: a folder, not an image file") from None
+        raise ImageError(f"{label}: a folder, not an image file", "missing") from None
     except Image.DecompressionBombError as e:
-        raise DataError(f"{label}: {e}") from None
+        raise ImageError(f"{label}: {e}", "too many pixels") from None
     except Image.UnidentifiedImageError:
-        raise DataError(f"{label}: not an image PIL can read") from None
+        raise ImageError(f"{label}: not an image PIL can read", "not an image") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise DataError(f"{label}: corrupt or truncated ({e})") from None
+        raise ImageError(f"{label}: corrupt or truncated ({e})", "corrupt") from None
 
 
 def thumbnail(path: str | os.PathLike, mode: str, size: int = 112) -> np.ndarray:

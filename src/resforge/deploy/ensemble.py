@@ -1,0 +1,133 @@
+"""Ensembles: several trained models as one, their probabilities averaged (optionally weighted).
+
+The members must know the same classes and take the same preprocessing, so one image is prepared
+once for all of them. The ensemble is one network (`EnsembleNet`) whose output is the log of the
+weighted mean probability, so the softmax every consumer applies gives that probability back; it is
+exported as one ONNX graph carrying the usual model record, which `predict`, `eval`, `bench` and
+`serve` take like any model file. Weights are given, equal, or fitted on the members' recorded
+validation split by minimising the ensemble's negative log-likelihood over the simplex.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..errors import ConfigError, ExportError
+from .backends import TorchRunner
+from .convert import DEFAULT_OPSET, to_onnx
+from .export import move_into_place
+from .metadata import ModelInfo
+from .predictor import Predictor, Source, open_source
+
+log = logging.getLogger("resforge")
+
+FIT_STEPS = 200  # of LBFGS on the weights' logits
+PARITY_TOLERANCE = 1e-4  # largest probability difference between the ONNX file and the torch ensemble
+
+
+class EnsembleNet(nn.Module):
+    """log(sum_i w_i softmax(member_i(x))): logits whose softmax is the weighted mean probability."""
+
+    def __init__(self, members: Sequence[nn.Module], weights: Sequence[float]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.register_buffer("weights", torch.tensor(list(weights), dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = sum(w * m(x).softmax(-1) for w, m in zip(self.weights, self.members))
+        return probs.clamp_min(1e-12).log()
+
+
+def open_members(sources: Sequence[str | os.PathLike]) -> list[Source]:
+    """The members' networks and records, checked to agree on classes and preprocessing."""
+    if len(sources) < 2:
+        raise ConfigError(f"an ensemble needs at least two models, got {len(sources)}")
+    members = [open_source(s) for s in sources]
+    for s, m in zip(sources, members):
+        if m.kind != "torch":
+            raise ConfigError(f"{s} is an exported {m.kind} file: give run directories or .safetensors files, from "
+                              "which the ensemble is built and exported as one graph")
+    first = members[0].info
+    for s, m in zip(sources[1:], members[1:]):
+        if m.info.classes != first.classes:
+            raise ConfigError(f"{s} knows other classes than {sources[0]} ({len(m.info.classes)} against "
+                              f"{len(first.classes)}, or in another order): members must predict the same classes")
+        if m.info.pre != first.pre:
+            raise ConfigError(f"{s} takes other preprocessing than {sources[0]} ({m.info.pre} against {first.pre}): "
+                              "members must share the input size, resize, normalisation and channels")
+    return members
+
+
+def check_weights(weights: Sequence[float], count: int) -> list[float]:
+    """Given weights as a distribution (they must be non-negative, one per member, not all zero)."""
+    if len(weights) != count:
+        raise ConfigError(f"--weights needs one weight per model: {count} models, {len(weights)} weights")
+    if any(w < 0 for w in weights) or not sum(weights) > 0:
+        raise ConfigError(f"--weights must be non-negative and not all zero, got {list(weights)}")
+    return [w / sum(weights) for w in weights]
+
+
+def fit_weights(member_probs: Sequence[torch.Tensor], targets: torch.Tensor) -> list[float]:
+    """Weights on the simplex (a softmax of free logits) minimising the ensemble's NLL on labelled images."""
+    if not len(targets):
+        raise ConfigError("no validation images to fit the weights on: give --weights, or keep the runs' data")
+    stacked = torch.stack([p.double() for p in member_probs])  # [M, N, C]
+    logits = torch.zeros(len(member_probs), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([logits], max_iter=FIT_STEPS, line_search_fn="strong_wolfe")
+
+    def nll() -> torch.Tensor:
+        opt.zero_grad()
+        mixed = torch.einsum("m,mnc->nc", logits.softmax(0), stacked)
+        loss = -mixed.gather(1, targets[:, None]).clamp_min(1e-12).log().mean()
+        loss.backward()
+        return loss
+
+    opt.step(nll)
+    return logits.detach().softmax(0).tolist()
+
+
+def mix(member_probs: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """The ensemble's probabilities from its members'."""
+    return sum(w * p for w, p in zip(weights, member_probs))
+
+
+def export_ensemble(members: list[Source], weights: list[float], names: list[str], path: Path,
+                    check_images: list[str], metrics: dict[str, Any] | None = None) -> Path:
+    """One ONNX graph of the ensemble with its record; written only once onnxruntime agrees with torch on
+    `check_images` within PARITY_TOLERANCE."""
+    import onnx
+
+    net = EnsembleNet([m.model.eval() for m in members], weights).eval()
+    first = members[0].info
+    info = replace(first, arch={"name": "ensemble", "members": [{"source": n, "model": m.info.arch}
+                                                                for n, m in zip(names, members)],
+                                "weights": weights},
+                   metrics=metrics or {}, trained={},
+                   export={"format": "onnx", "dtype": "fp32", "opset": DEFAULT_OPSET, "dynamic_batch": True,
+                           "resforge": __version__, "torch": torch.__version__})
+    if path.suffix.lower() != ".onnx":
+        raise ConfigError(f"an ensemble is exported as an .onnx file, got {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}.") as tmp:
+        written = Path(tmp) / path.name
+        onnx.save(to_onnx(net, info, dynamic_batch=True), str(written))
+        reference = Predictor(TorchRunner(net, torch.device("cpu"), "fp32"), info, "ensemble", net)
+        exported = Predictor.load(written, "onnxruntime", precision="fp32")
+        a, b = reference.probabilities(check_images), exported.probabilities(check_images)
+        diff = float(abs(a - b).max()) if len(check_images) else 0.0
+        if diff > PARITY_TOLERANCE or (a.argmax(1) != b.argmax(1)).any():
+            raise ExportError(f"the exported ensemble disagrees with torch on {len(check_images)} images (max "
+                              f"probability difference {diff:.2e}); nothing was written")
+        log.info("ensemble parity on %d images: max probability difference %.2e", len(check_images), diff)
+        move_into_place(written, path, "onnx")
+    return path

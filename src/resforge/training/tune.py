@@ -1,0 +1,231 @@
+"""`resforge tune`: a hyperparameter search with Optuna, each trial a training run of its own.
+
+TPE samples the chosen part of the space; the median rule or Hyperband stops weak trials from their
+per-epoch validation (the trainer reports each epoch to the trial). The study lives in an Optuna
+storage: by default an SQLite file in the search's folder, so a killed search resumes where it
+stopped; several processes given the same `--storage` URL (an RDB such as PostgreSQL or MySQL, or a
+shared SQLite file on one machine) share one study, which is how a search spreads over machines.
+The best trial's config is written as a recipe file that `resforge train --config` takes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import Config, resolve_key
+from ..errors import ConfigError
+from ..io import write_json, write_text
+
+log = logging.getLogger("resforge")
+
+# what --space names, and how a trial samples it (Optuna's distributions)
+SPACE: dict[str, Callable[[Any], Any]] = {
+    "lr": lambda t: t.suggest_float("lr", 1e-4, 0.5, log=True),
+    "weight_decay": lambda t: t.suggest_float("weight_decay", 1e-6, 1e-2, log=True),
+    "batch_size": lambda t: t.suggest_categorical("batch_size", [16, 32, 64, 128]),
+    "label_smoothing": lambda t: t.suggest_float("label_smoothing", 0.0, 0.2),
+    "mixup": lambda t: t.suggest_float("mixup", 0.0, 0.5),
+    "cutmix": lambda t: t.suggest_float("cutmix", 0.0, 1.0),
+    "drop_path_rate": lambda t: t.suggest_float("drop_path_rate", 0.0, 0.2),
+    "warmup_epochs": lambda t: t.suggest_int("warmup_epochs", 0, 5),
+}
+DEFAULT_SPACE = ("lr", "weight_decay", "label_smoothing")
+PRUNERS = ("median", "hyperband", "none")
+STATE_FILE = "tune.json"
+
+
+def check_space(names: list[str]) -> list[str]:
+    unknown = [n for n in names if n not in SPACE]
+    if unknown or not names:
+        raise ConfigError(f"--space takes names among {', '.join(SPACE)}, got {', '.join(unknown) or 'nothing'}")
+    return names
+
+
+class ReportEpochs:
+    """A trainer callback that reports each epoch's validation metric to the trial and stops a pruned one."""
+
+    def __init__(self, trial: Any, metric: str):
+        self.trial, self.metric = trial, metric
+
+    def __call__(self, event: str, trainer: Any) -> None:
+        import optuna
+
+        if event != "epoch_end":
+            return
+        row = trainer.history[-1]
+        self.trial.report(row[self.metric], step=row["epoch"])
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"{self.metric} {row[self.metric]:.4g} at epoch {row['epoch']}")
+
+
+def _pruner(name: str, epochs: int) -> Any:
+    import optuna
+
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(1, epochs))
+    return optuna.pruners.NopPruner()
+
+
+def open_study(state: dict[str, Any], epochs: int) -> Any:
+    import optuna
+
+    direction = "minimize" if state["metric"].endswith("loss") else "maximize"
+    sampler = optuna.samplers.TPESampler(seed=state.get("seed"), n_startup_trials=min(5, state["trials"]))
+    return optuna.create_study(study_name=state["study"], storage=state["storage"], direction=direction,
+                               sampler=sampler, pruner=_pruner(state["pruner"], epochs), load_if_exists=True)
+
+
+def search(out: Path, state: dict[str, Any], train: Callable[..., dict[str, Any]], make_config: Callable[..., Config],
+           time_limit: float | None = None) -> Any:
+    """Run trials until the study holds `state["trials"]` finished ones (or `time_limit` minutes pass).
+
+    `make_config(overrides)` builds (and so checks) a trial's config; `train(config, run_dir, callbacks)`
+    trains it and returns the trainer's summary.
+    """
+    import optuna
+
+    epochs = make_config({}).train.epochs
+    study = open_study(state, epochs)
+    _retry_abandoned(study, out)
+
+    def objective(trial: Any) -> float:
+        params = {name: SPACE[name](trial) for name in state["space"]}
+        run_dir = out / "trials" / f"trial-{trial.number:03d}"
+        trial.set_user_attr("run_dir", str(run_dir))
+        trial.set_user_attr("search_dir", str(out.resolve()))
+        cfg = make_config(params)
+        summary = train(cfg, run_dir, [ReportEpochs(trial, state["metric"])])
+        best = max(summary["history"], key=lambda r: -r[state["metric"]] if state["metric"].endswith("loss")
+                   else r[state["metric"]])
+        return best[state["metric"]]
+
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    stop = optuna.study.MaxTrialsCallback(state["trials"], states=finished)
+    if sum(t.state in finished for t in study.trials) < state["trials"]:
+        study.optimize(objective, callbacks=[stop], timeout=time_limit * 60 if time_limit else None,
+                       catch=(ConfigError,))
+    write_outputs(out, study, state)
+    return study
+
+
+def _retry_abandoned(study: Any, out: Path) -> None:
+    """Trials of this folder left RUNNING by a killed process fail, and their parameters are tried again."""
+    import optuna
+
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if t.user_attrs.get("search_dir") == str(out.resolve()):
+            study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+            study.enqueue_trial(t.params, skip_if_exists=False)
+            log.info("trial %d was cut off by a kill: failed, and its parameters queued again", t.number)
+
+
+def write_outputs(out: Path, study: Any, state: dict[str, Any]) -> None:
+    """summary.md, Optuna's plots (PNG), and the best trial's config as best.yaml."""
+    import optuna
+
+    trials = study.get_trials(deepcopy=False)
+    names = state["space"]
+    lines = [f"# tune {state['data']}", "", f"Study `{state['study']}` in `{state['storage']}`, metric "
+             f"{state['metric']} ({study.direction.name.lower()}), {len(trials)} trials.", "",
+             "| trial | state | " + f"{state['metric']} | " + " | ".join(names) + " | epochs |",
+             "|---:|---|---:|" + "---:|" * len(names) + "---:|"]
+    for t in trials:
+        value = f"{t.value:.4f}" if t.value is not None else (
+            f"({list(t.intermediate_values.values())[-1]:.4f})" if t.intermediate_values else "-")
+        cells = [_fmt(t.params.get(n)) for n in names]
+        lines.append(f"| {t.number} | {t.state.name.lower()} | {value} | " + " | ".join(cells) +
+                     f" | {len(t.intermediate_values)} |")
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if complete:
+        best = study.best_trial
+        write_text(out / "best.yaml", best_recipe(Path(best.user_attrs["run_dir"]) / "config.yaml"))
+        lines += ["", f"Best: trial {best.number}, {state['metric']} {best.value:.4f}, " +
+                  ", ".join(f"{k} {_fmt(v)}" for k, v in best.params.items()) +
+                  f" (run: {best.user_attrs.get('run_dir')}); its config: `best.yaml` "
+                  "(`resforge train --config best.yaml`)."]
+    lines += _plots(out, study, len(complete), len(names))
+    write_text(out / "summary.md", "\n".join(lines) + "\n")
+
+
+def best_recipe(config_yaml: Path) -> str:
+    """The best trial's config as it trained (the auto recipe's choices resolved), without what names
+    that one run: a file for `resforge train DATA --config`."""
+    cfg = yaml.safe_load(config_yaml.read_text())
+    cfg.get("data", {}).pop("root", None)
+    for key in ("name", "project", "resume"):
+        cfg.get("train", {}).pop(key, None)
+    return "# the best trial of a resforge tune search: resforge train DATA --config best.yaml\n" + yaml.safe_dump(
+        cfg, sort_keys=False)
+
+
+def _plots(out: Path, study: Any, complete: int, params: int) -> list[str]:
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    wanted = [("history", ovm.plot_optimization_history, 1), ("importance", ovm.plot_param_importances, 2),
+              ("parallel", ovm.plot_parallel_coordinate, 2)]
+    lines = [""]
+    for name, plot, needed in wanted:
+        if complete < needed or (name == "importance" and params < 2):
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
+            ax = plot(study)
+        fig = (ax if hasattr(ax, "figure") else ax.flat[0]).figure
+        path = out / "plots" / f"{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        lines.append(f"![{name}](plots/{name}.png)")
+    return lines
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def new_state(data: str, options: dict[str, Any], space: list[str], metric: str, trials: int, pruner: str,
+              storage: str | None, study: str | None, out: Path, seed: int | None) -> dict[str, Any]:
+    """What a search is, written to tune.json so that --resume takes it up."""
+    if trials < 1:
+        raise ConfigError(f"--trials must be at least 1, got {trials}")
+    if pruner not in PRUNERS:
+        raise ConfigError(f"--pruner must be one of {', '.join(PRUNERS)}, got {pruner!r}")
+    if metric not in ("val_top1", "val_loss"):
+        raise ConfigError(f"--metric must be val_top1 or val_loss, got {metric!r}")
+    check_space(space)
+    clashes = [k for k in options if resolve_key(k) in {resolve_key(n) for n in space}]
+    if clashes:
+        raise ConfigError(f"{', '.join(clashes)} is searched (--space): do not fix it too")
+    return {"data": str(data), "options": options, "space": space, "metric": metric, "trials": trials,
+            "pruner": pruner, "storage": storage or f"sqlite:///{(out / 'study.db').resolve()}",
+            "study": study or out.name, "seed": seed}
+
+
+def read_state(out: Path) -> dict[str, Any]:
+    path = out / STATE_FILE
+    if not path.is_file():
+        raise ConfigError(f"{out} holds no search to resume ({STATE_FILE} is missing)")
+    return json.loads(path.read_text())
+
+
+def write_state(out: Path, state: dict[str, Any]) -> None:
+    write_json(out / STATE_FILE, state)
+
+
+def default_dir(project: str | os.PathLike, name: str | None, data: str | os.PathLike) -> Path:
+    return Path(project) / (name or f"tune-{Path(data).resolve().name}")

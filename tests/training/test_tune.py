@@ -1,0 +1,111 @@
+"""`resforge tune`: Optuna trials as training runs, pruning from per-epoch validation, resume after a kill,
+and a best config that `train --config` takes."""
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from helpers import make_image_folder
+
+from resforge import ConfigError, api
+from resforge.cli import main
+from resforge.config import build_config
+from resforge.training.tune import ReportEpochs
+
+TINY = {"model": "resnet18", "width": 0.125, "img_size": 16, "batch_size": 8, "workers": 0, "amp": "off",
+        "epochs": 2}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("tune") / "shapes", classes=("a", "b", "c"), per_class=10,
+                             size=20)
+
+
+def test_a_search_writes_its_study_summary_plots_and_a_best_config_train_takes(data, tmp_path, capsys):
+    args = ["tune", str(data), "--trials", "3", "--space", "lr,label_smoothing", "--pruner", "none",
+            "--search-seed", "0", "--project", str(tmp_path), "--name", "s", "--model", "resnet18", "--width",
+            "0.125", "--img-size", "16", "--batch-size", "8", "--workers", "0", "--amp", "off", "--epochs", "2"]
+    assert main(args) == 0
+    out = tmp_path / "s"
+    assert capsys.readouterr().out.strip() == str(out / "summary.md")
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{out / 'study.db'}")
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 3 and len({t.params["lr"] for t in done}) == 3  # three different samples
+    for t in done:  # each trial is a run of its own, trained with its sampled values
+        cfg = yaml.safe_load((Path(t.user_attrs["run_dir"]) / "config.yaml").read_text())
+        assert cfg["optim"]["lr"] == t.params["lr"] and cfg["train"]["label_smoothing"] == t.params["label_smoothing"]
+        assert cfg["model"]["width"] == 0.125 and cfg["train"]["epochs"] == 2
+    summary = (out / "summary.md").read_text()
+    assert f"Best: trial {study.best_trial.number}" in summary and summary.count("| complete |") == 3
+    for plot in ("history", "importance", "parallel"):
+        assert (out / "plots" / f"{plot}.png").stat().st_size > 1000
+    best = build_config(config_file=out / "best.yaml")
+    assert best.optim.lr == study.best_params["lr"] and best.data.img_size == 16
+    run = api.train(data, config=out / "best.yaml", epochs=1, project=str(tmp_path), name="again", progress=False)
+    assert Path(run["run_dir"], "best.safetensors").is_file()
+    assert main(args) == 2 and "already holds a search" in capsys.readouterr().err
+
+
+def test_a_pruned_trial_stops_after_the_epoch_that_reported_it(data, tmp_path):
+    class Weak:
+        reported = []
+
+        def report(self, value, step):
+            self.reported.append((step, value))
+
+        def should_prune(self):
+            return True
+
+    trial = Weak()
+    with pytest.raises(optuna.TrialPruned):
+        api.train(data, callbacks=[ReportEpochs(trial, "val_top1")], project=str(tmp_path), name="p", progress=False,
+                  **{**TINY, "epochs": 5})
+    assert [step for step, _ in trial.reported] == [1]  # one epoch, reported, then stopped
+    assert "epoch" in Path(tmp_path, "p", "metrics.csv").read_text().splitlines()[0]
+
+
+def test_a_killed_search_resumes_and_retries_the_cut_off_trial(data, tmp_path):
+    out = tmp_path / "k"
+    cmd = [sys.executable, "-m", "resforge", "tune", str(data), "--trials", "3", "--space", "lr", "--pruner", "none",
+           "--search-seed", "1", "--project", str(tmp_path), "--name", "k", "--model", "resnet18", "--width", "0.125",
+           "--img-size", "16", "--batch-size", "8", "--workers", "0", "--amp", "off", "--epochs", "30"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "trials" / "trial-000" / "last.ckpt").is_file():  # the first trial is under way
+            assert proc.poll() is None and time.monotonic() < deadline, "the search did not start"
+            time.sleep(0.2)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    storage = f"sqlite:///{out / 'study.db'}"
+    cut = optuna.load_study(study_name="k", storage=storage).trials[0]
+    assert cut.state == optuna.trial.TrialState.RUNNING  # as the kill left it
+    result = api.tune(resume=out, trials=2)
+    assert result["complete"] == 2
+    trials = optuna.load_study(study_name="k", storage=storage).trials
+    assert trials[0].state == optuna.trial.TrialState.FAIL
+    assert trials[1].params == cut.params and trials[1].state == optuna.trial.TrialState.COMPLETE  # tried again
+
+
+def test_bad_searches_are_refused_before_anything_is_written(data, tmp_path):
+    cases = [(dict(space=["lr", "colour"]), "--space takes names among"),
+             (dict(trials=0), "--trials must be at least 1"),
+             (dict(pruner="random"), "--pruner must be one of"),
+             (dict(space=["lr"], lr=0.1), "is searched (--space): do not fix it too"),
+             (dict(time_limit=-1), "--time-limit must be a positive")]
+    for kwargs, message in cases:
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            api.tune(data, project=str(tmp_path), name="bad", **{**TINY, **kwargs})
+        assert not (tmp_path / "bad").exists()
+    with pytest.raises(ConfigError, match="holds no search to resume"):
+        api.tune(resume=tmp_path)
