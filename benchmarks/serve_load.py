@@ -166,6 +166,19 @@ def open_loop(url: str, images: list[bytes], rate: float, duration: float) -> di
             and httpx.get(f"{url}/ready", timeout=10).status_code == 200}
 
 
+def server_p99(url: str, status: str) -> float | None:
+    """p99 (upper bucket bound) of the server's own request time for answers of `status`, from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+    buckets = [(float(s.labels["le"]), s.value) for f in families for s in f.samples if s.name == "resforge_request_seconds_bucket"
+               and s.labels.get("route") == "/v1/predict" and s.labels.get("status") == status]
+    if not buckets or not buckets[-1][1]:
+        return None
+    total = max(v for _, v in buckets)
+    return 1000 * next(le for le, v in sorted(buckets) if v >= 0.99 * total)
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -248,7 +261,8 @@ def main() -> None:
             if name == "resforge serve" and args.overload and (name, 16) in rows:
                 rate = 2 * rows[(name, 16)]["rps"]
                 print(f"{name}: open loop at {rate:.0f} req/s", file=sys.stderr, flush=True)
-                extra["overload"] = {"rate": rate, **open_loop(url, images, rate, args.overload)}
+                extra["overload"] = {"rate": rate, **open_loop(url, images, rate, args.overload),
+                                     "server_503_ms": server_p99(url, "503")}
             if name == "resforge serve" and args.soak:
                 print(f"{name}: soak of {args.soak} requests", file=sys.stderr, flush=True)
                 extra["soak"] = soak(url, pid, images, args.soak)
@@ -291,7 +305,8 @@ def report_extra(extra: dict[str, Any], args: argparse.Namespace) -> None:
         fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
         print(f"\n**Overload** (resforge serve): open-loop Poisson arrivals at {o['rate']:.0f} req/s (2x what 16 "
               f"clients got) for {args.overload:g} s: {o['sent']} sent; answers {counts}; 503s back in p99 "
-              f"{fmt(o['p99_503'])} ms (max {fmt(o['max_503'])}); p99 of the 200s {fmt(o['p99_200'])} ms; "
+              f"{fmt(o['p99_503'])} ms (max {fmt(o['max_503'])}) at the client, p99 <= {fmt(o['server_503_ms'])} ms "
+              f"in the server; p99 of the 200s {fmt(o['p99_200'])} ms; "
               f"healthy and ready afterwards: {'yes' if o['healthy_after'] else '**no**'}")
     if s := extra.get("soak"):
         growth = s["rss_end_mb"] - s["rss_warm_mb"]

@@ -84,9 +84,11 @@ def tune(data: str | os.PathLike | None = None, *, trials: int | None = None, sp
          storage: str | None = None, study: str | None = None, pruner: str = "median",
          time_limit: float | None = None, name: str | None = None, project: str | os.PathLike = "runs",
          resume: str | os.PathLike | None = None, model: str | None = None, recipe: str | None = None,
-         config: str | os.PathLike | None = None, seed: int | None = None, **options: Any) -> dict[str, Any]:
+         config: str | os.PathLike | None = None, search_seed: int | None = None, **options: Any
+         ) -> dict[str, Any]:
     """Search hyperparameters with Optuna: `trials` training runs (each with `options`, e.g. epochs=5) over
-    `space` (names of training.tune.SPACE) for the best `metric` option (val_top1 or val_loss), TPE-sampled, weak ones pruned per epoch (`pruner`). Writes
+    `space` (names of training.tune.SPACE) for the best `metric` option (val_top1 or val_loss), TPE-sampled,
+    weak ones pruned per epoch (`pruner`). Writes
     `<project>/<name>/`: the study (SQLite unless `storage`), trials/, summary.md, plots/, best.yaml.
     `resume` continues a killed search (to `trials` finished ones, default as first asked); processes
     given one `storage` URL and `study` name share the study. `time_limit`: minutes for this process."""
@@ -106,12 +108,15 @@ def tune(data: str | os.PathLike | None = None, *, trials: int | None = None, sp
     else:
         if data is None:
             raise ConfigError("give the image folder to search on (or --resume DIR)")
+        if not Path(data).is_dir():
+            raise DataError(f"{data}: no such folder of images")
         out = t.default_dir(project, name, data)
         if (out / t.STATE_FILE).is_file() and storage is None:
-            raise ConfigError(f"{out} already holds a search: continue it with --resume {out}, or give another --name")
+            raise ConfigError(f"{out} already holds a search: continue it with --resume {out}, or give another "
+                              "--name")
         metric = options.get("metric", options.get("train.metric", "val_top1"))  # also each trial's best epoch
-        state = t.new_state(str(data), options, space or list(t.DEFAULT_SPACE), metric, 20 if trials is None else trials, pruner,
-                            storage, study, out, seed)
+        state = t.new_state(str(data), options, space or list(t.DEFAULT_SPACE), metric,
+                            20 if trials is None else trials, pruner, storage, study, out, search_seed)
         state.update(model=model, recipe=recipe, config=str(config) if config else None)
         _config(state["data"], model, recipe, config, options)  # a bad option fails before the folder is made
         t.write_state(out, state)

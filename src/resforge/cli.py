@@ -95,7 +95,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
     out = api.tune(args.data, trials=args.trials, space=args.space, storage=args.storage,
                    study=args.study, pruner=args.pruner, time_limit=search["time_limit"], name=search["name"],
                    project=search["project"] or "runs", resume=args.resume, recipe=args.recipe, config=args.config,
-                   seed=args.search_seed, model=options.pop("model.name", None), **options)
+                   search_seed=args.search_seed, model=options.pop("model.name", None), **options)
     print(out["dir"] / "summary.md")
 
 
@@ -116,8 +116,8 @@ def cmd_lowrank(args: argparse.Namespace) -> None:
     from . import api
     from .config import overrides_from_args
 
-    out = api.lowrank(args.model, energy=args.energy, latency=args.latency, data=args.data, distill=args.distill, recipe=args.recipe,
-                      config=args.config, **overrides_from_args(args))
+    out = api.lowrank(args.model, energy=args.energy, latency=args.latency, data=args.data, distill=args.distill,
+                      recipe=args.recipe, config=args.config, **overrides_from_args(args))
     print(out["run_dir"])
 
 
@@ -341,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("tune", cmd_tune, "search hyperparameters with Optuna: many short training runs, the best config",
             "Each trial is a training run on DATA with the options given (e.g. --model, --img-size, --epochs) and "
             "the searched ones sampled by TPE; weak trials are stopped early from their per-epoch validation. "
-            "--metric is the one searched (and each trial's best). Here --time-limit is the search's minutes and --name its folder (default: runs/tune-<data>), holding "
+            "--metric is the one searched (and each trial's best). Here --time-limit is the search's minutes and "
+            "--name its folder (default: runs/tune-<data>), holding "
             "the study (SQLite), trials/, summary.md, plots/ and best.yaml (for train --config). A killed search "
             "continues with --resume DIR; processes given one --storage URL and --study share the study.")
     p.add_argument("data", nargs="?", help="image folder")

@@ -102,12 +102,9 @@ def gated_server(predictor, **options):
 
 
 def metric(url, name, **labels):
-    """The value of one sample of the server's Prometheus text (0 when absent)."""
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return s.value
-    return 0.0
+    """The sum of the samples of one metric with these labels in the server's Prometheus text (0 when absent)."""
+    return sum(s.value for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+               for s in family.samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
 def wait_for(condition, seconds=30):
@@ -248,6 +245,7 @@ def test_limits_and_bad_input_get_one_json_error_each(predictor, images):
         assert metric(url, "resforge_requests_total", route="/v1/predict", method="POST", status="413") == 4
         assert metric(url, "resforge_requests_total", route="/v1/predict", method="POST", status="200") == 1
         assert metric(url, "resforge_request_seconds_count", route="/v1/predict") >= 12
+        assert metric(url, "resforge_request_seconds_count", route="/v1/predict", status="413") == 4
 
 
 def test_an_api_key_guards_every_route_but_health(predictor, images):

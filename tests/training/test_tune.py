@@ -14,7 +14,7 @@ import pytest
 import yaml
 from helpers import make_image_folder
 
-from resforge import ConfigError, api
+from resforge import ConfigError, DataError, api
 from resforge.cli import main
 from resforge.config import build_config
 from resforge.training.tune import ReportEpochs
@@ -76,7 +76,7 @@ def test_a_killed_search_resumes_and_retries_the_cut_off_trial(data, tmp_path):
     out = tmp_path / "k"
     cmd = [sys.executable, "-m", "resforge", "tune", str(data), "--trials", "3", "--space", "lr", "--pruner", "none",
            "--search-seed", "1", "--project", str(tmp_path), "--name", "k", "--model", "resnet18", "--width", "0.125",
-           "--img-size", "16", "--batch-size", "8", "--workers", "0", "--amp", "off", "--epochs", "30"]
+           "--img-size", "16", "--batch-size", "8", "--workers", "0", "--amp", "off", "--epochs", "8"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
@@ -107,5 +107,8 @@ def test_bad_searches_are_refused_before_anything_is_written(data, tmp_path):
         with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
             api.tune(data, project=str(tmp_path), name="bad", **{**TINY, **kwargs})
         assert not (tmp_path / "bad").exists()
+    with pytest.raises(DataError, match="no such folder"):
+        api.tune(tmp_path / "nowhere", project=str(tmp_path), name="bad", **TINY)
+    assert not (tmp_path / "bad").exists()
     with pytest.raises(ConfigError, match="holds no search to resume"):
         api.tune(resume=tmp_path)

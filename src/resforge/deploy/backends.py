@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -158,15 +159,17 @@ class OpenVinoRunner(Runner):
         except RuntimeError as e:
             raise CheckpointError(f"openvino cannot load the model: {str(e).strip().splitlines()[0][:300]}") from None
         self.request = compiled.create_infer_request()
+        self.lock = threading.Lock()  # one infer request: calls from several threads take turns
         first = compiled.inputs[0].get_partial_shape()[0]
         self.max_batch = first.get_length() if first.is_static else None
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
-        try:
-            self.request.infer({0: x.numpy()}, share_inputs=True)
-        except RuntimeError as e:
-            raise _refused(self.backend, x, e) from None
-        return torch.from_numpy(self.request.get_output_tensor(0).data.copy())
+        with self.lock:
+            try:
+                self.request.infer({0: x.numpy()}, share_inputs=True)
+            except RuntimeError as e:
+                raise _refused(self.backend, x, e) from None
+            return torch.from_numpy(self.request.get_output_tensor(0).data.copy())
 
 
 def _refused(backend: str, x: torch.Tensor, e: Exception) -> CheckpointError:

@@ -130,6 +130,7 @@ class Batcher:
         self.wakeup = asyncio.Event()
         self.closing = False
         self.arriving = 0  # requests being read and decoded: the only ones that could still join a batch
+        self.reserved = 0  # images admitted and being decoded: they count against the capacity too
         self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="resforge-model")
         self.task: asyncio.Task | None = None
 
@@ -148,12 +149,25 @@ class Batcher:
             self.metrics.arriving.set(self.arriving)
             self.wakeup.set()
 
-    def submit(self, xs: list[torch.Tensor], deadline: float) -> list[asyncio.Future]:
-        """Queue a request's images, all or none: raises QueueFull when they do not all fit."""
+    @contextlib.contextmanager
+    def admission(self, count: int):
+        """Room for a request's images, all or none, held while they are decoded: raises QueueFull at once
+        when the queue and what is being decoded leave too little, so an overloaded server refuses before
+        it spends anything on the request."""
         if self.closing:
             raise ShuttingDown
-        if len(self.pending) + len(xs) > self.capacity:
+        if len(self.pending) + self.reserved + count > self.capacity:
             raise QueueFull
+        self.reserved += count
+        try:
+            yield
+        finally:
+            self.reserved -= count
+
+    def submit(self, xs: list[torch.Tensor], deadline: float) -> list[asyncio.Future]:
+        """Queue a request's decoded images (within the room `admission` held for them)."""
+        if self.closing:
+            raise ShuttingDown
         loop, now = asyncio.get_running_loop(), time.monotonic()
         items = [Item(x, deadline, now, loop.create_future()) for x in xs]
         self.pending.extend(items)
@@ -239,7 +253,8 @@ class Metrics:
         self.registry = r = CollectorRegistry()
         self.requests = Counter("resforge_requests", "HTTP requests by route, method and status",
                                 ["route", "method", "status"], registry=r)
-        self.latency = Histogram("resforge_request_seconds", "time from request to answer", ["route"], registry=r,
+        self.latency = Histogram("resforge_request_seconds", "time from request to answer", ["route", "status"],
+                                 registry=r,
                                  buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
         self.queue_seconds = Histogram("resforge_queue_seconds", "time an image waited for its batch", registry=r,
                                        buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
@@ -305,7 +320,7 @@ class Gate:
         finally:
             path = scope["path"] if scope["path"] in self.routes else "unmatched"  # bounded label values
             self.metrics.requests.labels(path, scope["method"], str(status[0])).inc()
-            self.metrics.latency.labels(path).observe(time.perf_counter() - start)
+            self.metrics.latency.labels(path, str(status[0])).observe(time.perf_counter() - start)
 
     async def _gate(self, scope: dict, receive: Callable, send: Callable) -> None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
@@ -474,16 +489,17 @@ def create_app(model: str | os.PathLike | Predictor, options: ServeOptions | Non
         deadline = began + min(timeout or options.timeout, options.timeout)
         with state.batcher.arrival():
             images = await _read_images(request, options)
-            loop = asyncio.get_running_loop()
-            prepared = await asyncio.gather(*(loop.run_in_executor(state.decoders, _prepare, predictor, data, name)
-                                              for name, data in images))
-            if time.monotonic() >= deadline:
-                raise HttpError(504, "the deadline passed while the images were decoded")
             try:
-                futures = state.batcher.submit([x for x, _ in prepared], deadline)
+                with state.batcher.admission(len(images)):
+                    loop = asyncio.get_running_loop()
+                    prepared = await asyncio.gather(*(loop.run_in_executor(state.decoders, _prepare, predictor,
+                                                                           data, name) for name, data in images))
+                    if time.monotonic() >= deadline:
+                        raise HttpError(504, "the deadline passed while the images were decoded")
+                    futures = state.batcher.submit([x for x, _ in prepared], deadline)
             except QueueFull:
-                raise HttpError(503, f"the queue is full ({options.queue} images waiting): try again shortly",
-                                {"retry-after": str(RETRY_AFTER_S)}) from None
+                raise HttpError(503, f"the queue is full ({options.queue} images waiting or being decoded): try "
+                                     "again shortly", {"retry-after": str(RETRY_AFTER_S)}) from None
             except ShuttingDown:
                 raise HttpError(503, "the server is shutting down", {"retry-after": str(RETRY_AFTER_S)}) from None
         results = await asyncio.gather(*futures, return_exceptions=True)  # every outcome retrieved
