@@ -39,7 +39,7 @@ $(VENV)/.bench: pyproject.toml | $(PY)
 	$(PIP) -e '.[bench]'
 	@touch $@ $(VENV)/.base
 
-# Speed and accuracy measurements (markdown tables; about 3.5 hours on 2 CPU cores, most of it defaults.py).
+# Speed and accuracy measurements (markdown tables; about 4.5 hours on 2 CPU cores, most of it defaults.py).
 bench: $(VENV)/.bench
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/data_loader.py
@@ -47,6 +47,7 @@ bench: $(VENV)/.bench
 	$(PY) benchmarks/defaults.py
 	$(PY) benchmarks/compress_fashion_mnist.py
 	$(PY) benchmarks/serve_load.py
+	$(PY) benchmarks/ensemble_fashion_mnist.py
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info .pytest_cache
