@@ -26,7 +26,6 @@ from ..errors import ConfigError, ExportError
 from .backends import TorchRunner
 from .convert import DEFAULT_OPSET, to_onnx
 from .export import move_into_place
-from .metadata import ModelInfo
 from .predictor import Predictor, Source, open_source
 
 log = logging.getLogger("resforge")
