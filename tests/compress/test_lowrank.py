@@ -47,7 +47,7 @@ def test_layers_of_low_rank_factorise_exactly_and_rebuild_from_the_record(name):
 def test_a_latency_target_finds_the_highest_energy_that_meets_it():
     # A fake clock: "milliseconds" proportional to the MACs, so the search is judged without the machine's speed.
     torch.manual_seed(0)
-    model = resforge.create_model("resnet18", width=0.5, num_classes=4)
+    model = resforge.create_model("resnet18", width=0.25, num_classes=4)
     base = summarize(model, 32).macs
     timer = lambda net: 10 * summarize(net, 32).macs / base  # noqa: E731 - 10 ms unfactorised
     energy, (t0, t1) = latency_energy(model, 7.0, timer, 32)
