@@ -234,11 +234,14 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(result.path)
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+def _list_of(kind: type, what: str) -> Callable[[str], list]:
+    """An argparse type for comma-separated values of `kind`."""
+    def parse(text: str) -> list:
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
+    return parse
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -265,13 +268,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
     fields = ServeOptions.__dataclass_fields__
     api.serve(args.model, metadata=_metadata(args),
               **{k: getattr(args, k) for k in fields if getattr(args, k, None) is not None})
-
-
-def _float_list(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def cmd_ensemble(args: argparse.Namespace) -> None:
@@ -496,7 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", default="auto", help=f"comma-separated, among {', '.join(BENCH_BACKENDS)} "
                                                      "(default: auto)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto: bf16 where the hardware has it")
-    p.add_argument("--batch-sizes", type=_int_list, default=[1, 8, 32], help="comma-separated (default: 1,8,32)")
+    p.add_argument("--batch-sizes", type=_list_of(int, "whole numbers"), default=[1, 8, 32],
+                   help="comma-separated (default: 1,8,32)")
     p.add_argument("--threads", type=int, help="threads per engine (default: all cores)")
     p.add_argument("--duration", type=float, default=3.0, help="seconds of timed calls per figure (default: 3)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls before each figure (default: 3)")
@@ -515,7 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("models", nargs="+", help=SAVED_MODEL_HELP + " (two or more)")
     p.add_argument("--data", required=True, help="labelled image folder to evaluate on (its test split, else val)")
     w = p.add_mutually_exclusive_group()
-    w.add_argument("--weights", type=_float_list, help="comma-separated, one per model (default: equal)")
+    w.add_argument("--weights", type=_list_of(float, "numbers"),
+                   help="comma-separated, one per model (default: equal)")
     w.add_argument("--fit-weights", action="store_true",
                    help="fit the weights on the first run's validation split (lowest log-loss)")
     p.add_argument("--out", help="output folder (default: runs/ensemble-<data folder>)")

@@ -188,9 +188,9 @@ def test_a_request_past_its_deadline_is_dropped_before_the_model_with_504(predic
         gated.close()
         busy = pool.submit(httpx.post, f"{url}/v1/predict", content=images[0][1], timeout=60)
         assert gated.entered.wait(30)
-        late = pool.submit(httpx.post, f"{url}/v1/predict?timeout=0.2", content=images[1][1], timeout=60)
+        late = pool.submit(httpx.post, f"{url}/v1/predict?timeout=2", content=images[1][1], timeout=60)
         wait_for(lambda: metric(url, "resforge_queue_depth") == 1)
-        time.sleep(0.3)  # its deadline passes while it waits
+        time.sleep(2.1)  # it was queued, so its 2 s began before now: the deadline passes while it waits
         gated.gate.set()
         assert busy.result().status_code == 200
         answer = late.result()

@@ -21,6 +21,7 @@ from resforge.training.tune import ReportEpochs
 
 TINY = {"model": "resnet18", "width": 0.125, "img_size": 16, "batch_size": 8, "workers": 0, "amp": "off",
         "epochs": 2}
+FLAGS = [arg for key, value in TINY.items() for arg in (f"--{key.replace('_', '-')}", str(value))]  # the CLI's
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +32,7 @@ def data(tmp_path_factory):
 
 def test_a_search_writes_its_study_summary_plots_and_a_best_config_train_takes(data, tmp_path, capsys):
     args = ["tune", str(data), "--trials", "3", "--space", "lr,label_smoothing", "--pruner", "none",
-            "--search-seed", "0", "--project", str(tmp_path), "--name", "s", "--model", "resnet18", "--width",
-            "0.125", "--img-size", "16", "--batch-size", "8", "--workers", "0", "--amp", "off", "--epochs", "2"]
+            "--search-seed", "0", "--project", str(tmp_path), "--name", "s", *FLAGS]
     assert main(args) == 0
     out = tmp_path / "s"
     assert capsys.readouterr().out.strip() == str(out / "summary.md")
@@ -75,14 +75,13 @@ def test_a_pruned_trial_stops_after_the_epoch_that_reported_it(data, tmp_path):
 def test_a_killed_search_resumes_and_retries_the_cut_off_trial(data, tmp_path):
     out = tmp_path / "k"
     cmd = [sys.executable, "-m", "resforge", "tune", str(data), "--trials", "3", "--space", "lr", "--pruner", "none",
-           "--search-seed", "1", "--project", str(tmp_path), "--name", "k", "--model", "resnet18", "--width", "0.125",
-           "--img-size", "16", "--batch-size", "8", "--workers", "0", "--amp", "off", "--epochs", "8"]
+           "--search-seed", "1", "--project", str(tmp_path), "--name", "k", *FLAGS, "--epochs", "8"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
         while not (out / "trials" / "trial-000" / "last.ckpt").is_file():  # the first trial is under way
             assert proc.poll() is None and time.monotonic() < deadline, "the search did not start"
-            time.sleep(0.2)
+            time.sleep(0.05)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)

@@ -39,6 +39,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from ..data.loader import cpu_cores
+from .. import __version__
 from ..errors import ConfigError, ImageError
 from .predictor import Predictor, open_source, sample_batch
 
@@ -422,7 +423,7 @@ def create_app(model: str | os.PathLike | Predictor, options: ServeOptions | Non
             await state.batcher.close()  # what was queued is answered before the server exits
         state.decoders.shutdown(wait=False)
 
-    app = FastAPI(title="resforge serve", lifespan=lifespan, version=_version())
+    app = FastAPI(title="resforge serve", lifespan=lifespan, version=__version__)
     app.state.resforge = state
 
     @app.exception_handler(HttpError)
@@ -528,12 +529,6 @@ _PREDICT_BODY = {"requestBody": {"content": {
     "multipart/form-data": {"schema": {"type": "object", "properties": {
         "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
 
 
 async def _read_images(request: Request, options: ServeOptions) -> list[tuple[str, bytes]]:
