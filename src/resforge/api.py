@@ -42,6 +42,7 @@ from .training.lr_find import LRFindResult, check_range
 from .training.lr_find import lr_find as _lr_find
 from .training.sparsity import write_report as write_sparsity_report
 from .training.sparsity import zip_bytes
+from .training import distributed
 from .training.trainer import Callback, Trainer
 
 log = logging.getLogger("resforge")
@@ -62,13 +63,23 @@ def _config(data: str | None, model: str | None, recipe: str | None, config: str
 
 def train(data: str | os.PathLike | None = None, *, model: str | None = None, recipe: str | None = None,
           config: str | os.PathLike | None = None, resume: str | os.PathLike | None = None,
-          callbacks: list[Callback] = (), progress: bool = True, **options: Any) -> dict[str, Any]:
+          callbacks: list[Callback] = (), progress: bool = True, devices: int = 1, **options: Any
+          ) -> dict[str, Any]:
     """Train on an image folder and write a run directory; return the run's summary and results.
 
     Options are config fields, bare (`epochs=5`) or dotted (`**{"optim.lr": 0.01}`). With
     `resume=RUN_DIR`, the run continues from its `last.ckpt` (only epochs, patience, time_limit,
-    device and workers may be given).
+    device and workers may be given). `devices=N` trains in N processes (DDP, one per GPU, or
+    sharing the CPU cores) on the same global batches; under torchrun the launcher's processes are used.
     """
+    if not isinstance(devices, int) or devices < 1:
+        raise ConfigError(f"devices must be a whole number of processes, at least 1, got {devices!r}")
+    if devices > 1 and not distributed.launched():
+        if torch.cuda.is_available() and devices > torch.cuda.device_count():
+            raise ConfigError(f"devices {devices} asked for, but this machine has {torch.cuda.device_count()} GPU(s)")
+        kwargs = dict(data=data, model=model, recipe=recipe, config=config, resume=resume, callbacks=callbacks,
+                      progress=progress, **options)
+        return distributed.launch(train, kwargs, devices)
     if resume is not None:
         if data is not None or model or recipe or config:
             raise ConfigError("resuming continues a run as it was configured: give no data folder, model, recipe "
@@ -76,8 +87,11 @@ def train(data: str | os.PathLike | None = None, *, model: str | None = None, re
         trainer = Trainer.resume(resume, options, callbacks=callbacks, progress=progress)
     else:
         trainer = Trainer(_config(data, model, recipe, config, options), callbacks=callbacks, progress=progress)
-    summary = trainer.fit()
-    return finish_run(trainer, summary)
+    try:
+        summary = trainer.fit()
+        return finish_run(trainer, summary) if trainer.world.main else summary
+    finally:
+        distributed.leave()
 
 
 def tune(data: str | os.PathLike | None = None, *, trials: int | None = None, space: list[str] | None = None,

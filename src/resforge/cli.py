@@ -83,7 +83,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     if not args.data and not args.resume:
         raise ConfigError("give the image folder to train on (or --resume RUN_DIR)")
-    api.train(args.data, recipe=args.recipe, config=args.config, resume=args.resume, **overrides_from_args(args))
+    api.train(args.data, recipe=args.recipe, config=args.config, resume=args.resume, devices=args.devices,
+              **overrides_from_args(args))
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
@@ -330,6 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue a run from its last.ckpt; with --epochs N a changed length refits the "
                         "remaining lr decay, and a finished run gets a new cosine cycle")
+    p.add_argument("--devices", type=int, default=1, metavar="N",
+                   help="train in N processes with DDP (one per GPU, or sharing the CPU cores), launched by torch's "
+                        "elastic agent; --batch-size stays the global batch, so N changes the speed, not the run. "
+                        "Several machines: torchrun --nnodes ... -m resforge train (README)")
     _config_options(p)
 
     from .training.tune import DEFAULT_SPACE, PRUNERS, SPACE

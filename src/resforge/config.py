@@ -109,6 +109,8 @@ class TrainConfig:
     amp: str = _opt("auto", "mixed precision: auto (bf16 where the hardware has it) | bf16 | fp16 | off")
     channels_last: bool = _opt(True, "NHWC memory layout (faster convolutions on CPU and tensor cores)")
     compile: bool = _opt(False, "torch.compile the model")
+    sync_bn: bool = _opt(False, "with several CUDA processes, batch-norm statistics over the global batch "
+                                "(SyncBatchNorm), not each process's slice")
     device: str = _opt("auto", "auto (CUDA, then CPU) | cpu | cuda | cuda:N")
     ema: bool = _opt(False, "keep an exponential moving average of the weights, evaluated alongside")
     ema_decay: float = _opt(0.9998, "EMA decay per step (warmed up over the first steps)")

@@ -111,3 +111,29 @@ def test_bad_searches_are_refused_before_anything_is_written(data, tmp_path):
     assert not (tmp_path / "bad").exists()
     with pytest.raises(ConfigError, match="holds no search to resume"):
         api.tune(resume=tmp_path)
+
+
+def test_two_processes_given_one_storage_share_one_study(data, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    shared = ["--storage", storage, "--study", "shared", "--trials", "4", "--space", "lr", "--pruner", "none"]
+    first = subprocess.Popen([sys.executable, "-m", "resforge", "tune", str(data), *shared, "--project", str(tmp_path),
+                              "--name", "first", *FLAGS, "--epochs", "4"], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "first" / "trials" / "trial-000" / "last.ckpt").is_file():  # its first trial runs
+            assert first.poll() is None and time.monotonic() < deadline, "the first search did not start"
+            time.sleep(0.05)
+        second = api.tune(data, trials=4, space=["lr"], storage=storage, study="shared", pruner="none",
+                          project=str(tmp_path), name="second", **{**TINY, "epochs": 4})
+        assert first.wait(timeout=300) == 0, first.stderr.read()
+    finally:
+        first.kill()
+    trials = optuna.load_study(study_name="shared", storage=storage).trials
+    states = [t.state for t in trials]
+    # The second process did not take the first one's running trial for an abandoned one; the count is shared
+    # (a trial each process started before the other finished the fourth may make it five)
+    assert optuna.trial.TrialState.FAIL not in states and 4 <= states.count(optuna.trial.TrialState.COMPLETE) <= 5
+    dirs = {Path(t.user_attrs["run_dir"]).parent.parent.name for t in trials}
+    assert dirs == {"first", "second"}  # both processes ran trials of the one study
+    assert second["complete"] >= 4  # what the second one reports is the study's, not only its own trials

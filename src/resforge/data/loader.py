@@ -115,22 +115,34 @@ def cache_bytes(samples: Sequence[Sample], sizes: dict[str, tuple[int, int, str]
 
 class EpochSampler(Sampler):
     """Shuffled: (epoch, index) in a seeded permutation per epoch, so each sample's augmentation is seeded
-    by them and a resumed epoch replays exactly. Not shuffled (evaluation): plain indices in order."""
+    by them and a resumed epoch replays exactly. With `world` > 1 processes, rank `rank` takes its slice
+    of each global batch of `batch` (a ragged last one dropped): every world size trains on the same
+    global batches. Not shuffled (evaluation): plain indices in order, every `world`-th for each rank."""
 
-    def __init__(self, n: int, shuffle: bool, seed: int = 0):
+    def __init__(self, n: int, shuffle: bool, seed: int = 0, batch: int = 1, rank: int = 0, world: int = 1):
         self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
+        self.batch, self.rank, self.world = batch, rank, world
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.n
+        if self.world == 1:
+            return self.n
+        if not self.shuffle:
+            return len(range(self.rank, self.n, self.world))
+        return self.n // self.batch * (self.batch // self.world)
 
     def __iter__(self) -> Iterator[tuple[int, int] | int]:
         if not self.shuffle:
-            return iter(range(self.n))
+            return iter(range(self.rank, self.n, self.world))
         g = torch.Generator().manual_seed(derived_seed(SHUFFLE_STREAM, self.seed, self.epoch))
-        return iter([(self.epoch, i) for i in torch.randperm(self.n, generator=g).tolist()])
+        order = torch.randperm(self.n, generator=g)
+        if self.world > 1:
+            per = self.batch // self.world
+            batches = order[:self.n // self.batch * self.batch].view(-1, self.batch)
+            order = batches[:, self.rank * per:(self.rank + 1) * per].flatten()
+        return iter([(self.epoch, i) for i in order.tolist()])
 
 
 def cpu_cores() -> int:
@@ -138,36 +150,38 @@ def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def default_workers() -> int:
-    """One loader process per spare core (up to 8): the main process needs a core for the model."""
-    return max(0, min(8, cpu_cores() - 1))
+def default_workers(processes: int = 1) -> int:
+    """One loader process per spare core (up to 8): the main process needs a core for the model. `processes`
+    training processes share the cores."""
+    return max(0, min(8, cpu_cores() // processes - 1))
 
 
 FEW_CORES = 4
 
 
-def resolve_workers(requested: int, cached: bool = False) -> int:
+def resolve_workers(requested: int, cached: bool = False, processes: int = 1) -> int:
     """-1: `default_workers()`, or none for images already decoded in memory on a machine with few cores
     (augmenting them is cheap; a loader process would only take a core from the model). A count above
-    the cores is capped there (more processes only contend)."""
+    the cores is capped there (more processes only contend). `processes` training processes share them."""
+    cores = max(1, cpu_cores() // processes)
     if requested < 0:
-        return 0 if cached and cpu_cores() < FEW_CORES else default_workers()
-    cores = cpu_cores()
+        return 0 if cached and cores < FEW_CORES else default_workers(processes)
     if requested > cores:
-        log.warning("data.workers %d is more than the %d CPU core(s) this process may use: using %d",
+        log.warning("data.workers %d is more than the %d CPU core(s) each training process may use: using %d",
                     requested, cores, cores)
         return cores
     return requested
 
 
 def make_loader(dataset: ImageDataset, batch_size: int, *, train: bool, workers: int, seed: int,
-                pin_memory: bool = False) -> DataLoader:
-    """Training loaders shuffle and drop a ragged last batch (BatchNorm cannot use a batch of one)."""
-    sampler = EpochSampler(len(dataset), shuffle=train, seed=seed)
+                pin_memory: bool = False, rank: int = 0, world: int = 1) -> DataLoader:
+    """Training loaders shuffle and drop a ragged last batch (BatchNorm cannot use a batch of one); with
+    `world` processes, each loads its share of every global batch of `batch_size`."""
+    sampler = EpochSampler(len(dataset), shuffle=train, seed=seed, batch=batch_size, rank=rank, world=world)
     drop_last = train and len(dataset) > batch_size
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      persistent_workers=workers > 0, pin_memory=pin_memory, drop_last=drop_last,
-                      prefetch_factor=4 if workers > 0 else None)
+    return DataLoader(dataset, batch_size=batch_size // world if train else batch_size, sampler=sampler,
+                      num_workers=workers, persistent_workers=workers > 0, pin_memory=pin_memory,
+                      drop_last=drop_last, prefetch_factor=4 if workers > 0 else None)
 
 
 def dataset_stats(samples: Sequence[Sample], pre: Preprocess, limit: int = 2000) -> tuple[list[float], list[float]]:

@@ -36,6 +36,7 @@ from ..io import write_csv, write_json, write_text
 from ..models import ResNet, create_model, load_model, save_model
 from ..models.weights import arch_record, build_from_arch
 from . import budget as _budget
+from . import distributed
 from .budget import TimeBudget
 from .checkpoint import RunLock, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .losses import ClassificationLoss, DistillationLoss
@@ -97,8 +98,9 @@ class Trainer:
         self.state = state  # a checkpoint being resumed: its architecture and preprocessing are the run's
         self.init_model = self._adopt_init() if cfg.model.init_from and state is None else None
         self.callbacks = list(callbacks)
-        self.progress = progress
-        self.device = resolve_device(cfg.train.device)
+        self.world = distributed.join()
+        self.progress = progress and self.world.main
+        self.device = distributed.device_for(self.world, resolve_device(cfg.train.device))
         self.amp_dtype = resolve_amp(cfg.train.amp, self.device)
         if self.init_model is None and state is None:
             with torch.device("meta"):  # a bad model option fails now, not after the whole folder is decoded
@@ -107,27 +109,12 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir else None
         self.lock: RunLock | None = None
 
-        d = cfg.data
-        if split_csv is not None:
-            self.scan = scan_recorded_split(d.root, split_csv, max_pixels=d.max_pixels)
-            if self.scan.new_files:
-                log.warning("%d file(s) were added to %s since the run started; they are left out (listed in "
-                            "skipped.csv), so the recorded split stays as it was (start a new run to use them)",
-                            len(self.scan.new_files), d.root)
-        else:
-            self.scan: ImageFolderScan = scan_folder(d.root, val_split=d.val_split, seed=d.split_seed,
-                                                     max_pixels=d.max_pixels)
-        if not self.scan.val:
-            raise ConfigError("no validation images: set data.val_split above 0 or add a val folder")
+        survey = (self._survey(split_csv), cfg) if self.world.main else None
+        self.scan, self.cfg = self.world.broadcast(survey)  # one scan (and recipe) for every process
         self.classes = self.scan.classes
-        if cfg.recipe == "auto" and cfg.auto is None:
-            from .auto import fit_recipe
-
-            cfg.auto = fit_recipe(cfg, self.scan, pace=self._pace)
-            validate(cfg)
-            if "data.val_split" in cfg.auto:
-                self.scan = self.scan.resplit(cfg.data.val_split, cfg.data.split_seed)
-        self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        if self.world.distributed:
+            self._check_world()
+        self.memory_format = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
         self.model = self._build_model()
         self.pre = self._build_preprocess()
         self._setup_data()
@@ -141,6 +128,39 @@ class Trainer:
         self.stop_step: int | None = None  # where the time limit ends the run, once planned
 
     # -- set-up -----------------------------------------------------------------------------------
+    def _survey(self, split_csv: str | os.PathLike | None) -> ImageFolderScan:
+        """Scan the folder (or read back the recorded split) and let the auto recipe fill in the config."""
+        cfg, d = self.cfg, self.cfg.data
+        if split_csv is not None:
+            self.scan = scan_recorded_split(d.root, split_csv, max_pixels=d.max_pixels)
+            if self.scan.new_files:
+                log.warning("%d file(s) were added to %s since the run started; they are left out (listed in "
+                            "skipped.csv), so the recorded split stays as it was (start a new run to use them)",
+                            len(self.scan.new_files), d.root)
+        else:
+            self.scan = scan_folder(d.root, val_split=d.val_split, seed=d.split_seed, max_pixels=d.max_pixels)
+        if not self.scan.val:
+            raise ConfigError("no validation images: set data.val_split above 0 or add a val folder")
+        self.classes = self.scan.classes
+        if cfg.recipe == "auto" and cfg.auto is None:
+            from .auto import fit_recipe
+
+            cfg.auto = fit_recipe(cfg, self.scan, pace=self._pace)
+            validate(cfg)
+            if "data.val_split" in cfg.auto:
+                self.scan = self.scan.resplit(cfg.data.val_split, cfg.data.split_seed)
+        return self.scan
+
+    def _check_world(self) -> None:
+        """The global batch must split evenly among the processes, and the training split hold one."""
+        size, batch, n = self.world.size, self.cfg.data.batch_size, len(self.scan.train)
+        if batch % size:
+            raise ConfigError(f"data.batch_size {batch} is the global batch, split among {size} processes: give "
+                              f"a multiple of {size}, or a number of processes that divides {batch}")
+        if n < batch:
+            raise ConfigError(f"the training split has {n} images, fewer than one global batch of {batch}: "
+                              "lower data.batch_size")
+
     def _model_kwargs(self) -> dict[str, Any]:
         m, d = self.cfg.model, self.cfg.data
         kwargs = dict(in_chans=d.in_chans, small_input=m.small_input if m.small_input is not None else d.img_size <= 64,
@@ -181,7 +201,10 @@ class Trainer:
         else:
             model = create_model(self.cfg.model.name, pretrained=self.cfg.model.pretrained,
                                  num_classes=len(self.classes), **self._model_kwargs())
-        return model.to(self.device, memory_format=self.memory_format)
+        model = model.to(self.device, memory_format=self.memory_format)
+        if self.cfg.train.sync_bn and self.world.distributed:
+            model = distributed.sync_batchnorm(model, self.device)
+        return model
 
     def _pace(self, cfg: Config, steps: int = 2) -> float:
         """Training images/s of the model `cfg` describes, on random batches on this device (the RNG is
@@ -243,11 +266,12 @@ class Trainer:
         if cached:
             for ds in (self.train_set, self.val_set):
                 ds.build_cache(self.progress)
-        workers = resolve_workers(d.workers, cached)
+        workers = resolve_workers(d.workers, cached, self.world.local_size)
+        shard = dict(rank=self.world.rank, world=self.world.size)
         self.train_loader = make_loader(self.train_set, d.batch_size, train=True, workers=workers,
-                                        seed=cfg.train.seed, pin_memory=pin)
+                                        seed=cfg.train.seed, pin_memory=pin, **shard)
         self.val_loader = make_loader(self.val_set, d.batch_size, train=False, workers=workers,
-                                      seed=cfg.train.seed, pin_memory=pin)
+                                      seed=cfg.train.seed, pin_memory=pin, **shard)
         self.mix = BatchMix(cfg.augment, len(self.classes))
 
     def _setup_optim(self) -> None:
@@ -277,7 +301,12 @@ class Trainer:
             handle.remove()
         cpu_bf16 = self.device.type == "cpu" and self.amp_dtype == torch.bfloat16
         self.tap_hooks = guard_padding_taps(self.model) if cpu_bf16 else []
-        self.fwd_model = torch.compile(self.model) if t.compile else self.model
+        self.eval_model = torch.compile(self.model) if t.compile else self.model
+        self.ddp = distributed.data_parallel(self.model, self.device) if self.world.distributed else None
+        if self.ddp is None:
+            self.fwd_model = self.eval_model
+        else:
+            self.fwd_model = torch.compile(self.ddp) if t.compile else self.ddp
 
     def _setup_sparsity(self) -> None:
         """Gradual magnitude pruning as a callback; only epochs at the final sparsity may be the best."""
@@ -332,6 +361,28 @@ class Trainer:
         it recorded. Either way the run is locked against a second process for as long as it trains.
         """
         run_dir = Path(run_dir)
+        world = distributed.join()
+        lock = None
+        try:
+            if world.main:  # its files are read once, by the process that writes them
+                lock, state, cfg = cls._read_run(run_dir, overrides)
+            state, cfg = world.broadcast((state, cfg) if world.main else None)
+            split = run_dir / "split.csv"
+            trainer = cls(cfg, run_dir=run_dir, callbacks=callbacks, progress=progress,
+                          split_csv=split if split.is_file() else None, state=state)
+            if state is not None:
+                trainer._load_state(state)
+                trainer.state = None
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        trainer.lock = lock
+        return trainer
+
+    @staticmethod
+    def _read_run(run_dir: Path, overrides: dict[str, Any] | None) -> tuple[RunLock, dict[str, Any] | None, Config]:
+        """Lock the run, then read its checkpoint (or its config.yaml when it has none) and apply the overrides."""
         ckpt, config_file = run_dir / "last.ckpt", run_dir / "config.yaml"
         if not ckpt.is_file() and not config_file.is_file():
             raise CheckpointError(f"no checkpoint to resume from at {ckpt}")
@@ -351,17 +402,10 @@ class Trainer:
                     raise ConfigError(f"{key} cannot change when resuming (only {', '.join(sorted(RESUMABLE))}); "
                                       f"start a new run, e.g. with --pretrained {run_dir}/best.safetensors")
                 merge(cfg, {key: value})
-            split = run_dir / "split.csv"
-            trainer = cls(cfg, run_dir=run_dir, callbacks=callbacks, progress=progress,
-                          split_csv=split if split.is_file() else None, state=state)
-            if state is not None:
-                trainer._load_state(state)
-                trainer.state = None
         except BaseException:
             lock.release()
             raise
-        trainer.lock = lock
-        return trainer
+        return lock, state, cfg
 
     def _load_state(self, state: dict[str, Any]) -> None:
         classes = state["data"]["classes"]
@@ -384,7 +428,9 @@ class Trainer:
             log.info("extending a finished run: a new cosine cycle over epochs %d-%d", self.epoch + 1,
                      self.cfg.train.epochs)
             self.bad_epochs = 0
-        self._recover_best()
+        if self.world.main:
+            self._recover_best()
+        self.best = self.world.broadcast(self.best)
         set_rng_state(state["rng"])
 
     def _check_extension(self, finished: bool) -> None:
@@ -491,17 +537,18 @@ class Trainer:
         start = _budget.clock()
         for i, (x, y) in enumerate(bar):
             self.batch = i
-            x, y = self.prepare_batch(x, y)
-            loss, logits = self.compute_loss(x, y)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                where = f"epoch {epoch + 1}, batch {i + 1}, optimiser step {self.step + 1}"
-                kept = (f"the last good checkpoint is {self.run_dir / 'last.ckpt'} (epoch {self.epoch})"
-                        if self.epoch else "no checkpoint was written yet")
-                raise TrainingError(f"the loss became {loss_value} at {where}; {kept}. Lower optim.lr, "
-                                    "set optim.clip_grad, or turn mixed precision off (train.amp off)")
-            self.backward(loss, first=i % accum == 0)
             stepped = (i + 1) % accum == 0 or i + 1 == n_batches
+            with distributed.grad_sync(self.ddp, stepped):
+                x, y = self.prepare_batch(x, y)
+                loss, logits = self.compute_loss(x, y)
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    where = f"epoch {epoch + 1}, batch {i + 1}, optimiser step {self.step + 1}"
+                    kept = (f"the last good checkpoint is {self.run_dir / 'last.ckpt'} (epoch {self.epoch})"
+                            if self.epoch else "no checkpoint was written yet")
+                    raise TrainingError(f"the loss became {loss_value} at {where}; {kept}. Lower optim.lr, "
+                                        "set optim.clip_grad, or turn mixed precision off (train.amp off)")
+                self.backward(loss, first=i % accum == 0)
             if stepped:
                 self.optimizer_step(self.schedule.factor(self.step))
                 if self.ema is not None:
@@ -522,14 +569,15 @@ class Trainer:
                 break
         self.optimizer.zero_grad(set_to_none=True)  # no gradients held through validation and saving
         elapsed = _budget.clock() - start
+        loss_sum, correct, seen = self.world.sum([loss_sum, correct, seen])  # the global batches' figures
         return {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_top1": correct / seen,
                 "lr": self.optimizer.param_groups[-1]["lr"], "img_per_s": seen / max(elapsed, 1e-9),
-                "train_time_s": elapsed, "train_images": seen}
+                "train_time_s": elapsed, "train_images": int(seen)}
 
     def _fit_to_budget(self, budget: TimeBudget, epoch_step: int) -> bool:
         """Re-plan the run's length after a step; True when the budget ends it here."""
         budget.step_done()
-        plan = budget.end_step(self.step, epoch_step)
+        plan = self.world.broadcast(budget.end_step(self.step, epoch_step))  # rank 0's clock decides for all
         if plan is None:
             return False
         end, ends = plan
@@ -540,8 +588,10 @@ class Trainer:
         return self.step >= end
 
     def _validate(self) -> dict[str, float]:
+        """Loss, top-1 and top-5 of the model (and its EMA) on the validation split, each process
+        evaluating its share of it."""
         row = {}
-        models = [("val", self.fwd_model)] + ([("ema_val", self.ema.module)] if self.ema is not None else [])
+        models = [("val", self.eval_model)] + ([("ema_val", self.ema.module)] if self.ema is not None else [])
         for prefix, model in models:
             was_training = model.training
             model.eval()
@@ -549,10 +599,10 @@ class Trainer:
                 logits, targets = infer(self._forward(model), self.val_loader)
             finally:
                 model.train(was_training)
-            k = topk_correct(logits, targets, (1, 5))
-            row[f"{prefix}_loss"] = F.cross_entropy(logits, targets).item()
-            row[f"{prefix}_top1"] = k[1] / len(targets)
-            row[f"{prefix}_top5"] = k[5] / len(targets)
+            k = topk_correct(logits, targets, (1, 5)) if len(targets) else {1: 0, 5: 0}
+            loss = F.cross_entropy(logits, targets, reduction="sum").item() if len(targets) else 0.0
+            loss, top1, top5, n = self.world.sum([loss, k[1], k[5], len(targets)])
+            row[f"{prefix}_loss"], row[f"{prefix}_top1"], row[f"{prefix}_top5"] = loss / n, top1 / n, top5 / n
         return row
 
     def _forward(self, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -581,8 +631,9 @@ class Trainer:
             return False
         self.best = {"score": score, "epoch": row["epoch"], "weights": which}
         self.bad_epochs = 0
-        model = self.ema.module if which == "ema" else self.model
-        save_model(model, self.run_dir / "best.safetensors", self.model_meta(row, which))
+        if self.world.main:
+            model = self.ema.module if which == "ema" else self.model
+            save_model(model, self.run_dir / "best.safetensors", self.model_meta(row, which))
         return True
 
     def model_meta(self, row: dict[str, float], which: str) -> dict[str, Any]:
@@ -601,6 +652,20 @@ class Trainer:
         self.scan.write_split_csv(self.run_dir / "split.csv")
         if self.scan.skipped:
             self.scan.write_skipped_csv(self.run_dir / "skipped.csv")
+
+    def _prepare_run_dir(self) -> None:
+        """Clear what a kill left half-written, then write what is known before the first epoch."""
+        for stale in self.run_dir.rglob(".*.tmp"):  # io.atomic_path names its temp files so
+            with contextlib.suppress(OSError):
+                stale.unlink()
+        self._write_run_files()
+        self._write_metrics()
+        if self.scan.skipped:
+            log.warning("skipped %d unreadable or non-image file(s); see %s", len(self.scan.skipped),
+                        self.run_dir / "skipped.csv")
+        if self.world.distributed:
+            log.info("training in %d processes (%s); run directory %s", self.world.size,
+                     "gloo" if self.device.type == "cpu" else "nccl", self.run_dir)
 
     def _write_metrics(self) -> None:
         path = self.run_dir / "metrics.csv"
@@ -628,27 +693,21 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train to the configured number of epochs (or an early stop, or the time limit); return the summary."""
-        cfg = self.cfg
-        if self.run_dir is None:
-            self.run_dir = new_run_dir(cfg)
-        if self.lock is None:
+        if self.run_dir is None:  # named by rank 0, which alone writes in it
+            self.run_dir = Path(self.world.broadcast(str(new_run_dir(self.cfg)) if self.world.main else None))
+        if self.lock is None and self.world.main:
             self.lock = RunLock(self.run_dir)
         try:
             return self._fit()
         finally:
-            self.lock.release()
-            self.lock = None
+            if self.lock is not None:
+                self.lock.release()
+                self.lock = None
 
     def _fit(self) -> dict[str, Any]:
         cfg = self.cfg
-        for stale in self.run_dir.rglob(".*.tmp"):  # left by a kill while saving (io.atomic_path names them so)
-            with contextlib.suppress(OSError):
-                stale.unlink()
-        self._write_run_files()
-        self._write_metrics()
-        if self.scan.skipped:
-            log.warning("skipped %d unreadable or non-image file(s); see %s", len(self.scan.skipped),
-                        self.run_dir / "skipped.csv")
+        if self.world.main:
+            self._prepare_run_dir()
         if not self.history:
             self._log_auto_choices()
         budget = None
@@ -668,8 +727,9 @@ class Trainer:
                 stop = bool(cfg.train.patience) and self.bad_epochs >= cfg.train.patience
                 self.finished = stop or self.epoch >= cfg.train.epochs
                 row["epoch_time_s"] = _budget.clock() - t0
-                save_checkpoint(self.run_dir / "last.ckpt", self._state())
-                self._write_metrics()
+                if self.world.main:
+                    save_checkpoint(self.run_dir / "last.ckpt", self._state())
+                    self._write_metrics()
                 self._log_epoch(row)
                 self._emit("epoch_end")
                 if budget is not None:
