@@ -75,8 +75,6 @@ def train(data: str | os.PathLike | None = None, *, model: str | None = None, re
     if not isinstance(devices, int) or devices < 1:
         raise ConfigError(f"devices must be a whole number of processes, at least 1, got {devices!r}")
     if devices > 1 and not distributed.launched():
-        if torch.cuda.is_available() and devices > torch.cuda.device_count():
-            raise ConfigError(f"devices {devices} asked for, but this machine has {torch.cuda.device_count()} GPU(s)")
         kwargs = dict(data=data, model=model, recipe=recipe, config=config, resume=resume, callbacks=callbacks,
                       progress=progress, **options)
         return distributed.launch(train, kwargs, devices)

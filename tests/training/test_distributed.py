@@ -16,9 +16,10 @@ from helpers import make_image_folder
 
 from resforge import api
 from resforge.data.loader import EpochSampler
-from resforge.errors import ConfigError
+from resforge.errors import ConfigError, DataError, ImageError, TrainingError
 from resforge.training import distributed
 from resforge.training.checkpoint import load_checkpoint
+from resforge.training.trainer import Trainer
 
 # Group norm (torch's SyncBatchNorm needs CUDA, so batch norm on the CPU would normalise each rank's half of the
 # batch); gradient accumulation (DDP's no_sync); random crops and flips (seeded per sample); a constant learning
@@ -105,6 +106,41 @@ def test_a_batch_the_processes_cannot_share_is_one_clear_error(data, tmp_path):
     assert "resforge: error: data.batch_size 7 is the global batch, split among 2 processes" in r.stderr
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_validation_in_two_processes_is_that_of_the_saved_model(data, tmp_path):
+    """With batch norm each process updates its running statistics from its own slice; validation uses rank
+    0's (the model that is saved), so the figures equal one process validating the checkpoint."""
+    opts = {**OPTS, "norm": "batchnorm", "ema": True, "ema_decay": 0.5, "epochs": 1}
+    run = Path(api.train(data, progress=False, devices=2, project=str(tmp_path), **opts)["run_dir"])
+    recorded = _rows(run)[0]
+    trainer = Trainer.resume(run, {"epochs": 2}, progress=False)
+    try:
+        again = trainer._validate()
+    finally:
+        trainer.lock.release()
+    for key in ("val_loss", "val_top1", "ema_val_loss", "ema_val_top1"):
+        assert float(recorded[key]) == pytest.approx(again[key], abs=1e-6), key
+
+
+class _Failure:  # what torch's launcher reports of a process
+    def __init__(self, exitcode, message="", signal="SIGKILL"):
+        self.pid, self.exitcode, self.message, self._signal = 7, exitcode, message, signal
+
+    def signal_name(self):
+        return self._signal
+
+
+def test_a_failed_process_is_reported_as_its_own_error():
+    image = distributed._failure_error(1, 2, _Failure(1, {"message": "ImageError: x.jpg is truncated",
+                                                          "extraInfo": {"py_callstack": "..."}}))
+    assert isinstance(image, ImageError) and isinstance(image, DataError) and str(image) == "x.jpg is truncated"
+    bug = distributed._failure_error(0, 2, _Failure(1, {"message": "KeyError: 'x'",
+                                                        "extraInfo": {"py_callstack": "Traceback: line 3"}}))
+    assert type(bug) is RuntimeError and "training process 0 of 2 (pid 7) failed: KeyError: 'x'" in str(bug)
+    assert "Traceback: line 3" in str(bug)  # a bug keeps its stack
+    death = distributed._failure_error(1, 4, _Failure(-9))
+    assert isinstance(death, TrainingError) and "training process 1 of 4 (pid 7) died (SIGKILL)" in str(death)
 
 
 def test_sync_bn_is_refused_on_the_cpu():

@@ -18,9 +18,11 @@ import contextlib
 import logging
 import os
 import pickle
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -31,6 +33,11 @@ from ..data.loader import cpu_cores
 from ..errors import ConfigError, ResforgeError, TrainingError
 
 log = logging.getLogger("resforge")
+# How long a process waits in a collective: the others wait while rank 0 scans a large folder once.
+TIMEOUT = timedelta(hours=1)
+# A failing process that is only a consequence (its peer died) waits this long before exiting, so that the
+# launcher, which reports the first failure it sees, names the cause.
+CONSEQUENCE_DELAY_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,13 @@ class World:
         dist.all_reduce(t)
         return t.tolist()
 
+    def share_buffers(self, module: nn.Module) -> None:
+        """Rank 0's buffers (batch norm's running statistics) on every rank: each rank updated its own copy
+        from its slice of the last batch, and rank 0's model is the one saved."""
+        if self.distributed:
+            for buffer in module.buffers():
+                dist.broadcast(buffer, src=0)
+
 
 def join() -> World:
     """Join the process group the launcher described in the environment (once per process). Collectives
@@ -81,7 +95,7 @@ def join() -> World:
     world = World.from_env()
     if not world.distributed or dist.is_initialized():
         return world
-    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo", timeout=TIMEOUT)
     if not world.main:
         log.setLevel(logging.ERROR)
     if "OMP_NUM_THREADS" not in os.environ:  # the processes on this machine share its cores
@@ -98,6 +112,9 @@ def device_for(world: World, device: torch.device) -> torch.device:
     """Each process of a CUDA job takes the GPU of its local rank."""
     if not world.distributed or device.type != "cuda":
         return device
+    if world.local_rank >= torch.cuda.device_count():
+        raise ConfigError(f"{world.local_size} processes on this machine, but it has {torch.cuda.device_count()} "
+                          "GPU(s): one process per GPU")
     device = torch.device("cuda", world.local_rank)
     torch.cuda.set_device(device)
     return device
@@ -152,8 +169,7 @@ def launch(fn: Callable[..., Any], kwargs: dict[str, Any], devices: int) -> Any:
     except SignalException:  # Ctrl-C or a SIGTERM to the launcher: it has stopped the processes
         raise KeyboardInterrupt from None
     except ChildFailedError as e:
-        # A rank that died first, else the first to fail: the others' errors are then its consequences
-        rank, failure = min(e.failures.items(), key=lambda f: (f[1].exitcode >= 0, f[1].timestamp))
+        rank, failure = e.get_first_failure()
         raise _failure_error(rank, devices, failure) from None
     finally:
         for q, level in zip(quiet, levels):
@@ -165,21 +181,30 @@ def _worker(fn: Callable[..., Any], kwargs: dict[str, Any], level: int) -> Any:
     """One launched process: the parent's log format and level, then the work."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     log.setLevel(level)
-    return fn(**kwargs)
+    try:
+        return fn(**kwargs)
+    except ResforgeError:
+        raise
+    except Exception:  # a bug, or a peer's death seen through a collective: let a dying peer be seen first
+        time.sleep(CONSEQUENCE_DELAY_S)
+        raise
 
 
-def _failure_error(rank: int, size: int, failure: Any) -> ResforgeError:
-    """The launcher's report of a failed process as one of our errors: a raised error keeps its type and
-    text; a death names its signal."""
+def _failure_error(rank: int, size: int, failure: Any) -> Exception:
+    """The launcher's report of a failed process: one of our errors keeps its class and text, a death names
+    its signal, anything else (a bug) carries the process's traceback."""
     from .. import errors
 
     where = f"training process {rank} of {size} (pid {failure.pid})"
     if failure.exitcode < 0:
         return TrainingError(f"{where} died ({failure.signal_name()}); the others were stopped. The run's "
                              "last.ckpt holds its last finished epoch: continue with resforge train --resume RUN_DIR")
-    message = failure.message["message"] if isinstance(failure.message, dict) else str(failure.message)
-    kind, _, text = message.partition(": ")
+    data = failure.message if isinstance(failure.message, dict) else {"message": str(failure.message)}
+    kind, _, text = data["message"].partition(": ")
     cls = getattr(errors, kind, None)
     if isinstance(cls, type) and issubclass(cls, ResforgeError):
-        return cls(text)
-    return TrainingError(f"{where} failed: {message}")
+        error = cls.__new__(cls)  # the text as raised (ImageError's reason is not part of it)
+        Exception.__init__(error, text)
+        return error
+    trace = data.get("extraInfo", {}).get("py_callstack", "")
+    return RuntimeError(f"{where} failed: {data['message']}\n{trace}".rstrip())

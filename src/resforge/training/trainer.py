@@ -290,8 +290,8 @@ class Trainer:
                     if t.ema else None)
         self.trained_params = [p for p in self.model.parameters() if p.requires_grad]
         self.l1_weights = [p for p in self.trained_params if p.ndim > 1]
-        self.bn_scales = [m.weight for m in self.model.modules() if isinstance(m, nn.BatchNorm2d) and m.affine
-                          and m.weight.requires_grad]
+        self.bn_scales = [m.weight for m in self.model.modules()  # SyncBatchNorm too
+                          if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and m.weight.requires_grad]
         if self.cfg.optim.l1_bn and not self.bn_scales:
             raise ConfigError("optim.l1_bn (network slimming) penalises batch-norm scales, and this model has none "
                               "to train (norm=groupnorm, or frozen)")
@@ -542,11 +542,12 @@ class Trainer:
                 x, y = self.prepare_batch(x, y)
                 loss, logits = self.compute_loss(x, y)
                 loss_value = loss.item()
-                if not math.isfinite(loss_value):
+                if not self._finite(loss_value):
                     where = f"epoch {epoch + 1}, batch {i + 1}, optimiser step {self.step + 1}"
                     kept = (f"the last good checkpoint is {self.run_dir / 'last.ckpt'} (epoch {self.epoch})"
                             if self.epoch else "no checkpoint was written yet")
-                    raise TrainingError(f"the loss became {loss_value} at {where}; {kept}. Lower optim.lr, "
+                    value = loss_value if not math.isfinite(loss_value) else "not finite in another process"
+                    raise TrainingError(f"the loss became {value} at {where}; {kept}. Lower optim.lr, "
                                         "set optim.clip_grad, or turn mixed precision off (train.amp off)")
                 self.backward(loss, first=i % accum == 0)
             if stepped:
@@ -574,6 +575,11 @@ class Trainer:
                 "lr": self.optimizer.param_groups[-1]["lr"], "img_per_s": seen / max(elapsed, 1e-9),
                 "train_time_s": elapsed, "train_images": int(seen)}
 
+    def _finite(self, loss: float) -> bool:
+        """Whether every process's loss is finite (so that all of them stop together, none left waiting)."""
+        finite = math.isfinite(loss)
+        return self.world.sum([not finite])[0] == 0 if self.world.distributed else finite
+
     def _fit_to_budget(self, budget: TimeBudget, epoch_step: int) -> bool:
         """Re-plan the run's length after a step; True when the budget ends it here."""
         budget.step_done()
@@ -591,6 +597,9 @@ class Trainer:
         """Loss, top-1 and top-5 of the model (and its EMA) on the validation split, each process
         evaluating its share of it."""
         row = {}
+        self.world.share_buffers(self.model)
+        if self.ema is not None:
+            self.world.share_buffers(self.ema)
         models = [("val", self.eval_model)] + ([("ema_val", self.ema.module)] if self.ema is not None else [])
         for prefix, model in models:
             was_training = model.training
