@@ -70,3 +70,12 @@ def write_crops(root, per_class: int, seed: int, sizes=(40, 200)):
             y, x = int(rng.integers(0, h - ch)), int(rng.integers(0, w - cw))
             Image.fromarray(img[y:y + ch, x:x + cw]).save(root / name / f"{i:03d}.jpg", quality=90)
     return root
+
+
+def cli_flags(options: dict) -> list[str]:
+    """Training options as the CLI's flags: `{"img_size": 16, "small_input": True}` -> --img-size 16 --small-input."""
+    out = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        out += [flag] if value is True else [flag, str(value)]
+    return out

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_image_folder
+from helpers import cli_flags, make_image_folder
 
 from resforge import api
 from resforge.data.loader import EpochSampler
@@ -29,17 +29,6 @@ OPTS = {"model": "resnet18", "width": 0.125, "img_size": 16, "small_input": True
         "optimizer": "sgd", "lr": 0.05, "schedule": "constant", "warmup_epochs": 0}
 CLI = [sys.executable, "-m", "resforge", "train"]
 TOLERANCE = 1e-5  # summation order of the gradients is all that differs: measured 5e-7 on weights of scale 1
-
-
-def _flags(options: dict) -> list[str]:
-    out = []
-    for key, value in options.items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            out.append(flag)
-        else:
-            out += [flag, str(value)]
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +90,7 @@ def test_two_processes_train_as_one_and_resume_in_either(data, one_process, tmp_
 
 def test_a_batch_the_processes_cannot_share_is_one_clear_error(data, tmp_path):
     r = subprocess.run(CLI + [str(data), "--devices", "2", "--project", str(tmp_path / "runs"),
-                              *_flags({**OPTS, "batch_size": 7, "epochs": 1})], capture_output=True, text=True)
+                              *cli_flags({**OPTS, "batch_size": 7, "epochs": 1})], capture_output=True, text=True)
     assert r.returncode == 2
     assert "resforge: error: data.batch_size 7 is the global batch, split among 2 processes" in r.stderr
     assert "Traceback" not in r.stderr
@@ -164,7 +153,7 @@ def _spawned_children(parent: int) -> list[int]:
 def test_a_dead_rank_fails_the_job_by_name_and_the_checkpoint_resumes(data, tmp_path):
     project = tmp_path / "runs"
     proc = subprocess.Popen(CLI + [str(data), "--devices", "2", "--project", str(project), "--name", "r",
-                                   *_flags({**OPTS, "epochs": 500})], stderr=subprocess.PIPE, text=True)
+                                   *cli_flags({**OPTS, "epochs": 500})], stderr=subprocess.PIPE, text=True)
     run = project / "r"
     try:
         deadline = time.monotonic() + 300
@@ -196,7 +185,7 @@ def test_two_nodes_on_loopback_train_as_one_process(data, one_process, tmp_path)
     node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "loopback",
             "-m", "resforge", "train", str(data), "--project", str(tmp_path / "runs"), "--epochs", "1",
-            *_flags(OPTS)]
+            *cli_flags(OPTS)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     nodes = [subprocess.Popen(node, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(2)]

@@ -12,7 +12,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from helpers import make_image_folder
+from helpers import cli_flags, make_image_folder
 
 from resforge import ConfigError, DataError, api
 from resforge.cli import main
@@ -21,7 +21,7 @@ from resforge.training.tune import ReportEpochs
 
 TINY = {"model": "resnet18", "width": 0.125, "img_size": 16, "batch_size": 8, "workers": 0, "amp": "off",
         "epochs": 2}
-FLAGS = [arg for key, value in TINY.items() for arg in (f"--{key.replace('_', '-')}", str(value))]  # the CLI's
+FLAGS = cli_flags(TINY)
 
 
 @pytest.fixture(scope="module")
