@@ -253,7 +253,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     rows = api.bench(args.models, backends, precision=args.precision, batch_sizes=args.batch_sizes,
                      threads=args.threads, duration=args.duration, warmup=args.warmup, images=args.images,
-                     isolate=args.isolate, metadata=_metadata(args))
+                     isolate=args.isolate, metadata=_metadata(args), device=args.device, compile=args.compile,
+                     cuda_graph=args.cuda_graph)
     text = table(rows, args.batch_sizes) + "\n\n" + settings_line(rows, args.duration, args.warmup)
     print(text)
     if args.json:
@@ -497,6 +498,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", default="auto", help=f"comma-separated, among {', '.join(BENCH_BACKENDS)} "
                                                      "(default: auto)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto: bf16 where the hardware has it")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then CPU) | cpu | cuda | cuda:N")
+    p.add_argument("--compile", action="store_true", help="torch backend: torch.compile the model")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="torch backend on CUDA: replay each batch size's forward pass from a CUDA graph")
     p.add_argument("--batch-sizes", type=_list_of(int, "whole numbers"), default=[1, 8, 32],
                    help="comma-separated (default: 1,8,32)")
     p.add_argument("--threads", type=int, help="threads per engine (default: all cores)")

@@ -60,6 +60,9 @@ class DataConfig:
     batch_size: int = _opt(32, "images per batch")
     workers: int = _opt(-1, "data-loading processes (-1: one per spare CPU core, up to 8)")
     cache: str = _opt("auto", "keep decoded, resized images in memory: auto (small sets) | on | off")
+    decode: str = _opt("cpu", "where training images are decoded and augmented: cpu (loader processes; every "
+                              "augmentation) | gpu (JPEG batches by nvjpeg on the training GPU; random-resized crop, "
+                              "flips and normalisation only; validation stays on the CPU)")
     max_pixels: int = _opt(89_478_485, "images with more pixels are skipped as possible decompression bombs")
 
 
@@ -166,6 +169,7 @@ CHOICES = {  # the one list of each option's accepted values
     "train.sparsity_scope": ("layer", "global"),
     "data.normalize": ("auto", "imagenet", "dataset", "none"),
     "data.cache": ("auto", "on", "off"),
+    "data.decode": ("cpu", "gpu"),
     "data.interpolation": ("bilinear", "bicubic", "nearest"),
     "model.act": ("relu", "leaky_relu", "elu", "selu", "prelu", "silu", "gelu"),
     "model.norm": ("batchnorm", "groupnorm"),
@@ -370,6 +374,8 @@ def validate(cfg: Config) -> None:
         (o.backbone_lr_mult >= 0, "optim.backbone_lr_mult must not be negative"),
         (t.patience >= 0, "train.patience must not be negative"),
         (d.workers >= -1, "data.workers must be -1 (automatic) or a count"),
+        (not (d.decode == "gpu" and d.cache == "on"), "data.cache on keeps decoded training images in memory and "
+                                                      "data.decode gpu decodes them on the GPU each epoch: not both"),
         (0 <= t.sparsity < 1, "train.sparsity must lie in [0, 1)"),
         (0 <= t.kd_alpha <= 1 and t.kd_temperature > 0, "train.kd_alpha must lie in [0, 1] and train.kd_temperature "
                                                          "be positive"),

@@ -27,8 +27,11 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     torch.backends.cudnn.benchmark = not deterministic
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+def autocast(device: torch.device, dtype: torch.dtype | None, cache: bool = True) -> contextlib.AbstractContextManager:
+    """Mixed precision in `dtype` (None: off); `cache=False` for CUDA graph capture, which must not keep casts."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache)
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -39,17 +42,23 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def resolve_device(name: str) -> torch.device:
-    """auto: CUDA when there is one, else the CPU."""
+    """auto: CUDA when there is one, else the CPU. A GPU comes back numbered (cuda -> cuda:0, the current one)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
         device = None
     if device is None or device.type not in ("cpu", "cuda"):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name} was asked for, but this machine has no CUDA device")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name} was asked for, but this machine has no CUDA device")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        elif device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name} was asked for, but this machine has {torch.cuda.device_count()} "
+                              "CUDA device(s)")
     return device
 
 

@@ -75,3 +75,11 @@ def test_bench_refuses_settings_that_cannot_work(models, kwargs, message):
 def test_bench_names_a_missing_model(tmp_path, capsys):
     assert main(["bench", str(tmp_path / "nope.onnx")]) == 2
     assert "no model at" in capsys.readouterr().err
+
+
+def test_compile_and_cuda_graphs_are_refused_where_they_cannot_apply(photo_run):
+    run, _, _ = photo_run
+    with pytest.raises(ConfigError, match="--cuda-graph applies to the torch backend alone"):
+        api.bench([run], ["onnxruntime"], cuda_graph=True, isolate=False, progress=False)
+    with pytest.raises(ConfigError, match="CUDA graphs need a CUDA device"):
+        api.Predictor.load(run, "torch", "cpu", cuda_graph=True)

@@ -173,15 +173,16 @@ def resolve_workers(requested: int, cached: bool = False, processes: int = 1) ->
     return requested
 
 
-def make_loader(dataset: ImageDataset, batch_size: int, *, train: bool, workers: int, seed: int,
-                pin_memory: bool = False, rank: int = 0, world: int = 1) -> DataLoader:
+def make_loader(dataset: Dataset, batch_size: int, *, train: bool, workers: int, seed: int,
+                pin_memory: bool = False, rank: int = 0, world: int = 1, collate_fn: Callable | None = None
+                ) -> DataLoader:
     """Training loaders shuffle and drop a ragged last batch (BatchNorm cannot use a batch of one); with
     `world` processes, each loads its share of every global batch of `batch_size`."""
     sampler = EpochSampler(len(dataset), shuffle=train, seed=seed, batch=batch_size, rank=rank, world=world)
     drop_last = train and len(dataset) > batch_size
     return DataLoader(dataset, batch_size=batch_size // world if train else batch_size, sampler=sampler,
                       num_workers=workers, persistent_workers=workers > 0, pin_memory=pin_memory,
-                      drop_last=drop_last, prefetch_factor=4 if workers > 0 else None)
+                      drop_last=drop_last, prefetch_factor=4 if workers > 0 else None, collate_fn=collate_fn)
 
 
 def dataset_stats(samples: Sequence[Sample], pre: Preprocess, limit: int = 2000) -> tuple[list[float], list[float]]:

@@ -54,6 +54,7 @@ class Runner:
     backend: str
     precision: str
     max_batch: int | None = None  # a graph exported with a fixed batch size takes exactly this many
+    device = torch.device("cpu")  # where a batch is best handed over (already there, it is not copied)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of a batch of any size (a fixed-batch graph gets it in slices, the last one padded)."""
@@ -72,19 +73,56 @@ class Runner:
 
 
 class TorchRunner(Runner):
+    """PyTorch eager or compiled, in autocast's precision; with `cuda_graph`, each batch shape's forward pass
+    is captured once in a CUDA graph and replayed (one launch instead of one per kernel: what sets the pace
+    of small batches on a GPU)."""
+
     backend = "torch"
 
-    def __init__(self, model: nn.Module, device: torch.device, precision: str, compile: bool = False):
-        self.device, self.precision = device, precision
+    def __init__(self, model: nn.Module, device: torch.device, precision: str, compile: bool = False,
+                 cuda_graph: bool = False):
+        if cuda_graph and device.type != "cuda":
+            raise ConfigError(f"CUDA graphs need a CUDA device; this model runs on {device}")
+        self.device, self.precision, self.cuda_graph = device, precision, cuda_graph
         self.dtype = resolve_amp("off" if precision == "fp32" else precision, device)
         self.model = model.eval().to(device, memory_format=torch.channels_last)
-        self.forward = torch.compile(self.model) if compile else self.model
+        # Static shapes: a batch size of its own compiles once and runs kernels made for it.
+        self.forward = torch.compile(self.model, dynamic=False) if compile else self.model
+        self.graphs: dict[tuple[Any, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.lock = threading.Lock()  # a graph's input and output are one buffer each: calls take turns
 
     @torch.inference_mode()
     def run(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True, memory_format=torch.channels_last)
+        if self.cuda_graph:
+            with self.lock:
+                return self._replay(x).cpu()
         with autocast(self.device, self.dtype):
             return self.forward(x).float().cpu()
+
+    def _replay(self, x: torch.Tensor) -> torch.Tensor:
+        key = (tuple(x.shape), x.dtype)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(x)
+        graph, inputs, outputs = self.graphs[key]
+        inputs.copy_(x)
+        graph.replay()
+        return outputs
+
+    def _capture(self, x: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
+        """Warm up on a side stream (kernels chosen, memory allocated, compiled), then record one forward pass.
+        Autocast's cast cache stays off: cached casts would outlive the capture."""
+        inputs = x.clone()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side), autocast(self.device, self.dtype, cache=False):
+            for _ in range(3):
+                self.forward(inputs)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), autocast(self.device, self.dtype, cache=False):
+            outputs = self.forward(inputs).float()
+        return graph, inputs, outputs
 
 
 class OnnxRuntimeRunner(Runner):

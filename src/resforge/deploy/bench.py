@@ -61,8 +61,9 @@ def file_size_mb(source: str | os.PathLike) -> float:
 
 def measure(source: str, backend: str, precision: str = "auto", batch_sizes: Sequence[int] = (1, 8, 32),
             threads: int | None = None, duration: float = 3.0, warmup: int = 3, images: str | None = None,
-            metadata: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One model on one backend, measured in this process."""
+            metadata: dict[str, Any] | None = None, device: str = "auto", compile: bool = False,
+            cuda_graph: bool = False) -> dict[str, Any]:
+    """One model on one backend, measured in this process. On a GPU the timed batches are already on it."""
     import torch
 
     from ..data.folder import scan_images
@@ -70,21 +71,24 @@ def measure(source: str, backend: str, precision: str = "auto", batch_sizes: Seq
 
     if threads:
         torch.set_num_threads(threads)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # this model's peak, also when measured beside others
     first_batch = 1 if 1 in batch_sizes else batch_sizes[0]
 
     def load(batch_size: int) -> Predictor:
-        return Predictor.load(source, backend, precision=precision, threads=threads, batch_size=batch_size,
-                              metadata=metadata)
+        return Predictor.load(source, backend, device, precision=precision, threads=threads, batch_size=batch_size,
+                              metadata=metadata, compile=compile, cuda_graph=cuda_graph)
 
     if backend != "torch":  # what is done once per model file (an ONNX export, the auto choice) is not a start
         load(first_batch)
     t0 = time.perf_counter()
     predictor = load(first_batch)
-    x1 = sample_batch(predictor.info, 1)
-    predictor(x1)
+    predictor(sample_batch(predictor.info, 1, predictor.runner.device))
     cold = time.perf_counter() - t0
+    mode = ", ".join(m for m, on in (("compiled", compile), ("CUDA graph", cuda_graph)) if on)
     row: dict[str, Any] = {"model": source, "name": Path(source).name, "backend": predictor.backend,
-                           "precision": predictor.precision, "asked": backend, "cold_start_s": cold,
+                           "precision": predictor.precision + (f", {mode}" if mode else ""), "asked": backend,
+                           "device": str(predictor.runner.device), "cold_start_s": cold,
                            "file_mb": file_size_mb(source), "threads": threads or torch.get_num_threads(),
                            "throughput": {}, "chosen": {}, "end_to_end": {}}
     files = scan_images([images]) if images else []
@@ -94,7 +98,7 @@ def measure(source: str, backend: str, precision: str = "auto", batch_sizes: Seq
             p = load(bs)
         key = str(bs)  # as JSON keeps it
         row["chosen"][key] = f"{p.backend} {p.precision}"
-        x = sample_batch(p.info, bs)
+        x = sample_batch(p.info, bs, p.runner.device)
         for _ in range(warmup):
             p(x)
         times = timed_calls(lambda: p(x), duration)
@@ -113,17 +117,26 @@ def measure(source: str, backend: str, precision: str = "auto", batch_sizes: Seq
             seen = sum(len(batches[i % len(batches)]) for i in range(done))
             row["end_to_end"][key] = seen / (time.perf_counter() - start)
     row["peak_rss_mb"] = _peak_rss_mb()
+    if predictor.runner.device.type == "cuda":
+        row["peak_gpu_mb"] = torch.cuda.max_memory_allocated(predictor.runner.device) / 2**20
     return row
 
 
 def bench(models: Sequence[str | os.PathLike], backends: Sequence[str] = ("auto",), *, precision: str = "auto",
           batch_sizes: Sequence[int] = (1, 8, 32), threads: int | None = None, duration: float = 3.0,
           warmup: int = 3, images: str | os.PathLike | None = None, isolate: bool = True, progress: bool = True,
-          metadata: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+          metadata: dict[str, Any] | None = None, device: str = "auto", compile: bool = False,
+          cuda_graph: bool = False) -> list[dict[str, Any]]:
     """Every model on every backend; a row each (or {"error"} for a pair that cannot run)."""
     from tqdm.auto import tqdm
 
     _check(backends, batch_sizes, threads, duration, warmup)
+    if (compile or cuda_graph) and set(backends) != {"torch"}:
+        raise ConfigError(f"{'--compile' if compile else '--cuda-graph'} applies to the torch backend alone: give "
+                          "--backends torch")
+    from ..device import resolve_device
+
+    resolve_device(device)  # a device this machine lacks fails here, not in each measuring process
     if not models:
         raise ConfigError("give at least one model to measure")
     for m in models:
@@ -135,8 +148,8 @@ def bench(models: Sequence[str | os.PathLike], backends: Sequence[str] = ("auto"
     rows = []
     for model, backend in tqdm(pairs, desc="bench", unit="run", disable=None if progress else True):
         kwargs = dict(source=model, backend=backend, precision=precision, batch_sizes=list(batch_sizes),
-                      threads=threads, duration=duration, warmup=warmup,
-                      images=str(images) if images else None, metadata=metadata)
+                      threads=threads, duration=duration, warmup=warmup, images=str(images) if images else None,
+                      metadata=metadata, device=device, compile=compile, cuda_graph=cuda_graph)
         if isolate:
             rows.append(_in_child(kwargs))
         else:
@@ -187,7 +200,8 @@ def table(rows: list[dict[str, Any]], batch_sizes: Sequence[int]) -> str:
     header = ["model", "backend", "precision", "cold start s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms"]
     header += [f"b{b} img/s" for b in batch_sizes]
     header += [f"b{b} files img/s" for b in batch_sizes] if e2e else []
-    header += ["peak RSS MB", "file MB"]
+    gpu = any("peak_gpu_mb" in r for r in good)
+    header += ["peak RSS MB"] + (["peak GPU MB"] if gpu else []) + ["file MB"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 3 + "---:|" * (len(header) - 3)]
     for r in rows:
         if "error" in r:
@@ -196,6 +210,7 @@ def table(rows: list[dict[str, Any]], batch_sizes: Sequence[int]) -> str:
             continue
         backend = r["backend"] if r["asked"] != "auto" else "auto: " + ", ".join(
             f"b{b} {c}" for b, c in r["chosen"].items())
+        backend += f" on {r['device']}" if r.get("device", "cpu") != "cpu" else ""
         lat = r.get("latency_ms") or {}
         cells = [r["name"], backend, r["precision"], f"{r['cold_start_s']:.2f}"]
         cells += [f"{lat[f'p{q:g}']:.2f}" if lat else "-" for q in PERCENTILES]
@@ -206,7 +221,9 @@ def table(rows: list[dict[str, Any]], batch_sizes: Sequence[int]) -> str:
             for b in map(str, batch_sizes):
                 rate = r["end_to_end"].get(b)
                 cells.append(f"{rate:.1f} ({rate / r['throughput'][b]:.2f} of tensors)" if rate else "-")
-        cells += [f"{r['peak_rss_mb']:.0f}" if r.get("peak_rss_mb") else "-", f"{r['file_mb']:.1f}"]
+        cells += [f"{r['peak_rss_mb']:.0f}" if r.get("peak_rss_mb") else "-"]
+        cells += [f"{r['peak_gpu_mb']:.0f}" if "peak_gpu_mb" in r else "-"] if gpu else []
+        cells.append(f"{r['file_mb']:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -176,18 +176,18 @@ def onnx_for(source: Source) -> Path:
 
 
 def build_runner(source: Source, backend: str, device: torch.device, precision: str, threads: int | None = None,
-                 compile: bool = False) -> Runner:
+                 compile: bool = False, cuda_graph: bool = False) -> Runner:
     """`source` on `backend` (not auto)."""
     if backend not in KINDS[source.kind]:
         able = ", ".join(KINDS[source.kind])
         raise ConfigError(f"{source.path} ({source.kind}) runs on {able}, not on {backend}")
     precision = resolve_precision(backend, precision, device, source.info.export.get("dtype", "fp32"))
-    if compile and backend != "torch":
-        raise ConfigError(f"compile applies to the torch backend, not to {backend}")
+    if (compile or cuda_graph) and backend != "torch":
+        raise ConfigError(f"{'compile' if compile else 'CUDA graphs'} apply to the torch backend, not to {backend}")
     if backend == "torch":
         if threads:
             torch.set_num_threads(threads)
-        return TorchRunner(source.model, device, precision, compile=compile)
+        return TorchRunner(source.model, device, precision, compile=compile, cuda_graph=cuda_graph)
     if source.kind == "openvino":
         return OpenVinoRunner(source.path, device, precision, threads)
     onnx_path = source.path if source.kind == "onnx" else onnx_for(source)
@@ -227,7 +227,7 @@ class Predictor:
 
     @classmethod
     def load(cls, source: str | os.PathLike, backend: str = "auto", device: str = "auto", precision: str = "auto",
-             *, threads: int | None = None, compile: bool = False, batch_size: int = 1,
+             *, threads: int | None = None, compile: bool = False, cuda_graph: bool = False, batch_size: int = 1,
              metadata: dict[str, Any] | None = None) -> Predictor:
         """`source` on `backend`; `auto` measures the backends that can run it at `batch_size` and keeps the
         fastest (remembered per model file, batch size, threads and machine). `metadata` supplies what a
@@ -240,14 +240,15 @@ class Predictor:
             raise ConfigError(f"threads must be a positive count, got {threads!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size!r}")
-        if compile and backend != "torch":
-            raise ConfigError("compile applies to the torch backend: give backend='torch'")
+        if (compile or cuda_graph) and backend != "torch":
+            raise ConfigError(f"{'compile' if compile else 'cuda_graph'} applies to the torch backend: give "
+                              "backend='torch'")
         src = open_source(source, metadata)
         dev = resolve_device(device)
         if backend == "auto":
             runner, measured = choose_backend(src, dev, precision, threads, batch_size)
         else:
-            runner, measured = build_runner(src, backend, dev, precision, threads, compile), None
+            runner, measured = build_runner(src, backend, dev, precision, threads, compile, cuda_graph), None
         predictor = cls(runner, src.info, str(source), src.model)
         predictor.auto = measured
         return predictor
@@ -397,12 +398,15 @@ def timed_calls(fn: Callable[[], Any], seconds: float, min_calls: int = 3, max_c
     return times
 
 
-def sample_batch(info: ModelInfo, batch_size: int) -> torch.Tensor:
-    """A batch of the model's input kind for timing: normalised noise, or mid-grey pixels at the resize size."""
+def sample_batch(info: ModelInfo, batch_size: int, device: torch.device | None = None) -> torch.Tensor:
+    """A batch of the model's input kind for timing, on `device` (a GPU's figures are then the model's, not
+    the host-to-device copy's): normalised noise, or mid-grey pixels at the resize size."""
     p = info.pre
     if info.takes_pixels:
-        return torch.full((batch_size, p.resize_size, p.resize_size, p.in_chans), 128, dtype=torch.uint8)
-    return torch.randn(batch_size, p.in_chans, p.img_size, p.img_size, generator=torch.Generator().manual_seed(0))
+        x = torch.full((batch_size, p.resize_size, p.resize_size, p.in_chans), 128, dtype=torch.uint8)
+    else:
+        x = torch.randn(batch_size, p.in_chans, p.img_size, p.img_size, generator=torch.Generator().manual_seed(0))
+    return x.to(device) if device is not None else x
 
 
 def _auto_key(source: Source, device: torch.device, precision: str, threads: int | None, batch_size: int,

@@ -106,10 +106,11 @@ def classification_report(probs: np.ndarray, targets: np.ndarray, classes: list[
         f1=_safe_div(2 * tp, support + predicted), support=support)
 
 
-def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, int]:
-    """How many samples have their target among the top k scores, for each k (clipped to the class count).
+def topk_hits(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> torch.Tensor:
+    """How many samples have their target among the top k scores, for each k (clipped to the class count), as
+    a tensor on the logits' device: nothing waits for the device to finish.
 
-    Soft targets [N, C] (mixup, cutmix) count as their argmax. Stays on the tensors' device; one sync.
+    Soft targets [N, C] (mixup, cutmix) count as their argmax.
     """
     if targets.ndim == 2:
         targets = targets.argmax(1)
@@ -120,8 +121,12 @@ def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...
     own = logits.gather(1, targets)
     lower = torch.arange(logits.shape[1], device=logits.device) < targets
     rank = ((logits > own) | ((logits == own) & lower)).sum(1)  # classes ranked above the target
-    counts = torch.stack([(rank < min(k, logits.shape[1])).sum() for k in ks]).tolist()
-    return dict(zip(ks, counts))
+    return torch.stack([(rank < min(k, logits.shape[1])).sum() for k in ks])
+
+
+def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, int]:
+    """`topk_hits` as {k: count}."""
+    return dict(zip(ks, topk_hits(logits, targets, ks).tolist()))
 
 
 def most_confident_mistakes(probs: np.ndarray, targets: np.ndarray, k: int) -> np.ndarray:

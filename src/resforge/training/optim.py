@@ -76,11 +76,12 @@ def param_groups(model: nn.Module, cfg: OptimConfig, lr: float) -> list[dict]:
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg, lr)
-    # Adam's fused kernel halves its step (ResNet-50, batch 32 at 64 px, 2 CPU cores, right after
-    # backward: 16 ms fused, 31 default, 40 foreach); for SGD torch's default is already the fastest
-    # there (10 ms, fused 13, foreach 14), so it is left alone.
+    # Fused kernels where they are the fastest (benchmarks/train_throughput.py, benchmarks/gpu_train.py): Adam's
+    # everywhere; SGD's on CUDA only, since on a CPU torch's default loop beats it.
+    cuda = all(p.is_cuda for g in groups for p in g["params"])
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                               fused=cuda or None)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(groups, lr=lr, fused=True)
     if cfg.optimizer == "adamw":

@@ -26,11 +26,12 @@ from torch.optim.swa_utils import AveragedModel
 from .. import __version__
 from ..config import Config, get_option, load_yaml, merge, resolve_key, set_option, validate
 from ..data.folder import ImageFolderScan, scan_folder, scan_recorded_split
+from ..data.gpu_decode import BatchDecoder, EncodedBatch, EncodedDataset, Prefetcher, check_augment, collate
 from ..data.loader import CACHE_AUTO_BYTES, ImageDataset, cache_bytes, dataset_stats, make_loader, resolve_workers
 from ..data.transforms import BatchMix, Preprocess, eval_transform, imagenet_stats, make_preprocess, train_transform
 from ..device import autocast, resolve_amp, resolve_device, seed_everything
 from ..errors import CheckpointError, ConfigError, TrainingError
-from ..evaluation.metrics import topk_correct
+from ..evaluation.metrics import topk_correct, topk_hits
 from ..evaluation.runner import infer
 from ..io import write_csv, write_json, write_text
 from ..models import ResNet, create_model, load_model, save_model
@@ -50,7 +51,8 @@ Callback = Callable[[str, "Trainer"], None]
 # The model options an `--init` model fixes (its spec holds them).
 ARCH_OPTIONS = ("variant", "small_input", "width", "act", "norm", "se", "drop_rate", "drop_path_rate")
 # What a resumed run may change; anything else would make it another experiment.
-RESUMABLE = {"train.epochs", "train.patience", "train.time_limit", "train.device", "data.workers"}
+RESUMABLE = {"train.epochs", "train.patience", "train.time_limit", "train.device", "data.workers", "data.decode"}
+SYNC_EVERY = 10  # batches between the host's waits for the device: the progress figures and the loss check
 
 
 def new_run_dir(cfg: Config) -> Path:
@@ -68,16 +70,22 @@ def new_run_dir(cfg: Config) -> Path:
             path = root / f"{base}-{n}"
 
 
-def _ema_fn(decay: float) -> Callable:
-    """EMA update with timm's warm-up: early on, the average follows the weights faster."""
-    def update(ema: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor) -> None:
-        d = min(decay, (1 + int(n)) / (10 + int(n)))
-        if ema[0].is_floating_point():
-            torch._foreach_lerp_(ema, current, 1 - d)
-        else:
-            for e, c in zip(ema, current):
-                e.copy_(c)
-    return update
+def update_ema(ema: AveragedModel, model: nn.Module, decay: float) -> None:
+    """One EMA step with timm's warm-up (early on, the average follows the weights faster). Not
+    `AveragedModel.update_parameters`, which reads its count back from the device at every step; the count
+    stays on the host here."""
+    n = int(ema.n_averaged)
+    averaged = [*ema.module.parameters(), *ema.module.buffers()]
+    current = [*model.parameters(), *model.buffers()]
+    with torch.no_grad():
+        floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()] if n else []
+        if floats:
+            weight = 1 - min(decay, (1 + n) / (10 + n))
+            torch._foreach_lerp_([a for a, _ in floats], [c.detach() for _, c in floats], weight)
+        for a, c in zip(averaged, current):
+            if not n or not a.is_floating_point():
+                a.copy_(c.detach())
+    ema.n_averaged += 1
 
 
 class Trainer:
@@ -102,6 +110,11 @@ class Trainer:
         self.progress = progress and self.world.main
         self.device = distributed.device_for(self.world, resolve_device(cfg.train.device))
         self.amp_dtype = resolve_amp(cfg.train.amp, self.device)
+        if cfg.data.decode == "gpu":  # before the folder is scanned
+            if self.device.type != "cuda":
+                raise ConfigError(f"data.decode gpu decodes on the training GPU, and this run trains on "
+                                  f"{self.device}: use data.decode cpu")
+            check_augment(cfg.augment)
         if self.init_model is None and state is None:
             with torch.device("meta"):  # a bad model option fails now, not after the whole folder is decoded
                 create_model(cfg.model.name, num_classes=2, **self._model_kwargs())
@@ -258,21 +271,34 @@ class Trainer:
     def _setup_data(self) -> None:
         cfg, d = self.cfg, self.cfg.data
         pin = self.device.type == "cuda"
-        self.train_set = ImageDataset(self.scan.train, train_transform(self.pre, cfg.augment), self.pre,
-                                      seed=cfg.train.seed, max_pixels=d.max_pixels)
+        on_gpu = d.decode == "gpu"
+        if on_gpu:
+            self.train_set = EncodedDataset(self.scan.train, self.pre, cfg.augment, seed=cfg.train.seed,
+                                            max_pixels=d.max_pixels)
+            self.decoder = BatchDecoder(self.pre, self.device, [path for path, _ in self.scan.train], d.max_pixels)
+        else:
+            self.train_set = ImageDataset(self.scan.train, train_transform(self.pre, cfg.augment), self.pre,
+                                          seed=cfg.train.seed, max_pixels=d.max_pixels)
+            self.decoder = None
         self.val_set = ImageDataset(self.scan.val, eval_transform(self.pre), self.pre, max_pixels=d.max_pixels)
+        in_memory = [self.val_set] if on_gpu else [self.train_set, self.val_set]
         cached = d.cache == "on" or (d.cache == "auto" and cache_bytes(
-            self.scan.train + self.scan.val, self.scan.sizes, self.pre) < CACHE_AUTO_BYTES)
+            [s for ds in in_memory for s in ds.samples], self.scan.sizes, self.pre) < CACHE_AUTO_BYTES)
         if cached:
-            for ds in (self.train_set, self.val_set):
+            for ds in in_memory:
                 ds.build_cache(self.progress)
-        workers = resolve_workers(d.workers, cached, self.world.local_size)
+        workers = resolve_workers(d.workers, cached and not on_gpu, self.world.local_size)
         shard = dict(rank=self.world.rank, world=self.world.size)
         self.train_loader = make_loader(self.train_set, d.batch_size, train=True, workers=workers,
-                                        seed=cfg.train.seed, pin_memory=pin, **shard)
+                                        seed=cfg.train.seed, pin_memory=pin and not on_gpu,
+                                        collate_fn=collate if on_gpu else None, **shard)
         self.val_loader = make_loader(self.val_set, d.batch_size, train=False, workers=workers,
                                       seed=cfg.train.seed, pin_memory=pin, **shard)
         self.mix = BatchMix(cfg.augment, len(self.classes))
+
+    def train_batches(self) -> Any:
+        """The training loader, its batches decoded on the GPU a step ahead when data.decode is gpu."""
+        return self.train_loader if self.decoder is None else Prefetcher(self.train_loader, self.decoder)
 
     def _setup_optim(self) -> None:
         o, t = self.cfg.optim, self.cfg.train
@@ -286,8 +312,7 @@ class Trainer:
         self.steps_per_epoch = math.ceil(len(self.train_loader) / o.accum_steps)
         self.schedule = Schedule.create(o, t.epochs, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.ema = (AveragedModel(self.model, multi_avg_fn=_ema_fn(t.ema_decay), use_buffers=True)
-                    if t.ema else None)
+        self.ema = AveragedModel(self.model, use_buffers=True) if t.ema else None
         self.trained_params = [p for p in self.model.parameters() if p.requires_grad]
         self.l1_weights = [p for p in self.trained_params if p.ndim > 1]
         self.bn_scales = [m.weight for m in self.model.modules()  # SyncBatchNorm too
@@ -488,8 +513,11 @@ class Trainer:
             cb(event, self)
 
     # -- one step: the seam that lr-find, distillation and quantisation-aware training plug into --------
-    def prepare_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A loader's batch on the device, in the run's layout, mixed (MixUp/CutMix) when the recipe says so."""
+    def prepare_batch(self, x: torch.Tensor | EncodedBatch, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A loader's batch on the device (decoded there, for data.decode gpu), in the run's layout, mixed
+        (MixUp/CutMix) when the recipe says so."""
+        if isinstance(x, EncodedBatch):
+            x = self.decoder(x)
         x = x.to(self.device, non_blocking=True, memory_format=self.memory_format)
         return self.mix(x, y.to(self.device, non_blocking=True))
 
@@ -527,9 +555,11 @@ class Trainer:
         accum = cfg.optim.accum_steps
         set_train_mode(self.model, self.frozen)
         self.train_loader.sampler.set_epoch(epoch)
-        loss_sum, correct, seen, n_batches = 0.0, 0, 0, len(self.train_loader)
-        first_step = self.step
-        bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
+        n_batches = len(self.train_loader)
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss x images, top-1 hits
+        pending: list[tuple[int, int, torch.Tensor]] = []  # (batch, step, loss) not yet checked to be finite
+        loss_sum, correct, seen, first_step = 0.0, 0.0, 0, self.step
+        bar = tqdm(self.train_batches(), total=n_batches, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
                    disable=None if self.progress else True, unit="batch")
         if budget is not None:
             budget.epoch_started()
@@ -541,25 +571,20 @@ class Trainer:
             with distributed.grad_sync(self.ddp, stepped):
                 x, y = self.prepare_batch(x, y)
                 loss, logits = self.compute_loss(x, y)
-                loss_value = loss.item()
-                if not self._finite(loss_value):
-                    where = f"epoch {epoch + 1}, batch {i + 1}, optimiser step {self.step + 1}"
-                    kept = (f"the last good checkpoint is {self.run_dir / 'last.ckpt'} (epoch {self.epoch})"
-                            if self.epoch else "no checkpoint was written yet")
-                    value = loss_value if not math.isfinite(loss_value) else "not finite in another process"
-                    raise TrainingError(f"the loss became {value} at {where}; {kept}. Lower optim.lr, "
-                                        "set optim.clip_grad, or turn mixed precision off (train.amp off)")
                 self.backward(loss, first=i % accum == 0)
+            pending.append((i, self.step, loss.detach()))
+            totals += torch.stack([loss.detach().double() * len(x), topk_hits(logits.detach(), y, (1,))[0]])
+            seen += len(x)
             if stepped:
                 self.optimizer_step(self.schedule.factor(self.step))
                 if self.ema is not None:
-                    self.ema.update_parameters(self.model)
+                    update_ema(self.ema, self.model, self.cfg.train.ema_decay)
                 self.step += 1
                 self._emit("step_end")
-            loss_sum += loss_value * len(x)
-            correct += topk_correct(logits.detach(), y, (1,))[1]
-            seen += len(x)
-            if i % 10 == 0 or i + 1 == n_batches:
+            if (i + 1) % SYNC_EVERY == 0 or i + 1 == n_batches:
+                self._check_losses(pending, epoch)
+                pending = []
+                loss_sum, correct = totals.tolist()
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.1%}",
                                 lr=f"{self.optimizer.param_groups[-1]['lr']:.2e}",
                                 img_s=f"{seen / max(_budget.clock() - start, 1e-9):.0f}")
@@ -568,6 +593,8 @@ class Trainer:
                 if i + 1 < n_batches:
                     log.info("time limit: the epoch ends after %d of %d batches", i + 1, n_batches)
                 break
+        self._check_losses(pending, epoch)
+        loss_sum, correct = totals.tolist()
         self.optimizer.zero_grad(set_to_none=True)  # no gradients held through validation and saving
         elapsed = _budget.clock() - start
         loss_sum, correct, seen = self.world.sum([loss_sum, correct, seen])  # the global batches' figures
@@ -575,10 +602,23 @@ class Trainer:
                 "lr": self.optimizer.param_groups[-1]["lr"], "img_per_s": seen / max(elapsed, 1e-9),
                 "train_time_s": elapsed, "train_images": int(seen)}
 
-    def _finite(self, loss: float) -> bool:
-        """Whether every process's loss is finite (so that all of them stop together, none left waiting)."""
-        finite = math.isfinite(loss)
-        return self.world.sum([not finite])[0] == 0 if self.world.distributed else finite
+    def _check_losses(self, pending: list[tuple[int, int, torch.Tensor]], epoch: int) -> None:
+        """Stop at a loss that is not finite, in this process or another (all of them together, none left
+        waiting). Checked every SYNC_EVERY batches, so the device is not waited for at each step; the
+        checkpoint on disk is the last good epoch's either way."""
+        values = torch.stack([loss for _, _, loss in pending]).float().tolist() if pending else []
+        bad = next(((b, st, v) for (b, st, _), v in zip(pending, values) if not math.isfinite(v)), None)
+        if self.world.distributed:
+            if not self.world.sum([bad is not None])[0]:
+                return
+        elif bad is None:
+            return
+        batch, step, value = bad if bad is not None else (self.batch, self.step, "not finite in another process")
+        where = f"epoch {epoch + 1}, batch {batch + 1}, optimiser step {step + 1}"
+        kept = (f"the last good checkpoint is {self.run_dir / 'last.ckpt'} (epoch {self.epoch})"
+                if self.epoch else "no checkpoint was written yet")
+        raise TrainingError(f"the loss became {value} at {where}; {kept}. Lower optim.lr, set optim.clip_grad, or "
+                            "turn mixed precision off (train.amp off)")
 
     def _fit_to_budget(self, budget: TimeBudget, epoch_step: int) -> bool:
         """Re-plan the run's length after a step; True when the budget ends it here."""
