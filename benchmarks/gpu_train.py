@@ -180,7 +180,41 @@ def jpeg_folder(root: Path, images: int) -> Path:
     return root
 
 
-def part_data(args: argparse.Namespace, folder: Path, project: str, tmp: Path) -> list[tuple]:
+def stage_rates(t: Trainer, batches: int = 12) -> dict[str, float]:
+    """Images/s of each stage of the GPU data path alone: the loader processes (read, draw the plans, collate),
+    nvjpeg on batches held in memory, and the whole BatchDecoder (nvjpeg, crops, flips, normalisation)."""
+    from torchvision.io import decode_jpeg
+
+    t.train_loader.sampler.set_epoch(7)
+    held, seen, t0 = [], 0, time.perf_counter()
+    for x, _ in t.train_loader:
+        seen += len(x)
+        if len(held) < batches:
+            held.append(x)
+    rates = {"loader processes alone (read, plan, collate)": seen / (time.perf_counter() - t0)}
+
+    def rate(fn) -> float:
+        fn(held[0])
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for b in held:
+            fn(b)
+        torch.cuda.synchronize()
+        return sum(len(b) for b in held) / (time.perf_counter() - t0)
+
+    mode = t.decoder.mode
+    rates["nvjpeg alone (decode_jpeg of a batch)"] = rate(
+        lambda b: decode_jpeg([b.jpeg(k) for k in range(len(b)) if b.encoded[k]], mode=mode, device="cuda"))
+    files = [b.jpeg(k) for b in held[:4] for k in range(len(b)) if b.encoded[k]][:256]
+    t0 = time.perf_counter()
+    for f in files:
+        decode_jpeg(f, mode=mode)
+    rates["libjpeg on one CPU core (decode_jpeg on the CPU)"] = len(files) / (time.perf_counter() - t0)
+    rates["BatchDecoder alone (nvjpeg, crops, flips, normalisation)"] = rate(t.decoder)
+    return rates
+
+
+def part_data(args: argparse.Namespace, folder: Path, project: str, tmp: Path) -> tuple[list[tuple], dict]:
     jpegs = jpeg_folder(tmp / "jpegs", args.images)
     mb = sum(f.stat().st_size for f in jpegs.rglob("*.jpg")) / 1e6
     print(f"{args.images} JPEGs, {mb / args.images * 1000:.0f} KB each on average, in {jpegs}")
@@ -195,12 +229,21 @@ def part_data(args: argparse.Namespace, folder: Path, project: str, tmp: Path) -
     rows.append(("synthetic batches on the GPU (ceiling)", "-", timed_epochs(t, 2)))
     del t
     cores = os.cpu_count() or 2
-    for decode, workers in (("cpu", cores - 1), ("gpu", -1)):
+    stages = {}
+    for decode, workers in (("gpu", -1), ("cpu", cores - 1)):
         t = trainer(jpegs, project, b, decode=decode, workers=workers, **common)
         rows.append((f"JPEG files, data.decode {decode}", str(t.train_loader.num_workers), timed_epochs(t, 2)))
+        if decode == "gpu":
+            stages = stage_rates(t)
+        else:
+            seen, t0 = 0, time.perf_counter()
+            for xb, _ in t.train_loader:
+                seen += len(xb)
+            stages[f"CPU path: {t.train_loader.num_workers} loader processes alone (decode, crop, normalise)"] = \
+                seen / (time.perf_counter() - t0)
         del t
         torch.cuda.empty_cache()
-    return rows
+    return rows, stages
 
 
 def main() -> None:
@@ -227,7 +270,7 @@ def main() -> None:
             for label, name, hand, ours in rows:
                 print(f"| {label} | {name} | {hand:,.0f} | {ours:,.0f} | {ours / hand:.3f} |")
         if args.part in ("data", "all"):
-            rows = part_data(args, folder, tmp, Path(tmp))
+            rows, stages = part_data(args, folder, tmp, Path(tmp))
             ceiling = rows[0][2]
             print(f"\n### The data path: {header}, compile + bf16, random-resized crops and flips; "
                   f"{os.cpu_count()} CPU cores; the second epoch timed\n")
@@ -235,6 +278,9 @@ def main() -> None:
             print("|---|---:|---:|---:|")
             for label, workers, rate in rows:
                 print(f"| {label} | {workers} | {rate:,.0f} | {rate / ceiling:.3f} |")
+            print("\nEach stage alone, on the same files (img/s):\n\n| stage | img/s |\n|---|---:|")
+            for label, rate in stages.items():
+                print(f"| {label} | {rate:,.0f} |")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ for part in $parts; do
   start=$(date +%s)
   case $part in
     tests) timeout 210 python3 -m pytest -q -p no:cacheprovider -o addopts="-ra --durations=15" \
-             tests/training/test_cuda.py tests/deploy/test_cuda.py tests/data/test_gpu_decode.py 2>&1 \
+             tests/training/test_cuda_training.py tests/deploy/test_cuda_inference.py tests/data/test_gpu_decode.py 2>&1 \
              | tee "$OUT/tests.log" | grep -v "Warning\|warnings.warn" ;;
     train) timeout 240 python3 benchmarks/gpu_train.py --images 12000 --steps 20 2>&1 | tee "$OUT/train.log" \
              | grep -v "^W1\|Warning" ;;

@@ -71,16 +71,25 @@ class Plan:
 
 @dataclass
 class EncodedBatch:
-    """A batch as the loader processes leave it: each image still encoded (JPEG bytes, uint8 1-D) or, where
-    nvjpeg is not given it, decoded by PIL (uint8 CxHxW), with its plan and its sample index."""
+    """A batch as the loader processes leave it: the JPEGs nvjpeg is given, end to end in one buffer (one
+    transfer between processes, not one per image), the images PIL decoded, each image's plan and sample index."""
 
-    images: list[torch.Tensor]
-    encoded: list[bool]
+    data: torch.Tensor  # uint8, 1-D
+    spans: list[tuple[int, int]]  # (start, length) of each image's file in `data`; length 0: in `pixels`
+    pixels: dict[int, torch.Tensor]  # position in the batch -> uint8 CxHxW
     plans: list[Plan]
     index: list[int]
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.spans)
+
+    @property
+    def encoded(self) -> list[bool]:
+        return [n > 0 for _, n in self.spans]
+
+    def jpeg(self, k: int) -> torch.Tensor:
+        start, n = self.spans[k]
+        return self.data[start:start + n]
 
 
 class EncodedDataset(Dataset):
@@ -140,8 +149,18 @@ class EncodedDataset(Dataset):
 
 
 def collate(items: list[tuple[tuple[torch.Tensor, bool, Plan, int], int]]) -> tuple[EncodedBatch, torch.Tensor]:
-    images, encoded, plans, index = zip(*(item for item, _ in items))
-    return EncodedBatch(list(images), list(encoded), list(plans), list(index)), torch.tensor([y for _, y in items])
+    spans, pixels, files, start = [], {}, [], 0
+    for k, ((image, encoded, _, _), _) in enumerate(items):
+        if encoded:
+            files.append(image)
+            spans.append((start, len(image)))
+            start += len(image)
+        else:
+            spans.append((start, 0))
+            pixels[k] = image
+    data = torch.cat(files) if files else torch.empty(0, dtype=torch.uint8)
+    return (EncodedBatch(data, spans, pixels, [item[2] for item, _ in items], [item[3] for item, _ in items]),
+            torch.tensor([y for _, y in items]))
 
 
 class BatchDecoder:
@@ -173,9 +192,9 @@ class BatchDecoder:
         out: list[torch.Tensor | None] = [None] * len(batch)
         jpegs = [k for k, enc in enumerate(batch.encoded) if enc and batch.index[k] not in self.on_cpu]
         try:
-            decoded = decode_jpeg([batch.images[k] for k in jpegs], mode=self.mode, device=self.device) if jpegs else []
+            decoded = decode_jpeg([batch.jpeg(k) for k in jpegs], mode=self.mode, device=self.device) if jpegs else []
         except RuntimeError:  # one bad file fails the call: find it, one by one
-            decoded = [self._decode_one(batch.images[k], batch.index[k]) for k in jpegs]
+            decoded = [self._decode_one(batch.jpeg(k), batch.index[k]) for k in jpegs]
         for k, image in zip(jpegs, decoded):
             out[k] = image
         for k, image in enumerate(out):
@@ -194,11 +213,11 @@ class BatchDecoder:
             return None
 
     def _pixels(self, batch: EncodedBatch, k: int) -> torch.Tensor:
-        if not batch.encoded[k]:
-            return batch.images[k]
+        if k in batch.pixels:
+            return batch.pixels[k]
         # At full size (the plan was drawn on it), straight to the model's channels as nvjpeg would (a draft
         # that cannot shrink the image: for a gray model, libjpeg's luma, not PIL's conversion of RGB).
-        image = load_image(batch.images[k].numpy().tobytes(), self.pre.mode, self.max_pixels, min_size=1 << 30,
+        image = load_image(batch.jpeg(k).numpy().tobytes(), self.pre.mode, self.max_pixels, min_size=1 << 30,
                            name=self.names[batch.index[k]])
         return pil_to_tensor(image)
 
