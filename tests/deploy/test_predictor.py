@@ -235,3 +235,17 @@ print("survived")
 """
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "survived", (r.returncode, r.stderr[-2000:])
+
+
+def test_auto_device_is_the_cpu_for_an_engine_that_cannot_use_the_gpu(monkeypatch):
+    """On a GPU machine, onnxruntime without its CUDA provider and OpenVINO run on the CPU when no device is named
+    (an H200 with the plain onnxruntime wheel refused `--backend onnxruntime` before)."""
+    import onnxruntime
+
+    from resforge.deploy.predictor import backend_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert backend_device("onnxruntime", "auto") == torch.device("cpu")
+    assert backend_device("openvino", "auto") == torch.device("cpu")
+    assert backend_device("onnxruntime", "cpu") == torch.device("cpu")

@@ -175,6 +175,16 @@ def onnx_for(source: Source) -> Path:
     return path
 
 
+def backend_device(backend: str, device: str) -> torch.device:
+    """`device` for `backend`: auto is the GPU where there is one and the backend can run there, else the CPU
+    (OpenVINO here, and an onnxruntime build without its CUDA provider, run on the CPU)."""
+    if device == "auto" and backend in ("onnxruntime", "openvino"):
+        able = backend == "onnxruntime" and "CUDAExecutionProvider" in require_backend(backend).get_available_providers()
+        if not able:
+            return torch.device("cpu")
+    return resolve_device(device)
+
+
 def build_runner(source: Source, backend: str, device: torch.device, precision: str, threads: int | None = None,
                  compile: bool = False, cuda_graph: bool = False) -> Runner:
     """`source` on `backend` (not auto)."""
@@ -244,7 +254,7 @@ class Predictor:
             raise ConfigError(f"{'compile' if compile else 'cuda_graph'} applies to the torch backend: give "
                               "backend='torch'")
         src = open_source(source, metadata)
-        dev = resolve_device(device)
+        dev = backend_device(backend, device)
         if backend == "auto":
             runner, measured = choose_backend(src, dev, precision, threads, batch_size)
         else:
