@@ -319,9 +319,9 @@ def ensemble(sources: list[str | os.PathLike], data: str | os.PathLike, *, weigh
     _check_batching(batch_size, workers)
     if weights is not None and fit:
         raise ConfigError("give --weights or --fit-weights, not both")
+    chosen = check_weights(weights, len(sources)) if weights is not None else None  # before any model is read
     members = open_members(sources)
     names = [str(s) for s in sources]
-    chosen = check_weights(weights, len(members)) if weights is not None else None
     predictors = [Predictor(TorchRunner(m.model, torch.device("cpu"), "fp32"), m.info, n, m.model)
                   for n, m in zip(names, members)]
     classes = members[0].info.classes
