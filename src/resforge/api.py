@@ -131,6 +131,8 @@ def tune(data: str | os.PathLike | None = None, *, trials: int | None = None, sp
                             20 if trials is None else trials, pruner, storage, study, out, search_seed)
         state.update(model=model, recipe=recipe, config=str(config) if config else None)
         _config(state["data"], model, recipe, config, options)  # a bad option fails before the folder is made
+        if storage is not None:
+            t.open_storage(storage)  # and so does a storage that cannot be opened
         t.write_state(out, state)
 
     def make_config(params: dict[str, Any]) -> Config:
