@@ -40,10 +40,15 @@ def test_round_trip_through_yaml():
 
 @pytest.mark.parametrize("key, value, message", [
     ("epoch", 3, "did you mean 'epochs'"),
-    ("epochs", "many", "train.epochs must be int"),
+    ("epochs", "many", "train.epochs must be a positive whole number, got 'many'"),
     ("amp", "fp8", "one of auto, bf16, fp16, off"),
-    ("ema", "maybe", "must be bool"),
+    ("ema", "maybe", "must be true or false"),
     ("optim.nonsense", 1, "unknown option"),
+    ("lr", float("nan"), r"optim.lr must be a positive number, got nan"),
+    ("time_limit", float("inf"), r"train.time_limit must be a number at least 0, got inf"),
+    ("sparsity", "1e400", r"train.sparsity must be a number in \[0, 1\), got '1e400'"),
+    ("epochs", 2.5, "train.epochs must be a positive whole number, got 2.5"),
+    ("scale", [0.5, float("inf")], r"augment.scale must be a comma-separated list of numbers in \(0, 1\]"),
 ])
 def test_bad_options_are_named(key, value, message):
     with pytest.raises(ConfigError, match=message):
@@ -77,9 +82,10 @@ def test_cli_flags_are_generated_for_every_option():
     args = parser.parse_args(["--epochs", "4", "--no-channels-last", "--scale", "0.3", "1", "--freeze",
                               "stem,layer1", "--model", "resnet18", "--small-input", "--set", "optim.gamma=0.5"])
     over = overrides_from_args(args)
-    assert over == {"train.epochs": "4", "train.channels_last": False, "augment.scale": ["0.3", "1"],
-                    "optim.freeze": "stem,layer1", "model.name": "resnet18", "model.small_input": True,
+    assert over == {"train.epochs": 4, "train.channels_last": False, "augment.scale": [0.3, 1.0],
+                    "optim.freeze": ["stem", "layer1"], "model.name": "resnet18", "model.small_input": True,
                     "optim.gamma": 0.5}
+    assert type(over["train.epochs"]) is int and type(over["optim.gamma"]) is float
     cfg = build_config(overrides=over)
     assert cfg.train.epochs == 4 and cfg.augment.scale == [0.3, 1.0] and cfg.optim.freeze == ["stem", "layer1"]
     assert parser.parse_args([]).__dict__ == {"set": None}  # unset flags override nothing

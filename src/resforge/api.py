@@ -131,6 +131,8 @@ def tune(data: str | os.PathLike | None = None, *, trials: int | None = None, sp
                             20 if trials is None else trials, pruner, storage, study, out, search_seed)
         state.update(model=model, recipe=recipe, config=str(config) if config else None)
         _config(state["data"], model, recipe, config, options)  # a bad option fails before the folder is made
+        if storage is not None:
+            t.open_storage(storage)  # and so does a storage that cannot be opened
         t.write_state(out, state)
 
     def make_config(params: dict[str, Any]) -> Config:
@@ -319,9 +321,9 @@ def ensemble(sources: list[str | os.PathLike], data: str | os.PathLike, *, weigh
     _check_batching(batch_size, workers)
     if weights is not None and fit:
         raise ConfigError("give --weights or --fit-weights, not both")
+    chosen = check_weights(weights, len(sources)) if weights is not None else None  # before any model is read
     members = open_members(sources)
     names = [str(s) for s in sources]
-    chosen = check_weights(weights, len(members)) if weights is not None else None
     predictors = [Predictor(TorchRunner(m.model, torch.device("cpu"), "fp32"), m.info, n, m.model)
                   for n, m in zip(names, members)]
     classes = members[0].info.classes

@@ -4,25 +4,41 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Callable
+from typing import Any, NoReturn
 
 from .errors import ConfigError, ResforgeError
+from .options import add_flags, flag_type
 
 log = logging.getLogger("resforge")
+INT, FLOAT = flag_type(int), flag_type(float)  # argparse types: a whole number; a finite number (no nan or inf)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose refusals are one line (raised, so `main` answers them like every other error), and which
+    takes -1,2 or -1e-3 as a value, not a flag (as newer Pythons' argparse does)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"-\.?\d")
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{message} (see '{self.prog} --help')")
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
     from .models.resnet import ACTIVATIONS, NORMS, VARIANTS
 
     g = p.add_argument_group("model options")
-    g.add_argument("--num-classes", type=int, default=1000, help="classifier outputs (default: 1000)")
-    g.add_argument("--in-chans", type=int, default=3, help="input channels, 1 for grayscale (default: 3)")
+    g.add_argument("--num-classes", type=INT, default=1000, help="classifier outputs (default: 1000)")
+    g.add_argument("--in-chans", type=INT, default=3, help="input channels, 1 for grayscale (default: 3)")
     g.add_argument("--variant", choices=VARIANTS, default=None,
                    help="v1.5: stride on the 3x3 (default); v1: stride on the first 1x1 (paper, Keras); "
                         "d: deep stem + avg-pool shortcut")
     g.add_argument("--small-input", action="store_true", help="3x3 stride-1 stem, no max-pool (images <= 64 px)")
-    g.add_argument("--width", type=float, default=1.0, help="channel width multiplier (default: 1.0)")
+    g.add_argument("--width", type=FLOAT, default=1.0, help="channel width multiplier (default: 1.0)")
     g.add_argument("--act", choices=list(ACTIVATIONS), default="relu", help="activation (default: relu)")
     g.add_argument("--norm", choices=NORMS, default="batchnorm", help="normalisation (default: batchnorm)")
     g.add_argument("--se", action="store_true", help="squeeze-and-excitation in every block")
@@ -189,10 +205,10 @@ def _metadata_options(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("for a model file without resforge's metadata (an ONNX file from elsewhere)")
     g.add_argument("--classes", help="class names, comma-separated, or a text file with one per line")
-    g.add_argument("--img-size", type=int, help="input size (default: read from the graph)")
-    g.add_argument("--crop-pct", type=float, help="centre-crop fraction of the resized image (default: 0.875)")
-    g.add_argument("--mean", type=float, nargs="+", help="normalisation mean per channel (default: ImageNet's)")
-    g.add_argument("--std", type=float, nargs="+", help="normalisation std per channel (default: ImageNet's)")
+    g.add_argument("--img-size", type=INT, help="input size (default: read from the graph)")
+    g.add_argument("--crop-pct", type=FLOAT, help="centre-crop fraction of the resized image (default: 0.875)")
+    g.add_argument("--mean", type=FLOAT, nargs="+", help="normalisation mean per channel (default: ImageNet's)")
+    g.add_argument("--std", type=FLOAT, nargs="+", help="normalisation std per channel (default: ImageNet's)")
     g.add_argument("--interpolation", choices=CHOICES["data.interpolation"], help="resize interpolation")
 
 
@@ -233,16 +249,6 @@ def cmd_export(args: argparse.Namespace) -> None:
     result = api.export(args.model, args.format, args.output, opset=args.opset, dynamic_batch=args.dynamic_batch,
                         dtype=args.dtype, embed_preprocessing=args.embed_preprocessing, images=args.images)
     print(result.path)
-
-
-def _list_of(kind: type, what: str) -> Callable[[str], list]:
-    """An argparse type for comma-separated values of `kind`."""
-    def parse(text: str) -> list:
-        try:
-            return [kind(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
-    return parse
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -301,7 +307,7 @@ def cmd_data_import(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="resforge",
         description="Train, evaluate, export, benchmark and use ResNet image classifiers on a folder of images.",
         epilog="Run 'resforge COMMAND --help' for the options of a command.")
@@ -321,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Count a model's parameters and multiply-accumulates at an input size, stage by stage. "
             "Counted on the model itself (torch's FlopCounterMode), not looked up.")
     p.add_argument("model", help="model name (see 'resforge models')")
-    p.add_argument("--img-size", type=int, default=224, help="square input size in pixels (default: 224)")
+    p.add_argument("--img-size", type=INT, default=224, help="square input size in pixels (default: 224)")
     _model_options(p)
 
     p = add("train", cmd_train, "train or fine-tune on a folder of images",
@@ -332,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue a run from its last.ckpt; with --epochs N a changed length refits the "
                         "remaining lr decay, and a finished run gets a new cosine cycle")
-    p.add_argument("--devices", type=int, default=1, metavar="N",
+    p.add_argument("--devices", type=INT, default=1, metavar="N",
                    help="train in N processes with DDP (one per GPU, or sharing the CPU cores), launched by torch's "
                         "elastic agent; --batch-size stays the global batch, so N changes the speed, not the run. "
                         "Several machines: torchrun --nnodes ... -m resforge train (README)")
@@ -348,14 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
             "the study (SQLite), trials/, summary.md, plots/ and best.yaml (for train --config). A killed search "
             "continues with --resume DIR; processes given one --storage URL and --study share the study.")
     p.add_argument("data", nargs="?", help="image folder")
-    p.add_argument("--trials", type=int, help="finished trials the study should hold (default: 20)")
-    p.add_argument("--space", type=lambda s: [v.strip() for v in s.split(",") if v.strip()],
+    p.add_argument("--trials", type=INT, help="finished trials the study should hold (default: 20)")
+    p.add_argument("--space", type=flag_type(list[str]),
                    help=f"what to search, among {', '.join(SPACE)} (default: {','.join(DEFAULT_SPACE)})")
     p.add_argument("--pruner", default="median", choices=PRUNERS, help="stops weak trials early (default: median)")
     p.add_argument("--storage", help="Optuna storage URL shared by several processes, e.g. "
                                      "postgresql://host/db (default: sqlite in the search's folder)")
     p.add_argument("--study", help="study name within the storage (default: the folder's name)")
-    p.add_argument("--search-seed", type=int, help="seed of the sampler (default: random)")
+    p.add_argument("--search-seed", type=INT, help="seed of the sampler (default: random)")
     p.add_argument("--resume", metavar="DIR", help="continue a search that was stopped")
     _config_options(p)
 
@@ -369,15 +375,15 @@ def build_parser() -> argparse.ArgumentParser:
     _compression_options(p)
     target = p.add_argument_group("the target: one of --ratio, --macs, --latency, or (unstructured) --sparsity "
                                   "with --sparsity-scope among the train options")
-    target.add_argument("--ratio", type=float, help="share of each layer's channels to remove, e.g. 0.3")
-    target.add_argument("--macs", type=float, help="share of the MACs to keep, e.g. 0.5")
-    target.add_argument("--latency", type=float, metavar="MS",
+    target.add_argument("--ratio", type=FLOAT, help="share of each layer's channels to remove, e.g. 0.3")
+    target.add_argument("--macs", type=FLOAT, help="share of the MACs to keep, e.g. 0.5")
+    target.add_argument("--latency", type=FLOAT, metavar="MS",
                         help="milliseconds at batch 1 to reach, measured here on onnxruntime at the run's input size "
                              "(the channel ratio is searched by bisection)")
     p.add_argument("--importance", choices=IMPORTANCE, default="l1",
                    help="which channels go first: l1/l2 weight norm (default: l1), bn-scale (network slimming; "
                         "train with --l1-bn), taylor (gradients on a few training batches)")
-    p.add_argument("--round-to", type=int, default=8, help="keep widths a multiple of this (default: 8)")
+    p.add_argument("--round-to", type=INT, default=8, help="keep widths a multiple of this (default: 8)")
 
     p = add("lowrank", cmd_lowrank, "factorise a trained model's layers into low-rank products, then fine-tune",
             "The classifier and 1x1 convolutions by truncated SVD, 3x3 convolutions by Tucker-2, each at the smallest "
@@ -385,8 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
             "fine-tuned like prune (the source run's split, distilled from the original model).")
     _compression_options(p)
     target = p.add_argument_group("the target: one of --energy or --latency")
-    target.add_argument("--energy", type=float, help="share of each layer's energy kept (default: 0.9)")
-    target.add_argument("--latency", type=float, metavar="MS",
+    target.add_argument("--energy", type=FLOAT, help="share of each layer's energy kept (default: 0.9)")
+    target.add_argument("--latency", type=FLOAT, metavar="MS",
                         help="milliseconds at batch 1 to reach, measured here on onnxruntime at the run's input size "
                              "(the energy is searched by bisection from 0.99 down to 0.5)")
 
@@ -398,14 +404,14 @@ def build_parser() -> argparse.ArgumentParser:
             "same name, it resumes where it stopped.")
     p.add_argument("model", help="run directory")
     p.add_argument("--target", required=True, help="latency=5ms | size=10MB | macs=1G | accuracy-drop=1.0")
-    p.add_argument("--budget", type=float, help="minutes of fine-tuning in all (default: --epochs per fine-tune)")
-    p.add_argument("--epochs", type=int, help="epochs per fine-tune without --budget (default: the auto recipe's)")
+    p.add_argument("--budget", type=FLOAT, help="minutes of fine-tuning in all (default: --epochs per fine-tune)")
+    p.add_argument("--epochs", type=INT, help="epochs per fine-tune without --budget (default: the auto recipe's)")
     p.add_argument("--name", help="output folder name (default: <run>-optimize)")
     p.add_argument("--project", help="folder holding it (default: the run's)")
-    p.add_argument("--macs", type=float, default=0.5, help="share of the MACs pruning keeps (default: 0.5)")
-    p.add_argument("--energy", type=float, default=0.9, help="low-rank energy kept (default: 0.9)")
-    p.add_argument("--calib", type=int, default=256, help="int8 calibration images (default: 256)")
-    p.add_argument("--duration", type=float, default=2.0, help="seconds of timed calls per figure (default: 2)")
+    p.add_argument("--macs", type=FLOAT, default=0.5, help="share of the MACs pruning keeps (default: 0.5)")
+    p.add_argument("--energy", type=FLOAT, default=0.9, help="low-rank energy kept (default: 0.9)")
+    p.add_argument("--calib", type=INT, default=256, help="int8 calibration images (default: 256)")
+    p.add_argument("--duration", type=FLOAT, default=2.0, help="seconds of timed calls per figure (default: 2)")
 
     from .compress import quantize as q
 
@@ -423,13 +429,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=q.BACKENDS, default="onnxruntime", help="engine the file is for "
                                                                                "(default: onnxruntime)")
     p.add_argument("--output", "-o", help="file to write (default: beside the weights, e.g. <run>/best-int8.onnx)")
-    p.add_argument("--calib", type=int, default=256, help="calibration images (default: 256)")
+    p.add_argument("--calib", type=INT, default=256, help="calibration images (default: 256)")
     p.add_argument("--method", choices=q.METHODS, default="minmax", help="onnxruntime's range calibration "
                                                                         "(default: minmax)")
     p.add_argument("--activations", choices=q.ACTIVATIONS, default="auto",
                    help="onnxruntime's activation type: auto measures u8 and s8 here and keeps the faster")
     p.add_argument("--images", help="folder of images to calibrate on (default: the run's training split)")
-    p.add_argument("--max-drop", type=float, metavar="POINTS",
+    p.add_argument("--max-drop", type=FLOAT, metavar="POINTS",
                    help="top-1 points int8 may lose on the validation split: the most sensitive layers stay in fp32 "
                         "until it holds (onnxruntime: the noisiest by its QDQ debugging tools, doubling; openvino: "
                         "NNCF's accuracy control)")
@@ -438,9 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Grow the learning rate exponentially over a short run with the recipe's model, data and "
             "optimiser; plot the smoothed loss and suggest the rate where it falls fastest.")
     p.add_argument("data", help="image folder")
-    p.add_argument("--steps", type=int, default=100, help="steps of the test (default: 100)")
-    p.add_argument("--start-lr", type=float, default=1e-6, help="first learning rate (default: 1e-6)")
-    p.add_argument("--end-lr", type=float, default=10.0, help="last learning rate (default: 10)")
+    p.add_argument("--steps", type=INT, default=100, help="steps of the test (default: 100)")
+    p.add_argument("--start-lr", type=FLOAT, default=1e-6, help="first learning rate (default: 1e-6)")
+    p.add_argument("--end-lr", type=FLOAT, default=10.0, help="last learning rate (default: 10)")
     p.add_argument("--out", help="output folder for lr_find.png/json (default: <project>/lr_find)")
     _config_options(p)
 
@@ -456,17 +462,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="class-folder tree, or a split layout (its test, else val, split is used)")
     p.add_argument("--tta", choices=TTA_MODES, help="test-time augmentation: flip (2 views) or multicrop (ten crops)")
     p.add_argument("--out", help="output folder (default: <run>/eval-<folder>)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
-    p.add_argument("--workers", type=int, default=-1, help="data-loading processes (default: spare cores)")
+    p.add_argument("--batch-size", type=INT, default=64, help="images per batch (default: 64)")
+    p.add_argument("--workers", type=INT, default=-1, help="data-loading processes (default: spare cores)")
     _deploy_options(p)
 
     p = add("predict", cmd_predict, "top-k classes for image files, folders or globs")
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("paths", nargs="+", help="image files, folders (searched recursively) or glob patterns")
-    p.add_argument("--topk", type=int, default=5, help="classes per image (default: 5)")
+    p.add_argument("--topk", type=INT, default=5, help="classes per image (default: 5)")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format")
     p.add_argument("--output", "-o", help="write to this file instead of stdout")
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
+    p.add_argument("--batch-size", type=INT, default=64, help="images per batch (default: 64)")
     _deploy_options(p)
 
     from .deploy.convert import DEFAULT_OPSET
@@ -480,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help=SAVED_MODEL_HELP)
     p.add_argument("--format", choices=FORMATS, default="onnx", help="file format (default: onnx)")
     p.add_argument("--output", "-o", help="file to write (default: beside the weights, e.g. <run>/best.onnx)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")
+    p.add_argument("--opset", type=INT, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")
     p.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: a fixed batch of 1)")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="weights and activations (default: fp32)")
     p.add_argument("--embed-preprocessing", action="store_true",
@@ -502,11 +508,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch backend: torch.compile the model")
     p.add_argument("--cuda-graph", action="store_true",
                    help="torch backend on CUDA: replay each batch size's forward pass from a CUDA graph")
-    p.add_argument("--batch-sizes", type=_list_of(int, "whole numbers"), default=[1, 8, 32],
+    p.add_argument("--batch-sizes", type=flag_type(list[int]), default=[1, 8, 32],
                    help="comma-separated (default: 1,8,32)")
-    p.add_argument("--threads", type=int, help="threads per engine (default: all cores)")
-    p.add_argument("--duration", type=float, default=3.0, help="seconds of timed calls per figure (default: 3)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed calls before each figure (default: 3)")
+    p.add_argument("--threads", type=INT, help="threads per engine (default: all cores)")
+    p.add_argument("--duration", type=FLOAT, default=3.0, help="seconds of timed calls per figure (default: 3)")
+    p.add_argument("--warmup", type=INT, default=3, help="untimed calls before each figure (default: 3)")
     p.add_argument("--images", help="folder of images: adds end-to-end figures from files")
     p.add_argument("--json", help="also write the measurements as JSON to this file")
     p.add_argument("--markdown", help="also write the table as markdown to this file")
@@ -522,45 +528,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("models", nargs="+", help=SAVED_MODEL_HELP + " (two or more)")
     p.add_argument("--data", required=True, help="labelled image folder to evaluate on (its test split, else val)")
     w = p.add_mutually_exclusive_group()
-    w.add_argument("--weights", type=_list_of(float, "numbers"),
+    w.add_argument("--weights", type=flag_type(list[float]),
                    help="comma-separated, one per model (default: equal)")
     w.add_argument("--fit-weights", action="store_true",
                    help="fit the weights on the first run's validation split (lowest log-loss)")
     p.add_argument("--out", help="output folder (default: runs/ensemble-<data folder>)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=-1, help="image loading processes (default: automatic)")
+    p.add_argument("--batch-size", type=INT, default=64)
+    p.add_argument("--workers", type=INT, default=-1, help="image loading processes (default: automatic)")
 
-    from .deploy.serve import API_KEY_ENV, ServeOptions
+    from .deploy.serve import ServeOptions
 
-    d = ServeOptions()
     p = add("serve", cmd_serve, "serve a model over HTTP: micro-batched predictions, metrics, a page to try it",
             "FastAPI on uvicorn: POST /v1/predict (an image as the body, or several as multipart files; ?topk=, "
             "?timeout=), GET /health, /ready, /v1/metadata, /metrics (Prometheus), /docs, and a page at / to drop "
             "images on. Requests are batched: a batch leaves when --max-batch images wait or the oldest has "
             "waited --max-wait-ms. A full queue answers 503 at once; SIGTERM answers what is queued, then exits.")
     p.add_argument("model", help=MODEL_HELP)
-    p.add_argument("--host", default=d.host, help=f"address to bind (default: {d.host}; any other needs --api-key)")
-    p.add_argument("--port", type=int, default=d.port, help=f"(default: {d.port}; 0: a free port, logged)")
     _deploy_options(p)
-    g = p.add_argument_group("batching")
-    g.add_argument("--max-batch", type=int, default=d.max_batch, help=f"images per batch (default: {d.max_batch})")
-    g.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
-                   help=f"how long the oldest image waits for a fuller batch (default: {d.max_wait_ms:g})")
-    g.add_argument("--queue", type=int, default=d.queue, help=f"images waiting, at most (default: {d.queue})")
-    g.add_argument("--workers", type=int, help="threads decoding images (default: the CPU cores)")
-    g.add_argument("--timeout", type=float, default=d.timeout,
-                   help=f"seconds a request may take, unless it asks for less (default: {d.timeout:g})")
-    g = p.add_argument_group("limits and access")
-    g.add_argument("--max-bytes", type=int, default=d.max_bytes,
-                   help=f"request body size (default: {d.max_bytes:,})")
-    g.add_argument("--max-images", type=int, default=d.max_images,
-                   help=f"images per request (default: {d.max_images})")
-    g.add_argument("--max-pixels", type=int, default=d.max_pixels,
-                   help=f"pixels an image may declare (default: {d.max_pixels:,})")
-    g.add_argument("--api-key", help=f"required by every route but /health (default: ${API_KEY_ENV}); needed to "
-                                     "bind anything but loopback")
-    g.add_argument("--cors", action="append", metavar="ORIGIN", help="allow browser calls from this origin "
-                                                                      "(repeatable; default: none)")
+    add_flags(p, ServeOptions, show_default=True)
 
     def data_usage(args: argparse.Namespace) -> None:
         args.data_parser.error("give a data command: inspect or import")
@@ -575,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "that would be skipped; write inspect.json and a samples.png grid.")
     q.add_argument("folder", help="image folder (root/<class>/* or root/{train,val,test}/<class>/*)")
     q.add_argument("--out", help="output folder (default: runs/inspect-<folder>)")
-    q.add_argument("--per-class", type=int, default=4, help="sample images per class in the grid (default: 4)")
+    q.add_argument("--per-class", type=INT, default=4, help="sample images per class in the grid (default: 4)")
     q.set_defaults(func=cmd_data_inspect)
     q = data_sub.add_parser("import", help="write a known dataset as an image folder",
                             description="Write a dataset as root/{train,test}/<class>/*.png with its official "
@@ -591,15 +576,15 @@ def build_parser() -> argparse.ArgumentParser:
             "Write the bundled Fashion-MNIST sample (4,000 train + 1,000 test images) to data/, inspect it, train "
             "on it for a few minutes with the default recipe (what 'resforge train FOLDER --time-limit N' does), "
             "evaluate it on the test split and write the report.")
-    p.add_argument("--minutes", type=float, default=3.0, help="training time budget, above 0 (default: 3)")
+    p.add_argument("--minutes", type=FLOAT, default=3.0, help="training time budget, above 0 (default: 3)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")  # other libraries: their warnings only
-    log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")  # other libraries: their warnings only
+        log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
         args.func(args)
     except (ResforgeError, OSError) as e:  # OSError: a folder not writable, a disk full
         print(f"resforge: error: {e}", file=sys.stderr)

@@ -1,8 +1,8 @@
 """One config object for the whole path: defaults < recipe < config file < flags < --set.
 
 Each stage reads its own section. Every field is a command-line flag of the same name (generated
-from the dataclasses, with the help text kept beside the field), a YAML key in its section, and a
-keyword of `resforge.train`. The resolved config is saved in every run directory.
+from the dataclasses, with the help text and range kept beside the field), a YAML key in its
+section, and a keyword of `resforge.train`. The resolved config is saved in every run directory.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import types
+import functools
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -20,12 +20,8 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-
-
-def _opt(default: Any, help: str, **kw: Any) -> Any:
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
+from .options import BOUNDS, add_flags, convert
+from .options import option as _opt
 
 
 @dataclass
@@ -35,12 +31,12 @@ class ModelConfig:
     variant: str | None = _opt(None, "v1.5: stride on the 3x3; v1: on the first 1x1 (paper, Keras); d: deep stem + "
                                      "avg-pool shortcut (default: v1.5, or what the pretrained weights are)")
     small_input: bool | None = _opt(None, "3x3 stride-1 stem without max-pool (default: on when img_size <= 64)")
-    width: float = _opt(1.0, "channel width multiplier")
+    width: float = _opt(1.0, "channel width multiplier", gt=0)
     act: str = _opt("relu", "activation")
     norm: str = _opt("batchnorm", "normalisation")
     se: bool = _opt(False, "squeeze-and-excitation in every block")
-    drop_rate: float = _opt(0.0, "dropout before the classifier")
-    drop_path_rate: float = _opt(0.0, "stochastic depth: drop rate of the last block (grows linearly)")
+    drop_rate: float = _opt(0.0, "dropout before the classifier", ge=0, lt=1)
+    drop_path_rate: float = _opt(0.0, "stochastic depth: drop rate of the last block (grows linearly)", ge=0, lt=1)
     zero_init_residual: bool = _opt(True, "start each residual branch at zero (last BN gamma = 0)")
     init: str = _opt("he", "conv weight init", flag="weight_init")
     init_from: str | None = _opt(None, "start from a saved model (run directory or .safetensors): its architecture, "
@@ -50,65 +46,68 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     root: str = _opt("", "image folder: root/<class>/* or root/{train,val[,test]}/<class>/*", flag=None)
-    val_split: float = _opt(0.2, "fraction of each class held out for validation when there is no val folder")
+    val_split: float = _opt(0.2, "fraction of each class held out for validation when there is no val folder",
+                            ge=0, lt=1)
     split_seed: int = _opt(123, "seed of the stratified train/val split")
-    img_size: int = _opt(224, "square input size the network sees")
-    crop_pct: float = _opt(0.875, "evaluation: resize to img_size/crop_pct, then centre-crop img_size")
+    img_size: int = _opt(224, "square input size the network sees", ge=16)
+    crop_pct: float = _opt(0.875, "evaluation: resize to img_size/crop_pct, then centre-crop img_size", gt=0, le=1)
     in_chans: int = _opt(3, "3 for RGB, 1 to read images as grayscale")
     interpolation: str = _opt("bilinear", "resize interpolation")
     normalize: str = _opt("auto", "auto (the pretrained weights' or ImageNet's) | imagenet | dataset | none")
-    batch_size: int = _opt(32, "images per batch")
-    workers: int = _opt(-1, "data-loading processes (-1: one per spare CPU core, up to 8)")
+    batch_size: int = _opt(32, "images per batch", ge=1)
+    workers: int = _opt(-1, "data-loading processes (-1: one per spare CPU core, up to 8)", ge=-1)
     cache: str = _opt("auto", "keep decoded, resized images in memory: auto (small sets) | on | off")
     decode: str = _opt("cpu", "where training images are decoded and augmented: cpu (loader processes; every "
                               "augmentation) | gpu (JPEG batches by nvjpeg on the training GPU; random-resized crop, "
                               "flips and normalisation only; validation stays on the CPU)")
-    max_pixels: int = _opt(89_478_485, "images with more pixels are skipped as possible decompression bombs")
+    max_pixels: int = _opt(89_478_485, "images with more pixels are skipped as possible decompression bombs",
+                           ge=1)
 
 
 @dataclass
 class AugmentConfig:
     preset: str = _opt("standard", "none: resize+centre crop | standard: random-resized crop + h-flip | "
                                    "strong: standard + TrivialAugment + random erasing", flag="augment")
-    scale: list[float] = _opt([0.08, 1.0], "random-resized-crop area range", nargs=2)
-    hflip: float | None = _opt(None, "horizontal flip probability (preset default)")
-    vflip: float = _opt(0.0, "vertical flip probability")
-    rotation: float = _opt(0.0, "random rotation range in degrees")
-    color_jitter: float = _opt(0.0, "brightness/contrast/saturation jitter strength")
-    noise: float = _opt(0.0, "Gaussian noise sigma (on 0-1 pixels)")
+    scale: list[float] = _opt([0.08, 1.0], "random-resized-crop area range", nargs=2, gt=0, le=1)
+    hflip: float | None = _opt(None, "horizontal flip probability (preset default)", ge=0, le=1)
+    vflip: float = _opt(0.0, "vertical flip probability", ge=0, le=1)
+    rotation: float = _opt(0.0, "random rotation range in degrees", ge=0)
+    color_jitter: float = _opt(0.0, "brightness/contrast/saturation jitter strength", ge=0)
+    noise: float = _opt(0.0, "Gaussian noise sigma (on 0-1 pixels)", ge=0)
     auto_augment: str | None = _opt(None, "trivial | rand | none (preset default)")
-    random_erasing: float | None = _opt(None, "random erasing probability (preset default)")
-    mixup: float = _opt(0.0, "MixUp alpha (0: off)")
-    cutmix: float = _opt(0.0, "CutMix alpha (0: off)")
-    mix_prob: float = _opt(1.0, "probability a batch is mixed when mixup/cutmix are on")
+    random_erasing: float | None = _opt(None, "random erasing probability (preset default)", ge=0, le=1)
+    mixup: float = _opt(0.0, "MixUp alpha (0: off)", ge=0)
+    cutmix: float = _opt(0.0, "CutMix alpha (0: off)", ge=0)
+    mix_prob: float = _opt(1.0, "probability a batch is mixed when mixup/cutmix are on", ge=0, le=1)
 
 
 @dataclass
 class OptimConfig:
     optimizer: str = _opt("sgd", "sgd | adam | adamw | rmsprop")
-    lr: float | None = _opt(None, "peak learning rate (default: 0.1 x batch/256 for SGD, 1e-3 otherwise)")
-    momentum: float = _opt(0.9, "SGD/RMSProp momentum")
+    lr: float | None = _opt(None, "peak learning rate (default: 0.1 x batch/256 for SGD, 1e-3 otherwise)",
+                            gt=0)
+    momentum: float = _opt(0.9, "SGD/RMSProp momentum", ge=0)
     nesterov: bool = _opt(True, "Nesterov momentum for SGD")
-    weight_decay: float = _opt(5e-5, "L2 weight decay (decoupled for AdamW)")
+    weight_decay: float = _opt(5e-5, "L2 weight decay (decoupled for AdamW)", ge=0)
     wd_norm_bias: bool = _opt(False, "also decay norm weights and biases (off: Bag of Tricks)")
-    l1: float = _opt(0.0, "L1 penalty on conv and linear weights")
+    l1: float = _opt(0.0, "L1 penalty on conv and linear weights", ge=0)
     l1_bn: float = _opt(0.0, "L1 penalty on batch-norm scales (network slimming: sparse scales for "
-                             "'prune --importance bn-scale'; 1e-4 is the paper's)")
-    clip_grad: float | None = _opt(None, "clip the gradient norm to this value")
-    accum_steps: int = _opt(1, "accumulate gradients over this many batches per step")
+                             "'prune --importance bn-scale'; 1e-4 is the paper's)", ge=0)
+    clip_grad: float | None = _opt(None, "clip the gradient norm to this value", gt=0)
+    accum_steps: int = _opt(1, "accumulate gradients over this many batches per step", ge=1)
     schedule: str = _opt("cosine", "cosine | step | onecycle | constant")
-    warmup_epochs: float = _opt(0.0, "linear warm-up length")
-    min_lr_ratio: float = _opt(0.0, "final learning rate as a fraction of the peak (cosine)")
-    step_size: int = _opt(30, "step schedule: epochs between decays")
-    gamma: float = _opt(0.1, "step schedule: decay factor")
+    warmup_epochs: float = _opt(0.0, "linear warm-up length", ge=0)
+    min_lr_ratio: float = _opt(0.0, "final learning rate as a fraction of the peak (cosine)", ge=0, lt=1)
+    step_size: int = _opt(30, "step schedule: epochs between decays", ge=1)
+    gamma: float = _opt(0.1, "step schedule: decay factor", gt=0, le=1)
     freeze: list[str] = _opt([], "parts kept fixed (backbone: all but the head)")
-    backbone_lr_mult: float = _opt(1.0, "learning-rate multiplier for everything but the head")
+    backbone_lr_mult: float = _opt(1.0, "learning-rate multiplier for everything but the head", ge=0)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = _opt(10, "training epochs")
-    label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy")
+    epochs: int = _opt(10, "training epochs", ge=1)
+    label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy", ge=0, lt=1)
     amp: str = _opt("auto", "mixed precision: auto (bf16 where the hardware has it) | bf16 | fp16 | off")
     channels_last: bool = _opt(True, "NHWC memory layout (faster convolutions on CPU and tensor cores)")
     compile: bool = _opt(False, "torch.compile the model")
@@ -116,17 +115,19 @@ class TrainConfig:
                                 "(SyncBatchNorm), not each process's slice")
     device: str = _opt("auto", "auto (CUDA, then CPU) | cpu | cuda | cuda:N")
     ema: bool = _opt(False, "keep an exponential moving average of the weights, evaluated alongside")
-    ema_decay: float = _opt(0.9998, "EMA decay per step (warmed up over the first steps)")
+    ema_decay: float = _opt(0.9998, "EMA decay per step (warmed up over the first steps)", gt=0, lt=1)
     teacher: str | None = _opt(None, "distil from this model (run directory or .safetensors; same classes), "
                                      "which sees the same augmented batches")
-    kd_alpha: float = _opt(0.5, "distillation: weight of the label loss (the teacher's gets 1 - alpha)")
-    kd_temperature: float = _opt(2.0, "distillation: softmax temperature of both models")
+    kd_alpha: float = _opt(0.5, "distillation: weight of the label loss (the teacher's gets 1 - alpha)",
+                           ge=0, le=1)
+    kd_temperature: float = _opt(2.0, "distillation: softmax temperature of both models", gt=0)
     sparsity: float = _opt(0.0, "unstructured pruning: zero this share of the conv and linear weights, growing on "
-                                "Zhu & Gupta's cubic schedule over the first seven tenths of the run (0: off)")
+                                "Zhu & Gupta's cubic schedule over the first seven tenths of the run (0: off)",
+                                ge=0, lt=1)
     sparsity_scope: str = _opt("layer", "rank weights for --sparsity within each layer, or over all layers")
     time_limit: float = _opt(0.0, "minutes to train for: after each epoch the number of epochs (and the lr "
-                                  "schedule) is refitted to end within it (0: off)")
-    patience: int = _opt(0, "stop after this many epochs without improvement (0: never)")
+                                  "schedule) is refitted to end within it (0: off)", ge=0)
+    patience: int = _opt(0, "stop after this many epochs without improvement (0: never)", ge=0)
     metric: str = _opt("val_top1", "metric that picks the best checkpoint and drives early stopping: "
                                    "val_top1 | val_loss")
     seed: int = _opt(42, "seed of initialisation, shuffling and augmentation")
@@ -179,6 +180,7 @@ CHOICES = {  # the one list of each option's accepted values
 }
 
 
+@functools.cache
 def _fields() -> dict[str, dataclasses.Field]:
     """Dotted key -> field, for every option."""
     out = {}
@@ -186,6 +188,12 @@ def _fields() -> dict[str, dataclasses.Field]:
         for f in dataclasses.fields(typing.get_type_hints(Config)[sec]):
             out[f"{sec}.{f.name}"] = f
     return out
+
+
+@functools.cache
+def _hint(key: str) -> Any:
+    sec, name = key.split(".")
+    return typing.get_type_hints(typing.get_type_hints(Config)[sec])[name]
 
 
 def flag_name(key: str) -> str:
@@ -210,35 +218,10 @@ def resolve_key(key: str) -> str:
     raise ConfigError(f"unknown option {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
 
 
-def _coerce(key: str, value: Any) -> Any:
-    """Check (and gently convert) a value against its field's type."""
-    hint = typing.get_type_hints(type(getattr(Config(), key.split(".")[0])))[key.split(".")[1]]
-    args = typing.get_args(hint)
-    optional = type(None) in args
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
-        if optional:
-            return None
-        raise ConfigError(f"{key} cannot be empty")
-    base = next((a for a in args if a is not type(None)), hint) if isinstance(hint, types.UnionType) else hint
-    origin = typing.get_origin(base)
-    try:
-        if origin is list:
-            items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v]
-            (item_type,) = typing.get_args(base)
-            return [item_type(v) for v in items]
-        if base is bool:
-            if isinstance(value, str):
-                value = yaml.safe_load(value)
-            if not isinstance(value, bool):
-                raise TypeError
-            return value
-        if base in (int, float) and isinstance(value, bool):  # YAML's true is no number
-            raise TypeError
-        if base is int and isinstance(value, float) and not value.is_integer():
-            raise TypeError
-        return base(value)
-    except (TypeError, ValueError, yaml.YAMLError):
-        raise ConfigError(f"{key} must be {getattr(base, '__name__', base)}, got {value!r}") from None
+def check_option(key: str, value: Any) -> Any:
+    """A value for a dotted key, converted to its field's type and checked against its range and choices."""
+    meta = _fields()[key].metadata
+    return convert(key, _hint(key), value, {k: meta[k] for k in BOUNDS if k in meta}, CHOICES.get(key))
 
 
 def get_option(cfg: Config, key: str) -> Any:
@@ -249,12 +232,7 @@ def get_option(cfg: Config, key: str) -> Any:
 def set_option(cfg: Config, key: str, value: Any) -> None:
     key = resolve_key(key)
     sec, name = key.split(".")
-    value = _coerce(key, value)
-    allowed = CHOICES.get(key)
-    if allowed and value is not None and not all(v in allowed for v in (value if isinstance(value, list) else [value])):
-        raise ConfigError(f"{key} must be {'made of' if isinstance(value, list) else 'one of'} "
-                          f"{', '.join(allowed)}, got {value!r}")
-    setattr(getattr(cfg, sec), name, value)
+    setattr(getattr(cfg, sec), name, check_option(key, value))
 
 
 def merge(cfg: Config, data: dict[str, Any], source: str = "config") -> Config:
@@ -347,38 +325,16 @@ def build_config(recipe: str | None = None, config_file: str | Path | None = Non
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks, each naming the option to change."""
-    d, o, t, a = cfg.data, cfg.optim, cfg.train, cfg.augment
+    """Every option against its field (type, range, choices), then the checks across fields, each naming the
+    option to change."""
+    for key in _fields():
+        check_option(key, get_option(cfg, key))
+    d, a, t = cfg.data, cfg.augment, cfg.train
     checks = [
-        (0 <= d.val_split < 1, "data.val_split must lie in [0, 1)"),
-        (d.img_size >= 16, "data.img_size must be at least 16"),
-        (0 < d.crop_pct <= 1, "data.crop_pct must lie in (0, 1]"),
         (d.in_chans in (1, 3), "data.in_chans must be 1 or 3"),
-        (d.batch_size >= 1, "data.batch_size must be at least 1"),
-        (t.epochs >= 1, "train.epochs must be at least 1"),
-        (t.time_limit >= 0, "train.time_limit must not be negative"),
-        (o.lr is None or o.lr > 0, "optim.lr must be positive"),
-        (o.accum_steps >= 1, "optim.accum_steps must be at least 1"),
-        (0 <= t.label_smoothing < 1, "train.label_smoothing must lie in [0, 1)"),
-        (0 < t.ema_decay < 1, "train.ema_decay must lie in (0, 1)"),
-        (len(a.scale) == 2 and 0 < a.scale[0] <= a.scale[1] <= 1, "augment.scale must be two fractions, low <= high"),
-        (a.mixup >= 0 and a.cutmix >= 0 and 0 <= a.mix_prob <= 1, "augment.mixup/cutmix/mix_prob out of range"),
-        (all(p is None or 0 <= p <= 1 for p in (a.hflip, a.vflip, a.random_erasing)),
-         "augment.hflip/vflip/random_erasing are probabilities in [0, 1]"),
-        (min(a.rotation, a.color_jitter, a.noise) >= 0, "augment.rotation/color_jitter/noise must not be negative"),
-        (min(o.momentum, o.weight_decay, o.l1, o.l1_bn) >= 0,
-         "optim.momentum/weight_decay/l1/l1_bn must not be negative"),
-        (o.clip_grad is None or o.clip_grad > 0, "optim.clip_grad must be positive"),
-        (o.step_size >= 1 and 0 < o.gamma <= 1, "optim.step_size must be at least 1 and optim.gamma in (0, 1]"),
-        (o.warmup_epochs >= 0 and 0 <= o.min_lr_ratio < 1, "optim.warmup_epochs/min_lr_ratio out of range"),
-        (o.backbone_lr_mult >= 0, "optim.backbone_lr_mult must not be negative"),
-        (t.patience >= 0, "train.patience must not be negative"),
-        (d.workers >= -1, "data.workers must be -1 (automatic) or a count"),
+        (len(a.scale) == 2 and a.scale[0] <= a.scale[1], "augment.scale must be two fractions, low <= high"),
         (not (d.decode == "gpu" and d.cache == "on"), "data.cache on keeps decoded training images in memory and "
                                                       "data.decode gpu decodes them on the GPU each epoch: not both"),
-        (0 <= t.sparsity < 1, "train.sparsity must lie in [0, 1)"),
-        (0 <= t.kd_alpha <= 1 and t.kd_temperature > 0, "train.kd_alpha must lie in [0, 1] and train.kd_temperature "
-                                                         "be positive"),
         (not (cfg.model.init_from and cfg.model.pretrained), "give --init (a saved model, architecture and weights) "
                                                              "or --pretrained (weights for the named model), not both"),
     ]
@@ -392,33 +348,25 @@ def validate(cfg: Config) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser, sections: list[str] | None = None) -> None:
     """One flag per option, grouped by section; flags default to 'not given'."""
-    fields = _fields()
     for sec in sections or SECTIONS:
-        group = parser.add_argument_group(f"{sec} options")
-        for key, f in fields.items():
-            if not key.startswith(sec + ".") or f.metadata.get("flag", "") is None:
-                continue
-            flag = "--" + flag_name(key).replace("_", "-")
-            kw: dict[str, Any] = dict(dest=key, default=argparse.SUPPRESS, help=f.metadata["help"])
-            hint = typing.get_type_hints(type(getattr(Config(), sec)))[f.name]
-            if hint is bool or hint == bool | None:
-                kw["action"] = argparse.BooleanOptionalAction
-            elif key in CHOICES:
-                kw["metavar"] = "{" + ",".join(CHOICES[key]) + "}"
-            else:
-                kw.update(metavar=flag_name(key).upper(), nargs=f.metadata.get("nargs"))
-            group.add_argument(flag, **kw)
+        keys = [k for k in _fields() if k.startswith(sec + ".")]
+        add_flags(parser, typing.get_type_hints(Config)[sec], prefix=f"{sec}.", group=f"{sec} options",
+                  name=lambda n, sec=sec: f"{sec}.{n}",
+                  choices={k.split(".")[1]: CHOICES[k] for k in keys if k in CHOICES})
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The options given on the command line (flags, then --set key=value pairs)."""
+    """The options given on the command line (flags, then --set key=value pairs), as dotted keys and values of
+    their fields' types."""
     out = {k: v for k, v in vars(args).items() if k in _fields()}
     for item in getattr(args, "set", None) or []:
         if "=" not in item:
             raise ConfigError(f"--set takes key=value, got {item!r}")
         key, value = item.split("=", 1)
         try:
-            out[key] = yaml.safe_load(value) if value else None
+            value = yaml.safe_load(value) if value else None
         except yaml.YAMLError:  # not YAML: the string itself (a name, a path)
-            out[key] = value
+            pass
+        key = resolve_key(key)
+        out[key] = check_option(key, value)
     return out

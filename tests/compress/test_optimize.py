@@ -25,9 +25,19 @@ def test_targets_parse_with_their_units():
     assert Target.parse("size=512kb") == Target("size", 0.512)
     assert Target.parse("macs=300M") == Target("macs", 0.3)
     assert Target.parse("accuracy-drop=1.0") == Target("accuracy-drop", 1.0)
-    for bad in ("speed=5ms", "latency=5kg", "latency=-1ms", "latency", ""):
+    assert Target.parse("latency=.5ms") == Target("latency", 0.5)
+    assert Target.parse("size=1e3KB") == Target("size", 1.0)
+    for bad in ("speed=5ms", "latency=5kg", "latency=-1ms", "latency", "", "latency=1.2.3ms", "latency=.ms",
+                "latency=infms", "latency=nan", "size=1e400MB", "size=1e306GB", "macs=0G"):
         with pytest.raises(resforge.ConfigError, match="--target"):
             Target.parse(bad)
+
+
+def test_a_bad_target_is_one_line_before_anything_is_read(tmp_path, capsys):
+    assert main(["optimize", str(tmp_path / "no-run"), "--target", "latency=1.2.3ms"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("resforge: error: --target takes") and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())
 
 
 def test_the_pick_is_the_most_accurate_within_the_target_or_the_closest_miss():

@@ -1,6 +1,7 @@
 """Ensembles: the mean of the members' probabilities, weighted or fitted, exported as one ONNX model."""
 
 import json
+import math
 import shutil
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 from resforge import ConfigError, api
 from resforge.cli import main
 from resforge.data.folder import scan_images
-from resforge.deploy.ensemble import fit_weights
+from resforge.deploy.ensemble import check_weights, fit_weights
 from resforge.deploy.predictor import Predictor
 
 
@@ -80,5 +81,20 @@ def test_bad_ensembles_are_refused_with_one_message(photo_run, second_run, tmp_p
     onnx = api.export(run, "onnx", tmp_path / "m.onnx").path
     assert main(["ensemble", str(run), str(onnx), "--data", str(test), "--out", str(tmp_path / "bad")]) == 2
     assert "exported onnx file" in capsys.readouterr().err and not (tmp_path / "bad").exists()
-    with pytest.raises(SystemExit):
-        main(["ensemble", str(run), second_run, "--data", str(test), "--weights", "1,1", "--fit-weights"])
+    assert main(["ensemble", str(run), second_run, "--data", str(test), "--weights", "1,1", "--fit-weights"]) == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_weights_are_finite_and_checked_before_any_model_is_read(tmp_path, capsys):
+    assert check_weights([1e308, 1e308], 2) == [0.5, 0.5]  # their sum overflows: they were once both 0
+    assert check_weights([3, 1], 2) == [0.75, 0.25]
+    for weights in ([math.inf, 1], [math.nan, 1], [-1, 2], [0, 0]):
+        with pytest.raises(ConfigError, match="must be finite, non-negative and not all zero"):
+            check_weights(weights, 2)
+    missing = [str(tmp_path / "a"), str(tmp_path / "b")]
+    for weights, message in (("inf,1", "argument --weights: must be a comma-separated list of finite numbers"),
+                             ("-1,2", "--weights must be finite, non-negative"),  # a value, not taken for a flag
+                             ("1", "one weight per model")):
+        assert main(["ensemble", *missing, "--data", str(tmp_path), "--weights", weights]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("resforge: error: ") and message in err and len(err.strip().splitlines()) == 1

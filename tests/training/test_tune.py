@@ -17,6 +17,7 @@ from helpers import cli_flags, make_image_folder
 from resforge import ConfigError, DataError, api
 from resforge.cli import main
 from resforge.config import build_config
+from resforge.training import tune
 from resforge.training.tune import ReportEpochs
 
 TINY = {"model": "resnet18", "width": 0.125, "img_size": 16, "batch_size": 8, "workers": 0, "amp": "off",
@@ -72,7 +73,7 @@ def test_a_pruned_trial_stops_after_the_epoch_that_reported_it(data, tmp_path):
     assert "epoch" in Path(tmp_path, "p", "metrics.csv").read_text().splitlines()[0]
 
 
-def test_a_killed_search_resumes_and_retries_the_cut_off_trial(data, tmp_path):
+def test_a_killed_search_resumes_and_retries_the_cut_off_trial(data, tmp_path, monkeypatch):
     out = tmp_path / "k"
     cmd = [sys.executable, "-m", "resforge", "tune", str(data), "--trials", "3", "--space", "lr", "--pruner", "none",
            "--search-seed", "1", "--project", str(tmp_path), "--name", "k", *FLAGS, "--epochs", "8"]
@@ -89,6 +90,8 @@ def test_a_killed_search_resumes_and_retries_the_cut_off_trial(data, tmp_path):
     storage = f"sqlite:///{out / 'study.db'}"
     cut = optuna.load_study(study_name="k", storage=storage).trials[0]
     assert cut.state == optuna.trial.TrialState.RUNNING  # as the kill left it
+    monkeypatch.setattr(tune, "GRACE_S", 1)  # its heartbeat stopped with the kill: 3 s later it is abandoned
+    time.sleep(3)
     result = api.tune(resume=out, trials=2)
     assert result["complete"] == 2
     trials = optuna.load_study(study_name="k", storage=storage).trials
@@ -113,27 +116,45 @@ def test_bad_searches_are_refused_before_anything_is_written(data, tmp_path):
         api.tune(resume=tmp_path)
 
 
-def test_two_processes_given_one_storage_share_one_study(data, tmp_path):
+def test_two_processes_given_one_storage_and_folder_share_one_study(data, tmp_path):
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
     shared = ["--storage", storage, "--study", "shared", "--trials", "4", "--space", "lr", "--pruner", "none"]
     first = subprocess.Popen([sys.executable, "-m", "resforge", "tune", str(data), *shared, "--project", str(tmp_path),
-                              "--name", "first", *FLAGS, "--epochs", "4"], stdout=subprocess.DEVNULL,
+                              "--name", "both", *FLAGS, "--epochs", "4"], stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300
-        while not (tmp_path / "first" / "trials" / "trial-000" / "last.ckpt").is_file():  # its first trial runs
+        while not (tmp_path / "both" / "trials" / "trial-000" / "last.ckpt").is_file():  # its first trial runs
             assert first.poll() is None and time.monotonic() < deadline, "the first search did not start"
             time.sleep(0.05)
         second = api.tune(data, trials=4, space=["lr"], storage=storage, study="shared", pruner="none",
-                          project=str(tmp_path), name="second", **{**TINY, "epochs": 4})
+                          project=str(tmp_path), name="both", **{**TINY, "epochs": 4})
         assert first.wait(timeout=300) == 0, first.stderr.read()
     finally:
         first.kill()
     trials = optuna.load_study(study_name="shared", storage=storage).trials
     states = [t.state for t in trials]
-    # The second process did not take the first one's running trial for an abandoned one; the count is shared
-    # (a trial each process started before the other finished the fourth may make it five)
+    # The second process did not take the first one's running trial (of the same folder) for an abandoned one;
+    # the count is shared (a trial each process started before the other finished the fourth may make it five)
     assert optuna.trial.TrialState.FAIL not in states and 4 <= states.count(optuna.trial.TrialState.COMPLETE) <= 5
-    dirs = {Path(t.user_attrs["run_dir"]).parent.parent.name for t in trials}
-    assert dirs == {"first", "second"}  # both processes ran trials of the one study
+    spans = sorted((t.datetime_start, t.datetime_complete) for t in trials)
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:]))  # two trials ran at once: both processes ran trials
     assert second["complete"] >= 4  # what the second one reports is the study's, not only its own trials
+
+
+@pytest.mark.parametrize("url, reason", [("foo://host/db", "Can't load plugin"),
+                                         ("sqlite:////nonexistent/folder/study.db", "unable to open database file"),
+                                         ("postgresql://user:secret@localhost:1/db", ""),  # no driver, or no server
+                                         ("not a url", "Could not parse")])
+def test_a_storage_that_cannot_be_opened_is_refused_before_anything_is_written(data, tmp_path, capsys, url, reason):
+    args = ["tune", str(data), "--storage", url, "--project", str(tmp_path), "--name", "bad", *FLAGS]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("resforge: error: the study storage") and reason in err and len(err.splitlines()) == 1
+    assert "secret" not in err and not (tmp_path / "bad").exists()
+    old = tune.new_state(str(data), {k: v for k, v in TINY.items() if k != "model"}, ["lr"], "val_top1", 2, "none",
+                         url, None, tmp_path / "old", 0)
+    tune.write_state(tmp_path / "old", {**old, "model": "resnet18", "recipe": None, "config": None})  # as written
+    # by an earlier version, which checked no storage
+    assert main(["tune", "--resume", str(tmp_path / "old")]) == 2
+    assert "the study storage" in capsys.readouterr().err

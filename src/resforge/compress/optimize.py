@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import html
 import logging
+import math
 import os
 import re
 import shutil
@@ -59,14 +60,14 @@ class Target:
     @classmethod
     def parse(cls, text: str) -> Target:
         """`latency=5ms`, `size=10MB`, `macs=1G`, `accuracy-drop=1.0`."""
-        m = re.fullmatch(r"\s*([a-z-]+)\s*=\s*([0-9.]+(?:e-?[0-9]+)?)\s*([a-zA-Z]*)\s*", text or "")
+        m = re.fullmatch(r"\s*([a-z-]+)\s*=\s*((?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*([a-zA-Z]*)\s*", text or "")
         if not m or m.group(1) not in TARGETS:
             raise ConfigError(f"--target takes latency=5ms, size=10MB, macs=1G or accuracy-drop=1.0, got {text!r}")
         kind, number, unit = m.group(1), float(m.group(2)), m.group(3).lower()
         scales = TARGETS[kind][1]
-        if unit not in scales or number <= 0:
-            raise ConfigError(f"--target {kind} needs a positive number in {', '.join(u for u in scales if u)}, "
-                              f"got {text!r}")
+        if unit not in scales or not 0 < number * scales.get(unit, 1) < math.inf:
+            raise ConfigError(f"--target {kind} needs a positive, finite number in "
+                              f"{', '.join(u for u in scales if u)}, got {text!r}")
         return cls(kind, number * scales[unit])
 
     def field(self) -> str:

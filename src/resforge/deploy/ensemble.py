@@ -11,6 +11,7 @@ validation split by minimising the ensemble's negative log-likelihood over the s
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -68,12 +69,13 @@ def open_members(sources: Sequence[str | os.PathLike]) -> list[Source]:
 
 
 def check_weights(weights: Sequence[float], count: int) -> list[float]:
-    """Given weights as a distribution (they must be non-negative, one per member, not all zero)."""
+    """Given weights as a distribution (they must be finite, non-negative, one per member, not all zero)."""
     if len(weights) != count:
         raise ConfigError(f"--weights needs one weight per model: {count} models, {len(weights)} weights")
-    if any(w < 0 for w in weights) or not sum(weights) > 0:
-        raise ConfigError(f"--weights must be non-negative and not all zero, got {list(weights)}")
-    return [w / sum(weights) for w in weights]
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or not max(weights) > 0:
+        raise ConfigError(f"--weights must be finite, non-negative and not all zero, got {list(weights)}")
+    scaled = [w / max(weights) for w in weights]  # first to at most 1: the sum of large weights overflows
+    return [w / sum(scaled) for w in scaled]
 
 
 def fit_weights(member_probs: Sequence[torch.Tensor], targets: torch.Tensor) -> list[float]:

@@ -25,7 +25,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -41,6 +41,7 @@ from starlette.exceptions import HTTPException
 from ..data.loader import cpu_cores
 from .. import __version__
 from ..errors import ConfigError, ImageError
+from ..options import check_fields, option
 from .predictor import Predictor, open_source, sample_batch
 
 log = logging.getLogger("resforge")
@@ -53,37 +54,32 @@ RETRY_AFTER_S = 1  # what a 503 asks a client to wait
 
 @dataclass
 class ServeOptions:
-    """How `resforge serve` listens, batches and limits (the CLI's flags, one to one)."""
-    host: str = "127.0.0.1"
-    port: int = 8000
-    backend: str = "auto"
+    """How `resforge serve` listens, batches and limits (its flags are generated from these fields)."""
+    host: str = option("127.0.0.1", "address to bind (any other needs --api-key)")
+    port: int = option(8000, "port (0: a free port, logged)", ge=0, le=65535)
+    backend: str = "auto"  # backend, precision, device: the flags every command that runs a model has
     precision: str = "auto"
     device: str = "auto"
-    max_batch: int = 16
-    max_wait_ms: float = 5.0
-    queue: int = 64  # images waiting for a batch, at most
-    workers: int = field(default_factory=cpu_cores)  # decoding threads
-    timeout: float = 30.0  # seconds a request may take unless it asks for less
-    max_bytes: int = 20_000_000  # per request body
-    max_images: int = 16  # per request
-    max_pixels: int = 50_000_000  # declared in an image's header, before decoding
-    api_key: str | None = None
-    cors: list[str] = field(default_factory=list)  # origins allowed to call from a browser
+    max_batch: int = option(16, "images per batch", ge=1, group="batching")
+    max_wait_ms: float = option(5.0, "how long the oldest image waits for a fuller batch", ge=0, group="batching")
+    queue: int = option(64, "images waiting, at most", ge=1, group="batching")
+    workers: int = option(help="threads decoding images (default: the CPU cores)", factory=cpu_cores, ge=1,
+                          group="batching")
+    timeout: float = option(30.0, "seconds a request may take, unless it asks for less", gt=0, group="batching")
+    max_bytes: int = option(20_000_000, "request body size", ge=1, group="limits and access")
+    max_images: int = option(16, "images per request", ge=1, group="limits and access")
+    max_pixels: int = option(50_000_000, "pixels an image may declare (read from its header, before decoding)",
+                             ge=1, group="limits and access")
+    api_key: str | None = option(None, f"required by every route but /health (default: ${API_KEY_ENV}); needed to "
+                                       "bind anything but loopback", group="limits and access")
+    cors: list[str] = option([], "allow browser calls from this origin (repeatable; default: none)", action="append",
+                             metavar="ORIGIN", group="limits and access")
 
     def check(self) -> None:
-        positive = {"max_batch": self.max_batch, "queue": self.queue, "workers": self.workers,
-                    "max_bytes": self.max_bytes, "max_images": self.max_images, "max_pixels": self.max_pixels}
-        for name, value in positive.items():
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be a positive whole number, got {value!r}")
-        if self.max_wait_ms < 0 or not self.timeout > 0:
-            raise ConfigError(f"--max-wait-ms must be 0 or more and --timeout above 0, got {self.max_wait_ms:g} "
-                              f"and {self.timeout:g}")
+        check_fields(self, lambda name: "--" + name.replace("_", "-"))
         if self.max_images > self.queue:
             raise ConfigError(f"--max-images ({self.max_images}) must not exceed --queue ({self.queue}): such a "
                               "request could never be queued")
-        if not 0 <= self.port <= 65535:
-            raise ConfigError(f"--port must lie in 0-65535, got {self.port}")
         if not is_loopback(self.host) and not self.api_key:
             raise ConfigError(f"binding {self.host} exposes the server beyond this machine: give --api-key (or set "
                               f"{API_KEY_ENV}), or bind 127.0.0.1")

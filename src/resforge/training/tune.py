@@ -39,6 +39,9 @@ SPACE: dict[str, Callable[[Any], Any]] = {
 DEFAULT_SPACE = ("lr", "weight_decay", "label_smoothing")
 PRUNERS = ("median", "hyperband", "none")
 STATE_FILE = "tune.json"
+HEARTBEAT_S = 10  # how often a process records that its running trial is alive (Optuna's heartbeat)
+GRACE_S = 120  # a running trial without a heartbeat for this long is abandoned: its process is gone
+RETRIES = 2  # times an abandoned trial's parameters are tried again (a trial that kills its process would loop)
 
 
 def check_space(names: list[str]) -> list[str]:
@@ -75,13 +78,52 @@ def _pruner(name: str, epochs: int) -> Any:
     return optuna.pruners.NopPruner()
 
 
+def open_storage(url: str) -> Any:
+    """The Optuna storage at `url`, opened (a bad URL, a missing folder or driver is a ConfigError), with Optuna's
+    heartbeat: a running trial is failed as abandoned, and its parameters queued again, only once its process has
+    stopped recording that it is alive, never because another process shares the study."""
+    import warnings
+
+    import optuna
+    import sqlalchemy
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna marks the heartbeat and its retry experimental
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=RETRIES)
+
+    def abandoned(study: Any, trial: Any) -> None:
+        log.info("trial %d stopped recording its heartbeat (its process is gone): failed, and its parameters tried "
+                 "again (up to %d times)", trial.number, RETRIES)
+        retry(study, trial)
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                                              heartbeat_stale_trial_callback=abandoned)
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError) as e:  # a bad URL or folder; a driver not installed
+        cause = getattr(e, "orig", None) or e.__cause__ or e
+        raise ConfigError(f"the study storage {_without_password(url)} cannot be opened: "
+                          f"{str(cause).splitlines()[0]}") from None
+
+
+def _without_password(url: str) -> str:
+    import sqlalchemy
+
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:
+        return repr(url)
+
+
 def open_study(state: dict[str, Any], epochs: int) -> Any:
     import optuna
 
     direction = "minimize" if state["metric"].endswith("loss") else "maximize"
     sampler = optuna.samplers.TPESampler(seed=state.get("seed"), n_startup_trials=min(5, state["trials"]))
-    return optuna.create_study(study_name=state["study"], storage=state["storage"], direction=direction,
-                               sampler=sampler, pruner=_pruner(state["pruner"], epochs), load_if_exists=True)
+    return optuna.create_study(study_name=state["study"], storage=open_storage(state["storage"]),
+                               direction=direction, sampler=sampler, pruner=_pruner(state["pruner"], epochs),
+                               load_if_exists=True)
 
 
 def search(out: Path, state: dict[str, Any], train: Callable[..., dict[str, Any]], make_config: Callable[..., Config],
@@ -95,13 +137,11 @@ def search(out: Path, state: dict[str, Any], train: Callable[..., dict[str, Any]
 
     epochs = make_config({}).train.epochs
     study = open_study(state, epochs)
-    _retry_abandoned(study, out)
 
     def objective(trial: Any) -> float:
         params = {name: SPACE[name](trial) for name in state["space"]}
         run_dir = out / "trials" / f"trial-{trial.number:03d}"
         trial.set_user_attr("run_dir", str(run_dir))
-        trial.set_user_attr("search_dir", str(out.resolve()))
         cfg = make_config(params)
         summary = train(cfg, run_dir, [ReportEpochs(trial, state["metric"])])
         best = max(summary["history"], key=lambda r: -r[state["metric"]] if state["metric"].endswith("loss")
@@ -115,17 +155,6 @@ def search(out: Path, state: dict[str, Any], train: Callable[..., dict[str, Any]
                        catch=(ConfigError,))
     write_outputs(out, study, state)
     return study
-
-
-def _retry_abandoned(study: Any, out: Path) -> None:
-    """Trials of this folder left RUNNING by a killed process fail, and their parameters are tried again."""
-    import optuna
-
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if t.user_attrs.get("search_dir") == str(out.resolve()):
-            study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
-            study.enqueue_trial(t.params, skip_if_exists=False)
-            log.info("trial %d was cut off by a kill: failed, and its parameters queued again", t.number)
 
 
 def write_outputs(out: Path, study: Any, state: dict[str, Any]) -> None:
