@@ -308,7 +308,8 @@ def build_config(recipe: str | None = None, config_file: str | Path | None = Non
     elif recipe is not None:
         files = _recipe_files()
         if recipe not in files:
-            raise ConfigError(f"unknown recipe {recipe!r}; built-in recipes: {', '.join(sorted([*files, AUTO_RECIPE]))}")
+            known = ", ".join(sorted([*files, AUTO_RECIPE]))
+            raise ConfigError(f"unknown recipe {recipe!r}; built-in recipes: {known}")
         merge(cfg, yaml.safe_load(files[recipe].read_text()), f"recipe {recipe}")
         cfg.recipe = recipe
     user_set: list[str] = []

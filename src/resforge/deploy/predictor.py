@@ -179,8 +179,8 @@ def backend_device(backend: str, device: str) -> torch.device:
     """`device` for `backend`: auto is the GPU where there is one and the backend can run there, else the CPU
     (OpenVINO here, and an onnxruntime build without its CUDA provider, run on the CPU)."""
     if device == "auto" and backend in ("onnxruntime", "openvino"):
-        able = backend == "onnxruntime" and "CUDAExecutionProvider" in require_backend(backend).get_available_providers()
-        if not able:
+        providers = require_backend(backend).get_available_providers() if backend == "onnxruntime" else []
+        if "CUDAExecutionProvider" not in providers:
             return torch.device("cpu")
     return resolve_device(device)
 
