@@ -186,6 +186,7 @@ def _spread(paths: list[str]) -> list[str]:
 
 
 def _decoded(files: list[str], info: ModelInfo, where: str) -> list[torch.Tensor]:
+    """The readable ones of `files`, decoded before anything is converted."""
     images = []
     for f in files:
         try:
