@@ -313,7 +313,7 @@ def ensemble(sources: list[str | os.PathLike], data: str | os.PathLike, *, weigh
     """Average several models' probabilities (equal, `weights`, or weights `fit` on the members' recorded
     validation split), evaluate the ensemble beside each member on a labelled folder, and export it as
     one ONNX model (`<out>/ensemble.onnx`, default out: runs/ensemble-<folder>) that every command takes."""
-    from .data.folder import recorded_samples
+    from .data.folder import recorded_samples, recorded_split
     from .deploy.backends import TorchRunner
     from .deploy.ensemble import check_weights, export_ensemble, fit_weights, mix, open_members
     from .evaluation.metrics import classification_report
@@ -336,7 +336,11 @@ def ensemble(sources: list[str | os.PathLike], data: str | os.PathLike, *, weigh
 
     if fit:
         first = members[0]
-        val = recorded_samples(first.info.trained.get("data", ""), first.path.parent / "split.csv", "val", classes)
+        split = recorded_split(first.path, first.info.trained.get("run"))
+        if split is None:
+            raise ConfigError(f"the split of {names[0]}'s run was not found (its split.csv moved) to fit the "
+                              "weights on: give --weights")
+        val = recorded_samples(first.info.trained.get("data", ""), split, "val", classes)
         chosen = fit_weights(*probabilities(val))
         log.info("weights fitted on %d validation images of %s: %s", len(val), names[0],
                  ", ".join(f"{w:.3f}" for w in chosen))

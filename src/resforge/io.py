@@ -7,6 +7,7 @@ import csv
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -38,6 +39,54 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def temp_dir(parent: str | os.PathLike, kind: str) -> Iterator[Path]:
+    """A temporary folder `.<kind>.*.tmp` in `parent` for files renamed into place, removed after the block.
+
+    A kill -9 cannot remove it: the next one of the same kind in `parent` removes those left behind.
+    Each holds a lock (flock, which a dead process drops) while in use, so a folder of a command still
+    running beside this one stays; sweeping and claiming hold a lock on `parent`, so no fresh folder
+    is swept before it is locked.
+    """
+    import fcntl
+
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    here = os.open(parent, os.O_RDONLY)
+    try:
+        fcntl.flock(here, fcntl.LOCK_EX)
+        for stale in parent.glob(f".{kind}.*.tmp"):
+            if stale.is_dir() and not stale.is_symlink() and _unclaimed(stale):
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{kind}.", suffix=".tmp", dir=parent))
+        claim = os.open(tmp, os.O_RDONLY)
+        fcntl.flock(claim, fcntl.LOCK_EX)
+    finally:
+        os.close(here)  # closing drops the lock
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.close(claim)
+
+
+def _unclaimed(folder: Path) -> bool:
+    """No live process holds `folder`'s lock."""
+    import fcntl
+
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from helpers import make_image_folder
@@ -116,5 +117,14 @@ def test_bad_input_writes_nothing(source, capsys):
         assert message in capsys.readouterr().err
     assert main(["optimize", str(root / "shapes"), "--target", "size=1MB", "--project", str(root / "bad")]) == 2
     assert "is not a run directory" in capsys.readouterr().err
+    # more calibration images than the training split holds: refused before a baseline is exported
+    assert main(["optimize", run_dir, "--target", "size=1MB", "--calib", "100000", "--project",
+                 str(root / "bad")]) == 2
+    assert "fewer than the 100000 asked" in capsys.readouterr().err
     assert not (root / "bad").exists()
-    assert os.path.isdir(run_dir)
+    before = {p.name: p.stat().st_mtime_ns for p in Path(run_dir).iterdir()}
+    for project, name in ((Path(run_dir).parent, Path(run_dir).name), (run_dir, "opt")):  # the run, or inside it
+        assert main(["optimize", run_dir, "--target", "size=1MB", "--project", str(project), "--name", name,
+                     "--calib", "100000"]) == 2  # refused before the calibration is even checked
+        assert "the run it optimizes" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in Path(run_dir).iterdir()} == before

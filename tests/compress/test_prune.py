@@ -128,3 +128,22 @@ def test_bn_scale_needs_batch_norm_and_slimming_penalises_the_scales(source, tmp
             m.weight.data = torch.rand_like(m.weight)  # distinct scales to rank
     prune_model(bn, 16, ratio=0.5, importance="bn-scale")
     assert bn.layer1[0].bn1.num_features == 8
+
+
+def test_a_failed_run_removes_only_what_it_made_and_never_writes_over_its_source(source, capsys):
+    run_dir, root = source
+    project = root / "kept"
+    victim = project / "victim"
+    victim.mkdir(parents=True)
+    (victim / "notes.txt").write_text("an earlier run's file")
+    # --exist-ok reuses the folder; the target fails (and is printed with the digits it has): the folder stays
+    assert main(["prune", run_dir, "--macs", "0.0001", "--project", str(project), "--name", "victim",
+                 "--exist-ok", "--workers", "0"]) == 2
+    assert "not the 0.01% asked" in capsys.readouterr().err
+    assert (victim / "notes.txt").read_text() == "an earlier run's file"
+    before = sorted(p.name for p in Path(run_dir).iterdir())
+    runs = str(Path(run_dir).parent)
+    for extra in (["--project", runs, "--name", "src", "--exist-ok"], ["--project", run_dir, "--name", "sub"]):
+        assert main(["prune", run_dir, "--macs", "0.0001", "--workers", "0", *extra]) == 2  # a run that would fail
+        assert "of the model it starts from: give another --name or --project" in capsys.readouterr().err
+    assert sorted(p.name for p in Path(run_dir).iterdir()) == before  # the source run untouched

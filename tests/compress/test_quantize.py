@@ -1,6 +1,11 @@
 """int8 post-training quantisation on a tiny trained model: files, agreement with fp32, bad input."""
 
 import json
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +17,7 @@ from PIL import Image
 import resforge
 from resforge.cli import main
 from resforge.deploy.predictor import Predictor
+from resforge.io import temp_dir
 
 TINY = {"model": "resnet18", "width": 0.25, "img_size": 16, "batch_size": 8, "workers": 0, "amp": "off",
         "epochs": 3}
@@ -55,9 +61,10 @@ def test_int8_agrees_with_fp32_on_real_images(run, backend):
         assert record["activations"] == max(record["img_per_s_batch1"], key=record["img_per_s_batch1"].get)
 
 
-def test_a_chosen_activation_type_is_used(run, tmp_path):
+def test_a_chosen_activation_type_is_used(run, tmp_path, capsys):
     run_dir, _ = run
     result = resforge.quantize(run_dir, out=tmp_path / "s8.onnx", calib=16, activations="s8", method="percentile")
+    assert capsys.readouterr().out == ""  # onnxruntime's histogram progress lines are not on our stdout
     graph = onnx.load(str(result.path)).graph
     weights = {i.name: i for i in graph.initializer}
     activation_zero_points = [weights[n.input[2]] for n in graph.node
@@ -109,3 +116,35 @@ def test_max_drop_keeps_sensitive_layers_in_fp32_until_it_holds(run, tmp_path, b
         convs = [n for n in kept if n.op_type == "Conv"]
         assert convs and all(n.input[1] in floats for n in convs)
         assert all(n.input[1] not in floats for n in graph.node if n.op_type == "Conv" and n not in kept)
+
+
+def test_a_killed_quantize_leaves_a_temp_folder_that_the_next_one_there_removes(run, tmp_path):
+    run_dir, _ = run
+    out = tmp_path / "out"
+    script = textwrap.dedent(f"""
+        import os, signal
+        import resforge.compress.quantize as q
+        q._measure = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)  # killed with its graphs written
+        q.quantize({run_dir!r}, out={str(out / "killed.onnx")!r}, calib=8, activations="u8")
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    [left] = out.iterdir()
+    assert left.is_dir() and (left / "fp32.onnx").is_file()
+    (out / ".export.x.tmp").mkdir()  # another command's kind is not this one's to judge
+    with temp_dir(out, "quantize") as running:  # a quantize still at work beside it keeps its folder
+        resforge.quantize(run_dir, out=out / "q.onnx", calib=8, activations="u8")
+        assert running.is_dir()
+    assert sorted(p.name for p in out.iterdir()) == [".export.x.tmp", "q.onnx"]
+
+
+def test_a_runs_split_is_found_from_the_model_never_the_working_directory(run, tmp_path, monkeypatch):
+    run_dir, root = run
+    copy = tmp_path / "elsewhere" / "src"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("split.csv"))
+    side = json.loads((copy / "best.json").read_text())
+    side["trained"]["run"] = "runs/src"  # as older runs recorded it: relative to where training ran
+    (copy / "best.json").write_text(json.dumps(side))
+    monkeypatch.chdir(root)  # where runs/src/split.csv is another run's (here, the source's)
+    with pytest.raises(resforge.ConfigError, match="no training images of .* were found"):
+        resforge.quantize(copy, out=tmp_path / "q.onnx", calib=8, activations="u8")

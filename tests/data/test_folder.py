@@ -9,7 +9,7 @@ from helpers import make_image_folder
 from PIL import Image
 
 from resforge import DataError
-from resforge.data.folder import load_image, scan_folder, scan_images
+from resforge.data.folder import load_image, recorded_split, scan_folder, scan_images
 
 
 def test_class_layout_stratified_split_is_seeded(tmp_path):
@@ -225,3 +225,20 @@ def test_a_recorded_split_is_read_back_whatever_changed(tmp_path):
     (tmp_path / "bad.csv").write_text("not,a,split\n1,2,3\n")
     with pytest.raises(DataError, match="split record"):
         read_split_csv(tmp_path / "bad.csv")
+
+
+def test_a_runs_split_is_found_from_the_model_file_never_the_working_directory(tmp_path, monkeypatch):
+    root = tmp_path.resolve()
+    run = root / "a" / "runs" / "demo"
+    (run / "exports").mkdir(parents=True)
+    (run / "split.csv").write_text("split,class,path\n")
+    decoy = root / "runs" / "demo"  # another run of that name where the command is run
+    decoy.mkdir(parents=True)
+    (decoy / "split.csv").write_text("split,class,path\n")
+    monkeypatch.chdir(root)
+    # an older record, relative to where training ran: the folder above the model that ends with it
+    assert recorded_split(run / "best.safetensors", "runs/demo") == run / "split.csv"
+    assert recorded_split(run / "exports" / "m.onnx", "runs/demo") == run / "split.csv"
+    assert recorded_split(root / "elsewhere" / "m.onnx", "runs/demo") is None
+    assert recorded_split(root / "elsewhere" / "m.onnx", str(run)) == run / "split.csv"  # a record is absolute now
+    assert recorded_split(run / "best.safetensors", str(root / "gone")) == run / "split.csv"  # a moved run: beside it

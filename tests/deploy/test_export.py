@@ -1,6 +1,11 @@
 """Export: self-describing files that agree with the PyTorch model, or no file at all."""
 
 import json
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +23,7 @@ from resforge.deploy.export import read_pt2_info
 from resforge.deploy.metadata import ONNX_KEY, ModelInfo
 from resforge.deploy.predictor import Predictor
 from resforge.errors import ExportError
+from resforge.io import temp_dir
 from resforge.models import load_model
 
 
@@ -220,3 +226,72 @@ def test_export_from_the_command_line(photo_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("resforge: error: opset must lie in") and "Traceback" not in err
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_a_runs_files_are_found_from_the_run_never_the_working_directory(photo_run, tmp_path, monkeypatch):
+    run, _, _ = photo_run
+    copy = tmp_path / "a" / "runs" / "r"
+    copy.mkdir(parents=True)
+    for name in ("best.safetensors", "best.json", "split.csv"):
+        shutil.copy(run / name, copy / name)
+    side = json.loads((copy / "best.json").read_text())
+    side["trained"]["run"] = "runs/r"  # as older runs recorded it: relative to where training ran
+    (copy / "best.json").write_text(json.dumps(side))
+    rows = (run / "split.csv").read_text().splitlines()
+    val = [r for r in rows if r.startswith("val,")]
+    decoy = tmp_path / "cwd" / "runs" / "r"  # another run of that name where the command is run
+    decoy.mkdir(parents=True)
+    (decoy / "split.csv").write_text("\n".join([rows[0], val[0]]) + "\n")
+    monkeypatch.chdir(tmp_path / "cwd")
+    parity = api.export(copy, "onnx", tmp_path / "m.onnx").parity
+    assert parity.where == f"validation images of {copy}" and parity.images == len(val)
+
+
+def test_an_unreadable_parity_image_is_skipped_and_named(photo_run, tmp_path, caplog):
+    run, _, test = photo_run
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, f in enumerate(scan_images([test])[:5]):
+        shutil.copy(f, folder / f"{i}.jpg")
+    (folder / "bad.jpg").write_bytes(b"not a jpeg")
+    with caplog.at_level("WARNING", logger="resforge"):
+        result = api.export(run, "onnx", tmp_path / "m.onnx", images=folder)
+    assert result.parity.images == 5 and f"{folder / 'bad.jpg'}: not an image" in caplog.text
+    only_bad = tmp_path / "bad"
+    only_bad.mkdir()
+    (only_bad / "x.png").write_bytes(b"")
+    with pytest.raises(ConfigError, match="none of the 1 images from .* could be read"):
+        api.export(run, "onnx", tmp_path / "n.onnx", images=only_bad)
+    assert not (tmp_path / "n.onnx").exists()
+
+
+def test_a_temp_folder_left_by_a_killed_export_is_removed_by_the_next_export_there(photo_run, tmp_path):
+    run, _, _ = photo_run
+    out = tmp_path / "out"
+    script = textwrap.dedent(f"""
+        import os, signal
+        import resforge.deploy.export as e
+        e.check_parity = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)  # killed with the graph written
+        e.export({str(run)!r}, "onnx", {str(out / "k.onnx")!r})
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    [left] = out.iterdir()
+    assert left.is_dir() and (left / "k.onnx").is_file()
+    (out / ".quantize.x.tmp").mkdir()  # another command's kind is not this one's to judge
+    (out / ".mine").mkdir()
+    with temp_dir(out, "export") as running:  # an export still at work beside it keeps its folder
+        api.export(run, "onnx", out / "m.onnx")
+        assert running.is_dir()
+    assert sorted(p.name for p in out.iterdir()) == [".mine", ".quantize.x.tmp", "m.onnx"]
+
+
+def test_a_run_without_its_best_model_says_what_it_holds(photo_run, tmp_path, capsys):
+    run, _, _ = photo_run
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    shutil.copy(run / "last.ckpt", cut / "last.ckpt")
+    assert main(["export", str(cut), "--format", "onnx"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a training checkpoint (last.ckpt) but no best model" in err
+    assert f"resforge train --resume {cut}" in err and "Traceback" not in err

@@ -130,6 +130,12 @@ def test_broken_model_files_are_one_clear_error(onnx_file, tmp_path):
     onnx.save(proto, str(tmp_path / "future.onnx"))
     with pytest.raises(CheckpointError, match="uses ONNX opset 99"):
         Predictor.load(tmp_path / "future.onnx", "onnxruntime")
+    proto = onnx.load(str(onnx_file))
+    proto.graph.node[0].op_type = "NoSuchOp"
+    onnx.save(proto, str(tmp_path / "invalid.onnx"))
+    with pytest.raises(ConfigError, match=r"no backend here can run .*invalid.onnx on cpu: onnxruntime: onnxruntime "
+                                          r"cannot load .*NoSuchOp.*; openvino: "):  # each engine's own reason
+        Predictor.load(tmp_path / "invalid.onnx", "auto")
     (tmp_path / "m.xml").write_text("<net>")
     with pytest.raises(CheckpointError, match="has no weights file m.bin"):
         Predictor.load(tmp_path / "m.xml", "openvino")
@@ -185,15 +191,21 @@ def test_what_cannot_work_is_refused_before_loading(photo_run, onnx_file):
     assert p.predict([None], names=["x"])[0]["error"].startswith("NoneType is not an image type")
 
 
-def test_a_record_can_be_corrected_but_a_pixel_graph_keeps_its_preprocessing(photo_run, onnx_file, tmp_path):
+def test_a_record_can_be_renamed_but_keeps_its_preprocessing(photo_run, onnx_file, tmp_path, capsys):
     run, _, test = photo_run
-    renamed = Predictor.load(onnx_file, "onnxruntime", metadata={"classes": "x,y,z"})
-    assert renamed.classes == ["x", "y", "z"] and renamed.pre.img_size == 32
-    with pytest.raises(CheckpointError, match="takes 32x32 images but its preprocessing makes 48"):
+    # Another input size or normalisation than the model was trained with changes every answer: refused, named.
+    assert main(["predict", str(run), str(test), "--img-size", "64"]) == 2
+    assert "img_size 64 (recorded: 32)" in capsys.readouterr().err
+    renamed = Predictor.load(onnx_file, "onnxruntime", metadata={"classes": "x,y,z", "img_size": 32})
+    assert renamed.classes == ["x", "y", "z"] and renamed.pre.img_size == 32  # the recorded value passes
+    with pytest.raises(ConfigError, match=r"records the preprocessing it was trained with, and img_size 48 "
+                                          r"\(recorded: 32\)"):
         Predictor.load(onnx_file, "onnxruntime", metadata={"img_size": 48})
+    with pytest.raises(ConfigError, match=r"mean 0.5,0.5,0.5 \(recorded: [0-9.,]+\)"):
+        Predictor.load(run, "torch", metadata={"mean": [0.5, 0.5, 0.5]})
     pixels = api.export(run, "onnx", tmp_path / "px.onnx", embed_preprocessing=True).path
     with pytest.raises(ConfigError, match="does its own preprocessing: only its class names can be given"):
-        Predictor.load(pixels, "onnxruntime", metadata={"mean": [0.5, 0.5, 0.5]})
+        Predictor.load(pixels, "onnxruntime", metadata={"img_size": 32})  # even the recorded value
     proto = onnx.load(str(pixels))
     del proto.metadata_props[:]
     onnx.save(proto, str(tmp_path / "bare-px.onnx"))

@@ -51,10 +51,12 @@ def test_a_run_writes_its_directory(data, tmp_path):
     assert api.train(data, progress=False, **_opts(tmp_path, epochs=1))["run_dir"].endswith("resnet18-shapes-2")
 
 
-def test_the_saved_model_rebuilds_from_its_sidecar_alone(data, tmp_path):
-    out = api.train(data, progress=False, **_opts(tmp_path, variant="d", act="silu"))
+def test_the_saved_model_rebuilds_from_its_sidecar_alone(data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = api.train(data, progress=False, **{**_opts(tmp_path, variant="d", act="silu"), "project": "runs"})
     model, meta = resforge.models.load_model(out["run_dir"])
     assert meta["classes"] == ["a", "b", "c"] and meta["preprocess"]["img_size"] == 16
+    assert meta["trained"]["run"] == str(tmp_path.resolve() / out["run_dir"])  # not relative to where it ran
     assert meta["arch"]["kwargs"]["variant"] == "d" and meta["arch"]["kwargs"]["act"] == "silu"
     state = load_file(os.path.join(out["run_dir"], "best.safetensors"))
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
@@ -448,7 +450,7 @@ def test_resume_refuses_a_folder_whose_classes_changed(tmp_path):
 
 def test_run_dirs_are_claimed_and_numbered(tmp_path):
     cfg = build_config(overrides={"data.root": "x", "project": str(tmp_path), "name": "group/run"})
-    assert new_run_dir(cfg) == tmp_path / "group" / "run"
-    assert new_run_dir(cfg) == tmp_path / "group" / "run-2"
+    assert new_run_dir(cfg) == (tmp_path / "group" / "run", True)
+    assert new_run_dir(cfg) == (tmp_path / "group" / "run-2", True)
     cfg.train.exist_ok = True
-    assert new_run_dir(cfg) == tmp_path / "group" / "run"
+    assert new_run_dir(cfg) == (tmp_path / "group" / "run", False)  # reused: not this run's to remove

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ..config import AUTO_RECIPE, build_config, validate
@@ -54,7 +55,9 @@ def compression_run(source: str | os.PathLike, transform: Transform, *, suffix: 
         overrides.setdefault("train.teacher", str(weights))
     cfg = build_config(recipe or AUTO_RECIPE, config, overrides)
     validate(cfg)
-    run_dir = new_run_dir(cfg)
+    train = cfg.train
+    _check_output(Path(train.project) / train.name, run or weights.parent, run is not None, train.exist_ok)
+    run_dir, created = new_run_dir(cfg)
     try:
         trainer = Trainer(cfg, run_dir=run_dir, callbacks=callbacks, progress=progress, split_csv=split)
         record = transform(trainer)
@@ -65,7 +68,19 @@ def compression_run(source: str | os.PathLike, transform: Transform, *, suffix: 
         cfg.model.init_from = str(start)  # config.yaml names the model the fine-tune starts from
         trainer.model_changed()
     except BaseException:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(run_dir)
+        if created:  # an existing folder (--exist-ok) is not this command's to remove
+            with contextlib.suppress(OSError):
+                shutil.rmtree(run_dir)
         raise
     return trainer, record
+
+
+def _check_output(out: Path, home: Path, is_run: bool, exist_ok: bool) -> None:
+    """Never into or over the source: its run folder (or the folder of a loose model file) reused with
+    --exist-ok, or a folder inside its run. A failed run would remove it; a finished one replace its files.
+    (Without --exist-ok a taken name is numbered, never the source itself.)"""
+    out, home = out.resolve(), home.resolve()
+    if (out == home and exist_ok) or (is_run and out != home and out.is_relative_to(home)):
+        where = "is" if out == home else "is inside"
+        raise ConfigError(f"the output folder {out} {where} the {'run' if is_run else 'folder'} of the model it "
+                          "starts from: give another --name or --project")

@@ -40,7 +40,7 @@ from ..io import write_json, write_text
 from ..models import load_model
 from ..models.summary import summarize
 from .prune import check_target
-from .quantize import quantize
+from .quantize import check_calibration, quantize
 
 log = logging.getLogger("resforge")
 
@@ -98,8 +98,12 @@ def optimize(source: str | os.PathLike, target: str, *, prune: RunStep, lowrank:
     if not 0 < energy < 1 or calib < 1 or duration <= 0:
         raise ConfigError(f"--energy must lie in (0, 1), --calib be at least 1 and --duration above 0; got "
                           f"{energy:g}, {calib} and {duration:g}")
-    _, meta = load_model(run)
     out = Path(out)
+    if out.resolve().is_relative_to(run.resolve()):  # it would write over the run's report.md, or into it
+        raise ConfigError(f"the output folder {out} is {'inside ' if out.resolve() != run.resolve() else ''}the run "
+                          f"it optimizes ({run}): give another --name or --project")
+    check_calibration(run, "onnxruntime", calib, "minmax", "auto", None)  # before a baseline is exported
+    _, meta = load_model(run)
     out.mkdir(parents=True, exist_ok=True)
     state_file = out / "optimize.json"
     state = _read_state(state_file, run, goal)

@@ -105,8 +105,8 @@ def prune_model(model: ResNet, img_size: int, *, ratio: float | None = None, mac
             break
     model.zero_grad(set_to_none=True)
     if macs is not None and after.macs > macs * before.macs:
-        raise ConfigError(f"pruning reached {after.macs / before.macs:.0%} of the MACs, not the {macs:.0%} asked: "
-                          f"each layer keeps at least {1 - MAX_RATIO:.0%} of its channels; ask for more MACs")
+        raise ConfigError(f"pruning reached {percent(after.macs / before.macs)} of the MACs, not the {percent(macs)} "
+                          f"asked: each layer keeps at least {1 - MAX_RATIO:.0%} of its channels; ask for more MACs")
     record = {"kind": "pruned", "importance": importance, "round_to": round_to,
               **({"ratio": ratio} if ratio is not None else
                  {"macs_target": macs, "steps": taken, "of": MAX_STEPS, "towards_ratio": MAX_RATIO} if macs is not None
@@ -167,5 +167,10 @@ def describe(record: dict[str, Any]) -> str:
     if "latency_ms" in record:
         (t0, t1) = record["latency_ms"]
         timing = f", {t1:.2f} ms at batch 1 from {t0:.2f} (onnxruntime, here)"
-    return (f"pruned by {record['importance']}: {m1 / 1e6:,.1f}M MACs of {m0 / 1e6:,.1f}M ({m1 / m0:.0%}), "
-            f"{p1:,} parameters of {p0:,} ({p1 / p0:.0%}){timing}")
+    return (f"pruned by {record['importance']}: {m1 / 1e6:,.1f}M MACs of {m0 / 1e6:,.1f}M ({percent(m1 / m0)}), "
+            f"{p1:,} parameters of {p0:,} ({percent(p1 / p0)}){timing}")
+
+
+def percent(share: float) -> str:
+    """Three significant digits: a target of 0.0001 is 0.01%, not 0%."""
+    return f"{100 * share:.3g}%"

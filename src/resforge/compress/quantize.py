@@ -15,9 +15,10 @@ was made and what it scored against fp32 on the validation split), so `Predictor
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..data.folder import recorded_samples
+from ..data.folder import recorded_samples, recorded_split
 from ..data.loader import ImageDataset, decode_image, make_loader, resolve_workers
 from ..data.transforms import eval_transform
 from ..deploy.backends import openvino_core, require_backend
@@ -39,6 +40,7 @@ from ..deploy.metadata import OV_KEY, ModelInfo, onnx_props
 from ..deploy.predictor import Source, build_runner, open_source
 from ..errors import ConfigError
 from ..evaluation.runner import infer
+from ..io import temp_dir
 from . import qat
 
 log = logging.getLogger("resforge")
@@ -116,28 +118,28 @@ def quantize(source: str | os.PathLike, backend: str = "onnxruntime", out: str |
     pre, transform = info.pre, eval_transform(info.pre)
     batch = np.stack([transform(decode_image(f, pre)).numpy() for f in calib_files])
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}.") as tmp:
-        fp32 = Path(tmp) / "fp32.onnx"
+    with temp_dir(path.parent, "quantize") as tmp:
+        fp32 = tmp / "fp32.onnx"
         import onnx
 
         fp32_info = replace(info, export={**info.export, "dtype": "fp32"})
         proto = to_onnx(net, fp32_info, dynamic_batch=True)
         onnx.save(proto, str(fp32))
-        raw, written = Path(tmp) / f"raw{SUFFIX[backend]}", Path(tmp) / path.name
+        raw, written = tmp / f"raw{SUFFIX[backend]}", tmp / path.name
         reference = fp32
         if baseline is not None:
-            reference = Path(tmp) / "baseline.onnx"
+            reference = tmp / "baseline.onnx"
             onnx.save(to_onnx(open_source(baseline).model, fp32_info, dynamic_batch=True), str(reference))
         measure = partial(_measure, Source("onnx", reference, info), backend, info=info, val=val)
         kept: list[str] = []
         if backend == "onnxruntime":
             fixed = qat.overrides(proto, net, learned, INPUT, torch.from_numpy(batch[:1])) if learned else {}
-            chosen, timings = _quantize_ort(fp32, raw, batch, method, activations, Path(tmp), fixed)
+            chosen, timings = _quantize_ort(fp32, raw, batch, method, activations, tmp, fixed)
             result = measure(raw)
             if max_drop is not None and result.drop > max_drop:
                 probe = np.stack([transform(decode_image(f, pre)).numpy()
                                   for f, _ in val[::max(1, len(val) // SENSITIVITY_IMAGES)][:SENSITIVITY_IMAGES]])
-                kept, result = _restore_ort(Path(tmp), raw, batch, probe, method, chosen, fixed, measure, max_drop)
+                kept, result = _restore_ort(tmp, raw, batch, probe, method, chosen, fixed, measure, max_drop)
         else:
             chosen, timings = "nncf", {}
             kept = _quantize_openvino(proto, info, raw, batch, val if max_drop is not None else None, max_drop)
@@ -203,10 +205,10 @@ def _is_quantized(src: Source) -> bool:
 def _recorded(src: Source, split: str) -> list[tuple[str, int]]:
     """(file, label) of one split of the run that trained `src`, as its split.csv recorded it."""
     trained = src.info.trained
-    run, data = Path(trained.get("run") or src.path.parent), trained.get("data")
-    if not data or not (run / "split.csv").is_file():
+    data, split_csv = trained.get("data"), recorded_split(src.path, trained.get("run"))
+    if not data or split_csv is None:
         return []
-    return recorded_samples(data, run / "split.csv", split, src.info.classes)
+    return recorded_samples(data, split_csv, split, src.info.classes)
 
 
 def _calibration_files(src: Source, images: str | os.PathLike | None, calib: int) -> list[str]:
@@ -269,10 +271,12 @@ def _ort_static(prepared: Path, out: Path, batch: np.ndarray, method: str, kind:
 
     calibrate = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                  "percentile": CalibrationMethod.Percentile}[method]
-    quantize_static(str(prepared), str(out), _reader(batch), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8 if kind == "u8" else QuantType.QInt8,
-                    weight_type=QuantType.QInt8, calibrate_method=calibrate, nodes_to_exclude=list(exclude),
-                    extra_options={"TensorQuantOverrides": fixed} if fixed else None)
+    # its histogram calibrators print their progress ("Collecting tensor data ...") on stdout, which is ours
+    with contextlib.redirect_stdout(io.StringIO()):
+        quantize_static(str(prepared), str(out), _reader(batch), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8 if kind == "u8" else QuantType.QInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=calibrate, nodes_to_exclude=list(exclude),
+                        extra_options={"TensorQuantOverrides": fixed} if fixed else None)
 
 
 def _restore_ort(tmp: Path, raw: Path, batch: np.ndarray, probe: np.ndarray, method: str, kind: str,

@@ -328,6 +328,20 @@ def scan_folder(root: str | os.PathLike, *, val_split: float = 0.2, seed: int = 
                            train=train, val=val, test=good.get("test", []), skipped=sorted(skipped), sizes=sizes)
 
 
+def recorded_split(model: str | os.PathLike, run: str | None) -> Path | None:
+    """The split.csv of the run that trained the model file `model`, whose record names the run folder
+    `run`; None when it is not found. Found from the model file, never the working directory: the
+    recorded folder (an older record holds it relative to where training ran, so it is the folder above
+    the model whose path ends with it), else the model's own folder."""
+    here = Path(model).resolve().parent
+    found = []
+    if run:
+        recorded = Path(run)
+        found = [recorded] if recorded.is_absolute() else [
+            a for a in (here, *here.parents) if a.parts[len(a.parts) - len(recorded.parts):] == recorded.parts]
+    return next((f / "split.csv" for f in [*found, here] if (f / "split.csv").is_file()), None)
+
+
 def recorded_samples(data: str | os.PathLike, split_csv: str | os.PathLike, split: str, classes: list[str]
                      ) -> list[Sample]:
     """(file, class index in `classes`) of one split as a run recorded it, the files still there; nothing

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch import nn
 
 from .. import __version__
 from ..errors import ConfigError, ExportError
+from ..io import temp_dir
 from .backends import TorchRunner
 from .convert import DEFAULT_OPSET, to_onnx
 from .export import move_into_place
@@ -119,8 +119,8 @@ def export_ensemble(members: list[Source], weights: list[float], names: list[str
     if path.suffix.lower() != ".onnx":
         raise ConfigError(f"an ensemble is exported as an .onnx file, got {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}.") as tmp:
-        written = Path(tmp) / path.name
+    with temp_dir(path.parent, "export") as tmp:
+        written = tmp / path.name
         onnx.save(to_onnx(net, info, dynamic_batch=True), str(written))
         reference = Predictor(TorchRunner(net, torch.device("cpu"), "fp32"), info, "ensemble", net)
         exported = Predictor.load(written, "onnxruntime", precision="fp32")

@@ -15,17 +15,17 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from .. import __version__
-from ..data.folder import recorded_samples
+from ..data.folder import recorded_samples, recorded_split
 from ..data.loader import decode_image
 from ..data.transforms import eval_transform
 from ..errors import ConfigError, DataError, ExportError, ResforgeError
+from ..io import temp_dir
 from .backends import require_backend
 from .convert import DEFAULT_OPSET, HalfPrecision, to_onnx, to_openvino
 from .metadata import PT2_FILE, ModelInfo
@@ -90,10 +90,10 @@ def export(source: str | os.PathLike, format: str = "onnx", out: str | os.PathLi
         raise ConfigError(f"{format} exports are {SUFFIX[format]} files, got {path}")
     if path.is_dir():
         raise ConfigError(f"{path} is a folder; give the file to write")
-    samples, where = parity_images(src, images)
+    decoded, where = parity_images(src, images)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}.") as tmp:
-        written = Path(tmp) / path.name
+    with temp_dir(path.parent, "export") as tmp:
+        written = tmp / path.name
         try:
             _write(src, info, format, written, opset, dynamic_batch, dtype)
         except ResforgeError:
@@ -101,7 +101,7 @@ def export(source: str | os.PathLike, format: str = "onnx", out: str | os.PathLi
         except Exception as e:  # the exporters' own errors: say which step failed, keep the cause for Python users
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
             raise ExportError(f"the {format} conversion of {source} failed: {reason}; nothing was written") from e
-        parity = check_parity(src, info, written, format, samples, where)
+        parity = check_parity(src, info, written, format, decoded, where)
         log.info("%s", parity.line())
         _gate(parity, embed_preprocessing, path)
         move_into_place(written, path, format)
@@ -157,25 +157,25 @@ def _write(src: Source, info: ModelInfo, format: str, path: Path, opset: int, dy
     ov.save_model(model, str(path), compress_to_fp16=dtype == "fp16")  # fp16 weights, computed as the CPU can
 
 
-def parity_images(src: Source, folder: str | os.PathLike | None) -> tuple[list[str], str]:
-    """Up to PARITY_IMAGES image files to check an export on: from `folder`, else the run's validation
-    split (found through the sidecar), spread over the split; none found is an error naming the fix."""
+def parity_images(src: Source, folder: str | os.PathLike | None) -> tuple[list[torch.Tensor], str]:
+    """Up to PARITY_IMAGES images to check an export on, decoded: from `folder`, else the run's validation
+    split (found through the sidecar), spread over the split. An unreadable file is skipped and named, as
+    every command does; none found, or none readable, is an error naming the fix."""
     if folder is not None:
         from ..data.folder import scan_images
 
-        paths = scan_images([folder])
-        return _spread(paths), f"images from {folder}"
+        where = f"images from {folder}"
+        return _decoded(_spread(scan_images([folder])), src.info, where), where
     trained = src.info.trained
-    run = Path(trained.get("run") or src.path.parent)
-    data = trained.get("data")
-    split = run / "split.csv"
-    if data and split.is_file():
+    data, split = trained.get("data"), recorded_split(src.path, trained.get("run"))
+    if data and split is not None:
         try:
             paths = [f for f, _ in recorded_samples(data, split, "val", src.info.classes)]
         except DataError:
             paths = []
         if paths:
-            return _spread(paths), f"validation images of {run}"
+            where = f"validation images of {split.parent}"
+            return _decoded(_spread(paths), src.info, where), where
     raise ConfigError(f"no validation images of {src.path}'s run were found (its split.csv or data folder moved) "
                       "to check the export on: give a folder of images with --images DIR")
 
@@ -185,11 +185,24 @@ def _spread(paths: list[str]) -> list[str]:
     return sorted(paths)[::step][:PARITY_IMAGES]
 
 
-def _reference_and_candidate(src: Source, info: ModelInfo, written: Path, format: str, files: list[str]
+def _decoded(files: list[str], info: ModelInfo, where: str) -> list[torch.Tensor]:
+    """The readable ones of `files`, decoded before anything is converted."""
+    images = []
+    for f in files:
+        try:
+            images.append(decode_image(f, info.pre))
+        except DataError as e:
+            log.warning("skipped for the parity check: %s", e)
+    if not images:
+        raise ConfigError(f"none of the {len(files)} {where} could be read to check the export on: give a folder "
+                          "of readable images with --images DIR")
+    return images
+
+
+def _reference_and_candidate(src: Source, info: ModelInfo, written: Path, format: str, decoded: list[torch.Tensor]
                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits of the PyTorch model (fp32) and of the written file, on the same decoded images."""
-    pre, transform = info.pre, eval_transform(info.pre)
-    decoded = [decode_image(f, pre) for f in files]
+    transform = eval_transform(info.pre)
     model = src.model.eval()
     with torch.inference_mode():
         reference = torch.cat([model(torch.stack([transform(x) for x in decoded[i:i + 32]])).float()
@@ -207,13 +220,14 @@ def _reference_and_candidate(src: Source, info: ModelInfo, written: Path, format
     return reference, torch.cat(candidate)
 
 
-def check_parity(src: Source, info: ModelInfo, written: Path, format: str, files: list[str], where: str) -> Parity:
-    reference, candidate = _reference_and_candidate(src, info, written, format, files)
+def check_parity(src: Source, info: ModelInfo, written: Path, format: str, images: list[torch.Tensor], where: str
+                 ) -> Parity:
+    reference, candidate = _reference_and_candidate(src, info, written, format, images)
     agree = candidate.argmax(1) == reference.argmax(1)
     top2 = reference.topk(min(2, reference.shape[1]), dim=1).values
     tolerance = LOGIT_TOLERANCE[info.export.get("dtype", "fp32")] * max(1.0, float(reference.abs().max()))
     prob_diff = (candidate.softmax(1) - reference.softmax(1)).abs()
-    return Parity(images=len(files), where=where, max_abs_diff=float((candidate - reference).abs().max()),
+    return Parity(images=len(images), where=where, max_abs_diff=float((candidate - reference).abs().max()),
                   tolerance=tolerance, top1_agreement=float(agree.float().mean()),
                   max_prob_diff=float(prob_diff.max()), mean_prob_diff=float(prob_diff.mean()),
                   decided=int((~agree & (top2[:, 0] - top2[:, -1] > 2 * tolerance)).sum()))

@@ -171,14 +171,29 @@ def assemble(source: str, found: str | None, overrides: dict[str, Any], in_chans
 
 
 def _apply(info: ModelInfo, given: dict[str, Any], source: str) -> ModelInfo:
-    """A record with the user's corrections (for instance class names for a file that has indices)."""
+    """A record with the user's class names (for instance for a file that has indices). Its preprocessing
+    is the one the model was trained with: other values would change every answer without a word (and a
+    graph of fixed size or with its preprocessing inside refuses them anyway), so they are refused; the
+    same values pass."""
     p = info.pre
-    crop = given.get("crop_pct", p.img_size / p.resize_size)
-    pre = make_preprocess(given.get("img_size", p.img_size), crop, p.in_chans,
-                          given.get("interpolation", p.interpolation), given.get("mean", p.mean),
-                          given.get("std", p.std))
+    asked = make_preprocess(given.get("img_size", p.img_size), given.get("crop_pct", p.img_size / p.resize_size),
+                            p.in_chans, given.get("interpolation", p.interpolation), given.get("mean", p.mean),
+                            given.get("std", p.std))
+    recorded = {"img_size": ("img_size", p.img_size), "crop_pct": ("resize_size", f"{p.img_size / p.resize_size:.4g}"),
+                "interpolation": ("interpolation", p.interpolation), "mean": ("mean", _listed(p.mean)),
+                "std": ("std", _listed(p.std))}
+    changed = [f"{k} {_listed(given[k])} (recorded: {shown})" for k, (field, shown) in recorded.items()
+               if k in given and getattr(asked, field) != getattr(p, field)]
+    if changed:
+        raise ConfigError(f"{source} records the preprocessing it was trained with, and {'; '.join(changed)} "
+                          "would change every answer: leave it out (those options describe a model file "
+                          "without a record)")
     classes = _class_list(given["classes"]) if "classes" in given else info.classes
-    return replace(info, classes=classes, pre=_preprocess(pre.to_dict(), source))
+    return replace(info, classes=classes)
+
+
+def _listed(value: Any) -> str:
+    return ",".join(f"{v:g}" for v in value) if isinstance(value, (list, tuple)) else str(value)
 
 
 def _class_list(classes: Any) -> list[str]:

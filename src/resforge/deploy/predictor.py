@@ -448,6 +448,7 @@ def choose_backend(source: Source, device: torch.device, precision: str, threads
         return build_runner(source, record["backend"], device, precision, threads), record
     x = sample_batch(source.info, min(batch_size, AUTO_MAX_BATCH))
     rates: dict[str, float] = {}
+    refused: dict[str, str] = {}
     best: tuple[float, Runner] | None = None
     for backend in candidates:
         try:
@@ -455,13 +456,15 @@ def choose_backend(source: Source, device: torch.device, precision: str, threads
             runner(x), runner(x)  # warm-up: kernels chosen, memory allocated
         except (ConfigError, CheckpointError) as e:
             log.debug("auto backend: %s left out (%s)", backend, e)
+            refused[backend] = str(e)
             continue
         per_image = statistics.median(timed_calls(lambda: runner(x), AUTO_SECONDS, max_calls=50)) / len(x)
         rates[f"{backend} {runner.precision}"] = 1 / per_image
         if best is None or per_image < best[0]:
             best = (per_image, runner)
-    if best is None:
-        raise ConfigError(f"no backend here can run {source.path} on {device}")
+    if best is None:  # the engines' reasons: an invalid graph is named as such, not as a missing backend
+        raise ConfigError(f"no backend here can run {source.path} on {device}: "
+                          + ("; ".join(f"{b}: {why}" for b, why in refused.items()) or "none is installed for it"))
     runner = best[1]
     record = {"backend": runner.backend, "precision": runner.precision, "batch_size": batch_size, "img_per_s": rates}
     write_json(cache, {**_read_json(cache), key: record})

@@ -290,6 +290,11 @@ def resolve_model_path(source: str | os.PathLike) -> Path:
         p = p / "best.safetensors"
     elif p.suffix == ".json":
         p = p.with_suffix(".safetensors")
+    if not p.is_file() and p.name == "best.safetensors" and (p.parent / "last.ckpt").is_file():
+        raise CheckpointError(f"{p.parent} holds a training checkpoint (last.ckpt) but no best model ({p.name}) "
+                              "yet: the run stopped before it saved one (a sparse run saves one once it reaches "
+                              f"its sparsity); continue it with: resforge train --resume {p.parent} (and --epochs "
+                              "past its last one if it finished)")
     if not p.is_file():
         raise CheckpointError(f"no model at {source} (expected a run directory, or a .safetensors file with "
                               "its .json sidecar)")

@@ -55,17 +55,20 @@ RESUMABLE = {"train.epochs", "train.patience", "train.time_limit", "train.device
 SYNC_EVERY = 10  # batches between the host's waits for the device: the progress figures and the loss check
 
 
-def new_run_dir(cfg: Config) -> Path:
-    """`project/name`, numbered (`name-2`, ...) when taken, unless `exist_ok`."""
+def new_run_dir(cfg: Config) -> tuple[Path, bool]:
+    """`project/name`, numbered (`name-2`, ...) when taken, unless `exist_ok`; and whether this call made it
+    (under `exist_ok` it may be an existing folder, which a failed run must not remove)."""
     base = cfg.train.name or f"{cfg.model.name}-{Path(cfg.data.root).resolve().name}"
     root = Path(cfg.train.project)
     path, n = root / base, 1
     path.parent.mkdir(parents=True, exist_ok=True)  # a name may hold folders: group/run
     while True:
         try:  # mkdir claims the name, so two runs started at once cannot share it
-            path.mkdir(exist_ok=cfg.train.exist_ok)
-            return path
+            path.mkdir()
+            return path, True
         except FileExistsError:
+            if cfg.train.exist_ok and path.is_dir():
+                return path, False
             n += 1
             path = root / f"{base}-{n}"
 
@@ -690,7 +693,7 @@ class Trainer:
         prefix = "ema_val" if which == "ema" else "val"
         return {"classes": self.classes, "preprocess": self.pre.to_dict(),
                 "metrics": {k.replace(prefix, "val"): v for k, v in row.items() if k.startswith(prefix + "_")},
-                "trained": {"run": str(self.run_dir), "epoch": row["epoch"], "weights": which,
+                "trained": {"run": str(self.run_dir.resolve()), "epoch": row["epoch"], "weights": which,
                             "data": str(Path(self.cfg.data.root).resolve()),
                             "pretrained": self.cfg.model.pretrained, "resforge": __version__,
                             "torch": torch.__version__}}
@@ -743,7 +746,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to the configured number of epochs (or an early stop, or the time limit); return the summary."""
         if self.run_dir is None:  # named by rank 0, which alone writes in it
-            self.run_dir = Path(self.world.broadcast(str(new_run_dir(self.cfg)) if self.world.main else None))
+            self.run_dir = Path(self.world.broadcast(str(new_run_dir(self.cfg)[0]) if self.world.main else None))
         if self.lock is None and self.world.main:
             self.lock = RunLock(self.run_dir)
         try:
