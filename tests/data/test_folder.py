@@ -11,8 +11,8 @@ from helpers import make_image_folder
 from PIL import Image
 
 from resforge import DataError
-from resforge.errors import ImageError
 from resforge.data.folder import load_image, scan_folder, scan_images
+from resforge.errors import ImageError
 
 
 def test_class_layout_stratified_split_is_seeded(tmp_path):

@@ -291,7 +291,7 @@ def _decode_all(samples: list[Sample], max_pixels: int, threads: int | None
             im = load_image(sample[0], "RGB", max_pixels)
         except DataError as e:
             return sample, str(e).removeprefix(f"{sample[0]}: "), None
-        with Image.open(sample[0], formats=IMAGE_FORMATS) as raw:  # the header only: the stored mode, for `data inspect`
+        with Image.open(sample[0], formats=IMAGE_FORMATS) as raw:  # the header: the stored mode, for `data inspect`
             return sample, None, (im.width, im.height, raw.mode)
 
     sizes, skipped = {}, []
