@@ -194,6 +194,9 @@ def _metadata_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mean", type=float, nargs="+", help="normalisation mean per channel (default: ImageNet's)")
     g.add_argument("--std", type=float, nargs="+", help="normalisation std per channel (default: ImageNet's)")
     g.add_argument("--interpolation", choices=CHOICES["data.interpolation"], help="resize interpolation")
+    p.add_argument("--formats", type=_list_of(str, "format names"),
+                   help="image formats decoded, comma-separated PIL names (default: the model's record, else "
+                        "JPEG,PNG,WEBP,BMP,TIFF,GIF)")
 
 
 def _metadata(args: argparse.Namespace) -> dict:
@@ -530,9 +533,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = ServeOptions()
     p = add("serve", cmd_serve, "serve a model over HTTP: micro-batched predictions, metrics, a page to try it",
             "FastAPI on uvicorn: POST /v1/predict (an image as the body, or several as multipart files; ?topk=, "
-            "?timeout=), GET /health, /ready, /v1/metadata, /metrics (Prometheus), /docs, and a page at / to drop "
-            "images on. Requests are batched: a batch leaves when --max-batch images wait or the oldest has "
-            "waited --max-wait-ms. A full queue answers 503 at once; SIGTERM answers what is queued, then exits.")
+            "?timeout=), GET /health, /ready, /v1/metadata, /metrics (Prometheus), /docs (with --docs), and a page "
+            "at / to drop images on. Requests are batched: a batch leaves when --max-batch images wait or the "
+            "oldest has waited --max-wait-ms. A full queue answers 503 at once; SIGTERM answers what is queued, "
+            "then exits (a second SIGTERM at once).")
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--host", default=d.host, help=f"address to bind (default: {d.host}; any other needs --api-key)")
     p.add_argument("--port", type=int, default=d.port, help=f"(default: {d.port}; 0: a free port, logged)")
@@ -552,10 +556,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"images per request (default: {d.max_images})")
     g.add_argument("--max-pixels", type=int, default=d.max_pixels,
                    help=f"pixels an image may declare (default: {d.max_pixels:,})")
+    g.add_argument("--max-aspect", type=float, default=d.max_aspect,
+                   help=f"an image's long side over its short side, at most (default: {d.max_aspect:g})")
+    g.add_argument("--max-connections", type=int, default=d.max_connections,
+                   help=f"connections open at once; fewer where ulimit -n leaves room for fewer "
+                        f"(default: {d.max_connections})")
     g.add_argument("--api-key", help=f"required by every route but /health (default: ${API_KEY_ENV}); needed to "
                                      "bind anything but loopback")
     g.add_argument("--cors", action="append", metavar="ORIGIN", help="allow browser calls from this origin "
                                                                       "(repeatable; default: none)")
+    g.add_argument("--docs", action="store_true", help="Swagger UI at /docs (the browser loads it from a CDN; "
+                                                       "/openapi.json is always served)")
 
     def data_usage(args: argparse.Namespace) -> None:
         args.data_parser.error("give a data command: inspect or import")
