@@ -13,7 +13,8 @@ failed accept with a traceback. Here:
     previous answer, or its connection is closed (the app answers a body slower than the request's
     own deadline with a 408 before that);
   - closing while the client is still sending its body lingers, as nginx does: our side is shut,
-    what arrives is read and dropped, up to LINGER_BYTES and LINGER_S, so the client reads the answer;
+    what arrives is read and dropped, up to LINGER_BYTES and LINGER_S, so the client reads the answer
+    (unless the app set NO_LINGER in the request's scope: a client too slow to wait for);
   - a failed accept is logged once per ACCEPT_LOG_S, with how often it happened;
   - a second SIGTERM ends the graceful wait, as a second Ctrl-C does.
 """
@@ -40,6 +41,7 @@ log = logging.getLogger("resforge")
 
 LINGER_BYTES = 128 * 2**20  # of a refused body read and dropped before the connection closes, at most
 LINGER_S = 5.0  # how long a connection lingers, at most
+NO_LINGER = "resforge.no_linger"  # a request scope's key: its connection closes at once after the answer
 ACCEPT_LOG_S = 10.0  # failed accepts are logged at most once per this interval
 FD_RESERVE = 32  # descriptors left beside connections: model files, engines, logs, the listening socket
 
@@ -117,7 +119,8 @@ class GuardedProtocol(H11Protocol):
         """Close now, or, when the client is still sending its request body, shut our side and linger."""
         if self.lingering or self.raw.is_closing():
             return
-        if self.conn.their_state is not h11.SEND_BODY or not self.raw.can_write_eof():
+        slow = self.scope is not None and self.scope.get(NO_LINGER)
+        if slow or self.conn.their_state is not h11.SEND_BODY or not self.raw.can_write_eof():
             return self._close_now()
         self.lingering = True
         self.raw.write_eof()

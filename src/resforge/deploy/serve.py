@@ -45,7 +45,7 @@ from ..data.loader import cpu_cores
 from ..device import resolve_device
 from .. import __version__
 from ..errors import ConfigError, ImageError
-from .connections import Server, connection_cap, guarded_protocol
+from .connections import NO_LINGER, Server, connection_cap, guarded_protocol
 from .predictor import Predictor, check_backend, open_source, sample_batch
 
 log = logging.getLogger("resforge")
@@ -540,6 +540,7 @@ def create_app(model: str | os.PathLike | Predictor, options: ServeOptions | Non
             try:
                 images = await asyncio.wait_for(_read_images(request, options), deadline - time.monotonic())
             except asyncio.TimeoutError:
+                request.scope[NO_LINGER] = True  # a client this slow is not waited for any longer
                 raise HttpError(408, "the request did not arrive in full before its deadline (?timeout= or "
                                      "--timeout)", {"connection": "close"}) from None
             try:
