@@ -7,8 +7,10 @@ even while the client is still sending the body (a client that sends its whole b
 as Python's urllib and requests do, then reads a reset instead of the answer); asyncio logs every
 failed accept with a traceback. Here:
 
-  - open connections are capped: one over the cap is answered 503 and closed at once, so descriptors
-    never run out (the cap is chosen below the descriptor limit by `connection_cap`);
+  - open connections are capped: one over the cap is answered 503 and closed at once; asyncio accepts
+    up to ACCEPT_BACKLOG connections per turn of the loop (its `backlog`, uvicorn's setting) and each
+    takes a few turns to be refused and closed, so `connection_cap` keeps the cap that far below the
+    descriptor limit;
   - each request must arrive in full, headers and body, within `arrival_s` of the connection or the
     previous answer, or its connection is closed (the app answers a body slower than the request's
     own deadline with a 408 before that);
@@ -17,6 +19,8 @@ failed accept with a traceback. Here:
     (unless the app set NO_LINGER in the request's scope: a client too slow to wait for);
   - a failed accept is logged once per ACCEPT_LOG_S, with how often it happened;
   - a second SIGTERM ends the graceful wait, as a second Ctrl-C does.
+
+The protocol is uvicorn's h11 one, subclassed: the server runs on h11 even where httptools is installed.
 """
 
 from __future__ import annotations
@@ -43,16 +47,18 @@ LINGER_BYTES = 128 * 2**20  # of a refused body read and dropped before the conn
 LINGER_S = 5.0  # how long a connection lingers, at most
 NO_LINGER = "resforge.no_linger"  # a request scope's key: its connection closes at once after the answer
 ACCEPT_LOG_S = 10.0  # failed accepts are logged at most once per this interval
-FD_RESERVE = 32  # descriptors left beside connections: model files, engines, logs, the listening socket
+FD_RESERVE = 16  # descriptors left beside connections for what opens after the start: model files, engines
+ACCEPT_BACKLOG = 16  # connections the kernel holds until accepted, and asyncio accepts per turn of its loop
 
 
 def connection_cap(wanted: int) -> int:
-    """`wanted` connections, or fewer where the descriptor limit (ulimit -n), less those open now and
-    FD_RESERVE, leaves room for fewer."""
+    """`wanted` connections, or fewer where the descriptor limit (ulimit -n) leaves room for fewer: less
+    those open now, FD_RESERVE, and the connections accepted in the three turns of the loop it takes to
+    refuse one over the cap."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return wanted
-    room = soft - len(os.listdir("/dev/fd")) - FD_RESERVE
+    room = soft - len(os.listdir("/dev/fd")) - FD_RESERVE - 3 * ACCEPT_BACKLOG
     if room < 1:
         raise ConfigError(f"this process may open {soft} files (ulimit -n), too few to serve connections: raise it")
     return min(wanted, room)
@@ -146,8 +152,9 @@ def guarded_protocol(max_connections: int, arrival_s: float) -> type[GuardedProt
 
 
 class AcceptErrors:
-    """asyncio's exception handler, with failed accepts (out of descriptors or memory: asyncio retries each
-    second) logged once per ACCEPT_LOG_S with their count, not each time with a traceback."""
+    """asyncio's exception handler, with failed accepts (out of descriptors or memory; asyncio 3.11 reports
+    one for each connection it tries in a turn) logged once per ACCEPT_LOG_S with their count, not each
+    with a traceback."""
 
     def __init__(self, clock: Any = time.monotonic):
         self.clock, self.count, self.last = clock, 0, -math.inf

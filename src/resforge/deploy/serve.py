@@ -45,7 +45,7 @@ from ..data.loader import cpu_cores
 from ..device import resolve_device
 from .. import __version__
 from ..errors import ConfigError, ImageError
-from .connections import NO_LINGER, Server, connection_cap, guarded_protocol
+from .connections import ACCEPT_BACKLOG, NO_LINGER, Server, connection_cap, guarded_protocol
 from .predictor import Predictor, check_backend, open_source, sample_batch
 
 log = logging.getLogger("resforge")
@@ -629,7 +629,7 @@ def uvicorn_server(app: FastAPI) -> Server:
     time to arrive (--timeout and GRACE_S for its headers), lingering close, a second SIGTERM."""
     options: ServeOptions = app.state.resforge.options
     protocol = guarded_protocol(options.max_connections, options.timeout + GRACE_S)
-    return Server(uvicorn.Config(app, log_level="warning", http=protocol,
+    return Server(uvicorn.Config(app, log_level="warning", http=protocol, backlog=ACCEPT_BACKLOG,
                                  timeout_graceful_shutdown=math.ceil(options.timeout) + GRACE_S))
 
 
@@ -655,7 +655,7 @@ def serve(model: str | os.PathLike, options: ServeOptions | None = None, metadat
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((options.host, options.port))
-        sock.listen(2048)
+        sock.listen(ACCEPT_BACKLOG)
     except OSError as e:
         sock.close()
         raise ConfigError(f"cannot listen on {options.host}:{options.port}: {e.strerror}") from None
