@@ -18,7 +18,7 @@ failed accept with a traceback. Here:
     what arrives is read and dropped, up to LINGER_BYTES and LINGER_S, so the client reads the answer
     (unless the app set NO_LINGER in the request's scope: a client too slow to wait for);
   - a failed accept is logged once per ACCEPT_LOG_S, with how often it happened;
-  - a second SIGTERM ends the graceful wait, as a second Ctrl-C does.
+  - a second SIGTERM ends the graceful wait, as a second Ctrl-C does, and answers what is left.
 
 The protocol is uvicorn's h11 one, subclassed: the server runs on h11 even where httptools is installed.
 """
@@ -31,7 +31,6 @@ import logging
 import math
 import os
 import resource
-import signal
 import time
 from typing import Any
 
@@ -170,14 +169,25 @@ class AcceptErrors:
 
 
 class Server(uvicorn.Server):
-    """uvicorn's server: a second SIGTERM ends the graceful wait as a second SIGINT does, and failed accepts
-    are logged through AcceptErrors."""
+    """uvicorn's server: a second SIGTERM or SIGINT ends the graceful wait, the requests still running
+    cancelled (the app answers each 503), and failed accepts are logged through AcceptErrors."""
+
+    loop: asyncio.AbstractEventLoop | None = None
 
     def handle_exit(self, sig: int, frame: Any) -> None:
-        if self.should_exit and sig == signal.SIGTERM:
-            self.force_exit = True
+        second = self.should_exit
         super().handle_exit(sig, frame)
+        if second and self.loop is not None:
+            self.force_exit = True  # uvicorn waits no more for connections and tasks
+            self.loop.call_soon_threadsafe(self._cancel_requests)
+
+    def _cancel_requests(self) -> None:
+        """Without this a connection still open would hold the shutdown (Python 3.12's Server.wait_closed
+        waits for every connection)."""
+        for task in list(self.server_state.tasks):
+            task.cancel()
 
     async def startup(self, sockets: Any = None) -> None:
-        asyncio.get_running_loop().set_exception_handler(AcceptErrors())
+        self.loop = asyncio.get_running_loop()
+        self.loop.set_exception_handler(AcceptErrors())
         await super().startup(sockets)
