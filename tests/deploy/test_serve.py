@@ -31,7 +31,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from resforge import ConfigError
 from resforge.cli import main
 from resforge.data.folder import scan_images
-from resforge.deploy.connections import ACCEPT_BACKLOG, FD_RESERVE
 from resforge.deploy.predictor import Predictor
 from resforge.deploy.serve import ServeOptions, create_app, uvicorn_server
 
@@ -474,6 +473,8 @@ def test_a_second_sigterm_answers_a_slow_client_in_json_and_ends_the_wait(photo_
         if proc.poll() is None:
             proc.kill()
     # the descriptor limit caps connections below it (the default asks for 512)
+    from resforge.deploy.connections import ACCEPT_BACKLOG, FD_RESERVE
+
     assert cap is not None and cap <= 128 - FD_RESERVE - 3 * ACCEPT_BACKLOG
     assert f"at most {cap} connections at once" in logged
 
