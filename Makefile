@@ -47,6 +47,7 @@ bench: $(VENV)/.bench
 	$(PY) benchmarks/defaults.py
 	$(PY) benchmarks/compress_fashion_mnist.py
 	$(PY) benchmarks/serve_load.py
+	$(PY) benchmarks/serve_attacks.py
 	$(PY) benchmarks/ensemble_fashion_mnist.py
 	$(PY) benchmarks/ddp_cpu.py
 	$(PY) benchmarks/tune_fashion_mnist.py

@@ -210,6 +210,9 @@ def _metadata_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mean", type=FLOAT, nargs="+", help="normalisation mean per channel (default: ImageNet's)")
     g.add_argument("--std", type=FLOAT, nargs="+", help="normalisation std per channel (default: ImageNet's)")
     g.add_argument("--interpolation", choices=CHOICES["data.interpolation"], help="resize interpolation")
+    p.add_argument("--formats", type=flag_type(list[str]),
+                   help="image formats decoded, comma-separated PIL names (default: the model's record, else "
+                        "JPEG,PNG,WEBP,BMP,TIFF,GIF)")
 
 
 def _metadata(args: argparse.Namespace) -> dict:
@@ -540,9 +543,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("serve", cmd_serve, "serve a model over HTTP: micro-batched predictions, metrics, a page to try it",
             "FastAPI on uvicorn: POST /v1/predict (an image as the body, or several as multipart files; ?topk=, "
-            "?timeout=), GET /health, /ready, /v1/metadata, /metrics (Prometheus), /docs, and a page at / to drop "
-            "images on. Requests are batched: a batch leaves when --max-batch images wait or the oldest has "
-            "waited --max-wait-ms. A full queue answers 503 at once; SIGTERM answers what is queued, then exits.")
+            "?timeout=), GET /health, /ready, /v1/metadata, /metrics (Prometheus), /docs (with --docs), and a page "
+            "at / to drop images on. Requests are batched: a batch leaves when --max-batch images wait or the "
+            "oldest has waited --max-wait-ms. A full queue answers 503 at once; SIGTERM answers what is queued, "
+            "then exits (a second SIGTERM at once).")
     p.add_argument("model", help=MODEL_HELP)
     _deploy_options(p)
     add_flags(p, ServeOptions, show_default=True)

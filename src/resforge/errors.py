@@ -30,7 +30,7 @@ class ImageError(DataError):
         self.reason = reason
 
 
-IMAGE_REASONS = ("missing", "empty", "not an image", "corrupt", "too many pixels")
+IMAGE_REASONS = ("missing", "empty", "not an image", "corrupt", "too many pixels", "too elongated")
 
 
 class TrainingError(ResforgeError):

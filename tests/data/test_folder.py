@@ -2,6 +2,8 @@
 
 import csv
 import os
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from PIL import Image
 
 from resforge import DataError
 from resforge.data.folder import load_image, recorded_split, scan_folder, scan_images
+from resforge.errors import ImageError
 
 
 def test_class_layout_stratified_split_is_seeded(tmp_path):
@@ -192,16 +195,29 @@ def test_a_data_path_that_is_a_file_says_so(tmp_path):
         scan_folder(f)
 
 
-@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_images_over_the_pixel_limit_are_refused_by_name(tmp_path):
     """Before decoding. That PIL's own warning is not printed beside it is tested through the command
-    line (test_predict_names_a_decompression_bomb_without_pils_warning): pytest resets warning filters."""
+    line (test_predict_names_a_decompression_bomb_without_pils_warning)."""
     big = tmp_path / "big.png"
     Image.new("1", (9500, 9500)).save(big)  # 90.25M pixels: over PIL's warning threshold, small on disk
     with pytest.raises(DataError, match="big.png: 9500x9500 pixels is over the limit of 89,478,485"):
         load_image(big)
     with pytest.raises(DataError, match="over the limit of 1,000"):
         load_image(tmp_path / "big.png", max_pixels=1000)
+
+
+def test_a_pixel_limit_above_pils_own_is_the_one_applied():
+    """PIL refuses more than 178,956,970 pixels by itself; a higher limit given to us is the one that holds."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 17_000, 11_000, 8, 0, 0, 0, 0))  # 187 M gray pixels
+    png = b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(bytes(100)))  # their data cut short
+    with pytest.raises(ImageError) as refused:
+        load_image(png, "L", max_pixels=300_000_000)
+    assert refused.value.reason == "corrupt"  # past the size check, into decoding
+    with pytest.raises(ImageError, match="17000x11000 pixels is over the limit of 100,000,000"):
+        load_image(png, "L", max_pixels=100_000_000)
 
 
 def test_a_recorded_split_is_read_back_whatever_changed(tmp_path):

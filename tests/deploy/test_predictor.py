@@ -23,6 +23,13 @@ def onnx_file(photo_run, tmp_path_factory):
     return api.export(run, "onnx", tmp_path_factory.mktemp("onnx") / "model.onnx").path
 
 
+@pytest.fixture(scope="module")
+def pixels_file(photo_run, tmp_path_factory):
+    """The run exported with its preprocessing in the graph: it takes uint8 pixels of any size."""
+    run, _, _ = photo_run
+    return api.export(run, "onnx", tmp_path_factory.mktemp("px") / "px.onnx", embed_preprocessing=True).path
+
+
 def test_every_backend_gives_the_same_answers(photo_run, onnx_file):
     run, _, test = photo_run
     files = scan_images([test])
@@ -67,7 +74,7 @@ def test_bad_images_are_named_not_raised_mid_batch(photo_run):
     rows = p.predict([good, b"not an image", np.zeros((8, 8), np.float32), np.zeros((8, 8, 2), np.uint8), b""],
                      names=["good", "junk", "floats", "two-channel", "empty"])
     assert "top" in rows[0]
-    assert rows[1]["error"] == "not an image PIL can read"
+    assert rows[1]["error"] == "not an image in a format accepted here (JPEG, PNG, WEBP, BMP, TIFF, GIF)"
     assert rows[2]["error"] == "expected uint8 pixels (0-255), got float32"
     assert rows[3]["error"].startswith("expected an image of 1, 3 or 4 channels")
     assert rows[4]["error"] == "empty file"
@@ -191,7 +198,7 @@ def test_what_cannot_work_is_refused_before_loading(photo_run, onnx_file):
     assert p.predict([None], names=["x"])[0]["error"].startswith("NoneType is not an image type")
 
 
-def test_a_record_can_be_renamed_but_keeps_its_preprocessing(photo_run, onnx_file, tmp_path, capsys):
+def test_a_record_can_be_renamed_but_keeps_its_preprocessing(photo_run, onnx_file, pixels_file, tmp_path, capsys):
     run, _, test = photo_run
     # Another input size or normalisation than the model was trained with changes every answer: refused, named.
     assert main(["predict", str(run), str(test), "--img-size", "64"]) == 2
@@ -203,14 +210,52 @@ def test_a_record_can_be_renamed_but_keeps_its_preprocessing(photo_run, onnx_fil
         Predictor.load(onnx_file, "onnxruntime", metadata={"img_size": 48})
     with pytest.raises(ConfigError, match=r"mean 0.5,0.5,0.5 \(recorded: [0-9.,]+\)"):
         Predictor.load(run, "torch", metadata={"mean": [0.5, 0.5, 0.5]})
-    pixels = api.export(run, "onnx", tmp_path / "px.onnx", embed_preprocessing=True).path
-    with pytest.raises(ConfigError, match="does its own preprocessing: only its class names can be given"):
+    pixels = pixels_file
+    with pytest.raises(ConfigError, match="does its own preprocessing: only its class names and image formats"):
         Predictor.load(pixels, "onnxruntime", metadata={"img_size": 32})  # even the recorded value
     proto = onnx.load(str(pixels))
     del proto.metadata_props[:]
     onnx.save(proto, str(tmp_path / "bare-px.onnx"))
     with pytest.raises(CheckpointError, match="takes uint8 input without a resforge record"):
         Predictor.load(tmp_path / "bare-px.onnx", "onnxruntime", metadata={"classes": "a,b,c"})
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n%%EndComments\n0 0 moveto 8 8 lineto stroke\nshowpage\n"
+
+
+def encoded(image, fmt):
+    buf = io.BytesIO()
+    image.save(buf, fmt)
+    return buf.getvalue()
+
+
+def test_files_decode_only_in_the_records_formats(photo_run, onnx_file):
+    run, _, _ = photo_run
+    jpeg, png = (encoded(Image.new("RGB", (40, 40), "red"), fmt) for fmt in ("JPEG", "PNG"))
+    p = Predictor.load(onnx_file, "onnxruntime")
+    assert p.info.formats == ["JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF"]  # the record's: read from the file
+    rows = p.predict([EPS, jpeg, png])  # PIL's EPS plugin would hand the file to Ghostscript: never tried
+    assert rows[0]["error"] == "not an image in a format accepted here (JPEG, PNG, WEBP, BMP, TIFF, GIF)"
+    assert "top" in rows[1] and "top" in rows[2]
+    only_png = Predictor.load(run, "torch", "cpu", metadata={"formats": "png"})
+    assert only_png.info.formats == ["PNG"] and only_png.info.to_dict()["formats"] == ["PNG"]
+    rows = only_png.predict([jpeg, png])
+    assert rows[0]["error"] == "not an image in a format accepted here (PNG)" and "top" in rows[1]
+    with pytest.raises(ConfigError, match="not formats PIL opens: PSX"):
+        Predictor.load(run, "torch", "cpu", metadata={"formats": "png,psx"})
+
+
+def test_an_elongated_image_is_refused_before_decoding_for_either_preprocessing(photo_run, pixels_file):
+    run, _, _ = photo_run
+    long = encoded(Image.new("L", (1, 2000)), "PNG")  # its short side resized to 36: 36 x 72,000 pixels
+    for p in (Predictor.load(run, "torch", "cpu"), Predictor.load(pixels_file, "onnxruntime")):
+        assert "top" in p.predict(long)  # a Predictor's own caller decides, by default
+        p.max_aspect = 20
+        for image, size in ((long, "1x2000"), (np.zeros((1, 2000, 3), np.uint8), "2000x1"),
+                            (Image.new("RGB", (2000, 1)), "2000x1")):
+            assert p.predict(image)["error"] == f"{size} pixels is over the aspect-ratio limit of 20 (its long " \
+                                                "side is resized in proportion to its short side)"
+        assert "top" in p.predict(encoded(Image.new("RGB", (200, 10)), "PNG"))  # 20:1 passes
 
 
 def test_a_foreign_graph_of_any_size_asks_for_its_size(photo_run, tmp_path):

@@ -1,11 +1,15 @@
 """`resforge serve`: answers equal to the Predictor's, batching, overload, deadlines, limits, keys, metrics,
 graceful shutdown, and the page driven in a real browser."""
 
+import asyncio
 import base64
 import contextlib
 import io
+import json
+import logging
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -13,7 +17,10 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import httpx
 import numpy as np
@@ -25,18 +32,16 @@ from resforge import ConfigError
 from resforge.cli import main
 from resforge.data.folder import scan_images
 from resforge.deploy.predictor import Predictor
-from resforge.deploy.serve import ServeOptions, create_app
+from resforge.deploy.serve import ServeOptions, create_app, uvicorn_server
 
 
 @contextlib.contextmanager
 def running(app, headers=None):
-    """The app on real uvicorn, in a thread, on a free loopback port: its base URL."""
-    import uvicorn
-
+    """The app on uvicorn as `resforge serve` runs it, in a thread, on a free loopback port: its base URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn_server(app)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -101,10 +106,24 @@ def gated_server(predictor, **options):
     return gated, create_app(served, ServeOptions(**options))
 
 
+def samples(url, name, headers=None):
+    """The samples of one metric in the server's Prometheus text."""
+    text = httpx.get(f"{url}/metrics", headers=headers).text
+    return [s for family in text_string_to_metric_families(text) for s in family.samples if s.name == name]
+
+
 def metric(url, name, **labels):
-    """The sum of the samples of one metric with these labels in the server's Prometheus text (0 when absent)."""
-    return sum(s.value for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
-               for s in family.samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+    """The sum of the samples of one metric with these labels (0 when absent)."""
+    return sum(s.value for s in samples(url, name) if all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def read_all(sock):
+    """What the server sends on a raw connection until it closes it (a reset ends it too)."""
+    data = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
 
 
 def wait_for(condition, seconds=30):
@@ -134,8 +153,16 @@ def test_answers_equal_the_predictors_with_timings_and_metadata(predictor, image
         for (_, d), row in zip(images[:3], rows):
             assert row["top"][0]["class"] == predictor.predict(d)["top"][0]["class"]
             assert len(row["top"]) == min(5, len(predictor.classes))
-        assert httpx.get(f"{url}/docs").status_code == 200
+        assert httpx.get(f"{url}/docs").status_code == 404  # off unless --docs: Swagger UI comes from a CDN
         assert "/v1/predict" in httpx.get(f"{url}/openapi.json").json()["paths"]
+        assert httpx.head(f"{url}/health").status_code == 200 and httpx.head(f"{url}/ready").status_code == 200
+        part = b'Content-Disposition: form-data; name="files"; filename="a.jpg"\r\n\r\n'
+        form = b"--B\r\n" + part + data + b"\r\n--B--\r\n"
+        upper = httpx.post(f"{url}/v1/predict", content=form,
+                           headers={"content-type": "Multipart/Form-Data; boundary=B"})  # any letter case
+        assert upper.status_code == 200 and upper.json()["predictions"][0]["name"] == "a.jpg"
+    with running(create_app(predictor, ServeOptions(docs=True))) as url:
+        assert httpx.get(f"{url}/docs").status_code == 200
 
 
 def test_waiting_requests_leave_in_batches_full_or_timed_out(predictor, images):
@@ -209,6 +236,9 @@ def test_a_failing_model_answers_500_in_json_and_the_server_goes_on(predictor, i
         assert httpx.post(f"{url}/v1/predict", content=images[0][1]).status_code == 200
 
 
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n%%EndComments\n0 0 moveto 8 8 lineto stroke\nshowpage\n"
+
+
 def png(width, height, mode="RGB"):
     buf = io.BytesIO()
     Image.new(mode, (width, height)).save(buf, "PNG")
@@ -224,7 +254,9 @@ def test_limits_and_bad_input_get_one_json_error_each(predictor, images):
         (dict(content=b"\0" * 300_000), 413, "over the limit of 200,000"),
         (dict(files=[("files", (f"{i}.jpg", good)) for i in range(3)]), 413, "3 images in one request"),
         (dict(content=bomb), 413, "pixels is over the limit of 1,000,000"),
+        (dict(content=png(1, 2000)), 413, "1x2000 pixels is over the aspect-ratio limit of 20"),  # resized: 72 k
         (dict(content=b"hello, not an image"), 415, "not an image"),
+        (dict(content=EPS), 415, "not an image in a format accepted here (JPEG, PNG, WEBP, BMP, TIFF, GIF)"),
         (dict(content=png(64, 64)[:60]), 400, "corrupt or truncated"),
         (dict(content=b""), 400, "no body"),
         (dict(content=b'--b\r\nContent-Disposition: form-data; name="x"\r\n\r\n1\r\n--b--\r\n',
@@ -237,15 +269,19 @@ def test_limits_and_bad_input_get_one_json_error_each(predictor, images):
             assert message in r.json()["error"] and "Traceback" not in r.text
         chunked = httpx.post(f"{url}/v1/predict", content=iter([b"\0" * 150_000] * 2))  # no content-length
         assert chunked.status_code == 413 and "over the limit" in chunked.json()["error"]
+        # urllib (as requests) sends the whole body before it reads: it reads the 413, not a reset
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(urllib.request.Request(f"{url}/v1/predict", b"\0" * 20_000_000), timeout=60)
+        assert refused.value.code == 413 and "over the limit" in json.loads(refused.value.read())["error"]
         for method, path, status in (("GET", "/v1/predict", 405), ("GET", "/nowhere", 404),
                                      ("POST", "/v1/predict?topk=0", 422), ("POST", "/v1/predict?topk=x", 422)):
             r = httpx.request(method, f"{url}{path}", content=good if method == "POST" else None)
             assert r.status_code == status and r.json()["error"], (path, r.text)
         assert httpx.post(f"{url}/v1/predict", content=good).status_code == 200  # still serving
-        assert metric(url, "resforge_requests_total", route="/v1/predict", method="POST", status="413") == 4
+        assert metric(url, "resforge_requests_total", route="/v1/predict", method="POST", status="413") == 6
         assert metric(url, "resforge_requests_total", route="/v1/predict", method="POST", status="200") == 1
-        assert metric(url, "resforge_request_seconds_count", route="/v1/predict") >= 12
-        assert metric(url, "resforge_request_seconds_count", route="/v1/predict", status="413") == 4
+        assert metric(url, "resforge_request_seconds_count", route="/v1/predict") >= 15
+        assert metric(url, "resforge_request_seconds_count", route="/v1/predict", status="413") == 6
 
 
 def test_an_api_key_guards_every_route_but_health(predictor, images):
@@ -265,24 +301,128 @@ def test_an_api_key_guards_every_route_but_health(predictor, images):
         for headers in (key, {"authorization": "Bearer s3cret"}, {"authorization": f"Basic {basic}"}):
             assert httpx.get(f"{url}/v1/metadata", headers=headers).status_code == 200
         assert httpx.post(f"{url}/v1/predict", content=images[0][1], headers=key).status_code == 200
+        for i in range(30):  # made-up methods, without the key: they share one label value
+            assert httpx.request(f"X{i}", f"{url}/v1/predict").status_code == 401
+        requests = samples(url, "resforge_requests_total", key)
+        assert {s.labels["method"] for s in requests} == {"GET", "POST", "other"}
+        assert sum(s.value for s in requests if s.labels["method"] == "other") == 30
 
 
-def start_cli(*args):
-    """`resforge serve ... --port 0` in a process of its own: (process, base URL)."""
+def test_a_browser_on_an_allowed_origin_can_call_a_server_with_a_key(predictor, images):
+    app = create_app(predictor, ServeOptions(api_key="s3cret", cors=["http://app.example"]))
+    with running(app, {"x-api-key": "s3cret"}) as url:
+        preflight = {"origin": "http://app.example", "access-control-request-method": "POST",
+                     "access-control-request-headers": "x-api-key"}
+        allowed = httpx.options(f"{url}/v1/predict", headers=preflight)  # browsers send it without the key
+        assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "http://app.example"
+        assert "x-api-key" in allowed.headers["access-control-allow-headers"].lower()
+        other = httpx.options(f"{url}/v1/predict", headers={**preflight, "origin": "http://elsewhere.example"})
+        assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+        origin = {"origin": "http://app.example"}
+        keyless = httpx.post(f"{url}/v1/predict", content=images[0][1], headers=origin)  # a 401 it can read
+        assert keyless.status_code == 401 and keyless.headers["access-control-allow-origin"] == "http://app.example"
+        answer = httpx.post(f"{url}/v1/predict", content=images[0][1], headers={**origin, "x-api-key": "s3cret"})
+        assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == "http://app.example"
+
+
+def test_a_request_must_arrive_in_full_before_its_deadline(predictor):
+    app = create_app(predictor, ServeOptions(timeout=1))  # and a connection 1 + GRACE_S seconds for its headers
+    with running(app) as url:
+        port = int(url.rsplit(":", 1)[1])
+        body = socket.create_connection(("127.0.0.1", port), timeout=30)
+        body.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"\0" * 10)
+        head = socket.create_connection(("127.0.0.1", port), timeout=30)
+        head.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\n")  # its headers never end
+        answer = read_all(body)
+        assert answer.startswith(b"HTTP/1.1 408 ") and b"did not arrive in full before its deadline" in answer
+        assert read_all(head) == b""  # closed, unanswered
+        assert metric(url, "resforge_requests_total", route="/v1/predict", status="408") == 1
+
+
+def test_connections_over_the_cap_are_answered_503_at_once(predictor):
+    app = create_app(predictor, ServeOptions(max_connections=3))
+    with running(app) as url:
+        port = int(url.rsplit(":", 1)[1])
+        held = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(3)]
+        for s in held:  # each one answered, and kept open
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+        extra = socket.create_connection(("127.0.0.1", port), timeout=30)
+        answer = read_all(extra)
+        assert answer.startswith(b"HTTP/1.1 503 ") and b"its limit (--max-connections)" in answer
+        for s in held:
+            s.close()
+        wait_for(lambda: httpx.get(f"{url}/health").status_code == 200)
+
+
+def test_a_client_gone_mid_body_is_counted_499_in_one_line(predictor, caplog):
+    with running(create_app(predictor, ServeOptions())) as url:
+        caplog.set_level(logging.INFO)
+        logging.getLogger("uvicorn").addHandler(caplog.handler)  # uvicorn's loggers do not propagate
+        try:
+            s = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=30)
+            s.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"\0" * 10)
+            wait_for(lambda: metric(url, "resforge_arriving") == 1)
+            s.close()
+            wait_for(lambda: metric(url, "resforge_requests_total", route="/v1/predict", status="499") == 1)
+        finally:
+            logging.getLogger("uvicorn").removeHandler(caplog.handler)
+    gone = [r for r in caplog.records if "closed the connection" in r.getMessage()]
+    assert len(gone) == 1 and not any(r.exc_info for r in caplog.records) and "Traceback" not in caplog.text
+
+
+def test_metadata_names_an_ensembles_members_and_shows_no_path(predictor, tmp_path):
+    members = [{"source": str(tmp_path / "runs" / name / "best.safetensors"), "model": predictor.info.arch}
+               for name in ("a", "b")]
+    info = replace(predictor.info, arch={"name": "ensemble", "members": members, "weights": [0.5, 0.5]},
+                   metrics={"top1": 0.9, "data": str(tmp_path / "data")})  # what `ensemble` records
+    served = Predictor(predictor.runner, info, str(tmp_path / "ensemble.onnx"), predictor.model)
+    with running(create_app(served, ServeOptions())) as url:
+        text = httpx.get(f"{url}/v1/metadata").text
+    assert str(tmp_path) not in text
+    meta = json.loads(text)
+    assert [m["source"] for m in meta["model"]["members"]] == ["a/best.safetensors", "b/best.safetensors"]
+    assert meta["metrics"] == {"top1": 0.9} and meta["formats"] == ["JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF"]
+
+
+def test_failed_accepts_are_logged_once_per_interval(caplog):
+    from resforge.deploy.connections import ACCEPT_LOG_S, AcceptErrors
+
+    now = [0.0]
+    loop = asyncio.new_event_loop()
+    loop.set_exception_handler(AcceptErrors(clock=lambda: now[0]))
+    failure = {"message": "socket.accept() out of system resource", "exception": OSError(24, "Too many open files")}
+    try:
+        for _ in range(500):  # asyncio retries once a second; a burst here, on a fake clock
+            loop.call_exception_handler(failure)
+            now[0] += ACCEPT_LOG_S / 1000
+        now[0] = 2 * ACCEPT_LOG_S
+        loop.call_exception_handler(failure)
+        loop.call_exception_handler({"message": "something else"})  # asyncio's own handler, as before
+    finally:
+        loop.close()
+    ours = [r.getMessage() for r in caplog.records if r.name == "resforge"]
+    assert len(ours) == 2 and all("cannot accept connections: [Errno 24] Too many open files" in m for m in ours)
+    assert "(1 time(s)" in ours[0] and "(500 time(s) since the last report)" in ours[1]
+    assert any(r.name == "asyncio" and "something else" in r.getMessage() for r in caplog.records)
+
+
+def start_cli(*args, preexec_fn=None):
+    """`resforge serve ... --port 0` in a process of its own: (process, base URL, what it logged before)."""
     proc = subprocess.Popen([sys.executable, "-m", "resforge", "serve", *args, "--port", "0"],
-                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, preexec_fn=preexec_fn)
     lines = []
     for line in proc.stderr:
         lines.append(line)
         if m := re.search(r"on (http://127\.0\.0\.1:\d+)", line):
-            return proc, m.group(1)
+            return proc, m.group(1), "".join(lines)
     proc.wait(30)
     raise AssertionError("the server never said where it listens:\n" + "".join(lines))
 
 
 def test_sigterm_answers_the_queued_requests_then_exits_0(photo_run, images):
     run, _, _ = photo_run
-    proc, url = start_cli(str(run), "--backend", "torch", "--max-batch", "16", "--max-wait-ms", "3000")
+    proc, url, _ = start_cli(str(run), "--backend", "torch", "--max-batch", "16", "--max-wait-ms", "3000")
     port = int(url.rsplit(":", 1)[1])
     try:
         wait_ready(url)
@@ -305,6 +445,40 @@ def test_sigterm_answers_the_queued_requests_then_exits_0(photo_run, images):
             proc.kill()
 
 
+def test_a_second_sigterm_answers_a_slow_client_in_json_and_ends_the_wait(photo_run):
+    run, _, _ = photo_run
+    low = (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128)))  # ulimit -n 128
+    proc, url, logged = start_cli(str(run), "--backend", "torch", "--timeout", "120", preexec_fn=low)
+    try:
+        wait_ready(url)
+        cap = httpx.get(f"{url}/v1/metadata").json()["limits"].get("max_connections")
+        slow = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=60)
+        slow.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"\0" * 10)
+        wait_for(lambda: metric(url, "resforge_arriving") == 1)
+        proc.send_signal(signal.SIGTERM)  # the first: no new connection; the slow one has up to 120 s
+
+        def refused() -> bool:
+            try:
+                httpx.get(f"{url}/health")
+            except httpx.TransportError:
+                return True
+            return False
+
+        wait_for(refused)
+        proc.send_signal(signal.SIGTERM)  # the second: no more waiting
+        answer = read_all(slow)
+        assert answer.startswith(b"HTTP/1.1 503 ") and answer.endswith(b'{"error": "the server is shutting down"}')
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # the descriptor limit caps connections below it (the default asks for 512)
+    from resforge.deploy.connections import ACCEPT_BACKLOG, FD_RESERVE
+
+    assert cap is not None and cap <= 128 - FD_RESERVE - 3 * ACCEPT_BACKLOG
+    assert f"at most {cap} connections at once" in logged
+
+
 def test_cli_refuses_bad_input_with_one_message(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("RESFORGE_API_KEY", raising=False)
     cases = [([str(tmp_path / "nowhere")], "nowhere"),
@@ -315,6 +489,22 @@ def test_cli_refuses_bad_input_with_one_message(tmp_path, capsys, monkeypatch):
         assert main(["serve", *args, "--port", "0"]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
+
+
+def test_cli_refuses_a_device_or_backend_it_lacks_before_it_says_it_serves(photo_run, capsys, caplog):
+    import onnxruntime
+    import torch
+
+    run, _, _ = photo_run
+    cases = [(["--device", "cuda"], "no CUDA device")] if not torch.cuda.is_available() else []
+    if "TensorrtExecutionProvider" not in onnxruntime.get_available_providers():
+        cases.append((["--backend", "tensorrt"], "TensorRT is not available here"))
+    caplog.set_level(logging.INFO, logger="resforge")
+    for args, message in cases:
+        assert main(["serve", str(run), *args, "--port", "0"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+        assert not [r for r in caplog.records if r.getMessage().startswith("serving")], args
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

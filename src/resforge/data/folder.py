@@ -15,7 +15,7 @@ from __future__ import annotations
 import errno
 import io
 import os
-import warnings
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,11 +27,15 @@ from ..errors import DataError, ImageError
 from ..io import write_csv
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+# The only formats decoding tries (PIL's names), whatever a file's name or first bytes claim: PIL's
+# other plugins include EPS, which hands the file to Ghostscript.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 SPLIT_DIRS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own warning threshold
-# PIL's bomb warning says less than our own pixel limit, which every decode checks; one filter for
-# the process, since `warnings.catch_warnings` is not thread-safe and decoding runs in a thread pool.
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+# Every open checks our own pixel limit before decoding; PIL's global one would stop a higher limit at
+# 178,956,970 (twice its warning threshold) and warn below it. Set once for the process: decoding
+# runs in thread pools, where a per-call setting would race.
+Image.MAX_IMAGE_PIXELS = None
 
 Sample = tuple[str, int]
 
@@ -92,14 +96,27 @@ def convert_mode(im: Image.Image, mode: str) -> Image.Image:
     return im if im.mode == mode else im.convert(mode)
 
 
+def check_size(width: int, height: int, label: str, max_pixels: int, max_aspect: float | None = None) -> None:
+    """Refuse an image by its size alone, before it is decoded or resized: more pixels than `max_pixels`,
+    or a long side more than `max_aspect` times the short one (resizing its short side to a model's input
+    would make the long side that many times larger: a few bytes of PNG become gigabytes)."""
+    if width * height > max_pixels:
+        raise ImageError(f"{label}: {width}x{height} pixels is over the limit of {max_pixels:,} "
+                         "(a decompression bomb?)", "too many pixels")
+    if max_aspect is not None and max(width, height) > max_aspect * max(min(width, height), 1):
+        raise ImageError(f"{label}: {width}x{height} pixels is over the aspect-ratio limit of {max_aspect:g} "
+                         "(its long side is resized in proportion to its short side)", "too elongated")
+
+
 def load_image(source: str | os.PathLike | bytes, mode: str = "RGB", max_pixels: int = DEFAULT_MAX_PIXELS,
-               min_size: int | None = None, name: str | None = None) -> Image.Image:
+               min_size: int | None = None, name: str | None = None, formats: Sequence[str] = IMAGE_FORMATS,
+               max_aspect: float | None = None) -> Image.Image:
     """Decode one image fully, upright and in `mode`; raise DataError naming it if it can't be.
 
     `source` is a path or the bytes of an image file (what a server receives); errors name it by
-    `name`, else the path, else "image". With `min_size`, a large JPEG is decoded at a reduced DCT
-    scale that keeps both sides at least `min_size` pixels: several times faster, and the image is
-    resized to that size anyway.
+    `name`, else the path, else "image". Only `formats` are tried, and `check_size` is applied to the
+    size the header declares. With `min_size`, a large JPEG is decoded at a reduced DCT scale that keeps
+    both sides at least `min_size` pixels: several times faster, and the image is resized to that size anyway.
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
         label = name or "image"
@@ -114,10 +131,8 @@ def load_image(source: str | os.PathLike | bytes, mode: str = "RGB", max_pixels:
     try:
         if isinstance(fp, Path) and fp.stat().st_size == 0:
             raise ImageError(f"{label}: empty file", "empty")
-        with Image.open(fp) as im:
-            if im.width * im.height > max_pixels:
-                raise ImageError(f"{label}: {im.width}x{im.height} pixels is over the limit of {max_pixels:,} "
-                                 "(a decompression bomb?)", "too many pixels")
+        with Image.open(fp, formats=list(formats)) as im:
+            check_size(im.width, im.height, label, max_pixels, max_aspect)
             if min_size and im.format == "JPEG":
                 im.draft(mode, (min_size, min_size))
             im.load()
@@ -129,10 +144,9 @@ def load_image(source: str | os.PathLike | bytes, mode: str = "RGB", max_pixels:
         raise ImageError(f"{label}: no such file", "missing") from None
     except IsADirectoryError:
         raise ImageError(f"{label}: a folder, not an image file", "missing") from None
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"{label}: {e}", "too many pixels") from None
     except Image.UnidentifiedImageError:
-        raise ImageError(f"{label}: not an image PIL can read", "not an image") from None
+        raise ImageError(f"{label}: not an image in a format accepted here ({', '.join(formats)})",
+                         "not an image") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(f"{label}: corrupt or truncated ({e})", "corrupt") from None
 
@@ -277,7 +291,7 @@ def _decode_all(samples: list[Sample], max_pixels: int, threads: int | None
             im = load_image(sample[0], "RGB", max_pixels)
         except DataError as e:
             return sample, str(e).removeprefix(f"{sample[0]}: "), None
-        with Image.open(sample[0]) as raw:  # the header only: the stored mode, for `data inspect`
+        with Image.open(sample[0], formats=IMAGE_FORMATS) as raw:  # the header: the stored mode, for `data inspect`
             return sample, None, (im.width, im.height, raw.mode)
 
     sizes, skipped = {}, []

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from torchvision.transforms import v2
 
-from .folder import DEFAULT_MAX_PIXELS, Sample, load_image
+from .folder import DEFAULT_MAX_PIXELS, IMAGE_FORMATS, Sample, load_image
 from .transforms import Preprocess, eval_transform, interpolation_mode
 
 CACHE_AUTO_BYTES = 2 * 1024**3
@@ -35,10 +35,13 @@ def pil_to_tensor(im) -> torch.Tensor:
 
 
 def decode_image(source: str | os.PathLike | bytes, pre: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 name: str | None = None) -> torch.Tensor:
+                 name: str | None = None, formats: Sequence[str] = IMAGE_FORMATS, max_aspect: float | None = None
+                 ) -> torch.Tensor:
     """An image file (path or bytes) as uint8 CxHxW in the model's channels, a large JPEG at a reduced DCT
-    scale that still covers the resize size: the one decoding of training, evaluation and prediction."""
-    return pil_to_tensor(load_image(source, pre.mode, max_pixels, min_size=pre.resize_size, name=name))
+    scale that still covers the resize size: the one decoding of training, evaluation and prediction
+    (`formats` and `max_aspect` as `load_image` takes them)."""
+    return pil_to_tensor(load_image(source, pre.mode, max_pixels, min_size=pre.resize_size, name=name,
+                                    formats=formats, max_aspect=max_aspect))
 
 
 class ImageDataset(Dataset):

@@ -125,26 +125,32 @@ class TorchRunner(Runner):
         return graph, inputs, outputs
 
 
+def ort_providers(device: torch.device, tensorrt: bool = False) -> list:
+    """ONNX Runtime's execution providers for `device` (TensorRT's first when asked), or a clear error when
+    this onnxruntime build lacks them."""
+    available = require_backend("tensorrt" if tensorrt else "onnxruntime").get_available_providers()
+    if tensorrt:
+        if "TensorrtExecutionProvider" not in available:
+            raise ConfigError("TensorRT is not available here: this onnxruntime build has no "
+                              "TensorrtExecutionProvider (it needs onnxruntime-gpu with TensorRT on an NVIDIA GPU)")
+        return ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device.type == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise ConfigError("this onnxruntime build has no CUDA provider (pip install onnxruntime-gpu), "
+                              "or run it with --device cpu")
+        return [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
 class OnnxRuntimeRunner(Runner):
     backend = "onnxruntime"
 
     def __init__(self, model: bytes | Path, device: torch.device, threads: int | None = None, tensorrt: bool = False):
         ort = require_backend("tensorrt" if tensorrt else "onnxruntime")
         self.precision = "fp32"
-        available = ort.get_available_providers()
         if tensorrt:
             self.backend = "tensorrt"
-            if "TensorrtExecutionProvider" not in available:
-                raise ConfigError("TensorRT is not available here: this onnxruntime build has no "
-                                  "TensorrtExecutionProvider (it needs onnxruntime-gpu with TensorRT on an NVIDIA GPU)")
-            providers = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
-        elif device.type == "cuda":
-            if "CUDAExecutionProvider" not in available:
-                raise ConfigError("this onnxruntime build has no CUDA provider (pip install onnxruntime-gpu), "
-                                  "or run it with --device cpu")
-            providers = [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
-        else:
-            providers = ["CPUExecutionProvider"]
+        providers = ort_providers(device, tensorrt)
         options = ort.SessionOptions()
         options.log_severity_level = 3
         if threads:

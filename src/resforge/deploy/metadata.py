@@ -3,7 +3,8 @@
 The record holds what it takes to use the model without its training code: the class names, the
 preprocessing (resize of the shorter side, centre crop, scaling, mean/std, channel order), what
 the input is (a normalised float NCHW tensor, or uint8 NHWC pixels of any size when the
-preprocessing is inside the graph), the architecture, the training metrics and where it came from.
+preprocessing is inside the graph), the image formats it accepts, the architecture, the training
+metrics and where it came from.
 It travels in the safetensors sidecar (as its fields), in an ONNX file's `metadata_props` under
 `resforge.model` (beside ONNX's own `Image.*` keys where they apply), and in an OpenVINO IR's
 rt_info under `resforge`.
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import DataConfig
+from ..data.folder import IMAGE_FORMATS
 from ..data.transforms import Preprocess, imagenet_stats, make_preprocess
 from ..errors import CheckpointError, ConfigError
 
@@ -28,7 +30,8 @@ PT2_FILE = "resforge.model.json"  # extra file of a torch.export program
 INPUTS = ("tensor", "pixels")  # float NCHW normalised | uint8 NHWC, any size, preprocessing in the graph
 # What a user may give for a model that carries no record (a foreign ONNX file): option -> what it is.
 OVERRIDES = {"classes": "class names", "img_size": "input size", "crop_pct": "centre-crop fraction",
-             "mean": "normalisation mean", "std": "normalisation std", "interpolation": "resize interpolation"}
+             "mean": "normalisation mean", "std": "normalisation std", "interpolation": "resize interpolation",
+             "formats": "accepted image formats"}
 
 
 @dataclass
@@ -40,6 +43,7 @@ class ModelInfo:
     metrics: dict[str, Any] = field(default_factory=dict)
     trained: dict[str, Any] = field(default_factory=dict)
     export: dict[str, Any] = field(default_factory=dict)  # format, opset, dtype, versions, parity
+    formats: list[str] = field(default_factory=lambda: list(IMAGE_FORMATS))  # what image files it decodes (PIL's)
 
     @property
     def takes_pixels(self) -> bool:
@@ -60,7 +64,8 @@ class ModelInfo:
             "input": ({"kind": "pixels", "dtype": "uint8", "layout": "NHWC", "size": "any"} if self.takes_pixels
                       else {"kind": "tensor", "dtype": "float32", "layout": "NCHW",
                             "size": [p.in_chans, p.img_size, p.img_size]}),
-            "model": self.arch, "metrics": self.metrics, "trained": self.trained, "export": self.export}
+            "formats": self.formats, "model": self.arch, "metrics": self.metrics, "trained": self.trained,
+            "export": self.export}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"))
@@ -85,7 +90,8 @@ class ModelInfo:
         if kind not in INPUTS or not (arch is None or isinstance(arch, dict)):
             raise CheckpointError(f"{source}: its model record has an unknown input kind or model entry")
         info = cls(classes=d.get("classes"), pre=_preprocess(pre, source), input=kind, arch=arch,
-                   metrics=d.get("metrics") or {}, trained=d.get("trained") or {}, export=d.get("export") or {})
+                   metrics=d.get("metrics") or {}, trained=d.get("trained") or {}, export=d.get("export") or {},
+                   formats=image_formats(d.get("formats", IMAGE_FORMATS), source, CheckpointError))
         _check_classes(info.classes, source)
         return info
 
@@ -165,15 +171,16 @@ def assemble(source: str, found: str | None, overrides: dict[str, Any], in_chans
         pre = make_preprocess(size, given.get("crop_pct", defaults.crop_pct), chans,
                               given.get("interpolation", defaults.interpolation), given.get("mean", mean),
                               given.get("std", std))
-        info = ModelInfo(classes=_class_list(given["classes"]), pre=_preprocess(pre.to_dict(), source))
+        info = ModelInfo(classes=_class_list(given["classes"]), pre=_preprocess(pre.to_dict(), source),
+                         formats=image_formats(given.get("formats", IMAGE_FORMATS), "--formats"))
     info.check_model(source, outputs, in_chans)
     return info
 
 
 def _apply(info: ModelInfo, given: dict[str, Any], source: str) -> ModelInfo:
-    """A record with the user's class names (for instance for a file that has indices). Its preprocessing
-    is the one the model was trained with: other values would change every answer without a word (and a
-    graph of fixed size or with its preprocessing inside refuses them anyway), so they are refused; the
+    """A record with the user's class names (for instance for a file that has indices) and image formats. Its
+    preprocessing is the one the model was trained with: other values would change every answer without a word
+    (and a graph of fixed size or with its preprocessing inside refuses them anyway), so they are refused; the
     same values pass."""
     p = info.pre
     asked = make_preprocess(given.get("img_size", p.img_size), given.get("crop_pct", p.img_size / p.resize_size),
@@ -189,7 +196,8 @@ def _apply(info: ModelInfo, given: dict[str, Any], source: str) -> ModelInfo:
                           "would change every answer: leave it out (those options describe a model file "
                           "without a record)")
     classes = _class_list(given["classes"]) if "classes" in given else info.classes
-    return replace(info, classes=classes)
+    formats = image_formats(given["formats"], "--formats") if "formats" in given else info.formats
+    return replace(info, classes=classes, formats=formats)
 
 
 def _listed(value: Any) -> str:
@@ -207,3 +215,21 @@ def _class_list(classes: Any) -> list[str]:
                 raise ConfigError(f"cannot read class names from {path}: {e}") from None
         return [c.strip() for c in classes.split(",") if c.strip()]
     return [str(c) for c in classes]
+
+
+def image_formats(names: Any, source: str, error: type[Exception] = ConfigError) -> list[str]:
+    """PIL format names (any case; a list, or a comma-separated string), each one PIL can open; `error` is
+    raised otherwise (CheckpointError for a record read from a file)."""
+    from PIL import Image
+
+    if isinstance(names, str):
+        names = names.split(",")
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise error(f"{source}: image formats must be a list of names, got {names!r}")
+    Image.init()
+    wanted = [n.strip().upper() for n in names if n.strip()]
+    unknown = [n for n in wanted if n not in Image.OPEN]
+    if unknown or not wanted:
+        raise error(f"{source}: {'not formats PIL opens: ' + ', '.join(unknown) if unknown else 'no image format'} "
+                    f"(PIL opens {', '.join(sorted(Image.OPEN))})")
+    return wanted

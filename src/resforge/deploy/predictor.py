@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from .. import __version__
-from ..data.folder import DEFAULT_MAX_PIXELS, convert_mode
+from ..data.folder import DEFAULT_MAX_PIXELS, check_size, convert_mode
 from ..data.loader import cpu_cores, decode_image, pil_to_tensor
 from ..data.transforms import eval_transform
 from ..device import cpu_name, resolve_device
@@ -43,6 +43,7 @@ from .backends import (
     Runner,
     TorchRunner,
     openvino_core,
+    ort_providers,
     require_backend,
     resolve_precision,
 )
@@ -127,8 +128,8 @@ def _record(path: Path, found: str | None, metadata: dict[str, Any], dims: list[
     info = assemble(str(path), found, metadata, chans, size, outputs)
     if info.takes_pixels != pixels:
         raise CheckpointError(f"{path}: its record and its graph disagree on whether it takes pixels")
-    if pixels and set(metadata) - {"classes"}:
-        raise ConfigError(f"{path} does its own preprocessing: only its class names can be given")
+    if pixels and set(metadata) - {"classes", "formats"}:
+        raise ConfigError(f"{path} does its own preprocessing: only its class names and image formats can be given")
     if size is not None and size != info.pre.img_size:
         raise CheckpointError(f"{path} takes {size}x{size} images but its preprocessing makes {info.pre.img_size}")
     return info
@@ -185,13 +186,24 @@ def backend_device(backend: str, device: str) -> torch.device:
     return resolve_device(device)
 
 
-def build_runner(source: Source, backend: str, device: torch.device, precision: str, threads: int | None = None,
-                 compile: bool = False, cuda_graph: bool = False) -> Runner:
-    """`source` on `backend` (not auto)."""
+def check_backend(source: Source, backend: str, device: torch.device, precision: str) -> str:
+    """What building `source` on `backend` (not auto) would refuse, found without building it (a server says
+    so before it listens): a backend that cannot run the file, or is not installed or able to use `device`
+    here, or a precision it cannot run. The precision it runs in."""
     if backend not in KINDS[source.kind]:
         able = ", ".join(KINDS[source.kind])
         raise ConfigError(f"{source.path} ({source.kind}) runs on {able}, not on {backend}")
-    precision = resolve_precision(backend, precision, device, source.info.export.get("dtype", "fp32"))
+    if backend in ("onnxruntime", "tensorrt"):
+        ort_providers(device, backend == "tensorrt")
+    elif backend == "openvino":
+        require_backend(backend)
+    return resolve_precision(backend, precision, device, source.info.export.get("dtype", "fp32"))
+
+
+def build_runner(source: Source, backend: str, device: torch.device, precision: str, threads: int | None = None,
+                 compile: bool = False, cuda_graph: bool = False) -> Runner:
+    """`source` on `backend` (not auto)."""
+    precision = check_backend(source, backend, device, precision)
     if (compile or cuda_graph) and backend != "torch":
         raise ConfigError(f"{'compile' if compile else 'CUDA graphs'} apply to the torch backend, not to {backend}")
     if backend == "torch":
@@ -213,13 +225,14 @@ def build_runner(source: Source, backend: str, device: torch.device, precision: 
 
 class Predictor:
     """A model on a backend, with its classes and preprocessing. Call it on a prepared batch for logits;
-    `predict` and `probabilities` take images."""
+    `predict` and `probabilities` take images. Images over `max_pixels`, or (when set) more elongated than
+    `max_aspect`, are refused before they are decoded or resized; files decode only in the record's formats."""
 
     def __init__(self, runner: Runner, info: ModelInfo, source: str, model: torch.nn.Module | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, max_aspect: float | None = None):
         self.runner, self.info, self.source, self.model = runner, info, source, model
         self.classes, self.pre = info.classes, info.pre
-        self.max_pixels = max_pixels
+        self.max_pixels, self.max_aspect = max_pixels, max_aspect
         self.transform = None if info.takes_pixels else eval_transform(info.pre)
         self.auto: dict[str, Any] | None = None  # what the auto choice measured, when it made one
 
@@ -271,13 +284,15 @@ class Predictor:
     # -- images in ---------------------------------------------------------------------------------
     def decode(self, image: ImageInput, name: str | None = None) -> torch.Tensor:
         """Any accepted image as uint8 CxHxW in the model's channels."""
-        mode = self.pre.mode
         if isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)):
-            return decode_image(image, self.pre, self.max_pixels, name)
+            return decode_image(image, self.pre, self.max_pixels, name, self.info.formats, self.max_aspect)
         if isinstance(image, Image.Image):
-            return pil_to_tensor(convert_mode(image, mode))
+            check_size(image.width, image.height, name or "image", self.max_pixels, self.max_aspect)
+            return pil_to_tensor(convert_mode(image, self.pre.mode))
         if isinstance(image, (np.ndarray, torch.Tensor)):
-            return _array_image(image, self.pre.in_chans, name or "image")
+            x = _array_image(image, self.pre.in_chans, name or "image")
+            check_size(x.shape[2], x.shape[1], name or "image", self.max_pixels, self.max_aspect)
+            return x
         raise DataError(f"{name or 'image'}: {type(image).__name__} is not an image type (give a path, bytes, a "
                         "PIL image, a numpy array or a uint8 tensor)")
 

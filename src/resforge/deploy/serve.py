@@ -27,9 +27,11 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import torch
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -37,19 +39,26 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from ..data.loader import cpu_cores
 from .. import __version__
 from ..errors import ConfigError, ImageError
 from ..options import check_fields, option
-from .predictor import Predictor, open_source, sample_batch
+from .connections import ACCEPT_BACKLOG, NO_LINGER, Server, connection_cap, guarded_protocol
+from .predictor import Predictor, backend_device, check_backend, open_source, sample_batch
 
 log = logging.getLogger("resforge")
 
 API_KEY_ENV = "RESFORGE_API_KEY"
 # how each reason an image cannot be read is answered
-IMAGE_STATUS = {"too many pixels": 413, "not an image": 415, "corrupt": 400, "empty": 400, "missing": 400}
+IMAGE_STATUS = {"too many pixels": 413, "too elongated": 413, "not an image": 415, "corrupt": 400, "empty": 400,
+                "missing": 400}
 RETRY_AFTER_S = 1  # what a 503 asks a client to wait
+GRACE_S = 5  # beyond --timeout: for a request's headers to arrive, and for the shutdown's last answers
+# the values a request's method may add to the metrics' labels; any other is counted as "other"
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
+CLIENT_GONE = 499  # nginx's status for a client that closed its connection before the answer
 
 
 @dataclass
@@ -70,10 +79,16 @@ class ServeOptions:
     max_images: int = option(16, "images per request", ge=1, group="limits and access")
     max_pixels: int = option(50_000_000, "pixels an image may declare (read from its header, before decoding)",
                              ge=1, group="limits and access")
+    max_aspect: float = option(20.0, "an image's long side over its short side, at most (read from its header, "
+                                     "before decoding)", ge=1, group="limits and access")
+    max_connections: int = option(512, "connections open at once; fewer where ulimit -n leaves room for fewer",
+                                  ge=1, group="limits and access")
     api_key: str | None = option(None, f"required by every route but /health (default: ${API_KEY_ENV}); needed to "
                                        "bind anything but loopback", group="limits and access")
     cors: list[str] = option([], "allow browser calls from this origin (repeatable; default: none)", action="append",
                              metavar="ORIGIN", group="limits and access")
+    docs: bool = option(False, "Swagger UI at /docs (the browser loads it from a CDN; /openapi.json is always "
+                               "served)", group="limits and access")
 
     def check(self) -> None:
         check_fields(self, lambda name: "--" + name.replace("_", "-"))
@@ -295,31 +310,50 @@ async def _send_json(send: Callable[[dict], Awaitable[None]], status: int, body:
     await send({"type": "http.response.body", "body": data})
 
 
-class Gate:
-    """ASGI middleware in front of every route: the API key, the body-size limit and the request metrics
-    (so that what it refuses is counted too)."""
+class Metered:
+    """The outermost ASGI middleware: every request counted by route, method and status, with labels from
+    fixed sets (unknown routes and methods fold into one value each, so no request adds a series), and a
+    request cancelled before its answer (a forced shutdown) answered 503 in JSON."""
 
-    def __init__(self, app: Asgi, options: ServeOptions, metrics: Metrics, routes: set[str]):
-        self.app, self.options, self.metrics, self.routes = app, options, metrics, routes
+    def __init__(self, app: Asgi, metrics: Metrics, routes: set[str]):
+        self.app, self.metrics, self.routes = app, metrics, routes
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start, status = time.perf_counter(), [500]
+        started = False
 
         async def counted_send(message: dict) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
-                status[0] = message["status"]
+                status[0], started = message["status"], True
             await send(message)
 
         try:
-            await self._gate(scope, receive, counted_send)
+            await self.app(scope, receive, counted_send)
+        except asyncio.CancelledError:
+            if started:
+                raise
+            # the request's task ends here either way: its answer is its last act
+            await _send_json(counted_send, 503, {"error": "the server is shutting down"}, {"connection": "close"})
         finally:
-            path = scope["path"] if scope["path"] in self.routes else "unmatched"  # bounded label values
-            self.metrics.requests.labels(path, scope["method"], str(status[0])).inc()
+            path = scope["path"] if scope["path"] in self.routes else "unmatched"
+            method = scope["method"] if scope["method"] in METHODS else "other"
+            self.metrics.requests.labels(path, method, str(status[0])).inc()
             self.metrics.latency.labels(path, str(status[0])).observe(time.perf_counter() - start)
 
-    async def _gate(self, scope: dict, receive: Callable, send: Callable) -> None:
+
+class Gate:
+    """ASGI middleware in front of every route, inside CORS (so a preflight needs no key and a refusal
+    carries the CORS headers a browser needs to read it): the API key and the body-size limit."""
+
+    def __init__(self, app: Asgi, options: ServeOptions):
+        self.app, self.options = app, options
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         key = self.options.api_key
         if key and scope["path"] != "/health" and not _key_matches(headers, key):
@@ -330,7 +364,8 @@ class Gate:
         declared = headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
             return await _send_json(send, 413, {"error": f"the request body is {int(declared):,} bytes, over the "
-                                                         f"limit of {limit:,} (--max-bytes)"})
+                                                         f"limit of {limit:,} (--max-bytes)"},
+                                    {"connection": "close"})
         received = 0
 
         async def limited_receive() -> dict:
@@ -392,7 +427,7 @@ def create_app(model: str | os.PathLike | Predictor, options: ServeOptions | Non
         predictor = model if isinstance(model, Predictor) else Predictor.load(
             model, options.backend, options.device, options.precision, batch_size=options.max_batch,
             metadata=metadata)
-        predictor.max_pixels = options.max_pixels
+        predictor.max_pixels, predictor.max_aspect = options.max_pixels, options.max_aspect
         warm_up(predictor, options.max_batch)
         return predictor
 
@@ -419,7 +454,8 @@ def create_app(model: str | os.PathLike | Predictor, options: ServeOptions | Non
             await state.batcher.close()  # what was queued is answered before the server exits
         state.decoders.shutdown(wait=False)
 
-    app = FastAPI(title="resforge serve", lifespan=lifespan, version=__version__)
+    app = FastAPI(title="resforge serve", lifespan=lifespan, version=__version__,
+                  docs_url="/docs" if options.docs else None, redoc_url=None)
     app.state.resforge = state
 
     @app.exception_handler(HttpError)
@@ -439,17 +475,25 @@ def create_app(model: str | os.PathLike | Predictor, options: ServeOptions | Non
     @app.exception_handler(BodyTooLarge)
     async def _too_large(request: Request, e: BodyTooLarge) -> JSONResponse:
         return JSONResponse({"error": f"the request body is over the limit of {options.max_bytes:,} bytes "
-                                      "(--max-bytes)"}, 413)
+                                      "(--max-bytes)"}, 413, headers={"connection": "close"})
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, e: ClientDisconnect) -> Response:
+        log.info("%s %s: the client closed the connection before its request arrived in full (%d)",
+                 request.method, request.url.path, CLIENT_GONE)
+        return Response(status_code=CLIENT_GONE)  # counted; nobody is there to read it
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
         return HTMLResponse(resources.files("resforge.deploy").joinpath("static/index.html").read_text())
 
+    @app.head("/health", include_in_schema=False)  # what load balancers probe with
     @app.get("/health")
     async def health() -> dict[str, str]:
         """Liveness: the process answers."""
         return {"status": "ok"}
 
+    @app.head("/ready", include_in_schema=False)  # what load balancers probe with
     @app.get("/ready")
     async def ready() -> dict[str, str]:
         """Readiness: the model is loaded and warmed up (503 until then)."""
@@ -458,16 +502,19 @@ def create_app(model: str | os.PathLike | Predictor, options: ServeOptions | Non
 
     @app.get("/v1/metadata")
     async def model_metadata() -> dict[str, Any]:
-        """The model's classes, preprocessing and architecture, the backend it runs on, and the server's limits."""
+        """The model's classes, preprocessing, accepted formats and architecture, the backend it runs on, and
+        the server's limits: names, never a path of this machine."""
         predictor = state.ready()
         record = predictor.info.to_dict()
         return {"name": predictor.info.name, "classes": predictor.classes, "preprocess": record["preprocess"],
-                "input": record["input"], "model": record["model"], "metrics": record["metrics"],
+                "input": record["input"], "formats": record["formats"], "model": _named(record["model"]),
+                "metrics": {k: v for k, v in record["metrics"].items() if isinstance(v, (int, float))},
                 "backend": predictor.backend, "precision": predictor.precision,
                 "batching": {"max_batch": options.max_batch, "max_wait_ms": options.max_wait_ms,
                              "queue": options.queue},
                 "limits": {"max_bytes": options.max_bytes, "max_images": options.max_images,
-                           "max_pixels": options.max_pixels, "timeout_s": options.timeout}}
+                           "max_pixels": options.max_pixels, "max_aspect": options.max_aspect,
+                           "max_connections": options.max_connections, "timeout_s": options.timeout}}
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus() -> Response:
@@ -485,7 +532,12 @@ def create_app(model: str | os.PathLike | Predictor, options: ServeOptions | Non
             raise HttpError(422, f"timeout must be a positive number of seconds, got {timeout:g}")
         deadline = began + min(timeout or options.timeout, options.timeout)
         with state.batcher.arrival():
-            images = await _read_images(request, options)
+            try:
+                images = await asyncio.wait_for(_read_images(request, options), deadline - time.monotonic())
+            except asyncio.TimeoutError:
+                request.scope[NO_LINGER] = True  # a client this slow is not waited for any longer
+                raise HttpError(408, "the request did not arrive in full before its deadline (?timeout= or "
+                                     "--timeout)", {"connection": "close"}) from None
             try:
                 with state.batcher.admission(len(images)):
                     loop = asyncio.get_running_loop()
@@ -514,11 +566,25 @@ def create_app(model: str | os.PathLike | Predictor, options: ServeOptions | Non
         return {"model": predictor.info.name, "backend": predictor.backend, "predictions": predictions,
                 "timings_ms": {"total": 1000 * (time.monotonic() - began)}}
 
+    app.add_middleware(Gate, options=options)  # the last added is the outermost
     if options.cors:
         app.add_middleware(CORSMiddleware, allow_origins=options.cors, allow_methods=["GET", "POST"],
                            allow_headers=["*"])
-    app.add_middleware(Gate, options=options, metrics=metrics, routes={r.path for r in app.routes})
+    app.add_middleware(Metered, metrics=metrics, routes={r.path for r in app.routes})
     return app
+
+
+def _named(model: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A model record's architecture with its ensemble members named, not located: a run by its folder's
+    name, a model file by its folder's and its own."""
+    if not model or "members" not in model:
+        return model
+
+    def name(source: Any) -> str:
+        p = Path(str(source))
+        return "/".join(p.parts[-2:] if p.suffix else p.parts[-1:])
+
+    return {**model, "members": [{**m, "source": name(m.get("source", ""))} for m in model["members"]]}
 
 
 _PREDICT_BODY = {"requestBody": {"content": {
@@ -529,7 +595,7 @@ _PREDICT_BODY = {"requestBody": {"content": {
 
 async def _read_images(request: Request, options: ServeOptions) -> list[tuple[str, bytes]]:
     """(name, bytes) of each uploaded image: the files of a multipart form, or the whole body."""
-    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+    if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
         form = await request.form(max_files=10_000, max_fields=1_000)  # the body's size bounds them
         files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
         if not files:
@@ -553,36 +619,51 @@ def _prepare(predictor: Predictor, data: bytes, name: str) -> tuple[torch.Tensor
     return x, 1000 * (time.perf_counter() - start)
 
 
+def uvicorn_server(app: FastAPI) -> Server:
+    """uvicorn for an app of `create_app`, with what connections.py adds: the connection cap, each request's
+    time to arrive (--timeout and GRACE_S for its headers), lingering close, a second SIGTERM."""
+    options: ServeOptions = app.state.resforge.options
+    protocol = guarded_protocol(options.max_connections, options.timeout + GRACE_S)
+    return Server(uvicorn.Config(app, log_level="warning", http=protocol, backlog=ACCEPT_BACKLOG,
+                                 timeout_graceful_shutdown=math.ceil(options.timeout) + GRACE_S))
+
+
 def serve(model: str | os.PathLike, options: ServeOptions | None = None, metadata: dict[str, Any] | None = None
           ) -> None:
     """Serve `model` until SIGINT or SIGTERM: uvicorn stops accepting, the queued work is answered, and this
-    returns. Port 0 takes a free port; the address is logged once the socket listens."""
-    import uvicorn
-
+    returns (a second signal ends the wait: what is left is answered 503). Port 0 takes a free port; the
+    address is logged once the socket listens, after every check that can fail before loading."""
     options = options or ServeOptions()
     if options.api_key is None:
         options.api_key = os.environ.get(API_KEY_ENV) or None
     options.check()
-    open_source(model, metadata)  # a bad path or file is a clear error before anything listens
+    source = open_source(model, metadata)  # a bad path or file is a clear error before anything listens
+    device = backend_device(options.backend, options.device)
+    if options.backend != "auto":
+        check_backend(source, options.backend, device, options.precision)
+    cap = connection_cap(options.max_connections)
+    if cap < options.max_connections:
+        log.warning("at most %d connections at once: the descriptor limit (ulimit -n) leaves room for no more", cap)
+        options.max_connections = cap
     family = socket.AF_INET6 if ":" in options.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((options.host, options.port))
-        sock.listen(2048)
+        sock.listen(ACCEPT_BACKLOG)
     except OSError as e:
         sock.close()
         raise ConfigError(f"cannot listen on {options.host}:{options.port}: {e.strerror}") from None
-    server: uvicorn.Server | None = None
+    server: Server | None = None
 
     def stop() -> None:
         server.should_exit = True
 
     app = create_app(model, options, metadata, on_failure=stop)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning",
-                                           timeout_graceful_shutdown=math.ceil(options.timeout) + 5))
+    server = uvicorn_server(app)
     host = f"[{options.host}]" if family == socket.AF_INET6 else options.host
-    log.info("serving %s on http://%s:%d (the page at /, the API at /docs)", model, host, sock.getsockname()[1])
+    log.info("serving %s on http://%s:%d (the page at /, the API at /v1/predict%s)", model, host,
+             sock.getsockname()[1], ", its docs at /docs" if options.docs else "")
     # uvicorn catches SIGINT/SIGTERM to shut down gracefully and re-raises them once done; what it re-raises
     # reaches these no-ops, so a drained server exits 0 (an uncaught SIGTERM would kill the process)
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
