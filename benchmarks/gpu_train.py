@@ -122,12 +122,12 @@ def part_loop(args: argparse.Namespace, folder: Path, project: str) -> list[tupl
             hand_model, hand_name = resforge.create_model("resnet50", num_classes=1000), "resforge resnet50"
         else:
             hand_model, hand_name = torchvision.models.resnet50(), "torchvision resnet50"
-        hand = [hand_loop(hand_model, x, y, dtype, args.steps, args.warmup, compile)]
+        before = hand_loop(hand_model, x, y, dtype, args.steps, args.warmup, compile)
         t = trainer(folder, project, b, amp, compile)
         t.train_loader = Synthetic(x, y, args.warmup + args.steps)
-        ours = [timed_epochs(t, 2)]
-        hand.append(hand_loop(hand_model, x, y, dtype, args.steps, args.warmup, compile))  # around ours: drift
-        rows.append((label, hand_name, statistics.mean(hand), ours[0]))
+        ours = timed_epochs(t, 2)
+        after = hand_loop(hand_model, x, y, dtype, args.steps, args.warmup, compile)  # around ours: drift
+        rows.append((label, hand_name, statistics.mean([before, after]), ours))
         del t
         torch.cuda.empty_cache()
     return rows
@@ -214,7 +214,7 @@ def stage_rates(t: Trainer, batches: int = 12) -> dict[str, float]:
     return rates
 
 
-def part_data(args: argparse.Namespace, folder: Path, project: str, tmp: Path) -> tuple[list[tuple], dict]:
+def part_data(args: argparse.Namespace, project: str, tmp: Path) -> tuple[list[tuple], dict]:
     jpegs = jpeg_folder(tmp / "jpegs", args.images)
     mb = sum(f.stat().st_size for f in jpegs.rglob("*.jpg")) / 1e6
     print(f"{args.images} JPEGs, {mb / args.images * 1000:.0f} KB each on average, in {jpegs}")
@@ -261,16 +261,15 @@ def main() -> None:
     header = (f"{gpu}, torch {torch.__version__}, torchvision {torchvision.__version__}, ResNet-50 at 224 px, "
               f"batch {args.batch_size}, channels-last, fused SGD")
     with tempfile.TemporaryDirectory() as tmp:
-        folder = tiny_folder(Path(tmp) / "tiny")
         if args.part in ("loop", "all"):
-            rows = part_loop(args, folder, tmp)
+            rows = part_loop(args, tiny_folder(Path(tmp) / "tiny"), tmp)
             print(f"\n### The loop: {header}; synthetic batches already on the GPU, {args.steps} timed steps\n")
             print("| precision | hand loop model | hand loop img/s | resforge train img/s | resforge / hand |")
             print("|---|---|---:|---:|---:|")
             for label, name, hand, ours in rows:
                 print(f"| {label} | {name} | {hand:,.0f} | {ours:,.0f} | {ours / hand:.3f} |")
         if args.part in ("data", "all"):
-            rows, stages = part_data(args, folder, tmp, Path(tmp))
+            rows, stages = part_data(args, tmp, Path(tmp))
             ceiling = rows[0][2]
             print(f"\n### The data path: {header}, compile + bf16, random-resized crops and flips; "
                   f"{os.cpu_count()} CPU cores; the second epoch timed\n")

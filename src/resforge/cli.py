@@ -196,8 +196,13 @@ def _deploy_options(p: argparse.ArgumentParser) -> None:
                    help="engine (default: auto, the fastest here by a short measurement, remembered per model)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 where the hardware has it (torch, openvino), else fp32")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    _device_option(p)
     _metadata_options(p)
+
+
+def _device_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA, then CPU; engines that cannot use it run on the "
+                                                     "CPU) | cpu | cuda | cuda:N")
 
 
 def _metadata_options(p: argparse.ArgumentParser) -> None:
@@ -507,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", default="auto", help=f"comma-separated, among {', '.join(BENCH_BACKENDS)} "
                                                      "(default: auto)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto: bf16 where the hardware has it")
-    p.add_argument("--device", default="auto", help="auto (CUDA, then CPU) | cpu | cuda | cuda:N")
+    _device_option(p)
     p.add_argument("--compile", action="store_true", help="torch backend: torch.compile the model")
     p.add_argument("--cuda-graph", action="store_true",
                    help="torch backend on CUDA: replay each batch size's forward pass from a CUDA graph")

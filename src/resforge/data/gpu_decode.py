@@ -170,7 +170,7 @@ class BatchDecoder:
                  max_pixels: int = DEFAULT_MAX_PIXELS):
         self.pre, self.device, self.names, self.max_pixels = pre, device, names, max_pixels
         self.mode = ImageReadMode.GRAY if pre.in_chans == 1 else ImageReadMode.RGB
-        self.interpolation = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest"}[pre.interpolation]
+        self.interpolation = pre.interpolation  # torch's names for the modes torchvision's Resize uses
         self.mean = torch.tensor(pre.mean, device=device).view(1, -1, 1, 1) * 255
         self.inv_std = 1 / (torch.tensor(pre.std, device=device).view(1, -1, 1, 1) * 255)
         self.on_cpu: set[int] = set()  # samples the GPU's decoder failed on: PIL decodes them from then on

@@ -48,6 +48,7 @@ NO_LINGER = "resforge.no_linger"  # a request scope's key: its connection closes
 ACCEPT_LOG_S = 10.0  # failed accepts are logged at most once per this interval
 FD_RESERVE = 16  # descriptors left beside connections for what opens after the start: model files, engines
 ACCEPT_BACKLOG = 16  # connections the kernel holds until accepted, and asyncio accepts per turn of its loop
+RETRY_AFTER_S = 1  # what a 503 asks a client to wait
 
 
 def connection_cap(wanted: int) -> int:
@@ -65,8 +66,9 @@ def connection_cap(wanted: int) -> int:
 
 def _refusal(message: str) -> bytes:
     body = json.dumps({"error": message}).encode()
-    return (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: "
-            + str(len(body)).encode() + b"\r\nretry-after: 1\r\nconnection: close\r\n\r\n" + body)
+    head = (f"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            f"retry-after: {RETRY_AFTER_S}\r\nconnection: close\r\n\r\n")
+    return head.encode() + body
 
 
 class _Transport:

@@ -202,10 +202,9 @@ def check_backend(source: Source, backend: str, device: torch.device, precision:
 
 def build_runner(source: Source, backend: str, device: torch.device, precision: str, threads: int | None = None,
                  compile: bool = False, cuda_graph: bool = False) -> Runner:
-    """`source` on `backend` (not auto)."""
+    """`source` on `backend` (not auto); `compile` and `cuda_graph` are the torch backend's (Predictor.load says
+    so for any other)."""
     precision = check_backend(source, backend, device, precision)
-    if (compile or cuda_graph) and backend != "torch":
-        raise ConfigError(f"{'compile' if compile else 'CUDA graphs'} apply to the torch backend, not to {backend}")
     if backend == "torch":
         if threads:
             torch.set_num_threads(threads)

@@ -45,7 +45,7 @@ from ..data.loader import cpu_cores
 from .. import __version__
 from ..errors import ConfigError, ImageError
 from ..options import check_fields, option
-from .connections import ACCEPT_BACKLOG, NO_LINGER, Server, connection_cap, guarded_protocol
+from .connections import ACCEPT_BACKLOG, NO_LINGER, RETRY_AFTER_S, Server, connection_cap, guarded_protocol
 from .predictor import Predictor, backend_device, check_backend, open_source, sample_batch
 
 log = logging.getLogger("resforge")
@@ -54,7 +54,6 @@ API_KEY_ENV = "RESFORGE_API_KEY"
 # how each reason an image cannot be read is answered
 IMAGE_STATUS = {"too many pixels": 413, "too elongated": 413, "not an image": 415, "corrupt": 400, "empty": 400,
                 "missing": 400}
-RETRY_AFTER_S = 1  # what a 503 asks a client to wait
 GRACE_S = 5  # beyond --timeout: for a request's headers to arrive, and for the shutdown's last answers
 # the values a request's method may add to the metrics' labels; any other is counted as "other"
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
