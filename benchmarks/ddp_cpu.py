@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import datasets  # noqa: E402
 
 import resforge  # noqa: E402
-from resforge.data.loader import cpu_cores  # noqa: E402
+from resforge.device import cpu_cores  # noqa: E402
 from resforge.device import cpu_name  # noqa: E402
 from resforge.training.checkpoint import load_checkpoint  # noqa: E402
 

@@ -37,7 +37,7 @@ import datasets  # noqa: E402
 import resforge  # noqa: E402
 from resforge.data.folder import scan_images  # noqa: E402
 from resforge.deploy.bench import table  # noqa: E402
-from resforge.deploy.predictor import Predictor, sample_batch  # noqa: E402
+from resforge.runtime.predictor import Predictor, sample_batch  # noqa: E402
 from resforge.device import cpu_name  # noqa: E402
 from resforge.models import load_model, save_model  # noqa: E402
 

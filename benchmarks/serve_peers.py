@@ -17,7 +17,7 @@ import litserve as ls
 import torch
 import uvicorn
 
-from resforge.deploy.predictor import Predictor
+from resforge.runtime.predictor import Predictor
 
 
 def top5(predictor: Predictor, probs) -> dict:

@@ -29,7 +29,7 @@ from .data.folder import scan_images, thumbnail
 from .data.inspect import FolderReport, inspect_folder
 from .deploy.bench import bench
 from .deploy.export import export
-from .deploy.predictor import Predictor
+from .runtime.predictor import Predictor
 from .device import precision_name
 from .errors import ConfigError, DataError
 from .evaluation.evaluate import evaluate_samples, labelled_samples
@@ -314,7 +314,7 @@ def ensemble(sources: list[str | os.PathLike], data: str | os.PathLike, *, weigh
     validation split), evaluate the ensemble beside each member on a labelled folder, and export it as
     one ONNX model (`<out>/ensemble.onnx`, default out: runs/ensemble-<folder>) that every command takes."""
     from .data.folder import recorded_samples, recorded_split
-    from .deploy.backends import TorchRunner
+    from .runtime.backends import TorchRunner
     from .deploy.ensemble import check_weights, export_ensemble, fit_weights, mix, open_members
     from .evaluation.metrics import classification_report
 

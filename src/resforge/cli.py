@@ -190,7 +190,7 @@ def _compression_options(p: argparse.ArgumentParser) -> None:
 
 def _deploy_options(p: argparse.ArgumentParser) -> None:
     """Where and how a model runs, and what a model file without resforge's metadata lacks."""
-    from .deploy.backends import BACKENDS, PRECISIONS
+    from .runtime.backends import BACKENDS, PRECISIONS
 
     p.add_argument("--backend", choices=["auto", *BACKENDS], default="auto",
                    help="engine (default: auto, the fastest here by a short measurement, remembered per model)")
@@ -221,7 +221,7 @@ def _metadata_options(p: argparse.ArgumentParser) -> None:
 
 
 def _metadata(args: argparse.Namespace) -> dict:
-    from .deploy.metadata import OVERRIDES
+    from .runtime.record import OVERRIDES
 
     return {k: getattr(args, k) for k in OVERRIDES if getattr(args, k, None) is not None}
 
@@ -483,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=INT, default=64, help="images per batch (default: 64)")
     _deploy_options(p)
 
-    from .deploy.convert import DEFAULT_OPSET
+    from .runtime.convert import DEFAULT_OPSET
     from .deploy.export import DTYPES, FORMATS
 
     p = add("export", cmd_export, "a trained model as an ONNX, OpenVINO or torch.export file, checked against PyTorch",
@@ -502,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="folder of images for the parity check (default: the run's validation split)")
 
     from .deploy.bench import BENCH_BACKENDS
-    from .deploy.backends import PRECISIONS
+    from .runtime.backends import PRECISIONS
 
     p = add("bench", cmd_bench, "latency, throughput, cold start and memory of models on backends, side by side",
             "Measure every model on every backend, each in a process of its own: cold start (load + first "

@@ -13,6 +13,11 @@ from .errors import ConfigError
 AMP_CHOICES = CHOICES["train.amp"]
 
 
+def cpu_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def seed_everything(seed: int, deterministic: bool = False) -> None:
     import random
 

@@ -13,7 +13,7 @@ from onnx import numpy_helper
 import resforge
 from resforge.cli import main
 from resforge.compress import qat
-from resforge.deploy.predictor import Predictor
+from resforge.runtime.predictor import Predictor
 from resforge.models import create_model, load_model
 from resforge.models.quantized import (
     QConv2d,

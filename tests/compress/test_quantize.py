@@ -16,7 +16,7 @@ from PIL import Image
 
 import resforge
 from resforge.cli import main
-from resforge.deploy.predictor import Predictor
+from resforge.runtime.predictor import Predictor
 from resforge.io import temp_dir
 
 TINY = {"model": "resnet18", "width": 0.25, "img_size": 16, "batch_size": 8, "workers": 0, "amp": "off",

@@ -6,8 +6,8 @@ import torch
 from helpers import make_image_folder
 
 from resforge import api
-from resforge.deploy.backends import TorchRunner
-from resforge.deploy.predictor import Predictor
+from resforge.runtime.backends import TorchRunner
+from resforge.runtime.predictor import Predictor
 
 pytestmark = pytest.mark.cuda
 

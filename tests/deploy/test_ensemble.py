@@ -12,7 +12,7 @@ from resforge import ConfigError, api
 from resforge.cli import main
 from resforge.data.folder import scan_images
 from resforge.deploy.ensemble import check_weights, fit_weights
-from resforge.deploy.predictor import Predictor
+from resforge.runtime.predictor import Predictor
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ from resforge.cli import main
 from resforge.data.folder import scan_images
 from resforge.deploy import export as export_module
 from resforge.deploy.export import read_pt2_info
-from resforge.deploy.metadata import ONNX_KEY, ModelInfo
-from resforge.deploy.predictor import Predictor
+from resforge.runtime.record import ONNX_KEY, ModelInfo
+from resforge.runtime.predictor import Predictor
 from resforge.errors import ExportError
 from resforge.io import temp_dir
 from resforge.models import load_model

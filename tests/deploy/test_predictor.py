@@ -14,7 +14,7 @@ from PIL import Image
 from resforge import CheckpointError, ConfigError, DataError, api
 from resforge.cli import main
 from resforge.data.folder import scan_images
-from resforge.deploy.predictor import Predictor
+from resforge.runtime.predictor import Predictor
 
 
 @pytest.fixture(scope="module")
@@ -280,7 +280,7 @@ def test_openvino_predictors_freed_in_load_order_leave_signals_safe(onnx_file):
 
     script = f"""
 import gc, os, signal
-from resforge.deploy.predictor import Predictor
+from resforge.runtime.predictor import Predictor
 a = Predictor.load({str(onnx_file)!r}, "openvino", precision="fp32")
 b = Predictor.load({str(onnx_file)!r}, "openvino", precision="fp32")
 del a; gc.collect(); del b; gc.collect()
@@ -299,7 +299,7 @@ def test_auto_device_is_the_cpu_for_an_engine_that_cannot_use_the_gpu(monkeypatc
     (an H200 with the plain onnxruntime wheel refused `--backend onnxruntime` before)."""
     import onnxruntime
 
-    from resforge.deploy.predictor import backend_device
+    from resforge.runtime.predictor import backend_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])

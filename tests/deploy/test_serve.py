@@ -31,7 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from resforge import ConfigError
 from resforge.cli import main
 from resforge.data.folder import scan_images
-from resforge.deploy.predictor import Predictor
+from resforge.runtime.predictor import Predictor
 from resforge.deploy.serve import ServeOptions, create_app, uvicorn_server
 
 

@@ -48,7 +48,7 @@ def test_tta_changes_the_scores(run, tmp_path):
 
     from resforge.data.loader import ImageDataset, make_loader
     from resforge.data.transforms import eval_transform
-    from resforge.deploy.predictor import Predictor
+    from resforge.runtime.predictor import Predictor
     from resforge.evaluation.evaluate import labelled_samples
     from resforge.evaluation.runner import TenCropViews, infer
 

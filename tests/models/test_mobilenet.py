@@ -7,7 +7,7 @@ from helpers import make_image_folder
 
 import resforge
 from resforge.cli import main
-from resforge.deploy.predictor import Predictor
+from resforge.runtime.predictor import Predictor
 from resforge.models import create_model, load_into, load_model, summarize
 from resforge.models.mobilenet import MobileNetV3
 

@@ -96,7 +96,7 @@ def test_a_training_step_never_waits_for_the_gpu(data, tmp_path):
 def test_a_compiled_run_saves_plain_weights_that_predict_alike_on_gpu_and_cpu(data, tmp_path):
     from safetensors.torch import load_file
 
-    from resforge.deploy.predictor import Predictor
+    from resforge.runtime.predictor import Predictor
 
     out = api.train(data, progress=False, **_opts(tmp_path, amp="bf16", compile=True, epochs=3, ema=True))
     keys = load_file(os.path.join(out["run_dir"], "best.safetensors")).keys()

@@ -251,7 +251,8 @@ def test_two_processes_cannot_train_one_run_at_once(data, tmp_path):
 
 
 def test_more_workers_than_cores_are_capped(data, tmp_path, caplog):
-    from resforge.data.loader import cpu_cores, resolve_workers
+    from resforge.data.loader import resolve_workers
+    from resforge.device import cpu_cores
 
     cfg = build_config("fast", overrides={**_opts(tmp_path), "data.root": str(data), "workers": cpu_cores() + 5,
                                           "cache": "off"})

@@ -58,8 +58,8 @@ def onnxruntime_latency(classes: list[str], pre: Any) -> Callable[[nn.Module], f
     import onnx
 
     from ..deploy.bench import measure
-    from ..deploy.convert import to_onnx
-    from ..deploy.metadata import ModelInfo
+    from ..runtime.convert import to_onnx
+    from ..runtime.record import ModelInfo
 
     def timer(net: nn.Module) -> float:
         clean = build_from_arch(arch_record(net), "the compressed network")  # without the trainer's hooks

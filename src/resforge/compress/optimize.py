@@ -31,7 +31,7 @@ from ..data.folder import recorded_samples
 from ..data.loader import ImageDataset, make_loader, resolve_workers
 from ..deploy.bench import bench, file_size_mb
 from ..deploy.export import export
-from ..deploy.predictor import Predictor
+from ..runtime.predictor import Predictor
 from ..errors import ConfigError
 from ..evaluation.metrics import topk_correct
 from ..evaluation.plots import plot_pareto

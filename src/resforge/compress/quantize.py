@@ -33,11 +33,11 @@ from .. import __version__
 from ..data.folder import recorded_samples, recorded_split
 from ..data.loader import ImageDataset, decode_image, make_loader, resolve_workers
 from ..data.transforms import eval_transform
-from ..deploy.backends import openvino_core, require_backend
-from ..deploy.convert import DEFAULT_OPSET, INPUT, to_onnx, to_openvino
+from ..runtime.backends import openvino_core, require_backend
+from ..runtime.convert import DEFAULT_OPSET, INPUT, to_onnx, to_openvino
 from ..deploy.export import move_into_place
-from ..deploy.metadata import OV_KEY, ModelInfo, onnx_props
-from ..deploy.predictor import Source, build_runner, open_source
+from ..runtime.record import OV_KEY, ModelInfo, onnx_props
+from ..runtime.predictor import Source, build_runner, open_source
 from ..errors import ConfigError
 from ..evaluation.runner import infer
 from ..io import temp_dir

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from torchvision.transforms import v2
 
+from ..device import cpu_cores
 from .folder import DEFAULT_MAX_PIXELS, IMAGE_FORMATS, Sample, load_image
 from .transforms import Preprocess, eval_transform, interpolation_mode
 
@@ -146,11 +147,6 @@ class EpochSampler(Sampler):
             batches = order[:self.n // self.batch * self.batch].view(-1, self.batch)
             order = batches[:, self.rank * per:(self.rank + 1) * per].flatten()
         return iter([(self.epoch, i) for i in order.tolist()])
-
-
-def cpu_cores() -> int:
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def default_workers(processes: int = 1) -> int:

@@ -67,7 +67,8 @@ def measure(source: str, backend: str, precision: str = "auto", batch_sizes: Seq
     import torch
 
     from ..data.folder import scan_images
-    from .predictor import Predictor, sample_batch, timed_calls
+    from ..timing import timed_calls
+    from ..runtime.predictor import Predictor, sample_batch
 
     if threads:
         torch.set_num_threads(threads)

@@ -24,10 +24,10 @@ from torch import nn
 from .. import __version__
 from ..errors import ConfigError, ExportError
 from ..io import temp_dir
-from .backends import TorchRunner
-from .convert import DEFAULT_OPSET, to_onnx
+from ..runtime.backends import TorchRunner
+from ..runtime.convert import DEFAULT_OPSET, to_onnx
 from .export import move_into_place
-from .predictor import Predictor, Source, open_source
+from ..runtime.predictor import Predictor, Source, open_source
 
 log = logging.getLogger("resforge")
 

@@ -26,10 +26,10 @@ from ..data.loader import decode_image
 from ..data.transforms import eval_transform
 from ..errors import ConfigError, DataError, ExportError, ResforgeError
 from ..io import temp_dir
-from .backends import require_backend
-from .convert import DEFAULT_OPSET, HalfPrecision, to_onnx, to_openvino
-from .metadata import PT2_FILE, ModelInfo
-from .predictor import Source, build_runner, open_source
+from ..runtime.backends import require_backend
+from ..runtime.convert import DEFAULT_OPSET, HalfPrecision, to_onnx, to_openvino
+from ..runtime.record import PT2_FILE, ModelInfo
+from ..runtime.predictor import Source, build_runner, open_source
 
 log = logging.getLogger("resforge")
 

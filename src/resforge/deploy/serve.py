@@ -41,12 +41,12 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from ..data.loader import cpu_cores
 from .. import __version__
+from ..device import cpu_cores
 from ..errors import ConfigError, ImageError
 from ..options import check_fields, option
 from .connections import ACCEPT_BACKLOG, NO_LINGER, RETRY_AFTER_S, Server, connection_cap, guarded_protocol
-from .predictor import Predictor, backend_device, check_backend, open_source, sample_batch
+from ..runtime.predictor import Predictor, backend_device, check_backend, open_source, sample_batch
 
 log = logging.getLogger("resforge")
 

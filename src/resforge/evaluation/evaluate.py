@@ -15,7 +15,7 @@ import numpy as np
 
 from ..data.folder import ImageFolderScan, Sample, scan_folder, thumbnail
 from ..data.loader import ImageDataset, make_loader, resolve_workers
-from ..deploy.predictor import Predictor, to_hwc
+from ..runtime.predictor import Predictor, to_hwc
 from ..errors import ConfigError, DataError
 from ..io import write_json
 from .metrics import ClassificationReport, classification_report, most_confident_mistakes

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..data.loader import cpu_cores
+from ..device import cpu_cores
 from ..errors import ConfigError, ResforgeError, TrainingError
 
 log = logging.getLogger("resforge")

@@ -28,7 +28,7 @@ from torch import nn
 from .. import __version__
 from ..data.transforms import Preprocess
 from .backends import openvino_core
-from .metadata import OV_KEY, ModelInfo, onnx_props
+from .record import OV_KEY, ModelInfo, onnx_props
 
 DEFAULT_OPSET = 18  # the first with antialiased Resize
 INPUT, OUTPUT, PIXELS = "input", "logits", "pixels"

@@ -16,8 +16,7 @@ import json
 import logging
 import os
 import statistics
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +28,10 @@ from PIL import Image
 
 from .. import __version__
 from ..data.folder import DEFAULT_MAX_PIXELS, check_size, convert_mode
-from ..data.loader import cpu_cores, decode_image, pil_to_tensor
+from ..data.loader import decode_image, pil_to_tensor
 from ..data.transforms import eval_transform
-from ..device import cpu_name, resolve_device
+from .. import timing
+from ..device import cpu_cores, cpu_name, resolve_device
 from ..errors import CheckpointError, ConfigError, DataError
 from ..io import sha256_file, write_json
 from ..models.weights import cache_dir, load_model, resolve_model_path, sidecar_path
@@ -47,7 +47,7 @@ from .backends import (
     require_backend,
     resolve_precision,
 )
-from .metadata import ONNX_KEY, OV_KEY, ModelInfo, assemble
+from .record import ONNX_KEY, OV_KEY, ModelInfo, assemble
 
 log = logging.getLogger("resforge")
 
@@ -410,18 +410,6 @@ def _candidates(source: Source, device: torch.device) -> list[str]:
     return out
 
 
-def timed_calls(fn: Callable[[], Any], seconds: float, min_calls: int = 3, max_calls: int | None = None
-                ) -> list[float]:
-    """Seconds taken by each of repeated calls of `fn`: at least `min_calls`, then until `seconds` have passed."""
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < min_calls or (time.perf_counter() - start < seconds and len(times) < (max_calls or 1 << 30)):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 def sample_batch(info: ModelInfo, batch_size: int, device: torch.device | None = None) -> torch.Tensor:
     """A batch of the model's input kind for timing, on `device` (a GPU's figures are then the model's, not
     the host-to-device copy's): normalised noise, or mid-grey pixels at the resize size."""
@@ -472,7 +460,7 @@ def choose_backend(source: Source, device: torch.device, precision: str, threads
             log.debug("auto backend: %s left out (%s)", backend, e)
             refused[backend] = str(e)
             continue
-        per_image = statistics.median(timed_calls(lambda: runner(x), AUTO_SECONDS, max_calls=50)) / len(x)
+        per_image = statistics.median(timing.timed_calls(lambda: runner(x), AUTO_SECONDS, max_calls=50)) / len(x)
         rates[f"{backend} {runner.precision}"] = 1 / per_image
         if best is None or per_image < best[0]:
             best = (per_image, runner)
