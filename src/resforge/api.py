@@ -15,13 +15,10 @@ from typing import Any
 
 import torch
 
-from .compress.finetune import compression_run
-from .compress.lowrank import check_target as check_lowrank_target
-from .compress.lowrank import describe as describe_lowrank
-from .compress.lowrank import factorization
-from .compress.optimize import optimize as _optimize
-from .compress.prune import check_target, describe, structured
 from .compress import qat as _qat
+from .compress import runs
+from .compress.finetune import compression_run
+from .compress.optimize import optimize as _optimize
 from .compress.quantize import Quantized, check_calibration
 from .compress.quantize import quantize as _quantize
 from .config import AUTO_RECIPE, Config, build_config
@@ -29,20 +26,15 @@ from .data.folder import scan_images, thumbnail
 from .data.inspect import FolderReport, inspect_folder
 from .deploy.bench import bench
 from .deploy.export import export
-from .runtime.predictor import Predictor
-from .device import precision_name
 from .errors import ConfigError, DataError
 from .evaluation.evaluate import evaluate_samples, labelled_samples
 from .evaluation.metrics import ClassificationReport
-from .evaluation.plots import plot_history, plot_image_grid, plot_lr_find
+from .evaluation.plots import plot_image_grid, plot_lr_find
 from .io import write_json
-from .models.summary import summarize
-from .report import write_run_report
+from .runtime.predictor import Predictor
 from .training.lr_find import LRFindResult, check_range
 from .training.lr_find import lr_find as _lr_find
-from .training.sparsity import write_report as write_sparsity_report
-from .training.sparsity import zip_bytes
-from .training import distributed
+from .training.run import RunResult, complete, run
 from .training.trainer import Callback, Trainer
 
 log = logging.getLogger("resforge")
@@ -72,24 +64,15 @@ def train(data: str | os.PathLike | None = None, *, model: str | None = None, re
     device and workers may be given). `devices=N` trains in N processes (DDP, one per GPU, or
     sharing the CPU cores) on the same global batches; under torchrun the launcher's processes are used.
     """
-    if not isinstance(devices, int) or devices < 1:
-        raise ConfigError(f"devices must be a whole number of processes, at least 1, got {devices!r}")
-    if devices > 1 and not distributed.launched():
-        kwargs = dict(data=data, model=model, recipe=recipe, config=config, resume=resume, callbacks=callbacks,
-                      progress=progress, **options)
-        return distributed.launch(train, kwargs, devices)
     if resume is not None:
         if data is not None or model or recipe or config:
             raise ConfigError("resuming continues a run as it was configured: give no data folder, model, recipe "
                               "or config")
-        trainer = Trainer.resume(resume, options, callbacks=callbacks, progress=progress)
+        result = run(resume=resume, overrides=options, callbacks=callbacks, progress=progress, devices=devices)
     else:
-        trainer = Trainer(_config(data, model, recipe, config, options), callbacks=callbacks, progress=progress)
-    try:
-        summary = trainer.fit()
-        return finish_run(trainer, summary) if trainer.world.main else summary
-    finally:
-        distributed.leave()
+        result = run(_config(data, model, recipe, config, options), callbacks=callbacks, progress=progress,
+                     devices=devices)
+    return result.to_dict() if isinstance(result, RunResult) else result
 
 
 def tune(data: str | os.PathLike | None = None, *, trials: int | None = None, space: list[str] | None = None,
@@ -153,51 +136,14 @@ def tune(data: str | os.PathLike | None = None, *, trials: int | None = None, sp
     return result
 
 
-def prune(source: str | os.PathLike, *, ratio: float | None = None, macs: float | None = None,
-          latency: float | None = None, sparsity: float | None = None, importance: str = "l1", round_to: int = 8,
-          scope: str = "layer",
-          data: str | os.PathLike | None = None, distill: bool = True, recipe: str | None = None,
-          config: str | os.PathLike | None = None, callbacks: list[Callback] = (), progress: bool = True,
-          **options: Any) -> dict[str, Any]:
-    """Prune a trained model and fine-tune it, distilled from the original; write a run directory.
-
-    Structured: `ratio` removes that share of every layer's channels, `macs` keeps at most that share
-    of the MACs, `latency` the fewest channels that make batch-1 onnxruntime inference at the run's
-    input size take at most that many ms here (`importance`, `round_to`). Unstructured: `sparsity`
-    zeroes that share of the weights (by magnitude, within each layer or `scope="global"`), growing
-    over the fine-tune. Options are the fine-tune's training options (epochs, time_limit, name, ...).
-    """
-    check_target(ratio, macs, sparsity, latency)
-    if sparsity is not None:
-        options.update(sparsity=sparsity, sparsity_scope=scope)
-        transform = lambda trainer: {"kind": "sparse", "sparsity": sparsity, "scope": scope}  # noqa: E731
-    else:
-        transform = structured(ratio=ratio, macs=macs, importance=importance, round_to=round_to, latency=latency)
-    trainer, record = compression_run(source, transform, suffix="sparse" if sparsity else "pruned", data=data,
-                                      distill=distill, recipe=recipe, config=config, callbacks=callbacks,
-                                      progress=progress, **options)
-    if record["kind"] == "pruned":
-        log.info("%s; fine-tuning in %s", describe(record), trainer.run_dir)
-    summary = trainer.fit()
-    return {**finish_run(trainer, summary), "pruned": record}
+def prune(source: str | os.PathLike, **options: Any) -> dict[str, Any]:
+    """Prune a trained model and fine-tune it (`compress.runs.prune`)."""
+    return runs.prune(source, **options)
 
 
-def lowrank(source: str | os.PathLike, *, energy: float | None = None, latency: float | None = None,
-            data: str | os.PathLike | None = None, distill: bool = True, recipe: str | None = None,
-            config: str | os.PathLike | None = None, callbacks: list[Callback] = (), progress: bool = True,
-            **options: Any) -> dict[str, Any]:
-    """Factorise a trained model's layers (SVD, Tucker-2) at the rank keeping `energy` of each (default 0.9),
-    or at the highest energy whose batch-1 onnxruntime inference takes at most `latency` ms here; then
-    fine-tune it distilled from the original and write a run directory (options as for `prune`)."""
-    check_lowrank_target(energy, latency)  # before anything is read or written
-    if energy is None and latency is None:
-        energy = 0.9
-    trainer, record = compression_run(
-        source, factorization(energy=energy, latency=latency), suffix="lowrank", data=data, distill=distill,
-        recipe=recipe, config=config, callbacks=callbacks, progress=progress, **options)
-    log.info("%s; fine-tuning in %s", describe_lowrank(record), trainer.run_dir)
-    summary = trainer.fit()
-    return {**finish_run(trainer, summary), "lowrank": record}
+def lowrank(source: str | os.PathLike, **options: Any) -> dict[str, Any]:
+    """Factorise a trained model's layers and fine-tune it (`compress.runs.lowrank`)."""
+    return runs.lowrank(source, **options)
 
 
 def quantize(source: str | os.PathLike, backend: str = "onnxruntime", out: str | os.PathLike | None = None, *,
@@ -225,7 +171,7 @@ def quantize(source: str | os.PathLike, backend: str = "onnxruntime", out: str |
                                       **options)
     log.info("folded %d batch norms into their convolutions; learning %d activation scales; fine-tuning in %s",
              record["folded"], record["learned_scales"], trainer.run_dir)
-    finish_run(trainer, trainer.fit())
+    complete(trainer)
     return _quantize(trainer.run_dir / "best.safetensors", backend, out or trainer.run_dir / "best-int8.onnx",
                      calib=calib, method=method, activations=activations, images=images, max_drop=max_drop,
                      baseline=source)
@@ -241,41 +187,8 @@ def optimize(source: str | os.PathLike, target: str, *, name: str | None = None,
     resumes. `budget`: minutes of fine-tuning in all (else `epochs` per fine-tune)."""
     run = Path(source)
     out = Path(project or run.parent) / (name or f"{run.name}-optimize")
-    return _optimize(source, target, prune=prune, lowrank=lowrank, resume=train, out=out, macs=macs, energy=energy,
+    return _optimize(source, target, out=out, macs=macs, energy=energy,
                      calib=calib, duration=duration, budget=budget, epochs=epochs, progress=progress)
-
-
-def finish_run(trainer: Trainer, summary: dict[str, Any]) -> dict[str, Any]:
-    """Evaluate the best model on val (and test), draw the plots, write results.json and report.md."""
-    run_dir, cfg = trainer.run_dir, trainer.cfg
-    precision = precision_name(trainer.amp_dtype)
-    best = Predictor.load(run_dir / "best.safetensors", "torch", str(trainer.device), precision)
-    results: dict[str, ClassificationReport] = {}
-    for split in ("val", "test"):
-        samples = getattr(trainer.scan, split)
-        if samples:
-            results[split] = evaluate_samples(best, samples, run_dir, name=split, batch_size=cfg.data.batch_size,
-                                              workers=cfg.data.workers)
-    plot_history(summary["history"], run_dir / "plots" / "history.png", k=min(5, len(trainer.classes)))
-    model_summary = summarize(best.model, cfg.data.img_size, cfg.model.name)
-    if cfg.train.sparsity:
-        rows = write_sparsity_report(best.model, run_dir / "sparsity.csv")
-        log.info("sparsity %.1f%% of %s weights (per layer: %s); compressed %.2f MB (dense runtimes run it no "
-                 "faster)", 100 * rows[-1]["sparsity"], f"{rows[-1]['weights']:,}", run_dir / "sparsity.csv",
-                 zip_bytes(best.model) / 1e6)
-    summary = {**summary, "lr": trainer.lr, "device": str(trainer.device),
-               "precision": precision}
-    write_json(run_dir / "results.json", {"summary": {k: v for k, v in summary.items() if k != "history"},
-                                          **{k: r.to_dict() for k, r in results.items()}})
-    report = write_run_report(run_dir, cfg, trainer.scan, summary, model_summary, results)
-    log.info("")
-    log.info("run %s: %d epochs, best epoch %s (%s weights), %.1f min", run_dir, summary["epochs"],
-             summary["best_epoch"], summary["best_weights"], summary["train_time_s"] / 60)
-    for name, r in results.items():
-        log.info("  %-5s top-1 %.2f%%  top-%d %.2f%%  macro F1 %.3f  (%d images)", name, 100 * r.top1, r.k,
-                 100 * r.top5, r.macro["f1"], r.num_samples)
-    log.info("report: %s", report)
-    return {**summary, "report": str(report), "results": {k: r.to_dict() for k, r in results.items()}}
 
 
 def evaluate(source: str | os.PathLike, data: str | os.PathLike, *, tta: str | None = None,

@@ -16,7 +16,8 @@ from resforge import api
 from resforge.config import build_config
 from resforge.training import distributed
 from resforge.training.checkpoint import load_checkpoint
-from resforge.training.trainer import SYNC_EVERY, Trainer, update_ema
+from resforge.training.step import update_ema
+from resforge.training.trainer import SYNC_EVERY, Trainer
 
 pytestmark = pytest.mark.cuda
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before any cuBLAS handle: deterministic runs
@@ -76,10 +77,10 @@ def test_a_training_step_never_waits_for_the_gpu(data, tmp_path):
     batches = list(t.train_loader)[:3]
 
     def step(x, y):
-        x, y = t.prepare_batch(x, y)
-        loss, _ = t.compute_loss(x, y)
-        t.backward(loss, first=True)
-        t.optimizer_step(1.0)
+        x, y = t.stepper.prepare_batch(x, y)
+        loss, _ = t.stepper.compute_loss(x, y)
+        t.stepper.backward(loss, first=True)
+        t.stepper.optimizer_step(1.0)
         update_ema(t.ema, t.model, 0.99)
 
     step(*batches[0])  # the first step allocates, and chooses kernels

@@ -43,10 +43,10 @@ def test_lr_find_probes_the_trainers_own_step(data, tmp_path, monkeypatch):
     plain = _trainer(data, tmp_path, deterministic=True, accum_steps=2)
     penalised = _trainer(data, tmp_path, deterministic=True, l1=1e-3, accum_steps=2)
     calls = {"loss": 0, "step": 0}
-    compute, step = penalised.compute_loss, penalised.optimizer_step
-    monkeypatch.setattr(penalised, "compute_loss", lambda *a: calls.__setitem__("loss", calls["loss"] + 1) or compute(*a))
-    monkeypatch.setattr(penalised, "optimizer_step", lambda f: calls.__setitem__("step", calls["step"] + 1) or step(f))
-    l1 = 1e-3 * sum(w.abs().sum().item() for w in penalised.l1_weights)
+    compute, step = penalised.stepper.compute_loss, penalised.stepper.optimizer_step
+    monkeypatch.setattr(penalised.stepper, "compute_loss", lambda *a: calls.__setitem__("loss", calls["loss"] + 1) or compute(*a))
+    monkeypatch.setattr(penalised.stepper, "optimizer_step", lambda f: calls.__setitem__("step", calls["step"] + 1) or step(f))
+    l1 = 1e-3 * sum(w.abs().sum().item() for w in penalised.stepper.l1_weights)
     a = lr_find(plain, steps=6, end_lr=1e-5)
     b = lr_find(penalised, steps=6, end_lr=1e-5)
     assert calls == {"loss": 2 * len(b.lrs), "step": len(b.lrs)} and len(b.lrs) == 6
@@ -80,8 +80,8 @@ def test_training_with_a_teacher_uses_its_soft_targets(data, tmp_path, teacher_r
     t = _trainer(data, tmp_path, teacher=teacher_run, kd_alpha=0.25, kd_temperature=3.0, augment="none",
                  label_smoothing=0.0)
     teacher, _ = load_model(teacher_run)
-    x, y = t.prepare_batch(*next(iter(t.train_loader)))
-    loss, logits = t.compute_loss(x, y)
+    x, y = t.stepper.prepare_batch(*next(iter(t.train_loader)))
+    loss, logits = t.stepper.compute_loss(x, y)
     with torch.no_grad():
         soft = F.kl_div(F.log_softmax(logits / 3, 1), F.log_softmax(teacher(x) / 3, 1), reduction="batchmean",
                         log_target=True) * 9
@@ -126,9 +126,9 @@ def test_init_refuses_architecture_options_that_contradict_it(data, tmp_path, te
 def test_slimming_adds_the_l1_of_the_batch_norm_scales_to_the_loss(data, tmp_path):
     plain = _trainer(data, tmp_path, deterministic=True)
     slim = _trainer(data, tmp_path, deterministic=True, l1_bn=1e-2)
-    x, y = plain.prepare_batch(*next(iter(plain.train_loader)))
+    x, y = plain.stepper.prepare_batch(*next(iter(plain.train_loader)))
     gammas = sum(m.weight.abs().sum().item() for m in slim.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
-    assert slim.compute_loss(x, y)[0].item() - plain.compute_loss(x, y)[0].item() == pytest.approx(1e-2 * gammas,
+    assert slim.stepper.compute_loss(x, y)[0].item() - plain.stepper.compute_loss(x, y)[0].item() == pytest.approx(1e-2 * gammas,
                                                                                                   rel=1e-4)
     with pytest.raises(resforge.ConfigError, match="no batch norm|none to train"):
         _trainer(data, tmp_path, l1_bn=1e-2, norm="groupnorm")

@@ -17,7 +17,8 @@ import resforge
 from resforge import api
 from resforge.config import build_config
 from resforge.training.checkpoint import load_checkpoint
-from resforge.training.trainer import Trainer, new_run_dir
+from resforge.training.rundir import new_run_dir
+from resforge.training.trainer import Trainer
 
 TINY = {"model": "resnet18", "width": 0.125, "img_size": 16, "batch_size": 8, "workers": 0, "amp": "off",
         "epochs": 2}
@@ -303,9 +304,9 @@ def _trainer(data, tmp_path, **kw):
 def test_options_reach_the_loop(data, tmp_path):
     t = _trainer(data, tmp_path, label_smoothing=0.2, accum_steps=2, freeze="stem,layer1", backbone_lr_mult=0.5,
                  ema=True, amp="bf16", lr=0.1)
-    assert t.criterion.label_smoothing == 0.2
+    assert t.stepper.criterion.label_smoothing == 0.2
     assert t.steps_per_epoch == math.ceil(len(t.train_loader) / 2)
-    assert sorted({g["lr"] for g in t.optimizer.param_groups}) == [0.05, 0.1]
+    assert sorted({g["lr"] for g in t.stepper.optimizer.param_groups}) == [0.05, 0.1]
     assert t.amp_dtype == torch.bfloat16 and t.ema is not None
     assert t.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     plain = _trainer(data, tmp_path, channels_last=False, amp="off")
@@ -376,7 +377,7 @@ def _timed_run(data, tmp_path, monkeypatch, step_seconds, val_seconds=3.0, **kw)
     def tick(event, trainer):
         if event == "batch_end":
             clock.now += step_seconds(trainer.epoch)
-            lrs.append(trainer.optimizer.param_groups[-1]["lr"])
+            lrs.append(trainer.stepper.optimizer.param_groups[-1]["lr"])
         elif event == "epoch_end":
             clock.now += val_seconds
 

@@ -21,7 +21,8 @@ from ..config import AUTO_RECIPE, build_config, validate
 from ..errors import ConfigError
 from ..models import load_model, save_model
 from ..models.weights import resolve_model_path, sidecar_path
-from ..training.trainer import Callback, Trainer, new_run_dir
+from ..training.rundir import new_run_dir
+from ..training.trainer import Callback, Trainer
 
 log = logging.getLogger("resforge")
 

@@ -39,6 +39,8 @@ from ..evaluation.runner import infer
 from ..io import write_json, write_text
 from ..models import load_model
 from ..models.summary import summarize
+from ..training.run import run as training_run
+from . import runs
 from .prune import check_target
 from .quantize import check_calibration, quantize
 
@@ -49,7 +51,6 @@ TARGETS = {"latency": ("latency_ms", {"ms": 1.0, "s": 1000.0, "": 1.0}),
            "size": ("file_mb", {"mb": 1.0, "kb": 1e-3, "gb": 1e3, "": 1.0}),
            "macs": ("gmacs", {"g": 1.0, "m": 1e-3, "": 1e-9}),
            "accuracy-drop": ("drop", {"pt": 1.0, "": 1.0})}
-RunStep = Callable[..., dict[str, Any]]  # api.prune, api.lowrank, api.train(resume=): a fine-tuned run
 
 
 @dataclass
@@ -81,8 +82,7 @@ class Target:
         return f"{self.kind} <= {self.value:g}{unit}"
 
 
-def optimize(source: str | os.PathLike, target: str, *, prune: RunStep, lowrank: RunStep, resume: RunStep,
-             out: str | os.PathLike, macs: float = 0.5, energy: float = 0.9, calib: int = 256, duration: float = 2.0,
+def optimize(source: str | os.PathLike, target: str, *, out: str | os.PathLike, macs: float = 0.5, energy: float = 0.9, calib: int = 256, duration: float = 2.0,
              budget: float | None = None, epochs: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Run the chain on `source` (a run directory) into `out`; return the variants and the pick."""
     from tqdm.auto import tqdm
@@ -111,9 +111,9 @@ def optimize(source: str | os.PathLike, target: str, *, prune: RunStep, lowrank:
     stages: list[tuple[str, Callable[[], list[dict[str, Any]]]]] = [
         ("baseline", lambda: _baseline(run, out)),
         ("int8", lambda: _int8(run / "best.safetensors", out / "int8", calib)),
-        ("pruned", lambda: _fine_tuned(prune, resume, run, out, "pruned", dict(macs=macs, **fine_tune), progress)),
+        ("pruned", lambda: _fine_tuned(runs.prune, run, out, "pruned", dict(macs=macs, **fine_tune), progress)),
         ("pruned-int8", lambda: _int8(out / "pruned" / "best.safetensors", out / "pruned-int8", calib)),
-        ("lowrank", lambda: _fine_tuned(lowrank, resume, run, out, "lowrank", dict(energy=energy, **fine_tune),
+        ("lowrank", lambda: _fine_tuned(runs.lowrank, run, out, "lowrank", dict(energy=energy, **fine_tune),
                                         progress)),
     ]
     bar = tqdm(stages, desc="optimize", unit="stage", disable=None if progress else True)
@@ -186,13 +186,13 @@ def _int8(weights: Path, base: Path, calib: int) -> list[dict[str, Any]]:
     return rows
 
 
-def _fine_tuned(step: RunStep, resume: RunStep, run: Path, out: Path, name: str, options: dict[str, Any],
+def _fine_tuned(step: Callable[..., dict[str, Any]], run: Path, out: Path, name: str, options: dict[str, Any],
                 progress: bool) -> list[dict[str, Any]]:
     """A pruned or factorised run in out/<name>: resumed when a kill cut its fine-tune short."""
     run_dir = out / name
     if (run_dir / "last.ckpt").is_file() and not (run_dir / "results.json").is_file():
         log.info("resuming the %s fine-tune in %s", name, run_dir)
-        resume(resume=run_dir, progress=progress)
+        training_run(resume=run_dir, progress=progress)
     elif not (run_dir / "results.json").is_file():
         if run_dir.exists():
             shutil.rmtree(run_dir)  # started, but not as far as a checkpoint: from the start

@@ -123,7 +123,7 @@ def structured(*, ratio: float | None, macs: float | None, importance: str, roun
     def transform(trainer: Any) -> dict[str, Any]:
         gradients = None
         if importance == "taylor":
-            batches = [trainer.prepare_batch(x, y) for (x, y), _ in zip(trainer.train_loader, range(taylor_batches))]
+            batches = [trainer.stepper.prepare_batch(x, y) for (x, y), _ in zip(trainer.train_loader, range(taylor_batches))]
             gradients = taylor_gradients(batches, torch.nn.functional.cross_entropy)
         if latency is None:
             return prune_model(trainer.model, trainer.pre.img_size, ratio=ratio, macs=macs, importance=importance,

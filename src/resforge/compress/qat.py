@@ -94,7 +94,7 @@ def transform(batches: int = INIT_BATCHES) -> Callable[[Any], dict[str, Any]]:
     the first training batches, as the evaluation preprocessing leaves them)."""
     def apply(trainer: Any) -> dict[str, Any]:
         check_model(trainer.model)
-        images = [trainer.prepare_batch(x, y)[0] for (x, y), _ in zip(trainer.train_loader, range(batches))]
+        images = [trainer.stepper.prepare_batch(x, y)[0] for (x, y), _ in zip(trainer.train_loader, range(batches))]
         return prepare(trainer.model, images)
     return apply
 

@@ -1,5 +1,6 @@
 """Training losses, each called as `loss(logits, target, images)` so one that needs the input (a
-teacher's) plugs into the step without touching the loop."""
+teacher's) plugs into the step without touching the loop. Logits are taken to float32 here, whatever
+precision the forward pass ran in."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ class ClassificationLoss(nn.Module):
         self.label_smoothing = label_smoothing
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
+        return F.cross_entropy(logits.float(), target, label_smoothing=self.label_smoothing)
 
 
 class DistillationLoss(nn.Module):
@@ -37,7 +38,7 @@ class DistillationLoss(nn.Module):
         self.hard = ClassificationLoss(label_smoothing)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        t = self.temperature
+        t, logits = self.temperature, logits.float()
         with torch.no_grad():
             teacher_logits = self.teacher(images).float()
         soft = F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),

@@ -42,9 +42,10 @@ def check_range(start_lr: float, end_lr: float, steps: int) -> None:
 def lr_find(trainer: Trainer, start_lr: float = 1e-6, end_lr: float = 10.0, steps: int = 100,
             smoothing: float = 0.9, diverge: float = 4.0) -> LRFindResult:
     check_range(start_lr, end_lr, steps)
-    model, opt = trainer.model, trainer.optimizer
+    step = trainer.stepper
+    model, opt = trainer.model, step.optimizer
     saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
-    top = max(trainer.base_lrs)  # the recipe's ratios between groups (e.g. a slower backbone) are kept
+    top = max(step.base_lrs)  # the recipe's ratios between groups (e.g. a slower backbone) are kept
     accum = trainer.cfg.optim.accum_steps
     lrs, losses, avg, best = [], [], 0.0, math.inf
     set_train_mode(model, trainer.frozen)
@@ -54,12 +55,12 @@ def lr_find(trainer: Trainer, start_lr: float = 1e-6, end_lr: float = 10.0, step
             lr = start_lr * (end_lr / start_lr) ** (i / max(1, steps - 1))
             value = 0.0
             for micro in range(accum):  # one probe is one real optimiser step, accumulation included
-                loss, _ = trainer.compute_loss(*trainer.prepare_batch(*next(batches)))
-                trainer.backward(loss, first=micro == 0)
+                loss, _ = step.compute_loss(*step.prepare_batch(*next(batches)))
+                step.backward(loss, first=micro == 0)
                 value += loss.item() / accum
             if not math.isfinite(value):
                 break
-            trainer.optimizer_step(lr / top)
+            step.optimizer_step(lr / top)
             avg = smoothing * avg + (1 - smoothing) * value
             smoothed = avg / (1 - smoothing ** (i + 1))
             lrs.append(lr)

@@ -1,0 +1,113 @@
+"""Classification: a folder of class folders in, class probabilities out, measured in top-k accuracy."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Config
+from ..data.folder import ImageFolderScan, scan_folder, scan_recorded_split
+from ..data.gpu_decode import BatchDecoder, EncodedDataset
+from ..data.loader import ImageDataset
+from ..data.transforms import BatchMix, Preprocess, eval_transform, train_transform
+from ..device import autocast
+from ..errors import ConfigError
+from ..evaluation.evaluate import evaluate_samples
+from ..evaluation.metrics import ClassificationReport, topk_correct, topk_hits
+from ..evaluation.runner import infer
+from ..models import load_model
+from ..training.losses import ClassificationLoss, DistillationLoss
+from .base import Datasets, Forward, Task
+
+log = logging.getLogger("resforge")
+
+
+class Classification(Task):
+    name: ClassVar[str] = "classify"
+    train_figures: ClassVar[tuple[str, ...]] = ("top1",)
+
+    def scan(self, cfg: Config, split_csv: str | os.PathLike | None) -> ImageFolderScan:
+        d = cfg.data
+        if split_csv is None:
+            return scan_folder(d.root, val_split=d.val_split, seed=d.split_seed, max_pixels=d.max_pixels)
+        scan = scan_recorded_split(d.root, split_csv, max_pixels=d.max_pixels)
+        if scan.new_files:
+            log.warning("%d file(s) were added to %s since the run started; they are left out (listed in "
+                        "skipped.csv), so the recorded split stays as it was (start a new run to use them)",
+                        len(scan.new_files), d.root)
+        return scan
+
+    def datasets(self, cfg: Config, scan: ImageFolderScan, pre: Preprocess, device: torch.device) -> Datasets:
+        d, seed = cfg.data, cfg.train.seed
+        val = ImageDataset(scan.val, eval_transform(pre), pre, max_pixels=d.max_pixels)
+        if d.decode == "gpu":
+            train = EncodedDataset(scan.train, pre, cfg.augment, seed=seed, max_pixels=d.max_pixels)
+            return Datasets(train, val, BatchDecoder(pre, device, [path for path, _ in scan.train], d.max_pixels))
+        train = ImageDataset(scan.train, train_transform(pre, cfg.augment), pre, seed=seed, max_pixels=d.max_pixels)
+        return Datasets(train, val)
+
+    def batch_transform(self, cfg: Config, num_classes: int) -> BatchMix:
+        return BatchMix(cfg.augment, num_classes)
+
+    def criterion(self, cfg: Config, classes: list[str], pre: Preprocess | None, device: torch.device,
+                  amp_dtype: torch.dtype | None, memory_format: torch.memory_format) -> nn.Module:
+        t = cfg.train
+        if not t.teacher:
+            return ClassificationLoss(t.label_smoothing)
+        teacher, meta = load_model(t.teacher)
+        if meta["classes"] != classes:
+            raise ConfigError(f"the teacher {t.teacher} knows other classes ({', '.join(meta['classes'][:6])}) than "
+                              f"{cfg.data.root} ({', '.join(classes[:6])}): distil from a model trained "
+                              "on these classes")
+        if pre is not None:
+            _check_teacher_input(t.teacher, meta["preprocess"], pre.to_dict())
+        teacher = teacher.to(device, memory_format=memory_format).eval().requires_grad_(False)
+
+        def teach(x: torch.Tensor) -> torch.Tensor:
+            with autocast(device, amp_dtype):
+                return teacher(x)
+        return DistillationLoss(teach, t.kd_alpha, t.kd_temperature, t.label_smoothing)
+
+    def batch_figures(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return topk_hits(outputs, targets, (1,))
+
+    def validate(self, forward: Forward, loader: Any, prefix: str, world: Any) -> dict[str, float]:
+        logits, targets = infer(forward, loader)
+        k = topk_correct(logits, targets, (1, 5)) if len(targets) else {1: 0, 5: 0}
+        loss = F.cross_entropy(logits, targets, reduction="sum").item() if len(targets) else 0.0
+        loss, top1, top5, n = world.sum([loss, k[1], k[5], len(targets)])
+        return {f"{prefix}_loss": loss / n, f"{prefix}_top1": top1 / n, f"{prefix}_top5": top5 / n}
+
+    def epoch_line(self, row: dict[str, float], num_classes: int) -> str:
+        parts = [f"train loss {row['train_loss']:.3f} acc {row['train_top1']:.1%}",
+                 f"val loss {row['val_loss']:.3f} top1 {row['val_top1']:.1%} "
+                 f"top{min(5, num_classes)} {row['val_top5']:.1%}"]
+        if "ema_val_top1" in row:
+            parts.append(f"ema top1 {row['ema_val_top1']:.1%}")
+        return "  ".join(parts)
+
+    def evaluate(self, predictor: Any, samples: list, out_dir: Path, name: str, batch_size: int,
+                 workers: int) -> ClassificationReport:
+        return evaluate_samples(predictor, samples, out_dir, name=name, batch_size=batch_size, workers=workers)
+
+    def result_line(self, name: str, report: ClassificationReport) -> str:
+        return (f"{name:<5} top-1 {100 * report.top1:.2f}%  top-{report.k} {100 * report.top5:.2f}%  "
+                f"macro F1 {report.macro['f1']:.3f}  ({report.num_samples} images)")
+
+
+def _check_teacher_input(teacher: str, theirs: dict[str, Any], ours: dict[str, Any]) -> None:
+    """The teacher sees the student's batches: the same channels and normalisation (a size may differ)."""
+    differ = [k for k in ("in_chans", "mean", "std") if theirs[k] != ours[k]]
+    if differ:
+        raise ConfigError(f"the teacher {teacher} expects other input ({', '.join(differ)}: "
+                          f"{', '.join(str(theirs[k]) for k in differ)}; the student gets "
+                          f"{', '.join(str(ours[k]) for k in differ)}): it must see the student's batches")
+    if theirs["img_size"] != ours["img_size"]:
+        log.warning("the teacher was trained at %d px and now sees the student's %d px", theirs["img_size"],
+                    ours["img_size"])
