@@ -27,7 +27,8 @@ from ..io import temp_dir
 from ..runtime.backends import TorchRunner
 from ..runtime.convert import DEFAULT_OPSET, to_onnx
 from .export import move_into_place
-from ..runtime.predictor import Predictor, Source, open_source
+from ..runtime.predictor import Predictor
+from ..runtime.source import Source, open_source
 
 log = logging.getLogger("resforge")
 

@@ -32,7 +32,7 @@ from ..data.transforms import BatchMix, Preprocess, eval_transform, imagenet_sta
 from ..device import autocast, resolve_amp, resolve_device, seed_everything
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..evaluation.metrics import topk_correct, topk_hits
-from ..evaluation.runner import infer
+from ..runtime.inference import infer
 from ..io import write_csv, write_json, write_text
 from ..models import ResNet, create_model, load_model, save_model
 from ..models.weights import arch_record, build_from_arch

@@ -299,7 +299,7 @@ def test_auto_device_is_the_cpu_for_an_engine_that_cannot_use_the_gpu(monkeypatc
     (an H200 with the plain onnxruntime wheel refused `--backend onnxruntime` before)."""
     import onnxruntime
 
-    from resforge.runtime.predictor import backend_device
+    from resforge.runtime.build import backend_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
