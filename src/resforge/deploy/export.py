@@ -1,7 +1,7 @@
 """`resforge export`: a trained model as a file for another engine, checked against PyTorch before it is kept.
 
 Formats: ONNX, OpenVINO IR (.xml + .bin) and a `torch.export` program (.pt2). Each file carries the
-model's record (classes, preprocessing, architecture, metrics, versions: `metadata.ModelInfo`), so
+model's record (classes, preprocessing, architecture, metrics, versions: `runtime.record.ModelInfo`), so
 `Predictor.load` needs nothing else for an ONNX file or an IR (a .pt2 is for PyTorch programs:
 `read_pt2_info` gives its record). With `embed_preprocessing` the graph takes uint8 NHWC pixels
 of any size and resizes, crops and normalises them itself.

@@ -69,7 +69,6 @@ def warm_up(predictor: Predictor, max_batch: int) -> None:
             predictor(sample_batch(predictor.info, n))
 
 
-
 def create_app(model: str | os.PathLike | Predictor, options: ServeOptions | None = None,
                metadata: dict[str, Any] | None = None, on_failure: Callable[[], None] | None = None) -> FastAPI:
     """The FastAPI app serving `model` (anything `Predictor.load` takes, or a loaded Predictor). A path is
