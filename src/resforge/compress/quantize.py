@@ -33,8 +33,7 @@ from ..data.folder import recorded_samples, recorded_split
 from ..data.loader import decode_image
 from ..data.transforms import eval_transform
 from ..runtime.backends import openvino_core, require_backend
-from ..runtime.convert import DEFAULT_OPSET, INPUT, to_onnx, to_openvino
-from ..deploy.export import move_into_place
+from ..runtime.convert import DEFAULT_OPSET, INPUT, move_into_place, to_onnx, to_openvino
 from ..runtime.record import OV_KEY, ModelInfo, onnx_props
 from ..runtime.build import build_runner
 from ..runtime.inference import infer

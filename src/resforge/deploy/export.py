@@ -26,7 +26,7 @@ from ..data.loader import decode_image
 from ..errors import ConfigError, DataError, ExportError, ResforgeError
 from ..io import temp_dir
 from ..runtime.backends import Runner, TorchRunner, require_backend
-from ..runtime.convert import DEFAULT_OPSET, HalfPrecision, to_onnx, to_openvino
+from ..runtime.convert import DEFAULT_OPSET, HalfPrecision, move_into_place, to_onnx, to_openvino
 from ..runtime.record import PT2_FILE, ModelInfo
 from ..runtime.build import build_runner
 from ..runtime.predictor import Predictor
@@ -254,19 +254,6 @@ def _gate(parity: Parity, pixels: bool, path: Path) -> None:
                 parity.max_abs_diff > parity.tolerance else f"{parity.decided} clear top-1 disagreement(s)")
     if not ok:
         raise ExportError(f"the export disagrees with the PyTorch model: {what}; {path} was not written")
-
-
-def move_into_place(written: Path, path: Path, format: str) -> None:
-    """On disk first (fsync), then renamed: the weights before the .xml that names them."""
-    files = [written.with_suffix(".bin"), written] if format == "openvino" else [written]
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    for f in files:
-        os.replace(f, path.with_suffix(f.suffix))
 
 
 def _size(path: Path, format: str) -> int:
