@@ -37,26 +37,24 @@ import datasets  # noqa: E402
 import resforge  # noqa: E402
 from resforge.data.folder import scan_images  # noqa: E402
 from resforge.deploy.bench import table  # noqa: E402
-from resforge.runtime.predictor import Predictor, sample_batch  # noqa: E402
+from resforge.runtime.measure import sample_batch  # noqa: E402
+from resforge.runtime.predictor import Predictor  # noqa: E402
 from resforge.device import cpu_name  # noqa: E402
 from resforge.models import load_model, save_model  # noqa: E402
 
 BATCHES = [1, 16]
 
 EAGER = """
-import json, sys, time, torch
+import json, sys, torch
 from resforge.models import load_model
+from resforge.timing import per_second, timed_calls
 threads, duration, batch = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
 torch.set_num_threads(threads)
 model = load_model(sys.argv[4])[0].eval()
 x = torch.randn(batch, model.stem_conv.in_channels, 224, 224)
 with torch.inference_mode():
-    for _ in range(3):
-        model(x)
-    times, start = [], time.perf_counter()
-    while len(times) < 3 or time.perf_counter() - start < duration:
-        t0 = time.perf_counter(); model(x); times.append(time.perf_counter() - t0)
-print(json.dumps(batch * len(times) / sum(times)))
+    times = timed_calls(lambda: model(x), duration, warmup=3)
+print(json.dumps(per_second(batch, times)))
 """
 
 

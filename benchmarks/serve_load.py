@@ -41,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from inference_cpu import build_model  # noqa: E402
 
 from resforge.data.folder import scan_images  # noqa: E402
-from resforge.runtime.predictor import Predictor, sample_batch  # noqa: E402
+from resforge.runtime.measure import sample_batch  # noqa: E402
+from resforge.runtime.predictor import Predictor  # noqa: E402
 from resforge.timing import timed_calls  # noqa: E402
 from resforge.device import cpu_name  # noqa: E402
 

@@ -275,12 +275,7 @@ def ensemble(sources: list[str | os.PathLike], data: str | os.PathLike, *, weigh
 
 def _probabilities(predictor: Predictor, samples: list, batch_size: int, workers: int
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    from .data.loader import ImageDataset, make_loader, resolve_workers
-    from .evaluation.runner import infer
-
-    loader = make_loader(ImageDataset(samples, predictor.transform, predictor.pre), batch_size, train=False,
-                         workers=resolve_workers(workers), seed=0)
-    logits, targets = infer(predictor, loader)
+    logits, targets = predictor.infer(samples, batch_size, workers)
     return logits.softmax(-1), targets
 
 

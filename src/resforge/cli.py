@@ -460,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("recipes", cmd_recipes, "list the built-in training recipes")
 
-    from .evaluation.runner import TTA_MODES
+    from .runtime.inference import TTA_MODES
 
     p = add("eval", cmd_eval, "evaluate a model on a labelled folder",
             "Top-1/top-5 (top-k with k = the class count below 5), per-class precision/recall/F1, confusion matrix "

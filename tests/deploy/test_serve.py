@@ -386,7 +386,7 @@ def test_metadata_names_an_ensembles_members_and_shows_no_path(predictor, tmp_pa
 
 
 def test_failed_accepts_are_logged_once_per_interval(caplog):
-    from resforge.deploy.connections import ACCEPT_LOG_S, AcceptErrors
+    from resforge.deploy.serve.connections import ACCEPT_LOG_S, AcceptErrors
 
     now = [0.0]
     loop = asyncio.new_event_loop()
@@ -473,7 +473,7 @@ def test_a_second_sigterm_answers_a_slow_client_in_json_and_ends_the_wait(photo_
         if proc.poll() is None:
             proc.kill()
     # the descriptor limit caps connections below it (the default asks for 512)
-    from resforge.deploy.connections import ACCEPT_BACKLOG, FD_RESERVE
+    from resforge.deploy.serve.connections import ACCEPT_BACKLOG, FD_RESERVE
 
     assert cap is not None and cap <= 128 - FD_RESERVE - 3 * ACCEPT_BACKLOG
     assert f"at most {cap} connections at once" in logged

@@ -50,7 +50,7 @@ def test_tta_changes_the_scores(run, tmp_path):
     from resforge.data.transforms import eval_transform
     from resforge.runtime.predictor import Predictor
     from resforge.evaluation.evaluate import labelled_samples
-    from resforge.evaluation.runner import TenCropViews, infer
+    from resforge.runtime.inference import TenCropViews, infer
 
     run_dir, data, _ = run
     lm = Predictor.load(run_dir, "torch", "cpu", "fp32")

@@ -2,13 +2,15 @@
 
 A method offers its settings ordered from the least change to the most (pruning steps, falling
 low-rank energies); the search times a changed copy of the model at a few of them, by bisection,
-so a target costs about log2(settings) + 2 timings. The timer is `bench`'s own measure on
-onnxruntime at batch 1 and the run's input size, the way `bench` would report the result.
+so a target costs about log2(settings) + 2 timings. The timer runs the model on onnxruntime at batch 1
+and the run's input size with the timing loop `bench` uses (`runtime.measure.batch_times`): warm-up
+calls, then the median of a second of calls, as `bench` reports its p50.
 """
 
 from __future__ import annotations
 
 import copy
+import statistics
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,6 +22,7 @@ from ..errors import ConfigError
 from ..models.weights import arch_record, build_from_arch
 
 LATENCY_SECONDS = 1.0  # of timed batch-1 calls per candidate
+WARMUP_CALLS = 3  # as bench's default: kernels chosen and memory allocated before the timed calls
 Setting = TypeVar("Setting")
 
 
@@ -57,8 +60,9 @@ def onnxruntime_latency(classes: list[str], pre: Any) -> Callable[[nn.Module], f
     """Median batch-1 milliseconds of a network exported to ONNX and run by onnxruntime (as `bench` times it)."""
     import onnx
 
-    from ..deploy.bench import measure
     from ..runtime.convert import to_onnx
+    from ..runtime.measure import batch_times
+    from ..runtime.predictor import Predictor
     from ..runtime.record import ModelInfo
 
     def timer(net: nn.Module) -> float:
@@ -67,6 +71,7 @@ def onnxruntime_latency(classes: list[str], pre: Any) -> Callable[[nn.Module], f
         with tempfile.TemporaryDirectory(prefix="resforge-latency-") as tmp:
             path = Path(tmp) / "model.onnx"
             onnx.save(to_onnx(clean.cpu().eval(), ModelInfo(classes=classes, pre=pre), dynamic_batch=False), str(path))
-            row = measure(str(path), "onnxruntime", batch_sizes=[1], duration=LATENCY_SECONDS)
-        return row["latency_ms"]["p50"]
+            predictor = Predictor.load(path, "onnxruntime")
+            times = batch_times(predictor, predictor.info, 1, LATENCY_SECONDS, warmup=WARMUP_CALLS)
+        return 1000 * statistics.median(times)
     return timer

@@ -28,14 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from ..data.folder import recorded_samples
-from ..data.loader import ImageDataset, make_loader, resolve_workers
 from ..deploy.bench import bench, file_size_mb
 from ..deploy.export import export
 from ..runtime.predictor import Predictor
 from ..errors import ConfigError
 from ..evaluation.metrics import topk_correct
 from ..evaluation.plots import plot_pareto
-from ..evaluation.runner import infer
 from ..io import write_json, write_text
 from ..models import load_model
 from ..models.summary import summarize
@@ -205,9 +203,7 @@ def _fine_tuned(step: Callable[..., dict[str, Any]], run: Path, out: Path, name:
 def _measure(v: dict[str, Any], samples: list, duration: float) -> dict[str, Any]:
     """Top-1/top-5 on the validation split and latency/throughput by `bench`, for one variant."""
     predictor = Predictor.load(v["path"], v["backend"], precision=v["precision"], batch_size=64)
-    loader = make_loader(ImageDataset(samples, predictor.transform, predictor.pre), 64, train=False,
-                         workers=resolve_workers(-1), seed=0)
-    logits, targets = infer(predictor, loader)
+    logits, targets = predictor.infer(samples, 64)
     k = topk_correct(logits, targets, (1, 5))
     del predictor
     # in this process: the variants are compared at their steady speed (cold start and memory are bench's)

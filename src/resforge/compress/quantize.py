@@ -19,7 +19,6 @@ import contextlib
 import io
 import logging
 import os
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -31,16 +30,18 @@ import torch
 
 from .. import __version__
 from ..data.folder import recorded_samples, recorded_split
-from ..data.loader import ImageDataset, decode_image, make_loader, resolve_workers
+from ..data.loader import decode_image
 from ..data.transforms import eval_transform
 from ..runtime.backends import openvino_core, require_backend
-from ..runtime.convert import DEFAULT_OPSET, INPUT, to_onnx, to_openvino
-from ..deploy.export import move_into_place
+from ..runtime.convert import DEFAULT_OPSET, INPUT, move_into_place, to_onnx, to_openvino
 from ..runtime.record import OV_KEY, ModelInfo, onnx_props
-from ..runtime.predictor import Source, build_runner, open_source
+from ..runtime.build import build_runner
+from ..runtime.inference import infer
+from ..runtime.predictor import Predictor
+from ..runtime.source import Source, open_source
 from ..errors import ConfigError
-from ..evaluation.runner import infer
 from ..io import temp_dir
+from ..timing import per_second, timed_calls
 from . import qat
 
 log = logging.getLogger("resforge")
@@ -329,13 +330,7 @@ def _images_per_second(path: Path, x: np.ndarray) -> float:
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    for _ in range(3):
-        session.run(None, {INPUT: x})
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < TIMING_SECONDS:
-        session.run(None, {INPUT: x})
-        n += 1
-    return n * len(x) / (time.perf_counter() - start)
+    return per_second(len(x), timed_calls(lambda: session.run(None, {INPUT: x}), TIMING_SECONDS, warmup=3))
 
 
 def _quantize_openvino(proto: Any, info: ModelInfo, out: Path, batch: np.ndarray,
@@ -412,10 +407,9 @@ def _measure(fp32: Source, backend: str, written: Path, *, info: ModelInfo, val:
     precision = "auto" if backend == "onnxruntime" else "fp32"  # ORT: the file's own; OpenVINO: no bf16 hint
     run32 = build_runner(fp32, backend, torch.device("cpu"), precision)
     run8 = build_runner(Source(kind, written, info), backend, torch.device("cpu"), precision)
-    loader = make_loader(ImageDataset(val, eval_transform(info.pre), info.pre), 32, train=False,
-                         workers=resolve_workers(-1), seed=0)
     # one pass over the images, both graphs on each batch: their logits side by side
-    logits, labels = infer(lambda x: torch.cat([run32(x), run8(x)], 1), loader)
+    batches = Predictor(run32, info, str(fp32.path)).loader(val, 32)
+    logits, labels = infer(lambda x: torch.cat([run32(x), run8(x)], 1), batches)
     p32, p8 = logits.chunk(2, dim=1)
     p32, p8 = p32.argmax(1), p8.argmax(1)
     return Quantized(path=written, backend=backend, activations="", calib=0,

@@ -15,14 +15,18 @@ import logging
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
+from itertools import cycle
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .. import timing
 from ..errors import ConfigError, ResforgeError
+
+if TYPE_CHECKING:
+    from ..runtime.predictor import Predictor
 
 BENCH_BACKENDS = ("auto", "torch", "onnxruntime", "openvino", "tensorrt")
 PERCENTILES = (50, 90, 99, 99.9)
@@ -67,8 +71,8 @@ def measure(source: str, backend: str, precision: str = "auto", batch_sizes: Seq
     import torch
 
     from ..data.folder import scan_images
-    from ..timing import timed_calls
-    from ..runtime.predictor import Predictor, sample_batch
+    from ..runtime.measure import batch_times, sample_batch
+    from ..runtime.predictor import Predictor
 
     if threads:
         torch.set_num_threads(threads)
@@ -82,10 +86,10 @@ def measure(source: str, backend: str, precision: str = "auto", batch_sizes: Seq
 
     if backend != "torch":  # what is done once per model file (an ONNX export, the auto choice) is not a start
         load(first_batch)
-    t0 = time.perf_counter()
+    t0 = timing.clock()
     predictor = load(first_batch)
     predictor(sample_batch(predictor.info, 1, predictor.runner.device))
-    cold = time.perf_counter() - t0
+    cold = timing.clock() - t0
     mode = ", ".join(m for m, on in (("compiled", compile), ("CUDA graph", cuda_graph)) if on)
     row: dict[str, Any] = {"model": source, "name": Path(source).name, "backend": predictor.backend,
                            "precision": predictor.precision + (f", {mode}" if mode else ""), "asked": backend,
@@ -99,28 +103,33 @@ def measure(source: str, backend: str, precision: str = "auto", batch_sizes: Seq
             p = load(bs)
         key = str(bs)  # as JSON keeps it
         row["chosen"][key] = f"{p.backend} {p.precision}"
-        x = sample_batch(p.info, bs, p.runner.device)
-        for _ in range(warmup):
-            p(x)
-        times = timed_calls(lambda: p(x), duration)
-        row["throughput"][key] = bs * len(times) / sum(times)
+        times = batch_times(p, p.info, bs, duration, device=p.runner.device, warmup=warmup)
+        row["throughput"][key] = timing.per_second(bs, times)
         if bs == 1:
             ms = np.asarray(times) * 1000
             row["latency_ms"] = {f"p{q:g}": float(np.percentile(ms, q)) for q in PERCENTILES}
             row["latency_samples"] = len(ms)
         if files:
-            batches = [files[i:i + bs] for i in range(0, len(files), bs)]
-            p.predict(batches[0], batch_size=bs)
-            done, start = 0, time.perf_counter()
-            while done < 3 or time.perf_counter() - start < duration:
-                p.predict(batches[done % len(batches)], batch_size=bs)
-                done += 1
-            seen = sum(len(batches[i % len(batches)]) for i in range(done))
-            row["end_to_end"][key] = seen / (time.perf_counter() - start)
+            row["end_to_end"][key] = _files_per_second(p, files, bs, duration)
     row["peak_rss_mb"] = _peak_rss_mb()
     if predictor.runner.device.type == "cuda":
         row["peak_gpu_mb"] = torch.cuda.max_memory_allocated(predictor.runner.device) / 2**20
     return row
+
+
+def _files_per_second(predictor: Predictor, files: list[str], batch_size: int, duration: float) -> float:
+    """Images per second from files to classes (decode, preprocess, infer), the files taken in turn in
+    batches, after one untimed batch."""
+    batches = cycle([files[i:i + batch_size] for i in range(0, len(files), batch_size)])
+    sizes: list[int] = []
+
+    def call() -> None:
+        batch = next(batches)
+        predictor.predict(batch, batch_size=batch_size)
+        sizes.append(len(batch))
+
+    times = timing.timed_calls(call, duration, warmup=1)
+    return sum(sizes[1:]) / sum(times)
 
 
 def bench(models: Sequence[str | os.PathLike], backends: Sequence[str] = ("auto",), *, precision: str = "auto",

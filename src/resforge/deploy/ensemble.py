@@ -25,9 +25,9 @@ from .. import __version__
 from ..errors import ConfigError, ExportError
 from ..io import temp_dir
 from ..runtime.backends import TorchRunner
-from ..runtime.convert import DEFAULT_OPSET, to_onnx
-from .export import move_into_place
-from ..runtime.predictor import Predictor, Source, open_source
+from ..runtime.convert import DEFAULT_OPSET, move_into_place, to_onnx
+from ..runtime.predictor import Predictor
+from ..runtime.source import Source, open_source
 
 log = logging.getLogger("resforge")
 

@@ -1,7 +1,7 @@
 """`resforge export`: a trained model as a file for another engine, checked against PyTorch before it is kept.
 
 Formats: ONNX, OpenVINO IR (.xml + .bin) and a `torch.export` program (.pt2). Each file carries the
-model's record (classes, preprocessing, architecture, metrics, versions: `metadata.ModelInfo`), so
+model's record (classes, preprocessing, architecture, metrics, versions: `runtime.record.ModelInfo`), so
 `Predictor.load` needs nothing else for an ONNX file or an IR (a .pt2 is for PyTorch programs:
 `read_pt2_info` gives its record). With `embed_preprocessing` the graph takes uint8 NHWC pixels
 of any size and resizes, crops and normalises them itself.
@@ -23,13 +23,14 @@ import torch
 from .. import __version__
 from ..data.folder import recorded_samples, recorded_split
 from ..data.loader import decode_image
-from ..data.transforms import eval_transform
 from ..errors import ConfigError, DataError, ExportError, ResforgeError
 from ..io import temp_dir
-from ..runtime.backends import require_backend
-from ..runtime.convert import DEFAULT_OPSET, HalfPrecision, to_onnx, to_openvino
+from ..runtime.backends import Runner, TorchRunner, require_backend
+from ..runtime.convert import DEFAULT_OPSET, HalfPrecision, move_into_place, to_onnx, to_openvino
 from ..runtime.record import PT2_FILE, ModelInfo
-from ..runtime.predictor import Source, build_runner, open_source
+from ..runtime.build import build_runner
+from ..runtime.predictor import Predictor
+from ..runtime.source import Source, open_source
 
 log = logging.getLogger("resforge")
 
@@ -202,22 +203,28 @@ def _decoded(files: list[str], info: ModelInfo, where: str) -> list[torch.Tensor
 def _reference_and_candidate(src: Source, info: ModelInfo, written: Path, format: str, decoded: list[torch.Tensor]
                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits of the PyTorch model (fp32) and of the written file, on the same decoded images."""
-    transform = eval_transform(info.pre)
-    model = src.model.eval()
-    with torch.inference_mode():
-        reference = torch.cat([model(torch.stack([transform(x) for x in decoded[i:i + 32]])).float()
-                               for i in range(0, len(decoded), 32)])
+    torch_model = Predictor(TorchRunner(src.model, torch.device("cpu"), "fp32"), src.info, str(src.path))
     if format == "pt2":
-        program = torch.export.load(str(written)).module()
-        run = torch.inference_mode()(program)
+        run: Runner = _Program(written)
     else:
         backend, kind = ("onnxruntime", "onnx") if format == "onnx" else ("openvino", "openvino")
         precision = "auto" if backend == "onnxruntime" else "fp32"  # ORT: the file's own; OpenVINO: no bf16 hint
         run = build_runner(Source(kind, written, info), backend, torch.device("cpu"), precision)
     # one by one: a fixed-batch graph takes one image, a pixel graph each image at its own size
-    candidate = [run((x.permute(1, 2, 0).contiguous() if info.takes_pixels else transform(x))[None]).float()
-                 for x in decoded]
-    return reference, torch.cat(candidate)
+    return torch_model.logits(decoded, 32), Predictor(run, info, str(written)).logits(decoded, 1)
+
+
+class _Program(Runner):
+    """A written .pt2 program, run as the parity check runs the other formats."""
+
+    backend, precision = "torch.export", "fp32"
+
+    def __init__(self, path: Path):
+        self.module = torch.export.load(str(path)).module()
+
+    @torch.inference_mode()
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x).float()
 
 
 def check_parity(src: Source, info: ModelInfo, written: Path, format: str, images: list[torch.Tensor], where: str
@@ -247,19 +254,6 @@ def _gate(parity: Parity, pixels: bool, path: Path) -> None:
                 parity.max_abs_diff > parity.tolerance else f"{parity.decided} clear top-1 disagreement(s)")
     if not ok:
         raise ExportError(f"the export disagrees with the PyTorch model: {what}; {path} was not written")
-
-
-def move_into_place(written: Path, path: Path, format: str) -> None:
-    """On disk first (fsync), then renamed: the weights before the .xml that names them."""
-    files = [written.with_suffix(".bin"), written] if format == "openvino" else [written]
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    for f in files:
-        os.replace(f, path.with_suffix(f.suffix))
 
 
 def _size(path: Path, format: str) -> int:

@@ -14,13 +14,11 @@ from typing import Any
 import numpy as np
 
 from ..data.folder import ImageFolderScan, Sample, scan_folder, thumbnail
-from ..data.loader import ImageDataset, make_loader, resolve_workers
-from ..runtime.predictor import Predictor, to_hwc
-from ..errors import ConfigError, DataError
+from ..errors import DataError
 from ..io import write_json
+from ..runtime.predictor import Predictor
 from .metrics import ClassificationReport, classification_report, most_confident_mistakes
 from .plots import plot_confusion, plot_image_grid
-from .runner import TTA_MODES, TenCropViews, infer
 
 GRID_IMAGES = 16
 
@@ -41,21 +39,8 @@ def labelled_samples(root: str | os.PathLike, classes: list[str]) -> tuple[list[
 def evaluate_samples(predictor: Predictor, samples: list[Sample], out_dir: str | os.PathLike, *, name: str = "eval",
                      batch_size: int = 64, workers: int = -1, tta: str | None = None) -> ClassificationReport:
     """Metrics, confusion matrix (PNG + CSV), a grid of predictions and one of confident mistakes."""
-    if tta is not None and tta not in TTA_MODES:
-        raise DataError(f"unknown test-time augmentation {tta!r}; choose {' or '.join(TTA_MODES)}")
-    if tta == "multicrop" and predictor.takes_pixels:
-        raise ConfigError(f"{predictor.source} crops inside its graph: multicrop needs a model that takes tensors")
+    logits, targets = predictor.infer(samples, batch_size, workers, tta)
     out_dir = Path(out_dir)
-    pre = predictor.pre
-    if tta == "multicrop":
-        transform = TenCropViews(pre)
-    elif predictor.takes_pixels:  # images of any size, one by one: a batch must share one size
-        transform, batch_size = to_hwc, 1
-    else:
-        transform = predictor.transform
-    ds = ImageDataset(samples, transform, pre, max_pixels=predictor.max_pixels)
-    loader = make_loader(ds, batch_size, train=False, workers=resolve_workers(workers), seed=0)
-    logits, targets = infer(predictor, loader, flip=tta == "flip", flip_dim=2 if predictor.takes_pixels else -1)
     probs = logits.softmax(-1).numpy()
     report = classification_report(probs, targets.numpy(), predictor.classes)
     plot_confusion(report.confusion, predictor.classes, out_dir / "plots" / f"confusion_{name}.png")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -251,3 +252,16 @@ def _ov_resample(x: Any, axis: int, n_in: Any, n_out: Any, interpolation: str) -
     trailing = 3 - axis  # the axes after the filtered one in NHWC: W and C for H, C for W
     weight = ops.reshape(weight, ops.constant(np.asarray([0, 0] + [1] * trailing, np.int64)), True)
     return ops.reduce_sum(ops.multiply(taken, weight), ops.constant(np.int64(axis + 1)), False)
+
+
+def move_into_place(written: Path, path: Path, format: str) -> None:
+    """On disk first (fsync), then renamed: the weights before the .xml that names them."""
+    files = [written.with_suffix(".bin"), written] if format == "openvino" else [written]
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    for f in files:
+        os.replace(f, path.with_suffix(f.suffix))

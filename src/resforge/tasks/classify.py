@@ -20,8 +20,8 @@ from ..device import autocast
 from ..errors import ConfigError
 from ..evaluation.evaluate import evaluate_samples
 from ..evaluation.metrics import ClassificationReport, topk_correct, topk_hits
-from ..evaluation.runner import infer
 from ..models import load_model
+from ..runtime.inference import infer
 from ..training.losses import ClassificationLoss, DistillationLoss
 from .base import Datasets, Forward, Task
 

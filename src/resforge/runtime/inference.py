@@ -1,4 +1,5 @@
-"""Running a model over a loader: logits for every image, with optional test-time augmentation."""
+"""The one batch loop: a model over batches of images, logits for every image, with optional test-time
+augmentation. `Predictor.infer` runs it over labelled files; the trainer's validation over its own loader."""
 
 from __future__ import annotations
 
@@ -28,8 +29,7 @@ class TenCropViews:
 @torch.no_grad()
 def infer(forward: Callable[[torch.Tensor], torch.Tensor], batches: Iterable, flip: bool = False,
           flip_dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits [N, C] in float32 on the CPU, targets [N]) of `forward` over all batches: the one batch
-    loop of validation, evaluation and every backend.
+    """(logits [N, C] in float32 on the CPU, targets [N]) of `forward` over all batches.
 
     Batches of views ([B, V, C, H, W], from `TenCropViews`) and `flip` (mirroring along `flip_dim`)
     average the softmax of the views; the log of that average is returned, so its softmax is the

@@ -38,7 +38,7 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 
 log = logging.getLogger("resforge")
 

@@ -67,6 +67,21 @@ def test_every_kind_of_image_input_gives_the_same_answer(photo_run):
     assert p.probabilities([path, chw]).shape == (2, len(p.classes))
 
 
+def test_labelled_files_and_images_go_through_the_same_preprocessing(photo_run, pixels_file):
+    run, _, test = photo_run
+    files = scan_images([test])
+    samples = [(f, i % 3) for i, f in enumerate(files)]
+    for p in (Predictor.load(run, "torch", "cpu", "fp32"), Predictor.load(pixels_file, "onnxruntime")):
+        logits, labels = p.infer(samples, batch_size=4, workers=0)
+        assert labels.tolist() == [y for _, y in samples]
+        assert torch.allclose(logits, p.logits(files), atol=1e-5)
+        assert np.allclose(logits.softmax(-1).numpy(), p.probabilities(files), atol=1e-6)
+    with pytest.raises(ConfigError, match="multicrop needs a model that takes tensors"):
+        p.infer(samples, tta="multicrop")
+    with pytest.raises(DataError, match="unknown test-time augmentation"):
+        p.infer(samples, tta="mirror")
+
+
 def test_bad_images_are_named_not_raised_mid_batch(photo_run):
     run, _, test = photo_run
     p = Predictor.load(run, "torch", "cpu", "fp32")
@@ -299,7 +314,7 @@ def test_auto_device_is_the_cpu_for_an_engine_that_cannot_use_the_gpu(monkeypatc
     (an H200 with the plain onnxruntime wheel refused `--backend onnxruntime` before)."""
     import onnxruntime
 
-    from resforge.runtime.predictor import backend_device
+    from resforge.runtime.build import backend_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
