@@ -2,7 +2,6 @@
 a kill and a resume, bad targets."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,9 +12,12 @@ import pytest
 from helpers import make_image_folder
 
 import resforge
+from resforge import timing
 from resforge.cli import main
 from resforge.compress.optimize import Target, _pick
 from resforge.evaluation.plots import pareto_front
+from resforge.models import load_model
+from resforge.runtime.predictor import Predictor
 
 TINY = {"model": "resnet18", "width": 0.25, "img_size": 16, "batch_size": 8, "workers": 0, "amp": "off"}
 
@@ -64,7 +66,26 @@ def source(tmp_path_factory):
     return run["run_dir"], root
 
 
-def test_a_killed_optimize_resumes_where_it_stopped(source):
+class EngineClock:
+    """A clock that moves only while a model runs, by a known time for each engine and batch size: the
+    figures every variant should report are known in advance, whatever the machine."""
+
+    SECONDS = {"torch": 0.05, "onnxruntime": 0.04, "openvino": 0.025}  # at batch 1; 4.75 times that at 16
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+    def seconds(self, backend, batch):
+        return self.SECONDS[backend] * (3 + batch) / 4
+
+    def run(self, backend, batch):
+        self.now += self.seconds(backend, batch)
+
+
+def test_a_killed_optimize_resumes_where_it_stopped(source, monkeypatch):
     run_dir, root = source
     project = root / "killed"
     script = textwrap.dedent(f"""
@@ -83,6 +104,10 @@ def test_a_killed_optimize_resumes_where_it_stopped(source):
     state = json.loads((project / "opt" / "optimize.json").read_text())
     assert list(state["stages"]) == ["baseline", "int8"]  # the pruning fine-tune was cut after its first epoch
     assert (project / "opt" / "pruned" / "last.ckpt").is_file()
+    clock = EngineClock()
+    monkeypatch.setattr(timing, "clock", clock)
+    real = Predictor.__call__
+    monkeypatch.setattr(Predictor, "__call__", lambda self, x: clock.run(self.backend, len(x)) or real(self, x))
     assert main(["optimize", run_dir, "--target", "size=100MB", "--project", str(project), "--name", "opt",
                  "--epochs", "2", "--calib", "16", "--duration", "0.2"]) == 0
     state = json.loads((project / "opt" / "optimize.json").read_text())
@@ -95,8 +120,17 @@ def test_a_killed_optimize_resumes_where_it_stopped(source):
         ("fp32", "torch"), ("fp32", "onnxruntime"), ("fp32", "openvino"), ("int8", "onnxruntime"),
         ("int8", "openvino"), ("pruned", "onnxruntime"), ("pruned", "openvino"), ("pruned-int8", "onnxruntime"),
         ("pruned-int8", "openvino"), ("lowrank", "onnxruntime"), ("lowrank", "openvino")}
-    for v in variants:
-        assert v["latency_ms"] > 0 and v["img_per_s_16"] > 0 and v["file_mb"] > 0 and v["params"] > 0
+    for v in variants:  # bench's figures, each variant on its own engine, and its own file and network
+        latency = pytest.approx(1000 * clock.seconds(v["backend"], 1))
+        assert v["latency_ms"] == latency and v["latency_p99_ms"] == latency
+        assert v["img_per_s_16"] == pytest.approx(16 / clock.seconds(v["backend"], 16))
+        path = Path(v["path"])
+        files = [path, path.with_suffix(".bin")] if path.suffix == ".xml" else [path]
+        if path.suffix == ".safetensors":
+            files.append(path.with_suffix(".json"))
+        assert v["file_mb"] == pytest.approx(sum(f.stat().st_size for f in files) / 1e6)
+    for v in variants[:3]:  # the baseline: the run's own network, on three engines
+        assert v["params"] == sum(p.numel() for p in load_model(run_dir)[0].parameters())
     by = {(v["name"], v["backend"]): v for v in variants}
     assert by["pruned", "onnxruntime"]["gmacs"] < 0.6 * by["fp32", "torch"]["gmacs"]
     assert by["int8", "onnxruntime"]["file_mb"] < 0.5 * by["fp32", "onnxruntime"]["file_mb"]

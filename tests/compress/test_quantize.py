@@ -15,6 +15,7 @@ from helpers import make_image_folder
 from PIL import Image
 
 import resforge
+import resforge.compress.quantize as quantize_module
 from resforge.cli import main
 from resforge.runtime.predictor import Predictor
 from resforge.io import temp_dir
@@ -57,8 +58,32 @@ def test_int8_agrees_with_fp32_on_real_images(run, backend):
         graph = onnx.load(str(result.path)).graph
         assert sum(n.op_type == "QuantizeLinear" for n in graph.node) > 10
         assert record["activations"] in ("u8", "s8") and set(record["img_per_s_batch1"]) == {"u8", "s8"}
-        # auto keeps the activation type that ran faster here
-        assert record["activations"] == max(record["img_per_s_batch1"], key=record["img_per_s_batch1"].get)
+
+
+@pytest.mark.parametrize("rates", [{"u8": 40.0, "s8": 90.0}, {"u8": 90.0, "s8": 40.0}])
+def test_auto_keeps_the_activation_type_measured_faster(run, tmp_path, monkeypatch, rates):
+    """The measurement is faked (each candidate file gets a known rate): the choice follows the rates,
+    whichever type is the faster, and the file written is that type's."""
+    run_dir, _ = run
+    measured = []
+
+    def rate(path, x):
+        measured.append(len(x))
+        return rates["s8" if "s8" in Path(path).name else "u8"]
+
+    monkeypatch.setattr(quantize_module, "_images_per_second", rate)
+    result = resforge.quantize(run_dir, out=tmp_path / "q.onnx", calib=8)
+    faster = max(rates, key=rates.get)
+    assert measured == [1, 1]  # both candidates, at batch 1
+    assert result.activations == faster and result.timings == rates
+    record = Predictor.load(result.path, "onnxruntime").info.export["quantized"]
+    assert record["activations"] == faster and record["img_per_s_batch1"] == rates
+    graph = onnx.load(str(result.path)).graph
+    weights = {i.name for i in graph.initializer}
+    zero_points = [i for i in graph.initializer if i.name in
+                   {n.input[2] for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in weights}]
+    kind = onnx.TensorProto.INT8 if faster == "s8" else onnx.TensorProto.UINT8
+    assert zero_points and all(z.data_type == kind for z in zero_points)
 
 
 def test_a_chosen_activation_type_is_used(run, tmp_path, capsys):
@@ -87,7 +112,7 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(run, capsys):
         assert message in capsys.readouterr().err
         assert not out.exists()
     int8 = root / "q.onnx"
-    assert main(["quantize", run_dir, "-o", str(int8), "--calib", "8"]) == 0
+    assert main(["quantize", run_dir, "-o", str(int8), "--calib", "8", "--activations", "u8"]) == 0
     assert main(["quantize", str(int8), "-o", str(out)]) == 2
     assert "already quantised" in capsys.readouterr().err and not out.exists()
 

@@ -1,6 +1,6 @@
 """The step seam and what plugs into it: lr-find's probes, distillation, starting from a saved model."""
 
-import math
+import copy
 
 import pytest
 import torch
@@ -76,18 +76,40 @@ def test_distillation_loss_is_the_formula(data):
     assert seen[0] is images  # the teacher is shown the student's own batch
 
 
+def _distillation(logits, y, teacher_logits):
+    """Hinton et al.'s loss at alpha 0.25 and temperature 3, written out."""
+    soft = F.kl_div(F.log_softmax(logits / 3, 1), F.log_softmax(teacher_logits / 3, 1), reduction="batchmean",
+                    log_target=True) * 9
+    return 0.25 * F.cross_entropy(logits, y) + 0.75 * soft
+
+
 def test_training_with_a_teacher_uses_its_soft_targets(data, tmp_path, teacher_run):
+    """The trainer's loss is the distillation loss, and its steps are plain SGD steps on it: two of them
+    (the second uses the momentum of the first) equal torch.optim.SGD's on a copy of the student; the
+    teacher does not move."""
     t = _trainer(data, tmp_path, teacher=teacher_run, kd_alpha=0.25, kd_temperature=3.0, augment="none",
-                 label_smoothing=0.0)
+                 label_smoothing=0.0, optimizer="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.0)
     teacher, _ = load_model(teacher_run)
+    teacher_before = copy.deepcopy(teacher.state_dict())
+    student = copy.deepcopy(t.model)
+    start = t.model.fc.weight.detach().clone()
+    sgd = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, nesterov=True)
     x, y = t.stepper.prepare_batch(*next(iter(t.train_loader)))
-    loss, logits = t.stepper.compute_loss(x, y)
     with torch.no_grad():
-        soft = F.kl_div(F.log_softmax(logits / 3, 1), F.log_softmax(teacher(x) / 3, 1), reduction="batchmean",
-                        log_target=True) * 9
-    assert loss.item() == pytest.approx(0.25 * F.cross_entropy(logits, y).item() + 0.75 * soft.item(), rel=1e-4)
-    out = api.train(data, progress=False, project=str(tmp_path / "runs"), teacher=teacher_run, **TINY)
-    assert math.isfinite(out["history"][-1]["train_loss"])
+        teacher_logits = teacher(x)
+    for _ in range(2):
+        loss, logits = t.stepper.compute_loss(x, y)
+        assert loss.item() == pytest.approx(_distillation(logits, y, teacher_logits).item(), rel=1e-4)
+        t.stepper.backward(loss, first=True)
+        t.stepper.optimizer_step(1.0)
+        sgd.zero_grad()
+        _distillation(student(x), y, teacher_logits).backward()
+        sgd.step()
+    assert (t.model.fc.weight - start).abs().max() > 1e-3  # the steps moved the weights
+    expected = dict(student.named_parameters())
+    for name, param in t.model.named_parameters():
+        assert torch.allclose(param, expected[name], atol=1e-6), name
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in teacher_before.items())
 
 
 def test_a_teacher_of_other_classes_is_refused(tmp_path, teacher_run):
