@@ -106,7 +106,7 @@ def _replace_layers(model: nn.Module, energy: float) -> dict[str, list[int]]:
     return ranks
 
 
-def factorize_model(model: nn.Module, img_size: int, energy: float = 0.9) -> dict[str, Any]:
+def factorize_model(model: nn.Module, img_size: int, energy: float) -> dict[str, Any]:
     """Replace every layer that gains by its low-rank factors, in place; return the transform record."""
     record = _factorize(model, img_size, energy)
     if record is None:

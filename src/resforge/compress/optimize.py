@@ -82,8 +82,8 @@ class Target:
 
 
 def optimize(source: str | os.PathLike, target: str, *, prune: RunStep, lowrank: RunStep, resume: RunStep,
-             out: str | os.PathLike, macs: float = 0.5, energy: float = 0.9, calib: int = 256, duration: float = 2.0,
-             budget: float | None = None, epochs: int | None = None, progress: bool = True) -> dict[str, Any]:
+             out: str | os.PathLike, macs: float, energy: float, calib: int, duration: float, budget: float | None,
+             epochs: int | None, progress: bool = True) -> dict[str, Any]:
     """Run the chain on `source` (a run directory) into `out`; return the variants and the pick."""
     from tqdm.auto import tqdm
 

@@ -23,6 +23,7 @@ from .plots import plot_confusion, plot_image_grid
 from .runner import TTA_MODES, TenCropViews, infer
 
 GRID_IMAGES = 16
+PREDICTION_FORMATS = ("table", "csv", "json")  # what format_predictions writes
 
 
 def labelled_samples(root: str | os.PathLike, classes: list[str]) -> tuple[list[Sample], ImageFolderScan]:
@@ -39,7 +40,7 @@ def labelled_samples(root: str | os.PathLike, classes: list[str]) -> tuple[list[
 
 
 def evaluate_samples(predictor: Predictor, samples: list[Sample], out_dir: str | os.PathLike, *, name: str = "eval",
-                     batch_size: int = 64, workers: int = -1, tta: str | None = None) -> ClassificationReport:
+                     batch_size: int, workers: int, tta: str | None = None) -> ClassificationReport:
     """Metrics, confusion matrix (PNG + CSV), a grid of predictions and one of confident mistakes."""
     if tta is not None and tta not in TTA_MODES:
         raise DataError(f"unknown test-time augmentation {tta!r}; choose {' or '.join(TTA_MODES)}")
