@@ -201,7 +201,9 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, prefix: str = "", g
             groups[heading] = parser.add_argument_group(heading) if heading else parser
         where = groups[heading]
         if "exclusive" in meta:
-            where = exclusive.setdefault(meta["exclusive"], where.add_mutually_exclusive_group())
+            if meta["exclusive"] not in exclusive:
+                exclusive[meta["exclusive"]] = where.add_mutually_exclusive_group()
+            where = exclusive[meta["exclusive"]]
         flag = "--" + (meta.get("flag") or f.name).replace("_", "-")
         shown = name(f.name) if name else flag
         help = meta["help"]
