@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from resforge.cli import build_parser, main
+from resforge.commands import COMMANDS
 from resforge.config import CHOICES, SECTIONS, Config
-from resforge.deploy.serve import ServeOptions
 
 
 def _subcommands():
@@ -65,16 +65,16 @@ def _commands(parser=None):
 
 def _option_fields(command):
     """Flag destination -> (declared type, field, accepted values) for the option dataclasses a command's flags are
-    generated from: the training config's sections (dotted keys), and serve's options."""
+    generated from: the training config's sections (dotted keys), and the command's own options."""
     out = {}
     for sec in SECTIONS:
         cls = typing.get_type_hints(Config)[sec]
         hints = typing.get_type_hints(cls)
         out.update({f"{sec}.{f.name}": (hints[f.name], f, CHOICES.get(f"{sec}.{f.name}"))
                     for f in dataclasses.fields(cls)})
-    if command == "serve":
-        hints = typing.get_type_hints(ServeOptions)
-        out.update({f.name: (hints[f.name], f, None) for f in dataclasses.fields(ServeOptions)})
+    for cls in next((c.options for c in COMMANDS if c.name == command), ()):  # "data" holds commands, not options
+        hints = typing.get_type_hints(cls)
+        out.update({f.name: (hints[f.name], f, f.metadata.get("choices")) for f in dataclasses.fields(cls)})
     return out
 
 
@@ -108,8 +108,9 @@ def _sample(kind, item, field, allowed):
 def test_every_flag_generated_from_an_option_parses_to_the_options_declared_type(command):
     sub = dict(_commands())[command]
     fields = _option_fields(command)
-    positionals = [["x"] for a in sub._actions if not a.option_strings and a.nargs not in ("?", "*")
-                   and not isinstance(a, argparse._SubParsersAction)]
+    positionals = [[a.choices[0] if a.choices else "x"] for a in sub._actions if not a.option_strings
+                   and a.nargs not in ("?", "*") and not isinstance(a, argparse._SubParsersAction)]
+    positionals += [[a.option_strings[0], "x"] for a in sub._actions if a.required and a.option_strings]
     for action in sub._actions:
         if action.dest not in fields:
             continue

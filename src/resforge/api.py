@@ -21,17 +21,22 @@ from .compress.finetune import compression_run
 from .compress.optimize import optimize as _optimize
 from .compress.quantize import Quantized, check_calibration
 from .compress.quantize import quantize as _quantize
-from .config import AUTO_RECIPE, Config, build_config
+from .commands import (BenchOptions, EnsembleOptions, EvalOptions, ExportOptions, InspectOptions,
+                       LowrankOptions, LrFindOptions, OptimizeOptions, PredictOptions, PruneOptions, QuantizeOptions,
+                       TrainOptions, TuneOptions)
+from .config import AUTO_RECIPE, Config, TrainConfig, build_config
 from .data.folder import scan_images, thumbnail
 from .data.inspect import FolderReport, inspect_folder
-from .deploy.bench import bench
-from .deploy.export import export
+from .deploy.bench import bench as _bench
+from .deploy.export import Exported
+from .deploy.export import export as _export
+from .runtime.predictor import Predictor
 from .errors import ConfigError, DataError
 from .evaluation.evaluate import evaluate_samples, labelled_samples
 from .evaluation.metrics import ClassificationReport
 from .evaluation.plots import plot_image_grid, plot_lr_find
 from .io import write_json
-from .runtime.predictor import Predictor
+from .options import from_keywords, take_keywords
 from .training.lr_find import LRFindResult, check_range
 from .training.lr_find import lr_find as _lr_find
 from .training.run import RunResult, complete, run
@@ -41,6 +46,11 @@ log = logging.getLogger("resforge")
 
 __all__ = ["train", "prune", "lowrank", "quantize", "optimize", "evaluate", "predict", "lr_find", "inspect_data",
            "export", "bench", "serve", "ensemble", "tune", "Predictor"]
+
+
+def _given(**keywords: Any) -> dict[str, Any]:
+    """The positional options given (None: the option's default)."""
+    return {k: v for k, v in keywords.items() if v is not None}
 
 
 def _config(data: str | None, model: str | None, recipe: str | None, config: str | os.PathLike | None,
@@ -55,7 +65,7 @@ def _config(data: str | None, model: str | None, recipe: str | None, config: str
 
 def train(data: str | os.PathLike | None = None, *, model: str | None = None, recipe: str | None = None,
           config: str | os.PathLike | None = None, resume: str | os.PathLike | None = None,
-          callbacks: list[Callback] = (), progress: bool = True, devices: int = 1, **options: Any
+          callbacks: list[Callback] = (), progress: bool = True, devices: int = TrainOptions.devices, **options: Any
           ) -> dict[str, Any]:
     """Train on an image folder and write a run directory; return the run's summary and results.
 
@@ -75,20 +85,19 @@ def train(data: str | os.PathLike | None = None, *, model: str | None = None, re
     return result.to_dict() if isinstance(result, RunResult) else result
 
 
-def tune(data: str | os.PathLike | None = None, *, trials: int | None = None, space: list[str] | None = None,
-         storage: str | None = None, study: str | None = None, pruner: str = "median",
-         time_limit: float | None = None, name: str | None = None, project: str | os.PathLike = "runs",
-         resume: str | os.PathLike | None = None, model: str | None = None, recipe: str | None = None,
-         config: str | os.PathLike | None = None, search_seed: int | None = None, **options: Any
-         ) -> dict[str, Any]:
-    """Search hyperparameters with Optuna: `trials` training runs (each with `options`, e.g. epochs=5) over
-    `space` (names of training.tune.SPACE) for the best `metric` option (val_top1 or val_loss), TPE-sampled,
-    weak ones pruned per epoch (`pruner`). Writes
+def tune(data: str | os.PathLike | None = None, **options: Any) -> dict[str, Any]:
+    """Search hyperparameters with Optuna: `trials` training runs (each with the training options among `options`,
+    e.g. epochs=5) over `space` (names of training.tune.SPACE) for the best `metric` option (one of
+    training.tune.METRICS), TPE-sampled, weak ones pruned per epoch (`pruner`). Writes
     `<project>/<name>/`: the study (SQLite unless `storage`), trials/, summary.md, plots/, best.yaml.
     `resume` continues a killed search (to `trials` finished ones, default as first asked); processes
-    given one `storage` URL and `study` name share the study. `time_limit`: minutes for this process."""
+    given one `storage` URL and `study` name share the study. `time_limit`: minutes for this process.
+    The search's own options are `commands.TuneOptions`' fields."""
     from .training import tune as t
 
+    o, options = take_keywords(TuneOptions, options)
+    trials, space, storage, study, time_limit = o.trials, o.space, o.storage, o.study, o.time_limit
+    model, recipe, config, resume = o.model, o.recipe, o.config, o.resume
     if time_limit is not None and not time_limit > 0:
         raise ConfigError(f"--time-limit must be a positive number of minutes, got {time_limit:g}")
     if resume is not None:
@@ -105,13 +114,13 @@ def tune(data: str | os.PathLike | None = None, *, trials: int | None = None, sp
             raise ConfigError("give the image folder to search on (or --resume DIR)")
         if not Path(data).is_dir():
             raise DataError(f"{data}: no such folder of images")
-        out = t.default_dir(project, name, data)
+        out = t.default_dir(o.project, o.name, data)
         if (out / t.STATE_FILE).is_file() and storage is None:
             raise ConfigError(f"{out} already holds a search: continue it with --resume {out}, or give another "
                               "--name")
-        metric = options.get("metric", options.get("train.metric", "val_top1"))  # also each trial's best epoch
+        metric = options.get("metric", options.get("train.metric", TrainConfig.metric))  # each trial's best epoch too
         state = t.new_state(str(data), options, space or list(t.DEFAULT_SPACE), metric,
-                            20 if trials is None else trials, pruner, storage, study, out, search_seed)
+                            t.TRIALS if trials is None else trials, o.pruner, storage, study, out, o.search_seed)
         state.update(model=model, recipe=recipe, config=str(config) if config else None)
         _config(state["data"], model, recipe, config, options)  # a bad option fails before the folder is made
         if storage is not None:
@@ -136,26 +145,35 @@ def tune(data: str | os.PathLike | None = None, *, trials: int | None = None, sp
     return result
 
 
-def prune(source: str | os.PathLike, **options: Any) -> dict[str, Any]:
-    """Prune a trained model and fine-tune it (`compress.runs.prune`)."""
-    return runs.prune(source, **options)
+def prune(source: str | os.PathLike, *, callbacks: list[Callback] = (), progress: bool = True,
+          **options: Any) -> dict[str, Any]:
+    """Prune a trained model and fine-tune it, distilled from the original; write a run directory
+    (`compress.runs.prune`). Options are `commands.PruneOptions`' fields and the fine-tune's training options
+    (epochs, time_limit, name, ...)."""
+    o, options = take_keywords(PruneOptions, options)
+    return runs.prune(source, o, callbacks=callbacks, progress=progress, **options)
 
 
-def lowrank(source: str | os.PathLike, **options: Any) -> dict[str, Any]:
-    """Factorise a trained model's layers and fine-tune it (`compress.runs.lowrank`)."""
-    return runs.lowrank(source, **options)
+def lowrank(source: str | os.PathLike, *, callbacks: list[Callback] = (), progress: bool = True,
+            **options: Any) -> dict[str, Any]:
+    """Factorise a trained model's layers and fine-tune it, distilled from the original; write a run directory
+    (`compress.runs.lowrank`). Options are `commands.LowrankOptions`' fields, the rest training options as for
+    `prune`."""
+    o, options = take_keywords(LowrankOptions, options)
+    return runs.lowrank(source, o, callbacks=callbacks, progress=progress, **options)
 
 
-def quantize(source: str | os.PathLike, backend: str = "onnxruntime", out: str | os.PathLike | None = None, *,
-             calib: int = 256, method: str = "minmax", activations: str = "auto",
-             images: str | os.PathLike | None = None, max_drop: float | None = None, qat: bool = False,
-             data: str | os.PathLike | None = None,
-             distill: bool = True, recipe: str | None = None, config: str | os.PathLike | None = None,
+def quantize(source: str | os.PathLike, backend: str | None = None, out: str | os.PathLike | None = None, *,
              callbacks: list[Callback] = (), progress: bool = True, **options: Any) -> Quantized:
-    """An int8 model file of a trained model (`compress.quantize.quantize`). With `qat`, first a
-    quantisation-aware fine-tune (a run directory, options as for `prune`), whose learned scales the
-    int8 file keeps (default file: `<qat run>/best-int8.onnx`); it is measured against `source`'s fp32."""
-    if not qat:
+    """An int8 model file of a trained model (`compress.quantize.quantize`; `commands.QuantizeOptions`' fields).
+    With `qat`, first a quantisation-aware fine-tune (a run directory, taking training options as `prune` does),
+    whose learned scales the int8 file keeps (default file: `<qat run>/best-int8.onnx`); it is measured against
+    `source`'s fp32."""
+    o, options = take_keywords(QuantizeOptions, {**options, **_given(backend=backend, out=out)})
+    backend, out, calib, method, activations, images, max_drop = (o.backend, o.out, o.calib, o.method,
+                                                                  o.activations, o.images, o.max_drop)
+    data, distill, recipe, config = o.data, o.distill, o.recipe, o.config
+    if not o.qat:
         given = [k for k, v in (("data", data), ("recipe", recipe), ("config", config)) if v is not None]
         if options or given or not distill:
             raise ConfigError(f"training options ({', '.join(given + list(options)) or 'no-distill'}) are for "
@@ -177,31 +195,51 @@ def quantize(source: str | os.PathLike, backend: str = "onnxruntime", out: str |
                      baseline=source)
 
 
-def optimize(source: str | os.PathLike, target: str, *, name: str | None = None,
-             project: str | os.PathLike | None = None, budget: float | None = None, epochs: int | None = None,
-             macs: float = 0.5, energy: float = 0.9, calib: int = 256, duration: float = 2.0, progress: bool = True
-             ) -> dict[str, Any]:
+def optimize(source: str | os.PathLike, target: str, *, progress: bool = True, **options: Any) -> dict[str, Any]:
     """The compression chain on a run, every variant measured alike; the best that meets `target`
     (`latency=5ms`, `size=10MB`, `macs=1G` or `accuracy-drop=1.0`). Writes `<project>/<name>/report.md`
     and `report.html` (default: beside the run, `<run>-optimize`); run again with the same name, it
-    resumes. `budget`: minutes of fine-tuning in all (else `epochs` per fine-tune)."""
+    resumes. `budget`: minutes of fine-tuning in all (else `epochs` per fine-tune). Options are
+    `commands.OptimizeOptions`' fields."""
+    o = from_keywords(OptimizeOptions, {**options, "target": target})
     run = Path(source)
-    out = Path(project or run.parent) / (name or f"{run.name}-optimize")
-    return _optimize(source, target, out=out, macs=macs, energy=energy,
-                     calib=calib, duration=duration, budget=budget, epochs=epochs, progress=progress)
+    out = Path(o.project or run.parent) / (o.name or f"{run.name}-optimize")
+    return _optimize(source, o.target, out=out, macs=o.macs, energy=o.energy,
+                     calib=o.calib, duration=o.duration, budget=o.budget, epochs=o.epochs,
+                     progress=progress)
 
 
-def evaluate(source: str | os.PathLike, data: str | os.PathLike, *, tta: str | None = None,
-             out: str | os.PathLike | None = None, batch_size: int = 64, workers: int = -1, backend: str = "auto",
-             device: str = "auto", precision: str = "auto", metadata: dict[str, Any] | None = None
-             ) -> ClassificationReport:
+def export(source: str | os.PathLike, format: str | None = None, out: str | os.PathLike | None = None,
+           **options: Any) -> Exported:
+    """A run's model as an ONNX, OpenVINO or torch.export file, gated on parity with PyTorch
+    (`deploy.export.export`; options are `commands.ExportOptions`' fields)."""
+    o = from_keywords(ExportOptions, {**options, **_given(format=format, out=out)})
+    return _export(source, o.format, o.out, opset=o.opset, dynamic_batch=o.dynamic_batch, dtype=o.dtype,
+                   embed_preprocessing=o.embed_preprocessing, images=o.images)
+
+
+def bench(models: list[str | os.PathLike], backends: list[str] | None = None, *, progress: bool = True,
+          **options: Any) -> list[dict[str, Any]]:
+    """Every model on every backend, a row each (`deploy.bench.bench`; options are `commands.BenchOptions`'
+    fields)."""
+    o = from_keywords(BenchOptions, {**options, **_given(backends=backends)})
+    return _bench(models, o.backends, precision=o.precision, batch_sizes=o.batch_sizes, threads=o.threads,
+                  duration=o.duration, warmup=o.warmup, images=o.images, isolate=o.isolate, progress=progress,
+                  metadata=o.metadata, device=o.device, compile=o.compile, cuda_graph=o.cuda_graph)
+
+
+def evaluate(source: str | os.PathLike, data: str | os.PathLike, **options: Any) -> ClassificationReport:
     """Evaluate a model (a run, a .safetensors, an .onnx or an OpenVINO .xml) on a labelled folder; write
     metrics and plots.
 
     `data` is a class-folder tree, or a split layout (its test split, else val, is used). Results go
     to `out` (default: `<run>/eval-<folder>` or `runs/eval-<folder>`). `metadata` supplies what a
-    model file without resforge's record lacks (classes, img_size, ...).
+    model file without resforge's record lacks (classes, img_size, ...). Options are `commands.EvalOptions`'
+    fields.
     """
+    o = from_keywords(EvalOptions, options)
+    tta, out, batch_size, workers, backend, device, precision, metadata = (
+        o.tta, o.out, o.batch_size, o.workers, o.backend, o.device, o.precision, o.metadata)
     _check_batching(batch_size, workers)
     predictor = Predictor.load(source, backend, device, precision, batch_size=batch_size, metadata=metadata)
     samples, scan = labelled_samples(data, predictor.classes)
@@ -220,17 +258,18 @@ def evaluate(source: str | os.PathLike, data: str | os.PathLike, *, tta: str | N
     return report
 
 
-def ensemble(sources: list[str | os.PathLike], data: str | os.PathLike, *, weights: list[float] | None = None,
-             fit: bool = False, out: str | os.PathLike | None = None, batch_size: int = 64, workers: int = -1
-             ) -> dict[str, Any]:
+def ensemble(sources: list[str | os.PathLike], data: str | os.PathLike, **options: Any) -> dict[str, Any]:
     """Average several models' probabilities (equal, `weights`, or weights `fit` on the members' recorded
     validation split), evaluate the ensemble beside each member on a labelled folder, and export it as
-    one ONNX model (`<out>/ensemble.onnx`, default out: runs/ensemble-<folder>) that every command takes."""
+    one ONNX model (`<out>/ensemble.onnx`, default out: runs/ensemble-<folder>) that every command takes.
+    Options are `commands.EnsembleOptions`' fields."""
     from .data.folder import recorded_samples, recorded_split
     from .runtime.backends import TorchRunner
     from .deploy.ensemble import check_weights, export_ensemble, fit_weights, mix, open_members
     from .evaluation.metrics import classification_report
 
+    o = from_keywords(EnsembleOptions, {**options, "data": data})
+    weights, fit, out, batch_size, workers = o.weights, o.fit, o.out, o.batch_size, o.workers
     _check_batching(batch_size, workers)
     if weights is not None and fit:
         raise ConfigError("give --weights or --fit-weights, not both")
@@ -290,13 +329,15 @@ def _check_batching(batch_size: int, workers: int) -> None:
         raise ConfigError(f"workers must be -1 (automatic) or a count, got {workers!r}")
 
 
-def predict(source: str | os.PathLike, paths: list[str | os.PathLike], *, topk: int = 5, batch_size: int = 64,
-            backend: str = "auto", device: str = "auto", precision: str = "auto",
-            metadata: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Top-k classes for image files, folders or glob patterns, as rows {"path", "top"} or {"path", "error"}.
+def predict(source: str | os.PathLike, paths: list[str | os.PathLike], **options: Any) -> list[dict[str, Any]]:
+    """Top-k classes for image files, folders or glob patterns, as rows {"path", "top"} or {"path", "error"}
+    (options: `commands.PredictOptions`' fields).
 
     An unreadable file gets an error entry; when no file at all can be read, that is an error.
     """
+    o = from_keywords(PredictOptions, options)
+    topk, batch_size, backend, device, precision, metadata = (o.topk, o.batch_size, o.backend, o.device,
+                                                              o.precision, o.metadata)
     if topk < 1 or batch_size < 1:
         raise ConfigError("topk and batch_size must be at least 1")
     files = scan_images(list(paths))
@@ -324,14 +365,15 @@ def serve(source: str | os.PathLike, *, metadata: dict[str, Any] | None = None, 
     _serve(source, settings, metadata)
 
 
-def lr_find(data: str | os.PathLike | None = None, *, model: str | None = None, recipe: str | None = None,
-            config: str | os.PathLike | None = None, steps: int = 100, start_lr: float = 1e-6, end_lr: float = 10.0,
-            out: str | os.PathLike | None = None, progress: bool = True, **options: Any) -> LRFindResult:
-    """The learning-rate range test with the recipe's model, data and optimiser; writes a plot."""
-    check_range(start_lr, end_lr, steps)  # before the folder is decoded
-    trainer = Trainer(_config(data, model, recipe, config, options), progress=progress)
-    result = _lr_find(trainer, start_lr=start_lr, end_lr=end_lr, steps=steps)
-    out = Path(out) if out else Path(trainer.cfg.train.project) / "lr_find"
+def lr_find(data: str | os.PathLike | None = None, *, model: str | None = None, progress: bool = True,
+            **options: Any) -> LRFindResult:
+    """The learning-rate range test with the recipe's model, data and optimiser; writes a plot. Options are
+    `commands.LrFindOptions`' fields and training options."""
+    o, options = take_keywords(LrFindOptions, options)
+    check_range(o.start_lr, o.end_lr, o.steps)  # before the folder is decoded
+    trainer = Trainer(_config(data, model, o.recipe, o.config, options), progress=progress)
+    result = _lr_find(trainer, start_lr=o.start_lr, end_lr=o.end_lr, steps=o.steps)
+    out = Path(o.out) if o.out else Path(trainer.cfg.train.project) / "lr_find"
     plot_lr_find(result.lrs, result.losses, result.suggestion, out / "lr_find.png")
     write_json(out / "lr_find.json", {"lrs": result.lrs, "losses": result.losses, "suggestion": result.suggestion})
     log.info("suggested learning rate: %s (plot: %s)",
@@ -339,12 +381,14 @@ def lr_find(data: str | os.PathLike | None = None, *, model: str | None = None, 
     return result
 
 
-def inspect_data(root: str | os.PathLike, *, out: str | os.PathLike | None = None, per_class: int = 4,
-                 max_pixels: int | None = None) -> FolderReport:
-    """Counts, sizes, balance, duplicates and unreadable files of a folder, plus a grid of samples."""
+def inspect_data(root: str | os.PathLike, **options: Any) -> FolderReport:
+    """Counts, sizes, balance, duplicates and unreadable files of a folder, plus a grid of samples (options:
+    `commands.InspectOptions`' fields)."""
+    o = from_keywords(InspectOptions, options)
+    out, per_class = o.out, o.per_class
     if per_class < 1:
         raise ConfigError("per_class must be at least 1")
-    report, scan = inspect_folder(root, max_pixels=max_pixels)
+    report, scan = inspect_folder(root, max_pixels=o.max_pixels)
     out = Path(out) if out else Path("runs") / f"inspect-{Path(root).resolve().name}"
     write_json(out / "inspect.json", report.to_dict())
     everything = scan.train + scan.val + scan.test

@@ -137,6 +137,13 @@ class TrainConfig:
     exist_ok: bool = _opt(False, "reuse the run directory if it exists")
 
 
+@dataclass(kw_only=True)
+class ConfigSource:
+    """Where a training config comes from besides its flags: a recipe, a YAML file."""
+    recipe: str | None = _opt(None, "built-in recipe (see 'resforge recipes')")
+    config: str | None = _opt(None, "YAML config (sections model/data/augment/optim/train)", metavar="FILE")
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)

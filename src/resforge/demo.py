@@ -26,7 +26,7 @@ NAME = "demo"
 OPTIMIZE_MINUTES = 2.0  # fine-tuning in the demo's optimize, pruned and low-rank together
 
 
-def run_demo(minutes: float = 3.0, optimize_minutes: float = OPTIMIZE_MINUTES, seconds: float = 1.0) -> dict:
+def run_demo(minutes: float, optimize_minutes: float = OPTIMIZE_MINUTES, seconds: float = 1.0) -> dict:
     """`seconds`: timed calls per bench figure."""
     if not (isinstance(minutes, (int, float)) and math.isfinite(minutes) and minutes > 0):
         raise ConfigError(f"--minutes must be a number of minutes above 0, got {minutes}")

@@ -10,23 +10,27 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from .errors import ConfigError
 
 BOUNDS = ("ge", "gt", "le", "lt")  # a number's range, named as pydantic's Field names it
+T = TypeVar("T")
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Callable[[], Any] | None = None,
            **meta: Any) -> Any:
-    """A dataclass field with its help, its range (`ge`, `gt`, `le`, `lt`) and how its flag is made
-    (`flag`: another name, or None for none; `nargs`, `action`, `metavar`; `group`: its heading)."""
+    """A dataclass field with its help, its range (`ge`, `gt`, `le`, `lt`), its accepted values (`choices`) and how
+    its flag is made (`flag`: another name, or None for none; `short`: a one-letter alias; `nargs`, `action`,
+    `metavar`; `group`: its heading; `exclusive`: a name shared by flags that cannot be given together). Without a
+    default, the flag is required."""
     if factory is None and isinstance(default, (list, dict)):
         factory = lambda: type(default)(default)  # noqa: E731
     if factory is not None:
@@ -47,7 +51,9 @@ def _num(x: float) -> str:
 
 
 def _shown(default: Any) -> str:
-    """A default as help text shows it: 8000, 5, 20,000,000."""
+    """A default as help text shows it: 8000, 5, 20,000,000, 1,8,32."""
+    if isinstance(default, (list, tuple)):
+        return ",".join(_shown(v) for v in default)
     if isinstance(default, int) and not isinstance(default, bool) and default >= 10_000:
         return f"{default:,}"
     return _num(default) if isinstance(default, (int, float)) else str(default)
@@ -139,6 +145,31 @@ def check_fields(obj: Any, name: Callable[[str], str] = lambda n: n) -> None:
         setattr(obj, f.name, convert(name(f.name), hints[f.name], getattr(obj, f.name), f.metadata))
 
 
+def from_keywords(cls: type[T], keywords: Mapping[str, Any]) -> T:
+    """An options dataclass from a function's keywords, each converted and checked against its field, so that a
+    keyword means what its flag means; an unknown keyword is a ConfigError naming it, not a TypeError."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in keywords:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            raise ConfigError(f"unknown option {key!r}" + (f"; did you mean {close[0]!r}?" if close else
+                                                           f"; known: {', '.join(known)}"))
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in keywords
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"give {', '.join(missing)}")
+    options = cls(**keywords)
+    check_fields(options)
+    return options
+
+
+def take_keywords(cls: type[T], keywords: Mapping[str, Any]) -> tuple[T, dict[str, Any]]:
+    """`cls` from the keywords that are its fields, and the others (a training config's options, checked there)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return (from_keywords(cls, {k: v for k, v in keywords.items() if k in names}),
+            {k: v for k, v in keywords.items() if k not in names})
+
+
 def flag_type(hint: Any, parse: Callable[[str], Any] | None = None, **bounds: Any) -> Callable[[str], Any]:
     """An argparse type: the text converted as an option of type `hint` within `bounds` (or by `parse`), a
     refusal being argparse's usage error, which names the flag."""
@@ -156,9 +187,11 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, prefix: str = "", g
               show_default: bool = False) -> None:
     """A flag for each field of `cls` made by `option` (not those with flag=None), under the field's `group`
     heading (else `group`). The value lands at `prefix + field` converted and checked (messages name `name(field)`,
-    default the flag); a flag not given is absent, so it overrides nothing. `choices`: field -> accepted values."""
+    default the flag); a flag not given is absent, so it overrides nothing. `choices`: field -> accepted values,
+    beside those a field names itself."""
     hints = typing.get_type_hints(cls)
     groups: dict[str | None, Any] = {}
+    exclusive: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         meta = f.metadata
         if "help" not in meta or meta.get("flag", "") is None:
@@ -166,13 +199,21 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, prefix: str = "", g
         heading = meta.get("group", group)
         if heading not in groups:
             groups[heading] = parser.add_argument_group(heading) if heading else parser
+        where = groups[heading]
+        if "exclusive" in meta:
+            if meta["exclusive"] not in exclusive:
+                exclusive[meta["exclusive"]] = where.add_mutually_exclusive_group()
+            where = exclusive[meta["exclusive"]]
         flag = "--" + (meta.get("flag") or f.name).replace("_", "-")
         shown = name(f.name) if name else flag
         help = meta["help"]
-        if show_default and f.default not in (dataclasses.MISSING, None):
+        if show_default and f.default not in (dataclasses.MISSING, None, False):
             help += f" (default: {_shown(f.default)})"
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         kw: dict[str, Any] = dict(dest=prefix + f.name, default=argparse.SUPPRESS, help=help)
-        hint, allowed = hints[f.name], choices.get(f.name)
+        if required:
+            kw["required"] = True
+        hint, allowed = hints[f.name], choices.get(f.name, meta.get("choices"))
         base, _ = _base(hint)
         bounds = {k: meta[k] for k in BOUNDS if k in meta}
         if base is bool:
@@ -185,4 +226,4 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, prefix: str = "", g
                       metavar=meta.get("metavar") or ("{" + ",".join(allowed) + "}" if allowed else
                                                       (meta.get("flag") or f.name).upper()),
                       **{k: meta[k] for k in ("nargs", "action") if k in meta})
-        groups[heading].add_argument(flag, **kw)
+        where.add_argument(flag, *(["-" + meta["short"]] if "short" in meta else []), **kw)

@@ -92,7 +92,7 @@ def test_weights_are_finite_and_checked_before_any_model_is_read(tmp_path, capsy
         with pytest.raises(ConfigError, match="must be finite, non-negative and not all zero"):
             check_weights(weights, 2)
     missing = [str(tmp_path / "a"), str(tmp_path / "b")]
-    for weights, message in (("inf,1", "argument --weights: must be a comma-separated list of finite numbers"),
+    for weights, message in (("inf,1", "argument --weights: --weights must be a comma-separated list of finite numbers"),
                              ("-1,2", "--weights must be finite, non-negative"),  # a value, not taken for a flag
                              ("1", "one weight per model")):
         assert main(["ensemble", *missing, "--data", str(tmp_path), "--weights", weights]) == 2

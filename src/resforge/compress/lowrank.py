@@ -18,6 +18,7 @@ from ..models.lowrank import LowRankConv, LowRankLinear, factorized
 from ..models.summary import summarize
 from .latency import least_change_within, onnxruntime_latency
 
+ENERGY = 0.9  # the share of each layer's energy low-rank keeps unless told otherwise (lowrank, optimize)
 ENERGIES = tuple(round(0.99 - 0.01 * i, 2) for i in range(50))  # what a latency target searches, least change first
 
 
@@ -106,7 +107,7 @@ def _replace_layers(model: nn.Module, energy: float) -> dict[str, list[int]]:
     return ranks
 
 
-def factorize_model(model: nn.Module, img_size: int, energy: float = 0.9) -> dict[str, Any]:
+def factorize_model(model: nn.Module, img_size: int, energy: float) -> dict[str, Any]:
     """Replace every layer that gains by its low-rank factors, in place; return the transform record."""
     record = _factorize(model, img_size, energy)
     if record is None:

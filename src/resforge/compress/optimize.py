@@ -80,8 +80,8 @@ class Target:
         return f"{self.kind} <= {self.value:g}{unit}"
 
 
-def optimize(source: str | os.PathLike, target: str, *, out: str | os.PathLike, macs: float = 0.5, energy: float = 0.9, calib: int = 256, duration: float = 2.0,
-             budget: float | None = None, epochs: int | None = None, progress: bool = True) -> dict[str, Any]:
+def optimize(source: str | os.PathLike, target: str, *, out: str | os.PathLike, macs: float, energy: float, calib: int, duration: float, budget: float | None,
+             epochs: int | None, progress: bool = True) -> dict[str, Any]:
     """Run the chain on `source` (a run directory) into `out`; return the variants and the pick."""
     from tqdm.auto import tqdm
 
@@ -109,9 +109,9 @@ def optimize(source: str | os.PathLike, target: str, *, out: str | os.PathLike, 
     stages: list[tuple[str, Callable[[], list[dict[str, Any]]]]] = [
         ("baseline", lambda: _baseline(run, out)),
         ("int8", lambda: _int8(run / "best.safetensors", out / "int8", calib)),
-        ("pruned", lambda: _fine_tuned(runs.prune, run, out, "pruned", dict(macs=macs, **fine_tune), progress)),
+        ("pruned", lambda: _fine_tuned(runs.prune, runs.PruneOptions(macs=macs), run, out, "pruned", fine_tune, progress)),
         ("pruned-int8", lambda: _int8(out / "pruned" / "best.safetensors", out / "pruned-int8", calib)),
-        ("lowrank", lambda: _fine_tuned(runs.lowrank, run, out, "lowrank", dict(energy=energy, **fine_tune),
+        ("lowrank", lambda: _fine_tuned(runs.lowrank, runs.LowrankOptions(energy=energy), run, out, "lowrank", fine_tune,
                                         progress)),
     ]
     bar = tqdm(stages, desc="optimize", unit="stage", disable=None if progress else True)
@@ -184,7 +184,7 @@ def _int8(weights: Path, base: Path, calib: int) -> list[dict[str, Any]]:
     return rows
 
 
-def _fine_tuned(step: Callable[..., dict[str, Any]], run: Path, out: Path, name: str, options: dict[str, Any],
+def _fine_tuned(step: Callable[..., dict[str, Any]], target: Any, run: Path, out: Path, name: str, options: dict[str, Any],
                 progress: bool) -> list[dict[str, Any]]:
     """A pruned or factorised run in out/<name>: resumed when a kill cut its fine-tune short."""
     run_dir = out / name
@@ -194,7 +194,7 @@ def _fine_tuned(step: Callable[..., dict[str, Any]], run: Path, out: Path, name:
     elif not (run_dir / "results.json").is_file():
         if run_dir.exists():
             shutil.rmtree(run_dir)  # started, but not as far as a checkpoint: from the start
-        step(run, project=str(out), name=name, progress=progress, **options)
+        step(run, target, project=str(out), name=name, progress=progress, **options)
     onnx = export(run_dir, "onnx", out / f"{name}.onnx", dynamic_batch=True).path
     weights = run_dir / "best.safetensors"
     return [_variant(name, onnx, "onnxruntime", "auto", weights), _variant(name, onnx, "openvino", "fp32", weights)]

@@ -81,7 +81,7 @@ class Quantized:
 
 
 def quantize(source: str | os.PathLike, backend: str = "onnxruntime", out: str | os.PathLike | None = None, *,
-             calib: int = 256, method: str = "minmax", activations: str = "auto",
+             calib: int, method: str = "minmax", activations: str = "auto",
              images: str | os.PathLike | None = None, max_drop: float | None = None,
              baseline: str | os.PathLike | None = None) -> Quantized:
     """Quantise a run's model (or a .safetensors with its sidecar) to an int8 ONNX or OpenVINO IR file.

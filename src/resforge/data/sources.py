@@ -25,6 +25,7 @@ FASHION_MNIST_CLASSES = ["t-shirt_top", "trouser", "pullover", "dress", "coat",
 _IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
               "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 SAMPLE_ASSET = "fashion_mnist_sample.npz"
+DATASETS = ("fashion-mnist", "fashion-mnist-sample")  # what import_dataset writes
 
 Split = tuple[np.ndarray, np.ndarray]
 
@@ -108,5 +109,5 @@ def import_dataset(name: str, out: str | os.PathLike, source: str | os.PathLike 
     elif name == "fashion-mnist-sample":
         splits = load_fashion_mnist_sample()
     else:
-        raise DataError(f"unknown dataset {name!r}; known: fashion-mnist, fashion-mnist-sample")
+        raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     return write_image_folder(splits, FASHION_MNIST_CLASSES, out)

@@ -132,8 +132,8 @@ def _files_per_second(predictor: Predictor, files: list[str], batch_size: int, d
     return sum(sizes[1:]) / sum(times)
 
 
-def bench(models: Sequence[str | os.PathLike], backends: Sequence[str] = ("auto",), *, precision: str = "auto",
-          batch_sizes: Sequence[int] = (1, 8, 32), threads: int | None = None, duration: float = 3.0,
+def bench(models: Sequence[str | os.PathLike], backends: Sequence[str], *, precision: str = "auto",
+          batch_sizes: Sequence[int], threads: int | None = None, duration: float,
           warmup: int = 3, images: str | os.PathLike | None = None, isolate: bool = True, progress: bool = True,
           metadata: dict[str, Any] | None = None, device: str = "auto", compile: bool = False,
           cuda_graph: bool = False) -> list[dict[str, Any]]:

@@ -71,7 +71,7 @@ class Exported:
     parity: Parity
 
 
-def export(source: str | os.PathLike, format: str = "onnx", out: str | os.PathLike | None = None, *,
+def export(source: str | os.PathLike, format: str, out: str | os.PathLike | None = None, *,
            opset: int = DEFAULT_OPSET, dynamic_batch: bool = False, dtype: str = "fp32",
            embed_preprocessing: bool = False, images: str | os.PathLike | None = None) -> Exported:
     """Export a run's best model (or a .safetensors with its sidecar) and gate it on parity with PyTorch.

@@ -21,6 +21,7 @@ from .metrics import ClassificationReport, classification_report, most_confident
 from .plots import plot_confusion, plot_image_grid
 
 GRID_IMAGES = 16
+PREDICTION_FORMATS = ("table", "csv", "json")  # what format_predictions writes
 
 
 def labelled_samples(root: str | os.PathLike, classes: list[str]) -> tuple[list[Sample], ImageFolderScan]:
@@ -37,7 +38,7 @@ def labelled_samples(root: str | os.PathLike, classes: list[str]) -> tuple[list[
 
 
 def evaluate_samples(predictor: Predictor, samples: list[Sample], out_dir: str | os.PathLike, *, name: str = "eval",
-                     batch_size: int = 64, workers: int = -1, tta: str | None = None) -> ClassificationReport:
+                     batch_size: int, workers: int, tta: str | None = None) -> ClassificationReport:
     """Metrics, confusion matrix (PNG + CSV), a grid of predictions and one of confident mistakes."""
     logits, targets = predictor.infer(samples, batch_size, workers, tta)
     out_dir = Path(out_dir)

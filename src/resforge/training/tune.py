@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from ..config import Config, resolve_key
+from ..config import CHOICES, Config, resolve_key
 from ..errors import ConfigError
 from ..io import write_json, write_text
 
@@ -37,6 +37,8 @@ SPACE: dict[str, Callable[[Any], Any]] = {
     "warmup_epochs": lambda t: t.suggest_int("warmup_epochs", 0, 5),
 }
 DEFAULT_SPACE = ("lr", "weight_decay", "label_smoothing")
+TRIALS = 20  # finished trials a new search asks for unless told
+METRICS = CHOICES["train.metric"]  # what a search optimises: the metric that picks each trial's best epoch
 PRUNERS = ("median", "hyperband", "none")
 STATE_FILE = "tune.json"
 HEARTBEAT_S = 10  # how often a process records that its running trial is alive (Optuna's heartbeat)
@@ -234,8 +236,8 @@ def new_state(data: str, options: dict[str, Any], space: list[str], metric: str,
         raise ConfigError(f"--trials must be at least 1, got {trials}")
     if pruner not in PRUNERS:
         raise ConfigError(f"--pruner must be one of {', '.join(PRUNERS)}, got {pruner!r}")
-    if metric not in ("val_top1", "val_loss"):
-        raise ConfigError(f"--metric must be val_top1 or val_loss, got {metric!r}")
+    if metric not in METRICS:
+        raise ConfigError(f"--metric must be {' or '.join(METRICS)}, got {metric!r}")
     check_space(space)
     clashes = [k for k in options if resolve_key(k) in {resolve_key(n) for n in space}]
     if clashes:
