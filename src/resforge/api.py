@@ -17,10 +17,9 @@ import torch
 
 from .compress.finetune import compression_run
 from .compress.lowrank import check_target as check_lowrank_target
-from .compress.lowrank import describe as describe_lowrank
 from .compress.lowrank import factorization
 from .compress.optimize import optimize as _optimize
-from .compress.prune import check_target, describe, structured
+from .compress.prune import check_target, structured
 from .compress import qat as _qat
 from .compress.quantize import Quantized, check_calibration
 from .compress.quantize import quantize as _quantize
@@ -28,6 +27,7 @@ from .config import AUTO_RECIPE, Config, build_config
 from .data.folder import scan_images, thumbnail
 from .data.inspect import FolderReport, inspect_folder
 from .deploy.bench import bench
+from .models.transforms import describe
 from .deploy.export import export
 from .runtime.predictor import Predictor
 from .device import precision_name
@@ -195,7 +195,7 @@ def lowrank(source: str | os.PathLike, *, energy: float | None = None, latency: 
     trainer, record = compression_run(
         source, factorization(energy=energy, latency=latency), suffix="lowrank", data=data, distill=distill,
         recipe=recipe, config=config, callbacks=callbacks, progress=progress, **options)
-    log.info("%s; fine-tuning in %s", describe_lowrank(record), trainer.run_dir)
+    log.info("%s; fine-tuning in %s", describe(record), trainer.run_dir)
     summary = trainer.fit()
     return {**finish_run(trainer, summary), "lowrank": record}
 
@@ -313,7 +313,6 @@ def ensemble(sources: list[str | os.PathLike], data: str | os.PathLike, *, weigh
     """Average several models' probabilities (equal, `weights`, or weights `fit` on the members' recorded
     validation split), evaluate the ensemble beside each member on a labelled folder, and export it as
     one ONNX model (`<out>/ensemble.onnx`, default out: runs/ensemble-<folder>) that every command takes."""
-    from .data.folder import recorded_samples, recorded_split
     from .runtime.backends import TorchRunner
     from .deploy.ensemble import check_weights, export_ensemble, fit_weights, mix, open_members
     from .evaluation.metrics import classification_report
@@ -335,12 +334,10 @@ def ensemble(sources: list[str | os.PathLike], data: str | os.PathLike, *, weigh
         return [probs for probs, _ in runs], runs[0][1]
 
     if fit:
-        first = members[0]
-        split = recorded_split(first.path, first.info.trained.get("run"))
-        if split is None:
-            raise ConfigError(f"the split of {names[0]}'s run was not found (its split.csv moved) to fit the "
-                              "weights on: give --weights")
-        val = recorded_samples(first.info.trained.get("data", ""), split, "val", classes)
+        val = members[0].info.recorded_samples(members[0].path, "val")
+        if not val:
+            raise ConfigError(f"the validation split of {names[0]}'s run was not found (its split.csv or data folder "
+                              "moved) to fit the weights on: give --weights")
         chosen = fit_weights(*probabilities(val))
         log.info("weights fitted on %d validation images of %s: %s", len(val), names[0],
                  ", ".join(f"{w:.3f}" for w in chosen))

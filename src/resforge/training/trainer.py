@@ -35,6 +35,7 @@ from ..evaluation.metrics import topk_correct, topk_hits
 from ..evaluation.runner import infer
 from ..io import write_csv, write_json, write_text
 from ..models import ResNet, create_model, load_model, save_model
+from ..models.spec import ARCHITECTURE, given_options
 from ..models.weights import arch_record, build_from_arch
 from . import budget as _budget
 from . import distributed
@@ -43,13 +44,11 @@ from .checkpoint import RunLock, load_checkpoint, rng_state, save_checkpoint, se
 from .losses import ClassificationLoss, DistillationLoss
 from .optim import Schedule, apply_lr, build_optimizer, default_lr, freeze, set_train_mode
 from .padding_taps import guard_padding_taps
-from .sparsity import GradualMagnitude
+from .sparsity import GradualMagnitude, mark_sparse
 
 log = logging.getLogger("resforge")
 
 Callback = Callable[[str, "Trainer"], None]
-# The model options an `--init` model fixes (its spec holds them).
-ARCH_OPTIONS = ("variant", "small_input", "width", "act", "norm", "se", "drop_rate", "drop_path_rate")
 # What a resumed run may change; anything else would make it another experiment.
 RESUMABLE = {"train.epochs", "train.patience", "train.time_limit", "train.device", "data.workers", "data.decode"}
 SYNC_EVERY = 10  # batches between the host's waits for the device: the progress figures and the loss check
@@ -179,10 +178,8 @@ class Trainer:
 
     def _model_kwargs(self) -> dict[str, Any]:
         m, d = self.cfg.model, self.cfg.data
-        kwargs = dict(in_chans=d.in_chans, small_input=m.small_input if m.small_input is not None else d.img_size <= 64,
-                      width=m.width, act=m.act, norm=m.norm, se=m.se, drop_rate=m.drop_rate,
-                      drop_path_rate=m.drop_path_rate, zero_init_residual=m.zero_init_residual, init=m.init)
-        return {**kwargs, "variant": m.variant} if m.variant else kwargs
+        small_input = m.small_input if m.small_input is not None else d.img_size <= 64
+        return {**given_options(m), "small_input": small_input, "in_chans": d.in_chans}
 
     def _adopt_init(self) -> tuple[ResNet, dict[str, Any]]:
         """Load `--init`'s model: its architecture is the run's, and so are its input options unless set."""
@@ -190,7 +187,7 @@ class Trainer:
         model, meta = load_model(cfg.model.init_from)
         spec, pre = meta["arch"]["kwargs"], meta["preprocess"]
         arch = {"model.name": meta["arch"]["name"] or cfg.model.name,
-                **{f"model.{k}": spec[k] for k in ARCH_OPTIONS if k in spec}}
+                **{f"model.{k}": spec[k] for k in ARCHITECTURE if k in spec}}
         clash = [k for k in arch if k in cfg.user_set and get_option(cfg, k) != arch[k]]
         if clash:
             fixed = ", ".join(f"{k} {arch[k]}" for k in clash)
@@ -346,8 +343,7 @@ class Trainer:
         sparsifier = GradualMagnitude(t.sparsity, t.sparsity_scope)
         self.callbacks.append(sparsifier)
         self.best_allowed = lambda: sparsifier.reached(self)
-        if not any(tr.get("kind") == "sparse" for tr in self.model.transforms):
-            self.model.transforms.append({"kind": "sparse", "sparsity": t.sparsity, "scope": t.sparsity_scope})
+        mark_sparse(self.model, t.sparsity, t.sparsity_scope)
 
     def _build_criterion(self) -> nn.Module:
         t = self.cfg.train
