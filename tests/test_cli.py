@@ -258,7 +258,7 @@ def test_train_resume_and_recipes_from_the_command_line(tmp_path, capsys):
     (["serve", "/nonexistent/run", "--max-wait-ms", "nan"], "--max-wait-ms must be a number at least 0, got 'nan'"),
     (["serve", "/nonexistent/run", "--port", "65536"], "--port must be a whole number in [0, 65535], got 65536"),
     (["serve", "/nonexistent/run", "--workers", "1e400"], "--workers must be a positive whole number, got '1e400'"),
-    (["info", "resnet18", "--width", "-1e400"], "argument --width: must be a finite number, got '-1e400'"),
+    (["info", "resnet18", "--width", "-1e400"], "argument --width: --width must be a positive number, got '-1e400'"),
     (["prune"], "the following arguments are required: model (see 'resforge prune --help')"),
 ])
 def test_train_errors_are_one_line(args, message, capsys, tmp_path, monkeypatch):

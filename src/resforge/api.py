@@ -263,7 +263,6 @@ def ensemble(sources: list[str | os.PathLike], data: str | os.PathLike, **option
     validation split), evaluate the ensemble beside each member on a labelled folder, and export it as
     one ONNX model (`<out>/ensemble.onnx`, default out: runs/ensemble-<folder>) that every command takes.
     Options are `commands.EnsembleOptions`' fields."""
-    from .data.folder import recorded_samples, recorded_split
     from .runtime.backends import TorchRunner
     from .deploy.ensemble import check_weights, export_ensemble, fit_weights, mix, open_members
     from .evaluation.metrics import classification_report
@@ -287,12 +286,10 @@ def ensemble(sources: list[str | os.PathLike], data: str | os.PathLike, **option
         return [probs for probs, _ in runs], runs[0][1]
 
     if fit:
-        first = members[0]
-        split = recorded_split(first.path, first.info.trained.get("run"))
-        if split is None:
-            raise ConfigError(f"the split of {names[0]}'s run was not found (its split.csv moved) to fit the "
-                              "weights on: give --weights")
-        val = recorded_samples(first.info.trained.get("data", ""), split, "val", classes)
+        val = members[0].info.recorded_samples(members[0].path, "val")
+        if not val:
+            raise ConfigError(f"the validation split of {names[0]}'s run was not found (its split.csv or data folder "
+                              "moved) to fit the weights on: give --weights")
         chosen = fit_weights(*probabilities(val))
         log.info("weights fitted on %d validation images of %s: %s", len(val), names[0],
                  ", ".join(f"{w:.3f}" for w in chosen))

@@ -33,29 +33,21 @@ class Parser(argparse.ArgumentParser):
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
-    from .models.resnet import ACTIVATIONS, NORMS, VARIANTS
+    from .models.spec import add_model_flags
 
     g = p.add_argument_group("model options")
     g.add_argument("--num-classes", type=INT, default=1000, help="classifier outputs (default: 1000)")
     g.add_argument("--in-chans", type=INT, default=3, help="input channels, 1 for grayscale (default: 3)")
-    g.add_argument("--variant", choices=VARIANTS, default=None,
-                   help="v1.5: stride on the 3x3 (default); v1: stride on the first 1x1 (paper, Keras); "
-                        "d: deep stem + avg-pool shortcut")
-    g.add_argument("--small-input", action="store_true", help="3x3 stride-1 stem, no max-pool (images <= 64 px)")
-    g.add_argument("--width", type=FLOAT, default=1.0, help="channel width multiplier (default: 1.0)")
-    g.add_argument("--act", choices=list(ACTIVATIONS), default="relu", help="activation (default: relu)")
-    g.add_argument("--norm", choices=NORMS, default="batchnorm", help="normalisation (default: batchnorm)")
-    g.add_argument("--se", action="store_true", help="squeeze-and-excitation in every block")
     g.add_argument("--pretrained", metavar="PATH_OR_URL",
                    help="weights: torchvision/timm .pth, safetensors or Keras .h5, local or http(s)")
+    add_model_flags(g)
 
 
 def _model_kwargs(args: argparse.Namespace) -> dict:
-    kw = dict(num_classes=args.num_classes, in_chans=args.in_chans, small_input=args.small_input,
-              width=args.width, act=args.act, norm=args.norm, se=args.se, pretrained=args.pretrained)
-    if args.variant:
-        kw["variant"] = args.variant
-    return kw
+    from .models.spec import given_options
+
+    return dict(num_classes=args.num_classes, in_chans=args.in_chans, pretrained=args.pretrained,
+                **given_options(args))
 
 
 def _info_options(p: argparse.ArgumentParser) -> None:

@@ -20,25 +20,19 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .models.spec import CHOICES as MODEL_CHOICES
+from .models.spec import ModelSpec
 from .options import BOUNDS, add_flags, convert
 from .options import option as _opt
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(ModelSpec):
+    """The network's options (`models.spec.ModelSpec`), and where it starts from."""
+
+    small_input: bool | None = _opt(None, "3x3 stride-1 stem without max-pool (default: on when img_size <= 64)")
     name: str = _opt("resnet50", "model name (see 'resforge models')", flag="model")
     pretrained: str | None = _opt(None, "weights to start from: a path or URL (.pth, .safetensors, Keras .h5)")
-    variant: str | None = _opt(None, "v1.5: stride on the 3x3; v1: on the first 1x1 (paper, Keras); d: deep stem + "
-                                     "avg-pool shortcut (default: v1.5, or what the pretrained weights are)")
-    small_input: bool | None = _opt(None, "3x3 stride-1 stem without max-pool (default: on when img_size <= 64)")
-    width: float = _opt(1.0, "channel width multiplier", gt=0)
-    act: str = _opt("relu", "activation")
-    norm: str = _opt("batchnorm", "normalisation")
-    se: bool = _opt(False, "squeeze-and-excitation in every block")
-    drop_rate: float = _opt(0.0, "dropout before the classifier", ge=0, lt=1)
-    drop_path_rate: float = _opt(0.0, "stochastic depth: drop rate of the last block (grows linearly)", ge=0, lt=1)
-    zero_init_residual: bool = _opt(True, "start each residual branch at zero (last BN gamma = 0)")
-    init: str = _opt("he", "conv weight init", flag="weight_init")
     init_from: str | None = _opt(None, "start from a saved model (run directory or .safetensors): its architecture, "
                                        "pruned widths included, its weights and its preprocessing", flag="init")
 
@@ -179,10 +173,7 @@ CHOICES = {  # the one list of each option's accepted values
     "data.cache": ("auto", "on", "off"),
     "data.decode": ("cpu", "gpu"),
     "data.interpolation": ("bilinear", "bicubic", "nearest"),
-    "model.act": ("relu", "leaky_relu", "elu", "selu", "prelu", "silu", "gelu"),
-    "model.norm": ("batchnorm", "groupnorm"),
-    "model.variant": ("v1.5", "v1", "d"),
-    "model.init": ("he", "xavier"),
+    **{f"model.{name}": allowed for name, allowed in MODEL_CHOICES.items()},
     "optim.freeze": ("stem", "layer1", "layer2", "layer3", "layer4", "backbone"),  # each item of the list
 }
 

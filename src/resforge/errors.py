@@ -23,14 +23,12 @@ class DataError(ResforgeError):
 
 
 class ImageError(DataError):
-    """One image that cannot be decoded; `reason` is one of IMAGE_REASONS (a server answers each its own way)."""
+    """One image that cannot be decoded; `reason` says why in one of a few words (missing, empty, not an image,
+    corrupt, too many pixels, too elongated), which a server answers each its own way."""
 
     def __init__(self, message: str, reason: str):
         super().__init__(message)
         self.reason = reason
-
-
-IMAGE_REASONS = ("missing", "empty", "not an image", "corrupt", "too many pixels", "too elongated")
 
 
 class TrainingError(ResforgeError):

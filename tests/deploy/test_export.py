@@ -18,6 +18,7 @@ from PIL import Image
 from resforge import ConfigError, api
 from resforge.cli import main
 from resforge.data.folder import scan_images
+from resforge.data.transforms import Preprocess
 from resforge.deploy import export as export_module
 from resforge.deploy.export import read_pt2_info
 from resforge.runtime.record import ONNX_KEY, ModelInfo
@@ -35,11 +36,11 @@ def test_onnx_carries_its_record_and_agrees_with_pytorch(photo_run, tmp_path):
     props = {p.key: p.value for p in proto.metadata_props}
     info = ModelInfo.from_json(props[ONNX_KEY], "m.onnx")
     _, meta = load_model(run)
-    assert info.classes == meta["classes"] and info.pre.to_dict() == meta["preprocess"]
+    assert info.classes == meta["classes"] and info.pre == Preprocess.from_dict(meta["preprocess"])
     record = json.loads(props[ONNX_KEY])
-    assert record["schema"] == "resforge.model" and record["version"] == 1
+    assert record["schema"] == "resforge.model" and record["version"] == 2
     assert record["preprocess"]["crop"] == "center" and record["preprocess"]["channel_order"] == "RGB"
-    assert record["model"]["name"] == "resnet18" and record["metrics"]["val_top1"] == meta["metrics"]["val_top1"]
+    assert record["arch"]["name"] == "resnet18" and record["metrics"]["val_top1"] == meta["metrics"]["val_top1"]
     assert record["export"]["opset"] == 18 and record["export"]["torch"] == torch.__version__
     assert "Image.BitmapPixelFormat" not in props  # the input is a normalised tensor, not an image
     p = result.parity

@@ -215,15 +215,51 @@ def test_a_saved_model_keeps_its_transforms_and_newer_sidecars_are_named(tmp_pat
     m.transforms.append({"kind": "pruned", "ratio": 0.5})
     path = save_model(m, tmp_path / "m.safetensors", {})
     loaded, meta = load_model(path)
-    assert loaded.transforms == [{"kind": "pruned", "ratio": 0.5}] and meta["version"] == 2
+    assert loaded.transforms == [{"kind": "pruned", "ratio": 0.5}] and meta["schema"] == "resforge.model"
     side = tmp_path / "m.json"
     record = json.loads(side.read_text())
     side.write_text(json.dumps({**record, "arch": {**record["arch"], "transforms": [{"kind": "sparse-3d"}]}}))
     with pytest.raises(resforge.CheckpointError, match="transformed by sparse-3d, which this resforge cannot rebuild"):
         load_model(path)
     side.write_text(json.dumps({**record, "version": 99}))
-    with pytest.raises(resforge.CheckpointError, match="version 99 of the sidecar; this resforge reads up to 2"):
+    with pytest.raises(resforge.CheckpointError, match="model record version 99; this one reads up to 2"):
         load_model(path)
-    side.write_text(json.dumps({**record, "version": 1, "arch": {k: v for k, v in record["arch"].items()
-                                                                 if k != "transforms"}}))
-    assert load_model(path)[0].transforms == []  # what earlier releases wrote still loads
+    old = {k: v for k, v in record.items() if k not in ("schema", "version")}
+    side.write_text(json.dumps({**old, "format": "resforge-model", "version": 3}))
+    with pytest.raises(resforge.CheckpointError, match="version 3 of the sidecar; this resforge reads up to 2"):
+        load_model(path)
+
+
+def test_the_sidecars_and_export_records_of_earlier_releases_still_load(tmp_path):
+    """A "resforge-model" sidecar (versions 1 and 2) and a version-1 record of an exported file."""
+    import json
+
+    from resforge.data.transforms import Preprocess
+    from resforge.models import load_model, save_model
+    from resforge.runtime.record import ModelInfo
+
+    m = resforge.create_model("resnet18", width=0.125, num_classes=2)
+    path = save_model(m, tmp_path / "m.safetensors", {})
+    token = json.loads((tmp_path / "m.json").read_text())["id"]
+    pre = {"img_size": 32, "resize_size": 37, "mean": [0.5] * 3, "std": [0.25] * 3, "in_chans": 3,
+           "interpolation": "bilinear"}
+    arch = {"name": "resnet18", "kwargs": {**m.spec(), "variant": "v1.5"}}
+    v2 = {"format": "resforge-model", "version": 2, "weights": path.name, "id": token,
+          "arch": {**arch, "transforms": []}, "classes": ["cat", "dog"], "preprocess": pre,
+          "metrics": {"val_top1": 0.5}, "trained": {"epoch": 3}}
+    for sidecar in (v2, {**v2, "version": 1, "arch": arch}):
+        (tmp_path / "m.json").write_text(json.dumps(sidecar))
+        model, meta = load_model(path)
+        assert model.transforms == [] and meta["arch"]["name"] == "resnet18" and meta["trained"] == {"epoch": 3}
+        info = ModelInfo.from_sidecar(meta, str(path))
+        assert info.classes == ["cat", "dog"] and info.pre == Preprocess.from_dict(pre) and info.name == "resnet18"
+    v1_onnx = {"schema": "resforge.model", "version": 1, "classes": ["cat", "dog"],
+               "preprocess": {**pre, "resize": "shorter_side", "crop": "center", "antialias": True,
+                              "scale": 1 / 255, "channel_order": "RGB"},
+               "input": {"kind": "tensor", "dtype": "float32", "layout": "NCHW", "size": [3, 32, 32]},
+               "formats": ["JPEG", "PNG"], "model": arch, "metrics": {}, "trained": {}, "export": {"opset": 18}}
+    info = ModelInfo.from_json(json.dumps(v1_onnx), "old.onnx")
+    assert info.arch == arch and info.formats == ["JPEG", "PNG"] and info.export == {"opset": 18}
+    again = info.to_dict()  # written anew in the one format
+    assert again["version"] == 2 and again["arch"] == arch and "model" not in again
+    assert ModelInfo.from_dict(again, "new.onnx") == info

@@ -10,6 +10,7 @@ from helpers import make_image_folder
 import resforge
 from resforge import api
 from resforge.config import build_config
+from resforge.data.transforms import Preprocess
 from resforge.models import ResNet, load_model, save_model
 from resforge.training.checkpoint import load_checkpoint
 from resforge.training.losses import DistillationLoss
@@ -164,4 +165,4 @@ def test_a_grayscale_model_started_from_and_distilled_from_keeps_its_statistics(
     opts = {k: v for k, v in TINY.items() if k not in ("model", "width", "img_size", "recipe")}
     t = Trainer(build_config("fast", overrides={"data.root": str(gray), "project": str(tmp_path / "runs"),
                                                 "init": run, "teacher": run, **opts}), progress=False)
-    assert t.pre.to_dict() == meta["preprocess"] and t.pre.in_chans == 1
+    assert t.pre == Preprocess.from_dict(meta["preprocess"]) and t.pre.in_chans == 1

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..config import AUTO_RECIPE, build_config, validate
+from ..config import AUTO_RECIPE, build_config
 from ..errors import ConfigError
 from ..models import load_model, save_model
 from ..models.weights import resolve_model_path, sidecar_path
@@ -55,7 +55,6 @@ def compression_run(source: str | os.PathLike, transform: Transform, *, suffix: 
     if distill:
         overrides.setdefault("train.teacher", str(weights))
     cfg = build_config(recipe or AUTO_RECIPE, config, overrides)
-    validate(cfg)
     train = cfg.train
     _check_output(Path(train.project) / train.name, run or weights.parent, run is not None, train.exist_ok)
     run_dir, created = new_run_dir(cfg)

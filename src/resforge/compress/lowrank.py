@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..models import transforms
+from ..models.layers import replace_layer
 from ..models.lowrank import LowRankConv, LowRankLinear, factorized
 from ..models.summary import summarize
 from .latency import least_change_within, onnxruntime_latency
@@ -81,13 +83,6 @@ def check_target(energy: float | None, latency: float | None) -> None:
         raise ConfigError(f"--latency is milliseconds at batch 1 and must be positive, got {latency:g}")
 
 
-def check_factorable(model: nn.Module) -> None:
-    if any(t.get("kind") == "lowrank" for t in model.transforms):
-        raise ConfigError("this model is already factorised; factorise the run it came from")
-    if any(t.get("kind") == "fakequant" for t in model.transforms):
-        raise ConfigError("this model was trained for int8: factorise the run it came from, then train it for int8")
-
-
 def _replace_layers(model: nn.Module, energy: float) -> dict[str, list[int]]:
     """Replace every layer that gains by its low-rank factors at `energy`, in place; return their ranks."""
     ranks: dict[str, list[int]] = {}
@@ -101,8 +96,7 @@ def _replace_layers(model: nn.Module, energy: float) -> dict[str, list[int]]:
             new = (_factor_1x1(layer, layer.weight.detach(), energy) if layer.kernel_size == (1, 1)
                    else _tucker2(layer, energy))
         if new is not None:
-            parent_name, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+            replace_layer(model, name, new)
             ranks[name] = new.ranks
     return ranks
 
@@ -118,23 +112,21 @@ def factorize_model(model: nn.Module, img_size: int, energy: float) -> dict[str,
 def _factorize(model: nn.Module, img_size: int, energy: float) -> dict[str, Any] | None:
     """factorize_model, or None (the model untouched) where no layer gains."""
     check_target(energy, None)
-    check_factorable(model)
+    transforms.check(model, "lowrank")
     before = summarize(model, img_size)
     ranks = _replace_layers(model, energy)
     if not ranks:
         return None
     after = summarize(model, img_size)
-    record = {"kind": "lowrank", "energy": energy, "ranks": ranks, "macs": [before.macs, after.macs],
-              "params": [before.params, after.params]}
-    model.transforms.append(record)
-    return record
+    return transforms.record(model, {"kind": "lowrank", "energy": energy, "ranks": ranks,
+                                     "macs": [before.macs, after.macs], "params": [before.params, after.params]})
 
 
 def latency_energy(model: nn.Module, target_ms: float, timer: Callable[[nn.Module], float], img_size: int
                    ) -> tuple[float, list[float]]:
     """The highest of ENERGIES whose factorised copy of `model` runs within `target_ms` by `timer`, with the
     times before and after; `model` is left as it is."""
-    check_factorable(model)
+    transforms.check(model, "lowrank")
     return least_change_within(model, target_ms, timer, ENERGIES, lambda trial, e: _factorize(trial, img_size, e),
                                f"energy {ENERGIES[-1]:g}, the lowest tried")
 
@@ -151,13 +143,3 @@ def factorization(*, energy: float | None, latency: float | None) -> Callable[[A
         record.update(latency_target_ms=latency, latency_ms=times)
         return record
     return transform
-
-
-def describe(record: dict[str, Any]) -> str:
-    (m0, m1), (p0, p1) = record["macs"], record["params"]
-    timing = ""
-    if "latency_ms" in record:
-        t0, t1 = record["latency_ms"]
-        timing = f", {t1:.2f} ms at batch 1 from {t0:.2f} (onnxruntime, here)"
-    return (f"factorised {len(record['ranks'])} layers at energy {record['energy']:g}: {m1 / 1e6:,.1f}M MACs of "
-            f"{m0 / 1e6:,.1f}M ({m1 / m0:.0%}), {p1:,} parameters of {p0:,} ({p1 / p0:.0%}){timing}")

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..data.folder import recorded_samples
 from ..deploy.bench import bench, file_size_mb
 from ..deploy.export import export
 from ..runtime.predictor import Predictor
+from ..runtime.record import ModelInfo
 from ..errors import ConfigError
 from ..evaluation.metrics import topk_correct
 from ..evaluation.plots import plot_pareto
@@ -122,7 +122,7 @@ def optimize(source: str | os.PathLike, target: str, *, out: str | os.PathLike, 
         state["stages"][name] = make()
         write_json(state_file, state)
     variants = [v for name, _ in stages for v in state["stages"][name]]
-    samples = recorded_samples(meta["trained"]["data"], run / "split.csv", "val", meta["classes"])
+    samples = ModelInfo.from_sidecar(meta, str(run)).recorded_samples(run / "best.safetensors", "val")
     for v in tqdm(variants, desc="measure", unit="variant", disable=None if progress else True):
         if "top1" not in v:
             v.update(_measure(v, samples, duration))

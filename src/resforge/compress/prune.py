@@ -21,7 +21,9 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models import ResNet
+from ..models import transforms
 from ..models.summary import summarize
+from ..models.transforms import percent
 from .latency import least_change_within, onnxruntime_latency
 
 log = logging.getLogger("resforge")
@@ -79,10 +81,7 @@ def prune_model(model: ResNet, img_size: int, *, ratio: float | None = None, mac
     if not isinstance(model, ResNet):
         raise ConfigError(f"channel pruning rebuilds ResNets from their widths, and {model.model_name or 'this model'} "
                           "is not one: distil a ResNet into it instead (train --teacher)")
-    if any(t.get("kind") == "lowrank" for t in model.transforms):
-        raise ConfigError("this model is factorised (low-rank): prune the run it came from, then factorise")
-    if any(t.get("kind") == "fakequant" for t in model.transforms):
-        raise ConfigError("this model was trained for int8: prune the run it came from, then train it for int8")
+    transforms.check(model, "pruned")
     if importance == "taylor" and gradients is None:
         raise ConfigError("taylor importance needs training batches for its gradients")
     if round_to < 1:
@@ -93,7 +92,7 @@ def prune_model(model: ResNet, img_size: int, *, ratio: float | None = None, mac
     pruner = tp.pruner.BasePruner(model, example, importance=_importance(importance, model),
                                   pruning_ratio=ratio if ratio is not None else MAX_RATIO,
                                   iterative_steps=1 if ratio is not None else MAX_STEPS,
-                                  ignored_layers=[model.fc], round_to=round_to)
+                                  ignored_layers=[model.get_classifier()], round_to=round_to)
     after, taken = before, 0
     for taken in range(1, 1 + (1 if ratio is not None else steps or MAX_STEPS)):
         if gradients is not None:
@@ -112,8 +111,7 @@ def prune_model(model: ResNet, img_size: int, *, ratio: float | None = None, mac
                  {"macs_target": macs, "steps": taken, "of": MAX_STEPS, "towards_ratio": MAX_RATIO} if macs is not None
                  else {"steps": steps, "of": MAX_STEPS, "towards_ratio": MAX_RATIO}),
               "macs": [before.macs, after.macs], "params": [before.params, after.params]}
-    model.transforms.append(record)
-    return record
+    return transforms.record(model, record)
 
 
 def structured(*, ratio: float | None, macs: float | None, importance: str, round_to: int,
@@ -159,18 +157,3 @@ def taylor_gradients(batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
         for x, y in batches:
             loss(model(x), y).backward()
     return fill
-
-
-def describe(record: dict[str, Any]) -> str:
-    (m0, m1), (p0, p1) = record["macs"], record["params"]
-    timing = ""
-    if "latency_ms" in record:
-        (t0, t1) = record["latency_ms"]
-        timing = f", {t1:.2f} ms at batch 1 from {t0:.2f} (onnxruntime, here)"
-    return (f"pruned by {record['importance']}: {m1 / 1e6:,.1f}M MACs of {m0 / 1e6:,.1f}M ({percent(m1 / m0)}), "
-            f"{p1:,} parameters of {p0:,} ({percent(p1 / p0)}){timing}")
-
-
-def percent(share: float) -> str:
-    """Three significant digits: a target of 0.0001 is 0.01%, not 0%."""
-    return f"{100 * share:.3g}%"

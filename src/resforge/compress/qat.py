@@ -23,16 +23,16 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..models.quantized import (QConv2d, QLinear, QuantReLU, activation_quantizers,
-                                apply_fake_quant, apply_fused, conv_bn_pairs, parent_of)
+from ..models import transforms
+from ..models.layers import replace_layer
+from ..models.quantized import (QConv2d, QLinear, QuantReLU, activation_quantizers, apply_fake_quant, apply_fused,
+                                conv_bn_pairs)
 
 INIT_BATCHES = 8  # training batches whose ranges set the activation scales before training learns them
 
 
 def check_model(model: nn.Module) -> None:
-    kinds = {t.get("kind") for t in getattr(model, "transforms", [])}
-    if kinds & {"fused", "fakequant"}:
-        raise ConfigError("this model was already trained for int8: quantise it (without --qat)")
+    transforms.check(model, "fused")
     acts = {type(m).__name__ for m in model.modules() if isinstance(m, (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.SELU,
                                                                           nn.SiLU, nn.GELU, nn.Mish, nn.Hardswish))}
     if acts - {"ReLU"}:
@@ -58,7 +58,8 @@ def prepare(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[str, Any]
     apply_fake_quant(model, input_conv)
     for name, quant in activation_quantizers(model).items():
         quant.set_range(*ranges[name])
-    model.transforms += [{"kind": "fused", "pairs": pairs}, {"kind": "fakequant", "input_conv": input_conv}]
+    transforms.record(model, {"kind": "fused", "pairs": pairs})
+    transforms.record(model, {"kind": "fakequant", "input_conv": input_conv})
     model.train(was_training)
     return {"kind": "qat", "folded": len(pairs), "learned_scales": len(ranges)}
 
@@ -119,7 +120,7 @@ def plain(model: nn.Module) -> tuple[nn.Module, dict[str, tuple[float, int]]]:
             continue
         new.load_state_dict({k: v for k, v in module.state_dict().items() if not k.startswith(("quant.",
                                                                                               "input_quant."))})
-        setattr(*parent_of(net, name), new)
+        replace_layer(net, name, new)
     net.transforms = [t for t in net.transforms if t.get("kind") != "fakequant"]
     return net, learned
 

@@ -29,12 +29,12 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..data.folder import recorded_samples, recorded_split
 from ..data.loader import decode_image
 from ..data.transforms import eval_transform
 from ..runtime.backends import openvino_core, require_backend
 from ..runtime.convert import DEFAULT_OPSET, INPUT, move_into_place, to_onnx, to_openvino
 from ..runtime.record import OV_KEY, ModelInfo, onnx_props
+from ..models import transforms
 from ..runtime.build import build_runner
 from ..runtime.inference import infer
 from ..runtime.predictor import Predictor
@@ -103,14 +103,14 @@ def quantize(source: str | os.PathLike, backend: str = "onnxruntime", out: str |
     if path.suffix.lower() != SUFFIX[backend]:
         raise ConfigError(f"{backend} int8 models are {SUFFIX[backend]} files, got {path}")
     net, learned = src.model, None
-    if any(t.get("kind") == "fakequant" for t in getattr(src.model, "transforms", [])):
+    if transforms.has(src.model, "fakequant"):
         if backend != "onnxruntime" or activations == "s8":
             raise ConfigError(f"{source} was trained for int8 with uint8 activations, whose learned scales "
                               "onnxruntime's quantiser takes: quantise it with --backend onnxruntime (u8)")
         net, learned = qat.plain(src.model)
         activations = "u8"
     calib_files = _calibration_files(src, images, calib)
-    val = _recorded(src, "val")
+    val = src.info.recorded_samples(src.path, "val")
     if not val:
         raise ConfigError(f"no validation images of {src.path}'s run were found (its split.csv or data folder moved) "
                           "to measure the int8 model on")
@@ -203,15 +203,6 @@ def _is_quantized(src: Source) -> bool:
     return any(op.get_type_name() in QUANTIZED_OPS for op in model.get_ops())
 
 
-def _recorded(src: Source, split: str) -> list[tuple[str, int]]:
-    """(file, label) of one split of the run that trained `src`, as its split.csv recorded it."""
-    trained = src.info.trained
-    data, split_csv = trained.get("data"), recorded_split(src.path, trained.get("run"))
-    if not data or split_csv is None:
-        return []
-    return recorded_samples(data, split_csv, split, src.info.classes)
-
-
 def _calibration_files(src: Source, images: str | os.PathLike | None, calib: int) -> list[str]:
     """`calib` files spread evenly over the run's training split (sorted by class, so every class is in)."""
     if images is not None:
@@ -219,7 +210,8 @@ def _calibration_files(src: Source, images: str | os.PathLike | None, calib: int
 
         files, where = sorted(scan_images([images])), f"{images}"
     else:
-        files, where = [f for f, _ in _recorded(src, "train")], f"the training split of {src.path}'s run"
+        files = [f for f, _ in src.info.recorded_samples(src.path, "train")]
+        where = f"the training split of {src.path}'s run"
         if not files:
             raise ConfigError(f"no training images of {src.path}'s run were found (its split.csv or data folder "
                               "moved) to calibrate on: give a folder of images with --images DIR")

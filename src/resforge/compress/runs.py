@@ -10,15 +10,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import ConfigSource, TrainConfig
+from ..models.transforms import describe
 from ..options import option
 from ..training.run import complete
 from ..training.trainer import Callback
 from .finetune import compression_run
 from .lowrank import ENERGY
 from .lowrank import check_target as check_lowrank_target
-from .lowrank import describe as describe_lowrank
 from .lowrank import factorization
-from .prune import IMPORTANCE, check_target, describe, structured
+from .prune import IMPORTANCE, check_target, structured
 
 log = logging.getLogger("resforge")
 
@@ -96,5 +96,5 @@ def lowrank(source: str | os.PathLike, o: LowrankOptions, *, callbacks: list[Cal
     trainer, record = compression_run(
         source, factorization(energy=energy, latency=o.latency), suffix="lowrank", data=o.data, distill=o.distill,
         recipe=o.recipe, config=o.config, callbacks=callbacks, progress=progress, **options)
-    log.info("%s; fine-tuning in %s", describe_lowrank(record), trainer.run_dir)
+    log.info("%s; fine-tuning in %s", describe(record), trainer.run_dir)
     return {**complete(trainer).to_dict(), "lowrank": record}

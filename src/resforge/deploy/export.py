@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..data.folder import recorded_samples, recorded_split
 from ..data.loader import decode_image
 from ..errors import ConfigError, DataError, ExportError, ResforgeError
 from ..io import temp_dir
@@ -167,16 +166,13 @@ def parity_images(src: Source, folder: str | os.PathLike | None) -> tuple[list[t
 
         where = f"images from {folder}"
         return _decoded(_spread(scan_images([folder])), src.info, where), where
-    trained = src.info.trained
-    data, split = trained.get("data"), recorded_split(src.path, trained.get("run"))
-    if data and split is not None:
-        try:
-            paths = [f for f, _ in recorded_samples(data, split, "val", src.info.classes)]
-        except DataError:
-            paths = []
-        if paths:
-            where = f"validation images of {split.parent}"
-            return _decoded(_spread(paths), src.info, where), where
+    try:
+        paths = [f for f, _ in src.info.recorded_samples(src.path, "val")]
+    except DataError:
+        paths = []
+    if paths:
+        where = f"validation images of {src.info.recorded_split(src.path).parent}"
+        return _decoded(_spread(paths), src.info, where), where
     raise ConfigError(f"no validation images of {src.path}'s run were found (its split.csv or data folder moved) "
                       "to check the export on: give a folder of images with --images DIR")
 

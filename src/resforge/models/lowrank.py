@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from ..errors import CheckpointError
+from .layers import parent_of, replace_layer
 
 
 class LowRankConv(nn.Sequential):
@@ -54,14 +55,5 @@ def factorized(module: nn.Module, ranks: Sequence[int]) -> nn.Module:
 def apply_ranks(model: nn.Module, ranks: dict[str, Sequence[int]]) -> None:
     """Replace each named layer by its factorised form, as `compress.lowrank` left it."""
     for name, r in ranks.items():
-        parent_name, _, attr = name.rpartition(".")
-        try:
-            parent = model.get_submodule(parent_name) if parent_name else model
-            layer = getattr(parent, attr)
-        except AttributeError:
-            raise CheckpointError(f"the low-rank record names {name}, which this network does not have") from None
-        setattr(parent, attr, factorized(layer, r))
-
-
-def low_rank_layers(model: nn.Module) -> dict[str, list[int]]:
-    return {name: m.ranks for name, m in model.named_modules() if isinstance(m, (LowRankConv, LowRankLinear))}
+        parent, attr = parent_of(model, name)
+        replace_layer(model, name, factorized(getattr(parent, attr), r))

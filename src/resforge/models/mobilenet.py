@@ -1,10 +1,10 @@
 """MobileNetV3 (Howard et al. 2019), torchvision's, as a small student to distil a ResNet into.
 
 The module tree is torchvision's own (`features`, `avgpool`, `classifier`), so torchvision's
-checkpoints load by their keys; around it are the names the rest of resforge asks a model for: the
-stem (`conv1`, `bn1`, `act1`), four stages `layer1..layer4` ending at output strides 4..32, the
-classifier `fc`, `spec()` and `transforms`. The ResNet options that have no meaning here are refused
-rather than ignored.
+checkpoints load by their keys. It answers what the rest of resforge asks a model: its parts (the
+stem, four stages `layer1..layer4` ending at output strides 4..32, the head), its classifier,
+`spec()` and `transforms`. The options of `ModelSpec` it has no use for (it has its own activations,
+squeeze-excitation, norms and initialisation) are refused unless left at their defaults.
 """
 
 from __future__ import annotations
@@ -15,37 +15,35 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .spec import ModelSpec, checked
 
 SIZES = ("small", "large")
-# The ResNet options a MobileNetV3 takes only at these values (it has its own activations, SE and init).
-FIXED = {"act": "relu", "norm": "batchnorm", "se": False, "drop_path_rate": 0.0, "init": "he",
-         "zero_init_residual": True, "variant": None}
+OPTIONS = ("width", "small_input", "drop_rate")  # the ModelSpec options it takes
+DEFAULTS = {"drop_rate": 0.2}  # torchvision's, where they are not ModelSpec's
 
 
 class MobileNetV3(nn.Module):
-    def __init__(self, size: str = "small", num_classes: int = 1000, in_chans: int = 3, width: float = 1.0,
-                 small_input: bool = False, drop_rate: float = 0.2, **resnet_options: Any):
+    def __init__(self, size: str = "small", num_classes: int = 1000, in_chans: int = 3, **options: Any):
         from torchvision.models import mobilenet_v3_large, mobilenet_v3_small
 
         super().__init__()
         if size not in SIZES:
             raise ConfigError(f"MobileNetV3 comes in {' and '.join(SIZES)}, not {size!r}")
-        unknown = [k for k in resnet_options if k not in FIXED]
-        if unknown:
-            raise TypeError(f"unexpected MobileNetV3 option(s): {', '.join(unknown)}")
-        changed = [k for k, v in resnet_options.items() if v != FIXED[k]]
+        spec, unset = checked(**{**DEFAULTS, **options}), ModelSpec()
+        changed = [k for k in options if k not in OPTIONS and getattr(spec, k) != getattr(unset, k)]
         if changed:
             raise ConfigError(f"mobilenet_v3_{size} has its own activations, squeeze-excitation, norms and "
                               f"initialisation: drop {', '.join(changed)}")
         build = mobilenet_v3_small if size == "small" else mobilenet_v3_large
-        net = build(num_classes=max(num_classes, 1), width_mult=width, dropout=drop_rate)
+        net = build(num_classes=max(num_classes, 1), width_mult=spec.width, dropout=spec.drop_rate)
         self.features, self.avgpool, self.classifier = net.features, net.avgpool, net.classifier
         stem = self.features[0][0]
-        if in_chans != stem.in_channels or small_input:
-            self.features[0][0] = nn.Conv2d(in_chans, stem.out_channels, 3, 1 if small_input else 2, 1, bias=False)
+        if in_chans != stem.in_channels or spec.small_input:
+            stride = 1 if spec.small_input else 2
+            self.features[0][0] = nn.Conv2d(in_chans, stem.out_channels, 3, stride, 1, bias=False)
         if not num_classes:
             self.classifier[-1] = nn.Identity()
-        self._kwargs = {"size": size, "width": width, "small_input": small_input, "drop_rate": drop_rate}
+        self._kwargs = {"size": size, **{k: getattr(spec, k) for k in OPTIONS}}
         self.model_name: str | None = None
         self.transforms: list[dict[str, Any]] = []
         self.pretrained_cfg: dict[str, Any] = {}
@@ -53,43 +51,27 @@ class MobileNetV3(nn.Module):
         starts = [1, *strided[1:4]]  # layer1 from the first block: the stride-2 blocks begin the others
         self._stages = list(zip(starts, [*starts[1:], len(self.features)]))
         self.feature_info = [{"name": f"layer{i + 1}", "channels": _out_channels(self.features[b - 1]),
-                              "reduction": 2 ** (i + 2) // (2 if small_input else 1)}
+                              "reduction": 2 ** (i + 2) // (2 if spec.small_input else 1)}
                              for i, (_, b) in enumerate(self._stages)]
         self.num_features = self.classifier[0].in_features
-
-    # the stem and the stages, under the names freezing, summaries and exports ask for
-    @property
-    def conv1(self) -> nn.Module:
-        return self.features[0][0]
-
-    @property
-    def bn1(self) -> nn.Module:
-        return self.features[0][1]
-
-    @property
-    def act1(self) -> nn.Module:
-        return self.features[0][2]
 
     @property
     def stem_conv(self) -> nn.Conv2d:
         return self.features[0][0]
 
-    def _stage(self, i: int) -> nn.Sequential:
-        a, b = self._stages[i]
-        return nn.Sequential(*self.features[a:b])
+    def parts(self) -> dict[str, list[nn.Module]]:
+        """The stem, the four stages and the head, in order (what freezing, learning rates and summaries
+        name)."""
+        stages = {f"layer{i + 1}": list(self.features[a:b]) for i, (a, b) in enumerate(self._stages)}
+        return {"stem": [self.features[0]], **stages, "head": [self.avgpool, self.classifier]}
 
-    layer1 = property(lambda self: self._stage(0))
-    layer2 = property(lambda self: self._stage(1))
-    layer3 = property(lambda self: self._stage(2))
-    layer4 = property(lambda self: self._stage(3))
-
-    @property
-    def fc(self) -> nn.Module:
+    def get_classifier(self) -> nn.Module:
+        """The layer whose outputs are the classes (timm's name)."""
         return self.classifier[-1]
 
     @property
     def num_classes(self) -> int:
-        return getattr(self.fc, "out_features", 0)
+        return getattr(self.get_classifier(), "out_features", 0)
 
     def reset_classifier(self, num_classes: int) -> None:
         hidden = self.classifier[0].out_features

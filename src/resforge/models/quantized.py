@@ -16,13 +16,13 @@ weights, and `compress.qat` hands them to the int8 exporter.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError
+from .layers import parent_of, replace_layer
 
 U8 = (0, 255)
 S8 = 127  # symmetric int8 weights: -127..127, as onnxruntime quantises them
@@ -93,14 +93,6 @@ class QLinear(nn.Linear):
         return F.linear(x, fake_quant_weight(self.weight), self.bias)
 
 
-def parent_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent, _, attr = name.rpartition(".")
-    try:
-        return (model.get_submodule(parent) if parent else model), attr
-    except AttributeError:
-        raise CheckpointError(f"the quantisation record names {name}, which this network does not have") from None
-
-
 def conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
     """(convolution, batch norm) names where the norm reads the convolution's output directly."""
     names = {m: n for n, m in model.named_modules()}
@@ -146,7 +138,6 @@ def apply_fake_quant(model: nn.Module, input_conv: str) -> None:
     for name, module in list(model.named_modules()):
         if not name:
             continue
-        parent, attr = parent_of(model, name)
         if type(module) is nn.Conv2d:
             new: nn.Module = QConv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
                                      module.padding, module.dilation, module.groups, module.bias is not None,
@@ -159,7 +150,7 @@ def apply_fake_quant(model: nn.Module, input_conv: str) -> None:
         else:
             continue
         new.load_state_dict(module.state_dict(), strict=False)
-        setattr(parent, attr, new)
+        replace_layer(model, name, new)
 
 
 def activation_quantizers(model: nn.Module) -> dict[str, ActivationQuant]:
@@ -169,11 +160,3 @@ def activation_quantizers(model: nn.Module) -> dict[str, ActivationQuant]:
              if isinstance(m, QConv2d) and m.input_quant is not None}
     found.update({n: m.quant for n, m in model.named_modules() if isinstance(m, QuantReLU)})
     return found
-
-
-def rebuild(model: nn.Module, transform: dict[str, Any]) -> None:
-    """Apply a "fused" or "fakequant" record to a freshly built network (shapes only; the weights load after)."""
-    if transform["kind"] == "fused":
-        apply_fused(model, transform.get("pairs") or [], weights=False)
-    else:
-        apply_fake_quant(model, transform.get("input_conv", ""))

@@ -13,6 +13,7 @@ Variants (the `variant` argument):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,28 +22,10 @@ import torch
 from torch import nn
 from torchvision.ops import SqueezeExcitation, StochasticDepth
 
-from ..config import CHOICES
 from ..errors import ConfigError
+from .spec import ACTIVATIONS, VARIANTS, checked
 
-ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
-    "relu": lambda: nn.ReLU(inplace=True),
-    "leaky_relu": lambda: nn.LeakyReLU(0.01, inplace=True),
-    "elu": lambda: nn.ELU(inplace=True),
-    "selu": lambda: nn.SELU(inplace=True),
-    "prelu": lambda: nn.PReLU(),
-    "silu": lambda: nn.SiLU(inplace=True),
-    "gelu": lambda: nn.GELU(),
-}
-NORMS = CHOICES["model.norm"]
-VARIANTS = CHOICES["model.variant"]
 BLOCKS = ("basic", "bottleneck")
-INITS = CHOICES["model.init"]
-
-
-def _choice(what: str, value: str, allowed: Sequence[str]) -> str:
-    if value not in allowed:
-        raise ConfigError(f"unknown {what} {value!r}; choose one of: {', '.join(allowed)}")
-    return value
 
 
 def _make_norm(kind: str) -> Callable[[int], nn.Module]:
@@ -150,7 +133,7 @@ def _se_channels(c: int) -> int:
 
 def derived_widths(kw: dict[str, Any], stem_width: int | None = None,
                    stage_widths: Sequence[int] | None = None) -> dict[str, Any]:
-    """The widths an unpruned network derives from its options (`kw` as in `ResNet._kwargs`).
+    """The widths an unpruned network derives from its options (`kw` as `ResNet.spec()` gives them).
 
     A given stem or stage width is taken as the base of what follows from it (the deep stem's
     inner width, SE squeeze widths, which blocks need a projection), as in a network built so.
@@ -179,37 +162,29 @@ class ResNet(nn.Module):
     """
 
     def __init__(self, block: str = "bottleneck", layers: Sequence[int] = (3, 4, 6, 3), *,
-                 num_classes: int = 1000, in_chans: int = 3, variant: str = "v1.5",
-                 small_input: bool = False, width: float = 1.0, groups: int = 1, base_width: int = 64,
-                 act: str = "relu", norm: str = "batchnorm", se: bool = False, drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0, zero_init_residual: bool = True, init: str = "he",
+                 num_classes: int = 1000, in_chans: int = 3, groups: int = 1, base_width: int = 64,
                  stem_width: int | None = None, stage_widths: Sequence[int] | None = None,
                  inner_widths: Sequence[Sequence[Sequence[int]]] | None = None,
                  deep_stem_widths: Sequence[int] | None = None, se_widths: Sequence[Sequence[int]] | None = None,
-                 projections: Sequence[Sequence[bool]] | None = None):
+                 projections: Sequence[Sequence[bool]] | None = None, **options: Any):
+        """`options`: the fields of `models.spec.ModelSpec` (variant, width, act, ...)."""
         super().__init__()
-        _choice("block", block, BLOCKS)
-        _choice("variant", variant, VARIANTS)
-        _choice("activation", act, CHOICES["model.act"])
-        _choice("norm", norm, NORMS)
-        _choice("init", init, INITS)
+        if block not in BLOCKS:
+            raise ConfigError(f"unknown block {block!r}; choose one of: {', '.join(BLOCKS)}")
+        self.options = checked(**options)
+        self.options.variant = self.options.variant or VARIANTS[0]
+        o = self.options
         if len(layers) != 4 or min(layers) < 1:
             raise ConfigError(f"layers must be four positive block counts, got {list(layers)}")
         if block == "basic" and (groups != 1 or base_width != 64):
             raise ConfigError("basic blocks support only groups=1 and base_width=64")
-        if width <= 0 or in_chans < 1 or num_classes < 0:
-            raise ConfigError("width and in_chans must be positive and num_classes non-negative")
-        if not 0 <= drop_rate < 1 or not 0 <= drop_path_rate < 1:
-            raise ConfigError("drop_rate and drop_path_rate must lie in [0, 1)")
-        self._kwargs: dict[str, Any] = dict(
-            block=block, layers=list(layers), num_classes=num_classes, in_chans=in_chans, variant=variant,
-            small_input=small_input, width=width, groups=groups, base_width=base_width, act=act, norm=norm,
-            se=se, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
-            zero_init_residual=zero_init_residual, init=init)
+        if in_chans < 1 or num_classes < 0:
+            raise ConfigError("in_chans must be positive and num_classes non-negative")
+        self._blocks = dict(block=block, layers=list(layers), groups=groups, base_width=base_width)
 
         if stage_widths is not None and len(stage_widths) != len(layers):
             raise ConfigError(f"stage_widths do not match the {len(layers)} stages in layers")
-        derived = derived_widths(self._kwargs, stem_width, stage_widths)
+        derived = derived_widths(self._keywords(), stem_width, stage_widths)
         stem_width = stem_width or derived["stem_width"]
         stage_widths = list(stage_widths or derived["stage_widths"])
         inner_widths = [[list(w) for w in stage] for stage in (inner_widths or derived["inner_widths"])]
@@ -219,8 +194,9 @@ class ResNet(nn.Module):
         if any([len(s) for s in table] != list(layers) for table in (inner_widths, se_widths, projections)):
             raise ConfigError("stage_widths/inner_widths/se_widths/projections do not match the blocks in layers")
 
-        actf, normf = ACTIVATIONS[act], _make_norm(norm)
+        actf, normf = ACTIVATIONS[o.act], _make_norm(o.norm)
         block_cls = Bottleneck if block == "bottleneck" else BasicBlock
+        small_input, variant = o.small_input, o.variant
         stem_stride = 1 if small_input else 2
         if variant == "d":
             c1, c2 = deep_stem_widths
@@ -246,22 +222,22 @@ class ResNet(nn.Module):
             for j in range(n):
                 s = stride if j == 0 else 1
                 downsample = self._shortcut(cin, cout, s, variant == "d", normf) if projections[i][j] else None
-                dp = drop_path_rate * idx / max(n_blocks - 1, 1)
+                dp = o.drop_path_rate * idx / max(n_blocks - 1, 1)
                 blocks.append(block_cls(cin, inner_widths[i][j], cout, s, downsample, groups,
-                                        variant == "v1", actf, normf, se_widths[i][j] if se else 0, dp))
+                                        variant == "v1", actf, normf, se_widths[i][j] if o.se else 0, dp))
                 cin, idx = cout, idx + 1
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
             self.feature_info.append({"name": f"layer{i + 1}", "channels": cout, "reduction": reduction})
 
         self.num_features = cin
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.drop = nn.Dropout(drop_rate)
+        self.drop = nn.Dropout(o.drop_rate)
         self.fc: nn.Module = nn.Linear(cin, num_classes) if num_classes else nn.Identity()
         self.model_name: str | None = None  # the registry name, when built by create_model
         self.transforms: list[dict[str, Any]] = []  # what was done to it since (pruned, ...), for its sidecar
         # Where pretrained weights came from and the input normalisation they expect (timm's habit).
         self.pretrained_cfg: dict[str, Any] = {}
-        self._init_weights(init, zero_init_residual)
+        self._init_weights(o.init, o.zero_init_residual)
 
     @staticmethod
     def _shortcut(cin: int, cout: int, stride: int, avg_down: bool, normf: Callable[[int], nn.Module]) -> nn.Module:
@@ -296,14 +272,29 @@ class ResNet(nn.Module):
         """The first convolution: the one whose input channels follow `in_chans`."""
         return self.conv1[0] if isinstance(self.conv1, nn.Sequential) else self.conv1
 
+    def parts(self) -> dict[str, list[nn.Module]]:
+        """The stem, the four stages and the head, in order (what freezing, learning rates and summaries
+        name)."""
+        stages = {info["name"]: [getattr(self, info["name"])] for info in self.feature_info}
+        return {"stem": [self.conv1, self.bn1, self.act1, self.maxpool], **stages,
+                "head": [self.avgpool, self.drop, self.fc]}
+
+    def get_classifier(self) -> nn.Module:
+        """The layer whose outputs are the classes (timm's name)."""
+        return self.fc
+
     def reset_classifier(self, num_classes: int) -> None:
         """A new, freshly initialised head; 0 leaves pooled features as the output."""
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
 
+    def _keywords(self) -> dict[str, Any]:
+        """The block structure and the options, as keywords of the constructor."""
+        return {**self._blocks, **dataclasses.asdict(self.options)}
+
     def spec(self) -> dict[str, Any]:
         """Keyword arguments that rebuild this exact architecture: the options, and every width that
         differs from what they derive (as pruning leaves them)."""
-        kw = dict(self._kwargs, num_classes=self.num_classes, in_chans=self.stem_conv.in_channels)
+        kw = dict(self._keywords(), num_classes=self.num_classes, in_chans=self.stem_conv.in_channels)
         stages = [getattr(self, f"layer{i + 1}") for i in range(len(kw["layers"]))]
         stem = self.conv1[-1] if isinstance(self.conv1, nn.Sequential) else self.conv1
         live = {"stem_width": stem.out_channels,  # convolutions, not norms: int8 training folds the norms away

@@ -7,13 +7,13 @@ meta device is summarised without allocating or computing anything.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .resnet import ResNet
 
 
 @dataclass
@@ -57,16 +57,14 @@ def _params(*modules: nn.Module) -> int:
     return sum(p.numel() for m in modules for p in m.parameters())
 
 
-def summarize(model: ResNet, img_size: int = 224, name: str = "model") -> ModelSummary:
-    """Count one image's cost, stage by stage, through the model's own stage methods."""
+def summarize(model: nn.Module, img_size: int = 224, name: str = "model") -> ModelSummary:
+    """Count one image's cost, stage by stage, through the model's own parts (its stem and head methods)."""
     p = next(model.parameters())
     x = torch.zeros(1, model.stem_conv.in_channels, img_size, img_size, device=p.device, dtype=p.dtype)
-    stages: list[tuple[str, tuple[nn.Module, ...], object]] = [
-        ("stem", (model.conv1, model.bn1, model.act1), model.forward_stem)]
-    stages += [(info["name"], (getattr(model, info["name"]),), getattr(model, info["name"]))
-               for info in model.feature_info]
-    head = tuple(m for n, m in model.named_children() if n in ("drop", "fc", "classifier"))
-    stages.append(("head", head, model.forward_head))
+    parts = model.parts()
+    stages: list[tuple[str, list[nn.Module], Callable[[torch.Tensor], torch.Tensor]]] = [
+        (part, modules, model.forward_stem if part == "stem" else model.forward_head if part == "head"
+         else nn.Sequential(*modules)) for part, modules in parts.items()]
     was_training = model.training
     model.eval()
     rows = []

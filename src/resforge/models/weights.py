@@ -26,6 +26,9 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..io import atomic_path, sha256_file
+from . import record
+from .registry import rebuild
+from .transforms import apply_recorded
 
 log = logging.getLogger("resforge")
 
@@ -176,7 +179,7 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str = "c
         have, want = state[stem_key].shape[1], own[stem_key].shape[1]
         state[stem_key] = adapt_input_conv(state[stem_key], want)
         notes.append(f"stem weights folded from {have} to {want} input channel(s)")
-    prefix = next(n for n, m in model.named_modules() if m is model.fc) + "."  # fc. (ResNet), classifier.3.
+    prefix = next(n for n, m in model.named_modules() if m is model.get_classifier()) + "."  # fc., classifier.3.
     head = [k for k in own if k.startswith(prefix)]
     ckpt_head = [k for k in state if k.startswith(prefix)]
     if not ckpt_head and head:
@@ -209,16 +212,6 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str = "c
     return notes
 
 
-SIDECAR_FORMAT = "resforge-model"
-SIDECAR_VERSION = 2  # 2: the architecture records its post-build transforms
-# What may have been done to a built model: a pruned network is a network of other widths and a
-# sparse one has zeros in its weights (the spec rebuilds both); a low-rank one has layers replaced
-# by their factors (the record's ranks rebuild them); a network trained for int8 has its batch norms
-# folded ("fused") and rounds weights and activations ("fakequant", models.quantized). A transform
-# not listed here was written by a newer resforge.
-TRANSFORMS = ("pruned", "sparse", "lowrank", "fused", "fakequant")
-
-
 def arch_record(model: nn.Module) -> dict[str, Any]:
     """What rebuilds `model`: its registry name, its spec and the transforms applied since it was built."""
     return {"name": model.model_name, "kwargs": model.spec(), "transforms": list(model.transforms)}
@@ -226,33 +219,9 @@ def arch_record(model: nn.Module) -> dict[str, Any]:
 
 def build_from_arch(arch: dict[str, Any], source: str) -> nn.Module:
     """The model an `arch_record` describes, freshly initialised; CheckpointError names what does not fit."""
-    from .mobilenet import MobileNetV3
-    from .resnet import ResNet
-
     if not isinstance(arch, dict) or not isinstance(arch.get("kwargs"), dict):
         raise CheckpointError(f"{source} does not describe an architecture")
-    transforms = arch.get("transforms", [])
-    unknown = [t.get("kind") if isinstance(t, dict) else t for t in transforms
-               if not isinstance(t, dict) or t.get("kind") not in TRANSFORMS]
-    if unknown:
-        raise CheckpointError(f"{source} holds a model transformed by {', '.join(map(str, unknown))}, which this "
-                              f"resforge cannot rebuild (it knows {', '.join(TRANSFORMS)}); update resforge")
-    try:
-        model = (MobileNetV3 if str(arch.get("name")).startswith("mobilenet_v3") else ResNet)(**arch["kwargs"])
-    except (TypeError, KeyError, ValueError) as e:
-        raise CheckpointError(f"{source} does not describe an architecture this resforge can build: {e}") from None
-    model.model_name = arch.get("name")
-    for t in transforms:
-        if t["kind"] == "lowrank":
-            from .lowrank import apply_ranks
-
-            apply_ranks(model, t.get("ranks") or {})
-        elif t["kind"] in ("fused", "fakequant"):
-            from .quantized import rebuild
-
-            rebuild(model, t)
-    model.transforms = list(transforms)
-    return model
+    return apply_recorded(rebuild(arch.get("name"), arch["kwargs"], source), arch.get("transforms", []), source)
 
 
 def sidecar_path(weights: str | os.PathLike) -> Path:
@@ -262,8 +231,9 @@ def sidecar_path(weights: str | os.PathLike) -> Path:
 def save_model(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any]) -> Path:
     """Weights as safetensors, and beside them a JSON sidecar that rebuilds the model.
 
-    The sidecar records the exact architecture (`model.spec()`, pruned widths included) plus
-    whatever the caller adds (classes, preprocessing, metrics). Both files are written atomically
+    The sidecar is the model record (`models.record`): the exact architecture (`model.spec()`, pruned
+    widths included, and its transforms) plus the fields the caller gives (classes, preprocessing,
+    metrics, where it was trained), and the name and id of the weights. Both files are written atomically
     and share an id, so a save torn between the two is detected on load.
     """
     import json
@@ -274,8 +244,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any]) 
     path = Path(path)
     token = uuid.uuid4().hex
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    sidecar = {"format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, "weights": path.name, "id": token,
-               "arch": arch_record(model), **meta}
+    sidecar = {**record.write({**meta, "arch": arch_record(model)}), "weights": path.name, "id": token}
     # Both written before either is renamed into place: only a kill between the two renames can tear them.
     with atomic_path(path) as tmp, atomic_path(sidecar_path(path)) as side_tmp:
         save_file(state, tmp, metadata={"resforge_id": token})
@@ -316,12 +285,9 @@ def load_model(source: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
         meta = json.loads(side.read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{side} is not a readable sidecar: {e}") from None
-    if (not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT or not isinstance(meta.get("arch"), dict)
-            or not isinstance(meta["arch"].get("kwargs"), dict)):
+    if not isinstance(meta, dict) or not isinstance(meta.get("arch"), dict):
         raise CheckpointError(f"{side} is not a resforge model sidecar")
-    if not isinstance(meta.get("version"), int) or meta["version"] > SIDECAR_VERSION:
-        raise CheckpointError(f"{side} is version {meta.get('version')} of the sidecar; this resforge reads up to "
-                              f"{SIDECAR_VERSION}: update resforge")
+    meta = record.read(meta, str(side))
     try:
         with safe_open(str(path), "pt") as f:
             token = (f.metadata() or {}).get("resforge_id")

@@ -1,30 +1,30 @@
-"""What a model carries about itself, the same in every format: one versioned JSON record.
+"""What a model carries about itself, the same in every format: the model record, typed.
 
 The record holds what it takes to use the model without its training code: the class names, the
 preprocessing (resize of the shorter side, centre crop, scaling, mean/std, channel order), what
 the input is (a normalised float NCHW tensor, or uint8 NHWC pixels of any size when the
 preprocessing is inside the graph), the image formats it accepts, the architecture, the training
-metrics and where it came from.
-It travels in the safetensors sidecar (as its fields), in an ONNX file's `metadata_props` under
-`resforge.model` (beside ONNX's own `Image.*` keys where they apply), and in an OpenVINO IR's
-rt_info under `resforge`.
+metrics and where it came from. Its one format, and the reading of older ones, is `models.record`:
+the safetensors sidecar is the record, an ONNX file carries it in `metadata_props` under
+`resforge.model` (beside ONNX's own `Image.*` keys where they apply), an OpenVINO IR in rt_info under
+`resforge`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ..config import DataConfig
-from ..data.folder import IMAGE_FORMATS
+from ..data.folder import IMAGE_FORMATS, Sample, recorded_samples, recorded_split
 from ..data.transforms import Preprocess, imagenet_stats, make_preprocess
 from ..errors import CheckpointError, ConfigError
+from ..models import record
 
-SCHEMA = "resforge.model"
-VERSION = 1
-ONNX_KEY = SCHEMA  # metadata_props key
+ONNX_KEY = record.SCHEMA  # metadata_props key
 OV_KEY = "resforge"  # rt_info key
 PT2_FILE = "resforge.model.json"  # extra file of a torch.export program
 INPUTS = ("tensor", "pixels")  # float NCHW normalised | uint8 NHWC, any size, preprocessing in the graph
@@ -39,7 +39,7 @@ class ModelInfo:
     classes: list[str]
     pre: Preprocess
     input: str = "tensor"
-    arch: dict[str, Any] | None = None  # {"name", "kwargs"}: rebuilds the network (ResNet(**kwargs))
+    arch: dict[str, Any] | None = None  # {"name", "kwargs", "transforms"}: rebuilds the network (models.weights)
     metrics: dict[str, Any] = field(default_factory=dict)
     trained: dict[str, Any] = field(default_factory=dict)
     export: dict[str, Any] = field(default_factory=dict)  # format, opset, dtype, versions, parity
@@ -54,42 +54,29 @@ class ModelInfo:
         return (self.arch or {}).get("name") or "model"
 
     def to_dict(self) -> dict[str, Any]:
-        p = self.pre
-        return {
-            "schema": SCHEMA, "version": VERSION, "classes": self.classes,
-            "preprocess": {"img_size": p.img_size, "resize_size": p.resize_size, "resize": "shorter_side",
-                           "crop": "center", "interpolation": p.interpolation, "antialias": True,
-                           "scale": 1 / 255, "mean": p.mean, "std": p.std, "in_chans": p.in_chans,
-                           "channel_order": "RGB" if p.in_chans == 3 else "L"},
-            "input": ({"kind": "pixels", "dtype": "uint8", "layout": "NHWC", "size": "any"} if self.takes_pixels
-                      else {"kind": "tensor", "dtype": "float32", "layout": "NCHW",
-                            "size": [p.in_chans, p.img_size, p.img_size]}),
-            "formats": self.formats, "model": self.arch, "metrics": self.metrics, "trained": self.trained,
-            "export": self.export}
+        fields: dict[str, Any] = {"classes": self.classes, "preprocess": self.pre.to_dict()}
+        if self.takes_pixels:
+            fields["input"] = {"kind": "pixels", "dtype": "uint8", "layout": "NHWC", "size": "any"}
+        return record.write({**fields, "formats": self.formats, "arch": self.arch, "metrics": self.metrics,
+                             "trained": self.trained, "export": self.export})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"))
 
     @classmethod
     def from_dict(cls, d: Any, source: str) -> ModelInfo:
-        """A record read from a file; CheckpointError names what is wrong with it."""
-        if not isinstance(d, dict) or d.get("schema") != SCHEMA:
-            raise CheckpointError(f"{source}: its metadata is not a resforge model record")
-        if not isinstance(d.get("version"), int) or d["version"] > VERSION:
-            raise CheckpointError(f"{source} was written by a newer resforge (model record version "
-                                  f"{d.get('version')!r}; this one reads up to {VERSION}): upgrade resforge")
-        pre = d.get("preprocess")
-        if not isinstance(pre, dict):
-            raise CheckpointError(f"{source}: its model record has no preprocessing")
-        unsupported = {k: pre.get(k) for k, v in (("resize", "shorter_side"), ("crop", "center"), ("antialias", True))
-                       if pre.get(k, v) != v}
+        """A record read from a file (any version, or a sidecar); CheckpointError names what is wrong with it."""
+        d = record.read(d, source)
+        raw = d.get("preprocess")
+        pre = _preprocess(raw, source)
+        unsupported = {k: raw.get(k) for k, v in record.IMPLIED.items() if k != "scale" and raw.get(k, v) != v}
         if unsupported:
             raise CheckpointError(f"{source}: preprocessing this resforge cannot reproduce: {unsupported}")
-        inp, arch = d.get("input") or {}, d.get("model")
+        inp = d.get("input") or {}
         kind = inp.get("kind", "tensor") if isinstance(inp, dict) else None
-        if kind not in INPUTS or not (arch is None or isinstance(arch, dict)):
-            raise CheckpointError(f"{source}: its model record has an unknown input kind or model entry")
-        info = cls(classes=d.get("classes"), pre=_preprocess(pre, source), input=kind, arch=arch,
+        if kind not in INPUTS:
+            raise CheckpointError(f"{source}: its model record has an unknown input kind")
+        info = cls(classes=d.get("classes"), pre=pre, input=kind, arch=d.get("arch"),
                    metrics=d.get("metrics") or {}, trained=d.get("trained") or {}, export=d.get("export") or {},
                    formats=image_formats(d.get("formats", IMAGE_FORMATS), source, CheckpointError))
         _check_classes(info.classes, source)
@@ -105,13 +92,23 @@ class ModelInfo:
 
     @classmethod
     def from_sidecar(cls, meta: dict[str, Any], source: str) -> ModelInfo:
-        """The record of a model saved by a training run (`best.json`)."""
+        """The record of a saved model (`best.json`), which only a training run fills in."""
         if not {"classes", "preprocess"} <= meta.keys():
             raise CheckpointError(f"{source} has no classes or preprocessing in its sidecar: it was not saved by "
                                   "a training run, so it cannot classify images as it is")
-        _check_classes(meta["classes"], f"the sidecar of {source}")
-        return cls(classes=meta["classes"], pre=_preprocess(meta["preprocess"], f"the sidecar of {source}"),
-                   arch=meta.get("arch"), metrics=meta.get("metrics") or {}, trained=meta.get("trained") or {})
+        return cls.from_dict(meta, f"the sidecar of {source}")
+
+    def recorded_split(self, model: str | os.PathLike) -> Path | None:
+        """The split.csv of the run that trained this model (whose file is `model`); None when not found."""
+        return recorded_split(model, self.trained.get("run"))
+
+    def recorded_samples(self, model: str | os.PathLike, split: str) -> list[Sample]:
+        """(file, label) of one split of the run that trained this model (whose file is `model`), as its
+        split.csv recorded it; none when the split record or the data folder is not found."""
+        data, split_csv = self.trained.get("data"), self.recorded_split(model)
+        if not data or split_csv is None:
+            return []
+        return recorded_samples(data, split_csv, split, self.classes)
 
     def check_model(self, source: str, outputs: int | None, in_chans: int | None) -> None:
         """The record and the network agree on the class count and the input channels."""

@@ -34,11 +34,11 @@ def default_lr(cfg: OptimConfig, batch_size: int) -> float:
 
 
 def _part_modules(model: nn.Module, part: str) -> list[nn.Module]:
-    if part == "stem":
-        return [model.conv1, model.bn1, model.act1]
-    if part == "backbone":  # the head is the classifier and the dropout before it
-        return [m for name, m in model.named_children() if name not in ("drop", "fc", "classifier")]
-    return [getattr(model, part)]
+    """The modules of one of the model's `parts()`, or of all but its head ("backbone")."""
+    named = model.parts()
+    if part == "backbone":
+        return [m for name, modules in named.items() if name != "head" for m in modules]
+    return named[part]
 
 
 def freeze(model: nn.Module, parts: list[str]) -> list[nn.Module]:
@@ -64,7 +64,7 @@ def param_groups(model: nn.Module, cfg: OptimConfig, lr: float) -> list[dict]:
     Norm weights and all biases (every tensor of one dimension) get no weight decay unless
     `wd_norm_bias` (Bag of Tricks, section 3.1); the backbone's lr is scaled by `backbone_lr_mult`.
     """
-    head = {id(p) for p in model.fc.parameters()}
+    head = {id(p) for m in model.parts()["head"] for p in m.parameters()}
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for p in model.parameters():
         if p.requires_grad:

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..io import write_csv
+from ..models import transforms
 
 log = logging.getLogger("resforge")
 
@@ -93,6 +94,13 @@ class GradualMagnitude:
             for model in models:  # the weight average too: either may be saved as the best
                 for name, w in prunable(model).items():
                     w.mul_(self.mask[name])
+
+
+def mark_sparse(model: nn.Module, sparsity: float, scope: str) -> None:
+    """Record on `model` that it trains sparse, once (a resumed run's model, or a sparse source, already says
+    so)."""
+    if not transforms.has(model, "sparse"):
+        transforms.record(model, {"kind": "sparse", "sparsity": sparsity, "scope": scope})
 
 
 def report(model: nn.Module) -> list[dict[str, Any]]:

@@ -30,6 +30,7 @@ from ..data.transforms import Preprocess, imagenet_stats, make_preprocess
 from ..device import autocast, resolve_amp, resolve_device, seed_everything
 from ..errors import ConfigError, TrainingError
 from ..models import ResNet, create_model, load_model, save_model
+from ..models.spec import ARCHITECTURE, given_options
 from ..models.weights import arch_record, build_from_arch
 from ..tasks import Classification, Task
 from . import budget as _budget
@@ -40,14 +41,12 @@ from .optim import Schedule, default_lr, freeze, set_train_mode
 from .padding_taps import guard_padding_taps
 from .resume import read_run, restore
 from .rundir import new_run_dir, prepare_run_dir, write_metrics
-from .sparsity import GradualMagnitude
+from .sparsity import GradualMagnitude, mark_sparse
 from .step import Step, update_ema
 
 log = logging.getLogger("resforge")
 
 Callback = Callable[[str, "Trainer"], None]
-# The model options an `--init` model fixes (its spec holds them).
-ARCH_OPTIONS = ("variant", "small_input", "width", "act", "norm", "se", "drop_rate", "drop_path_rate")
 SYNC_EVERY = 10  # batches between the host's waits for the device: the progress figures and the loss check
 
 
@@ -133,10 +132,8 @@ class Trainer:
 
     def _model_kwargs(self) -> dict[str, Any]:
         m, d = self.cfg.model, self.cfg.data
-        kwargs = dict(in_chans=d.in_chans, small_input=m.small_input if m.small_input is not None else d.img_size <= 64,
-                      width=m.width, act=m.act, norm=m.norm, se=m.se, drop_rate=m.drop_rate,
-                      drop_path_rate=m.drop_path_rate, zero_init_residual=m.zero_init_residual, init=m.init)
-        return {**kwargs, "variant": m.variant} if m.variant else kwargs
+        small_input = m.small_input if m.small_input is not None else d.img_size <= 64
+        return {**given_options(m), "small_input": small_input, "in_chans": d.in_chans}
 
     def _adopt_init(self) -> tuple[ResNet, dict[str, Any]]:
         """Load `--init`'s model: its architecture is the run's, and so are its input options unless set."""
@@ -144,7 +141,7 @@ class Trainer:
         model, meta = load_model(cfg.model.init_from)
         spec, pre = meta["arch"]["kwargs"], meta["preprocess"]
         arch = {"model.name": meta["arch"]["name"] or cfg.model.name,
-                **{f"model.{k}": spec[k] for k in ARCH_OPTIONS if k in spec}}
+                **{f"model.{k}": spec[k] for k in ARCHITECTURE if k in spec}}
         clash = [k for k in arch if k in cfg.user_set and get_option(cfg, k) != arch[k]]
         if clash:
             fixed = ", ".join(f"{k} {arch[k]}" for k in clash)
@@ -283,8 +280,7 @@ class Trainer:
         sparsifier = GradualMagnitude(t.sparsity, t.sparsity_scope)
         self.callbacks.append(sparsifier)
         self.best_allowed = lambda: sparsifier.reached(self)
-        if not any(tr.get("kind") == "sparse" for tr in self.model.transforms):
-            self.model.transforms.append({"kind": "sparse", "sparsity": t.sparsity, "scope": t.sparsity_scope})
+        mark_sparse(self.model, t.sparsity, t.sparsity_scope)
 
     def model_changed(self) -> None:
         """The model's parameters were replaced (pruned, factorised): rebuild what holds or copies them."""

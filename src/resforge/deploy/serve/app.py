@@ -189,7 +189,7 @@ def _add_info_routes(app: FastAPI, state: State) -> None:
         predictor = state.ready()
         record = predictor.info.to_dict()
         return {"name": predictor.info.name, "classes": predictor.classes, "preprocess": record["preprocess"],
-                "input": record["input"], "formats": record["formats"], "model": _named(record["model"]),
+                "input": record["input"], "formats": record["formats"], "model": _named(record["arch"]),
                 "metrics": {k: v for k, v in record["metrics"].items() if isinstance(v, (int, float))},
                 "backend": predictor.backend, "precision": predictor.precision,
                 "batching": {"max_batch": options.max_batch, "max_wait_ms": options.max_wait_ms,
