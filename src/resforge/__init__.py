@@ -13,7 +13,7 @@ from .models import ResNet, create_model, list_models, load_model, summarize
 __version__ = "0.1.0"
 
 # The stage functions load on first use, so `import resforge` stays light (no matplotlib, no data code).
-_API = ("train", "prune", "lowrank", "quantize", "optimize", "evaluate", "predict", "lr_find", "inspect_data",
+_API = ("info", "train", "prune", "lowrank", "quantize", "optimize", "evaluate", "predict", "lr_find", "inspect_data",
         "export", "bench", "serve", "ensemble", "tune", "Predictor")
 
 

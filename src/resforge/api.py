@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -21,7 +22,7 @@ from .compress.finetune import compression_run
 from .compress.optimize import optimize as _optimize
 from .compress.quantize import Quantized, check_calibration
 from .compress.quantize import quantize as _quantize
-from .commands import (BenchOptions, EnsembleOptions, EvalOptions, ExportOptions, InspectOptions,
+from .commands import (BenchOptions, EnsembleOptions, EvalOptions, ExportOptions, InfoOptions, InspectOptions,
                        LowrankOptions, LrFindOptions, OptimizeOptions, PredictOptions, PruneOptions, QuantizeOptions,
                        TrainOptions, TuneOptions)
 from .config import AUTO_RECIPE, Config, TrainConfig, build_config
@@ -36,6 +37,8 @@ from .evaluation.evaluate import evaluate_samples, labelled_samples
 from .evaluation.metrics import ClassificationReport
 from .evaluation.plots import plot_image_grid, plot_lr_find
 from .io import write_json
+from .models import create_model
+from .models.summary import ModelSummary, summarize
 from .options import from_keywords, take_keywords
 from .training.lr_find import LRFindResult, check_range
 from .training.lr_find import lr_find as _lr_find
@@ -44,7 +47,7 @@ from .training.trainer import Callback, Trainer
 
 log = logging.getLogger("resforge")
 
-__all__ = ["train", "prune", "lowrank", "quantize", "optimize", "evaluate", "predict", "lr_find", "inspect_data",
+__all__ = ["info", "train", "prune", "lowrank", "quantize", "optimize", "evaluate", "predict", "lr_find", "inspect_data",
            "export", "bench", "serve", "ensemble", "tune", "Predictor"]
 
 
@@ -376,6 +379,18 @@ def lr_find(data: str | os.PathLike | None = None, *, model: str | None = None, 
     log.info("suggested learning rate: %s (plot: %s)",
              f"{result.suggestion:.3g}" if result.suggestion else f"none ({result.reason})", out / "lr_find.png")
     return result
+
+
+def info(model: str, **options: Any) -> ModelSummary:
+    """Parameters, MACs and per-stage output shapes of a model at an input size (`commands.InfoOptions`' fields
+    and the model spec's options). Without weights to load it is counted on the meta device, instantly."""
+    o, spec = take_keywords(InfoOptions, options)
+    if o.img_size < 1:
+        raise ConfigError(f"--img-size must be a positive number of pixels, got {o.img_size}")
+    kwargs = dict(num_classes=o.num_classes, in_chans=o.in_chans, pretrained=o.pretrained, **spec)
+    with torch.device("meta") if o.pretrained is None else contextlib.nullcontext():
+        net = create_model(model, **kwargs)
+    return summarize(net, o.img_size, model)
 
 
 def inspect_data(root: str | os.PathLike, **options: Any) -> FolderReport:

@@ -32,27 +32,10 @@ class Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see '{self.prog} --help')")
 
 
-def _model_options(p: argparse.ArgumentParser) -> None:
+def _model_spec_options(p: argparse.ArgumentParser) -> None:
     from .models.spec import add_model_flags
 
-    g = p.add_argument_group("model options")
-    g.add_argument("--num-classes", type=INT, default=1000, help="classifier outputs (default: 1000)")
-    g.add_argument("--in-chans", type=INT, default=3, help="input channels, 1 for grayscale (default: 3)")
-    g.add_argument("--pretrained", metavar="PATH_OR_URL",
-                   help="weights: torchvision/timm .pth, safetensors or Keras .h5, local or http(s)")
-    add_model_flags(g)
-
-
-def _model_kwargs(args: argparse.Namespace) -> dict:
-    from .models.spec import given_options
-
-    return dict(num_classes=args.num_classes, in_chans=args.in_chans, pretrained=args.pretrained,
-                **given_options(args))
-
-
-def _info_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--img-size", type=INT, default=224, help="square input size in pixels (default: 224)")
-    _model_options(p)
+    add_model_flags(p.add_argument_group("model options"))
 
 
 def _training_options(p: argparse.ArgumentParser) -> None:
@@ -84,19 +67,11 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    import torch
+    from . import api
+    from .commands import InfoOptions
+    from .models.spec import given_options
 
-    from .models import create_model, summarize
-
-    if args.img_size < 1:
-        raise ConfigError(f"--img-size must be a positive number of pixels, got {args.img_size}")
-    kwargs = _model_kwargs(args)
-    if kwargs["pretrained"] is None:  # nothing to load: count on the meta device, instantly
-        with torch.device("meta"):
-            model = create_model(args.model, **kwargs)
-    else:
-        model = create_model(args.model, **kwargs)
-    print(summarize(model, args.img_size, args.model).table())
+    print(api.info(args.model, **_given(args, InfoOptions), **given_options(args)).table())
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -273,7 +248,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], None]] = {
     "ensemble": cmd_ensemble, "serve": cmd_serve, "data inspect": cmd_data_inspect, "data import": cmd_data_import,
     "demo": cmd_demo,
 }
-EXTRA_OPTIONS = {"info": _info_options}  # flags not generated from the command's options
+EXTRA_OPTIONS = {"info": _model_spec_options}  # flags not generated from the command's options
 
 
 def _group_usage(args: argparse.Namespace) -> None:

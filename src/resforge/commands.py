@@ -231,6 +231,16 @@ class ImportOptions:
 
 
 @dataclass(kw_only=True)
+class InfoOptions:
+    """The model's size and inputs; its architecture options are the model spec's (`models.spec.ModelSpec`)."""
+    img_size: int = option(224, "square input size in pixels", group="size and inputs")
+    num_classes: int = option(1000, "classifier outputs", group="size and inputs")
+    in_chans: int = option(3, "input channels, 1 for grayscale", group="size and inputs")
+    pretrained: str | None = option(None, "weights: torchvision/timm .pth, safetensors or Keras .h5, local or "
+                                          "http(s)", metavar="PATH_OR_URL", group="size and inputs")
+
+
+@dataclass(kw_only=True)
 class DemoOptions:
     minutes: float = option(3.0, "training time budget, above 0")
 
@@ -262,7 +272,7 @@ COMMANDS = (
     Command("info", "parameters, MACs and per-stage output shapes of a model",
             "Count a model's parameters and multiply-accumulates at an input size, stage by stage. Counted on the "
             "model itself (torch's FlopCounterMode), not looked up.",
-            (Arg("model", "model name (see 'resforge models')"),)),
+            (Arg("model", "model name (see 'resforge models')"),), (InfoOptions,)),
     Command("train", "train or fine-tune on a folder of images",
             "Train on DATA (root/<class>/* or root/{train,val[,test]}/<class>/*) and write a run directory with "
             "config.yaml, metrics.csv, best.safetensors + best.json, last.ckpt, plots and report.md. Precedence: "
