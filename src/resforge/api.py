@@ -25,7 +25,7 @@ from .compress.quantize import quantize as _quantize
 from .commands import (BenchOptions, EnsembleOptions, EvalOptions, ExportOptions, InfoOptions, InspectOptions,
                        LowrankOptions, LrFindOptions, OptimizeOptions, PredictOptions, PruneOptions, QuantizeOptions,
                        TrainOptions, TuneOptions)
-from .config import AUTO_RECIPE, Config, TrainConfig, build_config
+from .config import config_for
 from .data.folder import scan_images, thumbnail
 from .data.inspect import FolderReport, inspect_folder
 from .deploy.bench import bench as _bench
@@ -56,16 +56,6 @@ def _given(**keywords: Any) -> dict[str, Any]:
     return {k: v for k, v in keywords.items() if v is not None}
 
 
-def _config(data: str | None, model: str | None, recipe: str | None, config: str | os.PathLike | None,
-            options: dict[str, Any]) -> Config:
-    overrides = dict(options)
-    if data is not None:
-        overrides["data.root"] = str(data)
-    if model is not None:
-        overrides["model.name"] = model
-    return build_config(AUTO_RECIPE if recipe is None else recipe, config, overrides)
-
-
 def train(data: str | os.PathLike | None = None, *, model: str | None = None, recipe: str | None = None,
           config: str | os.PathLike | None = None, resume: str | os.PathLike | None = None,
           callbacks: list[Callback] = (), progress: bool = True, devices: int = TrainOptions.devices, **options: Any
@@ -83,69 +73,21 @@ def train(data: str | os.PathLike | None = None, *, model: str | None = None, re
                               "or config")
         result = run(resume=resume, overrides=options, callbacks=callbacks, progress=progress, devices=devices)
     else:
-        result = run(_config(data, model, recipe, config, options), callbacks=callbacks, progress=progress,
+        result = run(config_for(data, model, recipe, config, options), callbacks=callbacks, progress=progress,
                      devices=devices)
     return result.to_dict() if isinstance(result, RunResult) else result
 
 
 def tune(data: str | os.PathLike | None = None, **options: Any) -> dict[str, Any]:
-    """Search hyperparameters with Optuna: `trials` training runs (each with the training options among `options`,
-    e.g. epochs=5) over `space` (names of training.tune.SPACE) for the best `metric` option (one of
-    training.tune.METRICS), TPE-sampled, weak ones pruned per epoch (`pruner`). Writes
-    `<project>/<name>/`: the study (SQLite unless `storage`), trials/, summary.md, plots/, best.yaml.
-    `resume` continues a killed search (to `trials` finished ones, default as first asked); processes
-    given one `storage` URL and `study` name share the study. `time_limit`: minutes for this process.
-    The search's own options are `commands.TuneOptions`' fields."""
-    from .training import tune as t
+    """Search hyperparameters with Optuna (`training.tune.run_search`): `trials` training runs (each with the
+    training options among `options`, e.g. epochs=5) over `space` for the best `metric`, TPE-sampled, weak ones
+    pruned per epoch. The search's own options are `commands.TuneOptions`' fields."""
+    from .training.tune import run_search
 
     o, options = take_keywords(TuneOptions, options)
-    trials, space, storage, study, time_limit = o.trials, o.space, o.storage, o.study, o.time_limit
-    model, recipe, config, resume = o.model, o.recipe, o.config, o.resume
-    if time_limit is not None and not time_limit > 0:
-        raise ConfigError(f"--time-limit must be a positive number of minutes, got {time_limit:g}")
-    if resume is not None:
-        if data is not None or options or model or recipe or config or space:
-            raise ConfigError("resuming a search continues it as it was set: give only --trials or --time-limit")
-        out = Path(resume)
-        state = t.read_state(out)
-        if trials is not None:
-            if trials < 1:
-                raise ConfigError(f"--trials must be at least 1, got {trials}")
-            state["trials"] = trials
-    else:
-        if data is None:
-            raise ConfigError("give the image folder to search on (or --resume DIR)")
-        if not Path(data).is_dir():
-            raise DataError(f"{data}: no such folder of images")
-        out = t.default_dir(o.project, o.name, data)
-        if (out / t.STATE_FILE).is_file() and storage is None:
-            raise ConfigError(f"{out} already holds a search: continue it with --resume {out}, or give another "
-                              "--name")
-        metric = options.get("metric", options.get("train.metric", TrainConfig.metric))  # each trial's best epoch too
-        state = t.new_state(str(data), options, space or list(t.DEFAULT_SPACE), metric,
-                            t.TRIALS if trials is None else trials, o.pruner, storage, study, out, o.search_seed)
-        state.update(model=model, recipe=recipe, config=str(config) if config else None)
-        _config(state["data"], model, recipe, config, options)  # a bad option fails before the folder is made
-        if storage is not None:
-            t.open_storage(storage)  # and so does a storage that cannot be opened
-        t.write_state(out, state)
-
-    def make_config(params: dict[str, Any]) -> Config:
-        return _config(state["data"], state["model"], state["recipe"], state["config"], {**state["options"], **params})
-
-    def train_trial(cfg: Config, run_dir: Path, callbacks: list[Callback]) -> dict[str, Any]:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        return Trainer(cfg, run_dir=run_dir, callbacks=callbacks, progress=False).fit()
-
-    found = t.search(out, state, train_trial, make_config, time_limit)
-    done = [x for x in found.trials if x.value is not None and x.state.name == "COMPLETE"]
-    result = {"dir": out, "trials": len(found.trials), "complete": len(done),
-              "pruned": sum(x.state.name == "PRUNED" for x in found.trials)}
-    if done:
-        result.update(best_value=found.best_value, best_params=found.best_params, best_config=out / "best.yaml")
-        log.info("best of %d trials: %s %.4f with %s; summary %s, config %s", len(found.trials), state["metric"],
-                 found.best_value, found.best_params, out / "summary.md", out / "best.yaml")
-    return result
+    return run_search(data, options, trials=o.trials, space=o.space, storage=o.storage, study=o.study,
+                      pruner=o.pruner, time_limit=o.time_limit, name=o.name, project=o.project, resume=o.resume,
+                      model=o.model, recipe=o.recipe, config=o.config, seed=o.search_seed)
 
 
 def prune(source: str | os.PathLike, *, callbacks: list[Callback] = (), progress: bool = True,
@@ -262,64 +204,15 @@ def evaluate(source: str | os.PathLike, data: str | os.PathLike, **options: Any)
 
 
 def ensemble(sources: list[str | os.PathLike], data: str | os.PathLike, **options: Any) -> dict[str, Any]:
-    """Average several models' probabilities (equal, `weights`, or weights `fit` on the members' recorded
-    validation split), evaluate the ensemble beside each member on a labelled folder, and export it as
-    one ONNX model (`<out>/ensemble.onnx`, default out: runs/ensemble-<folder>) that every command takes.
-    Options are `commands.EnsembleOptions`' fields."""
-    from .runtime.backends import TorchRunner
-    from .deploy.ensemble import check_weights, export_ensemble, fit_weights, mix, open_members
-    from .evaluation.metrics import classification_report
+    """Average several models' probabilities, evaluate the ensemble beside each member on a labelled folder, and
+    export it as one ONNX model (`deploy.ensemble.build_ensemble`; options are `commands.EnsembleOptions`'
+    fields)."""
+    from .deploy.ensemble import build_ensemble
 
     o = from_keywords(EnsembleOptions, {**options, "data": data})
-    weights, fit, out, batch_size, workers = o.weights, o.fit, o.out, o.batch_size, o.workers
-    _check_batching(batch_size, workers)
-    if weights is not None and fit:
-        raise ConfigError("give --weights or --fit-weights, not both")
-    chosen = check_weights(weights, len(sources)) if weights is not None else None  # before any model is read
-    members = open_members(sources)
-    names = [str(s) for s in sources]
-    predictors = [Predictor(TorchRunner(m.model, torch.device("cpu"), "fp32"), m.info, n, m.model)
-                  for n, m in zip(names, members)]
-    classes = members[0].info.classes
-    samples, _ = labelled_samples(data, classes)
-    out = Path(out) if out else Path("runs") / f"ensemble-{Path(data).resolve().name}"
-
-    def probabilities(batch: list) -> tuple[list[torch.Tensor], torch.Tensor]:
-        runs = [_probabilities(p, batch, batch_size, workers) for p in predictors]
-        return [probs for probs, _ in runs], runs[0][1]
-
-    if fit:
-        val = members[0].info.recorded_samples(members[0].path, "val")
-        if not val:
-            raise ConfigError(f"the validation split of {names[0]}'s run was not found (its split.csv or data folder "
-                              "moved) to fit the weights on: give --weights")
-        chosen = fit_weights(*probabilities(val))
-        log.info("weights fitted on %d validation images of %s: %s", len(val), names[0],
-                 ", ".join(f"{w:.3f}" for w in chosen))
-    chosen = chosen or [1 / len(members)] * len(members)
-    member_probs, targets = probabilities(samples)
-    rows = [{"model": n, "weight": w, **_scores(classification_report(p.numpy(), targets.numpy(), classes))}
-            for n, w, p in zip(names, chosen, member_probs)]
-    mixed = classification_report(mix(member_probs, chosen).numpy(), targets.numpy(), classes)
-    result = {"data": str(data), "images": len(samples), "weights": chosen, "members": rows,
-              "ensemble": _scores(mixed)}
-    path = export_ensemble(members, chosen, names, out / "ensemble.onnx", [s for s, _ in samples[:64]],
-                           metrics={"top1": mixed.top1, "top5": mixed.top5, "data": str(data)})
-    write_json(out / "ensemble.json", {**result, "path": str(path)})
-    best = max(rows, key=lambda r: r["top1"])
-    log.info("ensemble of %d on %s (%d images): top-1 %.2f%% (best member %.2f%%, %s); written %s",
-             len(members), data, len(samples), 100 * mixed.top1, 100 * best["top1"], best["model"], path)
-    return {**result, "path": path}
-
-
-def _probabilities(predictor: Predictor, samples: list, batch_size: int, workers: int
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    logits, targets = predictor.infer(samples, batch_size, workers)
-    return logits.softmax(-1), targets
-
-
-def _scores(report: ClassificationReport) -> dict[str, float]:
-    return {"top1": report.top1, "top5": report.top5, "macro_f1": report.macro["f1"]}
+    _check_batching(o.batch_size, o.workers)
+    return build_ensemble(sources, data, weights=o.weights, fit=o.fit, out=o.out, batch_size=o.batch_size,
+                          workers=o.workers)
 
 
 def _check_batching(batch_size: int, workers: int) -> None:
@@ -371,7 +264,7 @@ def lr_find(data: str | os.PathLike | None = None, *, model: str | None = None, 
     `commands.LrFindOptions`' fields and training options."""
     o, options = take_keywords(LrFindOptions, options)
     check_range(o.start_lr, o.end_lr, o.steps)  # before the folder is decoded
-    trainer = Trainer(_config(data, model, o.recipe, o.config, options), progress=progress)
+    trainer = Trainer(config_for(data, model, o.recipe, o.config, options), progress=progress)
     result = _lr_find(trainer, start_lr=o.start_lr, end_lr=o.end_lr, steps=o.steps)
     out = Path(o.out) if o.out else Path(trainer.cfg.train.project) / "lr_find"
     plot_lr_find(result.lrs, result.losses, result.suggestion, out / "lr_find.png")

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import difflib
 import functools
+import os
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -321,6 +322,17 @@ def build_config(recipe: str | None = None, config_file: str | Path | None = Non
     cfg.user_set = list(dict.fromkeys(user_set))
     validate(cfg)
     return cfg
+
+
+def config_for(data: str | os.PathLike | None, model: str | None, recipe: str | None,
+               config_file: str | os.PathLike | None, options: dict[str, Any]) -> Config:
+    """The config of a run on `data` with `model`: the auto recipe unless another is named."""
+    overrides = dict(options)
+    if data is not None:
+        overrides["data.root"] = str(data)
+    if model is not None:
+        overrides["model.name"] = model
+    return build_config(AUTO_RECIPE if recipe is None else recipe, config_file, overrides)
 
 
 def validate(cfg: Config) -> None:

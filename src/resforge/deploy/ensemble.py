@@ -23,7 +23,9 @@ from torch import nn
 
 from .. import __version__
 from ..errors import ConfigError, ExportError
-from ..io import temp_dir
+from ..evaluation.evaluate import labelled_samples
+from ..evaluation.metrics import ClassificationReport, classification_report
+from ..io import temp_dir, write_json
 from ..runtime.backends import TorchRunner
 from ..runtime.convert import DEFAULT_OPSET, move_into_place, to_onnx
 from ..runtime.predictor import Predictor
@@ -46,6 +48,54 @@ class EnsembleNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs = sum(w * m(x).softmax(-1) for w, m in zip(self.weights, self.members))
         return probs.clamp_min(1e-12).log()
+
+
+def build_ensemble(sources: Sequence[str | os.PathLike], data: str | os.PathLike, *, weights: list[float] | None,
+                   fit: bool, out: str | os.PathLike | None, batch_size: int, workers: int) -> dict[str, Any]:
+    """Average several models' probabilities (equal, `weights`, or weights `fit` on the first member's recorded
+    validation split), evaluate the ensemble beside each member on a labelled folder, and export it as one ONNX
+    model (`<out>/ensemble.onnx`, default out: runs/ensemble-<folder>) that every command takes."""
+    if weights is not None and fit:
+        raise ConfigError("give --weights or --fit-weights, not both")
+    chosen = check_weights(weights, len(sources)) if weights is not None else None  # before any model is read
+    members = open_members(sources)
+    names = [str(s) for s in sources]
+    predictors = [Predictor(TorchRunner(m.model, torch.device("cpu"), "fp32"), m.info, n, m.model)
+                  for n, m in zip(names, members)]
+    classes = members[0].info.classes
+    samples, _ = labelled_samples(data, classes)
+    out = Path(out) if out else Path("runs") / f"ensemble-{Path(data).resolve().name}"
+
+    def probabilities(items: list) -> tuple[list[torch.Tensor], torch.Tensor]:
+        outputs = [p.infer(items, batch_size, workers) for p in predictors]
+        return [logits.softmax(-1) for logits, _ in outputs], outputs[0][1]
+
+    if fit:
+        val = members[0].info.recorded_samples(members[0].path, "val")
+        if not val:
+            raise ConfigError(f"the validation split of {names[0]}'s run was not found (its split.csv or data folder "
+                              "moved) to fit the weights on: give --weights")
+        chosen = fit_weights(*probabilities(val))
+        log.info("weights fitted on %d validation images of %s: %s", len(val), names[0],
+                 ", ".join(f"{w:.3f}" for w in chosen))
+    chosen = chosen or [1 / len(members)] * len(members)
+    member_probs, targets = probabilities(samples)
+    rows = [{"model": n, "weight": w, **_scores(classification_report(p.numpy(), targets.numpy(), classes))}
+            for n, w, p in zip(names, chosen, member_probs)]
+    mixed = classification_report(mix(member_probs, chosen).numpy(), targets.numpy(), classes)
+    result = {"data": str(data), "images": len(samples), "weights": chosen, "members": rows,
+              "ensemble": _scores(mixed)}
+    path = export_ensemble(members, chosen, names, out / "ensemble.onnx", [s for s, _ in samples[:64]],
+                           metrics={"top1": mixed.top1, "top5": mixed.top5, "data": str(data)})
+    write_json(out / "ensemble.json", {**result, "path": str(path)})
+    best = max(rows, key=lambda r: r["top1"])
+    log.info("ensemble of %d on %s (%d images): top-1 %.2f%% (best member %.2f%%, %s); written %s",
+             len(members), data, len(samples), 100 * mixed.top1, 100 * best["top1"], best["model"], path)
+    return {**result, "path": path}
+
+
+def _scores(report: ClassificationReport) -> dict[str, float]:
+    return {"top1": report.top1, "top5": report.top5, "macro_f1": report.macro["f1"]}
 
 
 def open_members(sources: Sequence[str | os.PathLike]) -> list[Source]:

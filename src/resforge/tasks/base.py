@@ -37,6 +37,11 @@ class Task(ABC):
     train_figures: ClassVar[tuple[str, ...]]  # sums over a batch's samples, averaged over the epoch
 
     @abstractmethod
+    def build_model(self, cfg: Config, num_classes: int, pretrained: bool = True) -> nn.Module:
+        """A new network for `num_classes` as `cfg.model` describes it, with `cfg.model.pretrained`'s weights unless
+        `pretrained` is False (a probe: the meta-device check of the options, the pace measure)."""
+
+    @abstractmethod
     def scan(self, cfg: Config, split_csv: str | os.PathLike | None) -> ImageFolderScan:
         """The folder's samples by split (or the split a run recorded), with what was skipped and why."""
 

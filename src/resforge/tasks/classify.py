@@ -20,7 +20,8 @@ from ..device import autocast
 from ..errors import ConfigError
 from ..evaluation.evaluate import evaluate_samples
 from ..evaluation.metrics import ClassificationReport, topk_correct, topk_hits
-from ..models import load_model
+from ..models import create_model, load_model
+from ..models.spec import given_options
 from ..runtime.inference import infer
 from ..training.losses import ClassificationLoss, DistillationLoss
 from .base import Datasets, Forward, Task
@@ -31,6 +32,12 @@ log = logging.getLogger("resforge")
 class Classification(Task):
     name: ClassVar[str] = "classify"
     train_figures: ClassVar[tuple[str, ...]] = ("top1",)
+
+    def build_model(self, cfg: Config, num_classes: int, pretrained: bool = True) -> nn.Module:
+        m, d = cfg.model, cfg.data
+        small_input = m.small_input if m.small_input is not None else d.img_size <= 64
+        return create_model(m.name, num_classes=num_classes, pretrained=m.pretrained if pretrained else None,
+                            **{**given_options(m), "small_input": small_input, "in_chans": d.in_chans})
 
     def scan(self, cfg: Config, split_csv: str | os.PathLike | None) -> ImageFolderScan:
         d = cfg.data

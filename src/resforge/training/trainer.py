@@ -29,8 +29,8 @@ from ..data.loader import CACHE_AUTO_BYTES, cache_bytes, dataset_stats, make_loa
 from ..data.transforms import Preprocess, imagenet_stats, make_preprocess
 from ..device import autocast, resolve_amp, resolve_device, seed_everything
 from ..errors import ConfigError, TrainingError
-from ..models import ResNet, create_model, load_model, save_model
-from ..models.spec import ARCHITECTURE, given_options
+from ..models import ResNet, load_model, save_model
+from ..models.spec import ARCHITECTURE
 from ..models.weights import arch_record, build_from_arch
 from ..tasks import Classification, Task
 from . import budget as _budget
@@ -80,7 +80,7 @@ class Trainer:
             check_augment(cfg.augment)
         if self.init_model is None and state is None:
             with torch.device("meta"):  # a bad model option fails now, not after the whole folder is decoded
-                create_model(cfg.model.name, num_classes=2, **self._model_kwargs())
+                self.task.build_model(cfg, 2, pretrained=False)
         seed_everything(cfg.train.seed, cfg.train.deterministic)
         self.run_dir = Path(run_dir) if run_dir else None
         self.lock: RunLock | None = None
@@ -130,11 +130,6 @@ class Trainer:
             raise ConfigError(f"the training split has {n} images, fewer than one global batch of {batch}: "
                               "lower data.batch_size")
 
-    def _model_kwargs(self) -> dict[str, Any]:
-        m, d = self.cfg.model, self.cfg.data
-        small_input = m.small_input if m.small_input is not None else d.img_size <= 64
-        return {**given_options(m), "small_input": small_input, "in_chans": d.in_chans}
-
     def _adopt_init(self) -> tuple[ResNet, dict[str, Any]]:
         """Load `--init`'s model: its architecture is the run's, and so are its input options unless set."""
         cfg = self.cfg
@@ -166,8 +161,7 @@ class Trainer:
                          len(meta["classes"]), ", ".join(meta["classes"][:5]), len(self.classes))
                 model.reset_classifier(len(self.classes))
         else:
-            model = create_model(self.cfg.model.name, pretrained=self.cfg.model.pretrained,
-                                 num_classes=len(self.classes), **self._model_kwargs())
+            model = self.task.build_model(self.cfg, len(self.classes))
         model = model.to(self.device, memory_format=self.memory_format)
         if self.cfg.train.sync_bn and self.world.distributed:
             model = distributed.sync_batchnorm(model, self.device)
@@ -185,7 +179,7 @@ class Trainer:
                 if model.num_classes != len(self.classes):
                     model.reset_classifier(len(self.classes))
             else:
-                model = create_model(cfg.model.name, num_classes=len(self.classes), **self._model_kwargs())
+                model = self.task.build_model(cfg, len(self.classes), pretrained=False)
             model = model.to(self.device, memory_format=fmt).train()
             criterion = self.task.criterion(cfg, self.classes, None, self.device, self.amp_dtype, fmt)
             step = Step.build(model, model, cfg.optim, default_lr(cfg.optim, d.batch_size), criterion, self.device,

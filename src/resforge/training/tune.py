@@ -19,9 +19,10 @@ from typing import Any
 
 import yaml
 
-from ..config import CHOICES, Config, resolve_key
-from ..errors import ConfigError
+from ..config import CHOICES, Config, TrainConfig, config_for, resolve_key
+from ..errors import ConfigError, DataError
 from ..io import write_json, write_text
+from .trainer import Trainer
 
 log = logging.getLogger("resforge")
 
@@ -229,11 +230,65 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def run_search(data: str | os.PathLike | None, options: dict[str, Any], *, trials: int | None,
+               space: list[str] | None, storage: str | None, study: str | None, pruner: str,
+               time_limit: float | None, name: str | None, project: str | os.PathLike, resume: str | os.PathLike | None,
+               model: str | None, recipe: str | None, config: str | os.PathLike | None, seed: int | None
+               ) -> dict[str, Any]:
+    """A search on `data` (each trial a training run with `options`), or the one in `resume` continued. Writes
+    `<project>/<name>/`: the study (SQLite unless `storage`), trials/, summary.md, plots/, best.yaml. `resume`
+    continues a killed search (to `trials` finished ones, default as first asked); processes given one `storage`
+    URL and `study` name share the study. `time_limit`: minutes for this process."""
+    if time_limit is not None and not time_limit > 0:
+        raise ConfigError(f"--time-limit must be a positive number of minutes, got {time_limit:g}")
+    if trials is not None and trials < 1:
+        raise ConfigError(f"--trials must be at least 1, got {trials}")
+    if resume is not None:
+        if data is not None or options or model or recipe or config or space:
+            raise ConfigError("resuming a search continues it as it was set: give only --trials or --time-limit")
+        out = Path(resume)
+        state = read_state(out)
+        state["trials"] = trials or state["trials"]
+    else:
+        if data is None:
+            raise ConfigError("give the image folder to search on (or --resume DIR)")
+        if not Path(data).is_dir():
+            raise DataError(f"{data}: no such folder of images")
+        out = default_dir(project, name, data)
+        if (out / STATE_FILE).is_file() and storage is None:
+            raise ConfigError(f"{out} already holds a search: continue it with --resume {out}, or give another "
+                              "--name")
+        metric = options.get("metric", options.get("train.metric", TrainConfig.metric))  # each trial's best epoch too
+        state = new_state(str(data), options, space or list(DEFAULT_SPACE), metric, trials or TRIALS, pruner,
+                          storage, study, out, seed)
+        state.update(model=model, recipe=recipe, config=str(config) if config else None)
+        config_for(state["data"], model, recipe, config, options)  # a bad option fails before the folder is made
+        if storage is not None:
+            open_storage(storage)  # and so does a storage that cannot be opened
+        write_state(out, state)
+
+    def make_config(params: dict[str, Any]) -> Config:
+        return config_for(state["data"], state["model"], state["recipe"], state["config"],
+                          {**state["options"], **params})
+
+    def train_trial(cfg: Config, run_dir: Path, callbacks: list[Any]) -> dict[str, Any]:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return Trainer(cfg, run_dir=run_dir, callbacks=callbacks, progress=False).fit()
+
+    found = search(out, state, train_trial, make_config, time_limit)
+    done = [x for x in found.trials if x.value is not None and x.state.name == "COMPLETE"]
+    result = {"dir": out, "trials": len(found.trials), "complete": len(done),
+              "pruned": sum(x.state.name == "PRUNED" for x in found.trials)}
+    if done:
+        result.update(best_value=found.best_value, best_params=found.best_params, best_config=out / "best.yaml")
+        log.info("best of %d trials: %s %.4f with %s; summary %s, config %s", len(found.trials), state["metric"],
+                 found.best_value, found.best_params, out / "summary.md", out / "best.yaml")
+    return result
+
+
 def new_state(data: str, options: dict[str, Any], space: list[str], metric: str, trials: int, pruner: str,
               storage: str | None, study: str | None, out: Path, seed: int | None) -> dict[str, Any]:
     """What a search is, written to tune.json so that --resume takes it up."""
-    if trials < 1:
-        raise ConfigError(f"--trials must be at least 1, got {trials}")
     if pruner not in PRUNERS:
         raise ConfigError(f"--pruner must be one of {', '.join(PRUNERS)}, got {pruner!r}")
     if metric not in METRICS:
