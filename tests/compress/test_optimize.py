@@ -93,9 +93,9 @@ def test_a_killed_optimize_resumes_where_it_stopped(source, monkeypatch):
         def kill(event, trainer):
             if event == "epoch_end" and trainer.epoch == 1:
                 os.kill(os.getpid(), signal.SIGKILL)
-        import resforge.api as api
-        real = api.prune
-        api.prune = lambda *a, **k: real(*a, callbacks=[kill], **k)
+        import resforge.compress.runs as runs
+        real = runs.prune
+        runs.prune = lambda *a, **k: real(*a, callbacks=[kill], **k)
         resforge.optimize({run_dir!r}, "size=100MB", project={str(project)!r}, name="opt", epochs=2, calib=16,
                           duration=0.2, progress=False)
     """)
