@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
+from .detection import DETECTOR_CLASSES
 from .mobilenet import MobileNetV3
 from .resnet import ResNet
 
@@ -102,6 +103,10 @@ for _depth in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"):
     _d = functools.partial(_BUILDERS[_depth], variant="d")
     _d.__doc__ = f"{_BUILDERS[_depth].__doc__.split(':')[0]}-D: deep stem and avg-pool shortcut (Bag of Tricks)."
     _BUILDERS[f"{_depth}d"], _FAMILIES[f"{_depth}d"] = _d, ResNet
+
+
+# Detectors are built by their task (`tasks.detect`) over a registry backbone, and rebuilt from their spec here.
+_FAMILIES.update(DETECTOR_CLASSES)
 
 
 def list_models() -> list[str]:

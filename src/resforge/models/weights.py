@@ -27,6 +27,7 @@ from torch import nn
 from ..errors import CheckpointError
 from ..io import atomic_path, sha256_file
 from . import record
+from .detection import Detector
 from .registry import rebuild
 from .transforms import apply_recorded
 
@@ -179,18 +180,23 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str = "c
         have, want = state[stem_key].shape[1], own[stem_key].shape[1]
         state[stem_key] = adapt_input_conv(state[stem_key], want)
         notes.append(f"stem weights folded from {have} to {want} input channel(s)")
-    prefix = next(n for n, m in model.named_modules() if m is model.get_classifier()) + "."  # fc., classifier.3.
-    head = [k for k in own if k.startswith(prefix)]
-    ckpt_head = [k for k in state if k.startswith(prefix)]
+    layers = model.class_layers() if isinstance(model, Detector) else [model.get_classifier()]
+    prefixes = tuple(n + "." for n, m in model.named_modules() if any(m is c for c in layers))  # fc., classifier.3.
+    head = [k for k in own if k.startswith(prefixes)]
+    ckpt_head = [k for k in state if k.startswith(prefixes)]
     if not ckpt_head and head:
         notes.append(f"{source} has no classifier: the {model.num_classes}-class head starts fresh")
     elif ckpt_head and any(k not in own or state[k].shape != own[k].shape for k in ckpt_head):
-        n = state[f"{prefix}weight"].shape[0] if f"{prefix}weight" in state else "?"
-        notes.append(f"{source} has {n} classes, the model {model.num_classes}: "
-                     "the classifier was replaced and starts fresh")
+        if isinstance(model, Detector):
+            notes.append(f"{source} was trained on other classes than the model's {model.num_classes}: its class "
+                         f"layers ({', '.join(p[:-1] for p in prefixes)}) were replaced and start fresh")
+        else:
+            n = state[f"{prefixes[0]}weight"].shape[0] if f"{prefixes[0]}weight" in state else "?"
+            notes.append(f"{source} has {n} classes, the model {model.num_classes}: "
+                         "the classifier was replaced and starts fresh")
         for k in ckpt_head:
             del state[k]
-    skip = set(head) if not any(k.startswith(prefix) for k in state) else set()
+    skip = set(head) if not any(k.startswith(prefixes) for k in state) else set()
     optional = re.compile(r"num_batches_tracked$")
     missing = [k for k in own if k not in state and k not in skip and not optional.search(k)]
     unexpected = [k for k in state if k not in own and not optional.search(k)]

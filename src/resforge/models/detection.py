@@ -1,0 +1,217 @@
+"""Detectors over resforge's ResNets: torchvision's Faster R-CNN, Mask R-CNN, RetinaNet and FCOS, whose RPN,
+ROI heads, anchors, losses and NMS are used as they are; only the backbone is ours.
+
+The backbone is any registry ResNet (depths 18-152, `-d`, wide, ResNeXt, any width), its C2-C5 maps fed to
+torchvision's feature pyramid exactly as torchvision's `*_resnet50_fpn` builders wire theirs, so their
+checkpoints load key for key and the outputs match. Each detector is a subclass of torchvision's class
+that records how it was built (`spec()`), so a saved detector is rebuilt from its sidecar like a
+classifier. Labels are 1..K for K classes; 0 is the background, as in torchvision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import nn
+from torchvision.models.detection import fcos, faster_rcnn, mask_rcnn, retinanet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+
+from ..errors import ConfigError
+from ..options import convert, option
+from .resnet import ResNet
+
+DETECTORS = ("fasterrcnn", "maskrcnn", "retinanet", "fcos")
+HEADS = ("v1", "v2")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class DetectorSpec:
+    """A detector's options beside its backbone's (`ModelSpec`)."""
+
+    heads: str = option("v1", "torchvision's heads: v1 (the paper's), or v2 (batch-norm FPN, a deeper RPN head and a "
+                              "4-conv box head: fasterrcnn and maskrcnn)", choices=HEADS)
+    fpn_channels: int = option(256, "channels of every pyramid level", gt=0)
+    frozen_bn: bool = option(False, "fix the backbone's batch-norm statistics and scales (suits a pretrained "
+                                    "backbone; from scratch, train them)")
+    min_size: int = option(800, "the shorter side each image is resized to inside the model", gt=0)
+    max_size: int = option(1333, "the longer side at most, inside the model", gt=0)
+    anchor_sizes: list[float] | None = option(None, "one anchor size (px) per pyramid level, 5 levels (default: "
+                                                    "torchvision's, 32-512; 8-128 for fcos)", nargs=5)
+
+
+def checked_spec(**options: Any) -> DetectorSpec:
+    """The detector options of these keywords, converted and checked (a ConfigError names the option)."""
+    spec = DetectorSpec(**options)
+    hints = typing.get_type_hints(DetectorSpec)
+    for f in dataclasses.fields(spec):
+        setattr(spec, f.name, convert(f.name, hints[f.name], getattr(spec, f.name), f.metadata,
+                                      f.metadata.get("choices")))
+    if spec.anchor_sizes is not None and (len(spec.anchor_sizes) != 5 or min(spec.anchor_sizes) <= 0):
+        raise ConfigError(f"anchor_sizes takes 5 positive sizes (one per pyramid level), not {spec.anchor_sizes}")
+    if spec.max_size < spec.min_size:
+        raise ConfigError(f"max_size ({spec.max_size}) is below min_size ({spec.min_size})")
+    return spec
+
+
+def _frozen(module: nn.Module) -> nn.Module:
+    """`module` with every BatchNorm2d replaced by a FrozenBatchNorm2d holding the same statistics."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            for key in ("weight", "bias", "running_mean", "running_var"):
+                getattr(frozen, key).copy_(getattr(child, key).detach())
+            setattr(module, name, frozen)
+        else:
+            _frozen(child)
+    return module
+
+
+def _pyramid(body: ResNet, levels: Sequence[int], extra: nn.Module, channels: int,
+             norm: type[nn.Module] | None) -> BackboneWithFPN:
+    """torchvision's FPN over the backbone's stages `levels` (1-4), as `_resnet_fpn_extractor` wires it."""
+    names = [body.feature_info[i - 1]["name"] for i in levels]
+    return BackboneWithFPN(body, {name: str(k) for k, name in enumerate(names)},
+                           [body.feature_info[i - 1]["channels"] for i in levels], channels, extra, norm)
+
+
+class Detector:
+    """What resforge asks of a detector, mixed into torchvision's classes: `spec()` rebuilds it, `parts()` names
+    the backbone's stages and the rest (the pyramid and the heads) as the head."""
+
+    detector: ClassVar[str]
+    backbone: BackboneWithFPN
+
+    def __init__(self, *, num_classes: int, backbone: str = "resnet50", backbone_options: dict[str, Any] | None = None,
+                 image_mean: Sequence[float] = IMAGENET_MEAN, image_std: Sequence[float] = IMAGENET_STD,
+                 **options: Any):
+        """`num_classes` counts the background; `backbone` is a registry name built with `backbone_options`
+        (`ModelSpec`'s, or a pruned network's widths); `options` are `DetectorSpec`'s."""
+        pyramid, kw, spec = _setup(self.detector, num_classes, backbone, backbone_options, image_mean, image_std,
+                                   options)
+        super().__init__(pyramid, num_classes, **kw)  # torchvision's class, next in the order
+        self._spec, self.model_name, self.transforms = spec, self.detector, []
+
+    def spec(self) -> dict[str, Any]:
+        return dict(self._spec)
+
+    @property
+    def num_classes(self) -> int:
+        """Object classes, the background not counted."""
+        return self._spec["num_classes"] - 1
+
+    @property
+    def body(self) -> nn.Module:
+        return self.backbone.body
+
+    @property
+    def stem_conv(self) -> nn.Conv2d:
+        """The first convolution: the one whose input channels follow the backbone's `in_chans`."""
+        return next(m for m in self.body.modules() if isinstance(m, nn.Conv2d))
+
+    def class_layers(self) -> list[nn.Module]:
+        """The layers whose shapes follow the class count: fresh when weights for other classes are loaded."""
+        if isinstance(self, faster_rcnn.FasterRCNN):  # Mask R-CNN too
+            heads = self.roi_heads
+            return [heads.box_predictor] + ([heads.mask_predictor.mask_fcn_logits] if heads.has_mask() else [])
+        return [self.head.classification_head.cls_logits]
+
+    def parts(self) -> dict[str, list[nn.Module]]:
+        body = self.body
+        stages = {name: [m] for name, m in body.named_children() if name.startswith("layer")}
+        stem = [m for name, m in body.named_children() if name not in stages]
+        head = [m for name, m in self.named_children() if name != "backbone"] + [self.backbone.fpn]
+        return {"stem": stem, **stages, "head": head}
+
+
+def _backbone(backbone: str, backbone_options: dict[str, Any], frozen_bn: bool) -> ResNet:
+    """A headless registry network: from `ModelSpec` options, or from the full spec a saved detector recorded
+    (pruned widths included)."""
+    from .registry import create_model, rebuild  # the registry registers the detectors: imported here
+
+    if "layers" in backbone_options:
+        body = rebuild(backbone, {**backbone_options, "num_classes": 0}, f"the {backbone} backbone")
+    else:
+        body = create_model(backbone, num_classes=0, **backbone_options)
+    if not isinstance(body, ResNet):
+        raise ConfigError(f"a detector's backbone is a ResNet, not {backbone}")
+    return _frozen(body) if frozen_bn else body
+
+
+def _rcnn_parts(body: ResNet, s: DetectorSpec, masks: bool) -> tuple[BackboneWithFPN, dict[str, Any]]:
+    """The pyramid over C2-C5 and the keyword arguments of torchvision's (Mask) R-CNN, for heads v1 or v2."""
+    v2 = s.heads == "v2"
+    pyramid = _pyramid(body, (1, 2, 3, 4), LastLevelMaxPool(), s.fpn_channels, nn.BatchNorm2d if v2 else None)
+    sizes = s.anchor_sizes or (32, 64, 128, 256, 512)
+    anchors = AnchorGenerator(tuple((a,) for a in sizes), ((0.5, 1.0, 2.0),) * 5)
+    kw: dict[str, Any] = {"rpn_anchor_generator": anchors}
+    if v2:
+        c = s.fpn_channels
+        kw["rpn_head"] = faster_rcnn.RPNHead(c, anchors.num_anchors_per_location()[0], conv_depth=2)
+        kw["box_head"] = faster_rcnn.FastRCNNConvFCHead((c, 7, 7), [256] * 4, [1024], norm_layer=nn.BatchNorm2d)
+        if masks:
+            kw["mask_head"] = mask_rcnn.MaskRCNNHeads(c, [256] * 4, 1, norm_layer=nn.BatchNorm2d)
+    return pyramid, kw
+
+
+def _one_stage_parts(body: ResNet, s: DetectorSpec, kind: str) -> tuple[BackboneWithFPN, dict[str, Any]]:
+    """The pyramid over C3-C5 with P6-P7 from P5, and the anchors of RetinaNet or FCOS."""
+    if s.heads != "v1":
+        raise ConfigError(f"{kind} has torchvision's v1 heads only (heads v2: fasterrcnn, maskrcnn)")
+    pyramid = _pyramid(body, (2, 3, 4), LastLevelP6P7(s.fpn_channels, s.fpn_channels), s.fpn_channels, None)
+    if kind == "fcos":  # one anchor a location: the size that places a box on its level
+        if s.fpn_channels % 32:
+            raise ConfigError(f"fcos's heads normalise in 32 groups: fpn_channels must be a multiple of 32, not "
+                              f"{s.fpn_channels}")
+        sizes = tuple((a,) for a in (s.anchor_sizes or (8, 16, 32, 64, 128)))
+        return pyramid, {"anchor_generator": AnchorGenerator(sizes, ((1.0,),) * 5)}
+    sizes = tuple((a, a * 2 ** (1 / 3), a * 2 ** (2 / 3)) for a in s.anchor_sizes) if s.anchor_sizes else \
+        tuple((x, int(x * 2 ** (1 / 3)), int(x * 2 ** (2 / 3))) for x in (32, 64, 128, 256, 512))
+    return pyramid, {"anchor_generator": AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)}
+
+
+def _setup(kind: str, num_classes: int, backbone: str, backbone_options: dict[str, Any] | None,
+           image_mean: Sequence[float], image_std: Sequence[float], options: dict[str, Any]
+           ) -> tuple[BackboneWithFPN, dict[str, Any], dict[str, Any]]:
+    """(pyramid, torchvision's keyword arguments, the spec that rebuilds it) of one detector."""
+    if num_classes < 2:
+        raise ConfigError(f"a detector needs at least one object class besides the background (num_classes "
+                          f"{num_classes} counts the background)")
+    s = checked_spec(**options)
+    body = _backbone(backbone, dict(backbone_options or {}), s.frozen_bn)
+    if kind in ("fasterrcnn", "maskrcnn"):
+        pyramid, kw = _rcnn_parts(body, s, kind == "maskrcnn")
+    else:
+        pyramid, kw = _one_stage_parts(body, s, kind)
+    kw.update(min_size=s.min_size, max_size=s.max_size, image_mean=list(image_mean), image_std=list(image_std))
+    spec = {"num_classes": num_classes, "backbone": backbone, "backbone_options": body.spec(),
+            "image_mean": list(image_mean), "image_std": list(image_std), **dataclasses.asdict(s)}
+    spec["backbone_options"].pop("num_classes")
+    return pyramid, kw, spec
+
+
+class FasterRCNN(Detector, faster_rcnn.FasterRCNN):
+    detector = "fasterrcnn"
+
+
+class MaskRCNN(Detector, mask_rcnn.MaskRCNN):
+    detector = "maskrcnn"
+
+
+class RetinaNet(Detector, retinanet.RetinaNet):
+    detector = "retinanet"
+
+
+class FCOS(Detector, fcos.FCOS):
+    detector = "fcos"
+
+
+DETECTOR_CLASSES: dict[str, type[nn.Module]] = {c.detector: c for c in (FasterRCNN, MaskRCNN, RetinaNet, FCOS)}

@@ -1,0 +1,132 @@
+"""Detectors over resforge backbones: exactly torchvision's `*_resnet50_fpn` given the same weights, rebuilt from
+their sidecar, loading checkpoints of other classes, and bad options refused."""
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models import detection as tvd
+from torchvision.ops import FrozenBatchNorm2d
+
+import resforge
+from resforge.models import load_model, save_model
+from resforge.models.detection import DETECTOR_CLASSES
+from resforge.models.weights import load_into
+
+SMALL = {"min_size": 96, "max_size": 128}
+IMAGES = [torch.rand(3, 90, 120, generator=torch.Generator().manual_seed(1)),
+          torch.rand(3, 110, 100, generator=torch.Generator().manual_seed(2))]
+
+
+def _outputs(model, images=IMAGES):
+    with torch.no_grad():
+        return model.eval()(images)
+
+
+def _assert_same(ours, theirs):
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k].shape == b[k].shape and a[k].shape[0] > 0, k  # something detected, so something compared
+            assert torch.allclose(a[k].float(), b[k].float(), atol=1e-4), k
+
+
+@pytest.mark.parametrize("builder,kind,heads", [
+    (tvd.fasterrcnn_resnet50_fpn, "fasterrcnn", "v1"), (tvd.fasterrcnn_resnet50_fpn_v2, "fasterrcnn", "v2"),
+    (tvd.maskrcnn_resnet50_fpn, "maskrcnn", "v1"), (tvd.maskrcnn_resnet50_fpn_v2, "maskrcnn", "v2"),
+    (tvd.retinanet_resnet50_fpn, "retinanet", "v1"), (tvd.fcos_resnet50_fpn, "fcos", "v1")])
+def test_a_resnet50_detector_is_torchvisions_given_its_weights(builder, kind, heads):
+    torch.manual_seed(0)
+    theirs = builder(weights=None, weights_backbone=None, num_classes=5, **SMALL)
+    ours = DETECTOR_CLASSES[kind](num_classes=5, heads=heads, **SMALL)
+    assert list(ours.state_dict()) == list(theirs.state_dict())  # key for key, in order
+    assert load_into(ours, theirs.state_dict(), "torchvision's") == []
+    for m in (ours, theirs):
+        if kind in ("retinanet", "fcos"):
+            m.score_thresh = 0.0  # untrained heads score below the default threshold
+    _assert_same(_outputs(ours), _outputs(theirs))
+
+
+def test_a_saved_detector_is_rebuilt_from_its_sidecar(tmp_path):
+    torch.manual_seed(0)
+    model = DETECTOR_CLASSES["maskrcnn"](num_classes=3, backbone="resnet18d", backbone_options={"width": 0.25},
+                                         fpn_channels=32, frozen_bn=True, anchor_sizes=[8, 16, 32, 64, 128],
+                                         **SMALL)
+    model.roi_heads.score_thresh = 0.0
+    path = save_model(model, tmp_path / "det.safetensors", {"classes": ["a", "b"]})
+    loaded, meta = load_model(path)
+    assert type(loaded) is type(model) and meta["arch"]["name"] == "maskrcnn"
+    assert meta["arch"]["kwargs"]["backbone_options"]["variant"] == "d"
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in loaded.body.modules())
+    assert loaded.rpn.anchor_generator.sizes == ((8,), (16,), (32,), (64,), (128,))
+    loaded.roi_heads.score_thresh = 0.0
+    _assert_same(_outputs(loaded), _outputs(model))
+
+
+def test_frozen_batch_norm_keeps_the_backbone_statistics_through_training():
+    torch.manual_seed(0)
+    model = DETECTOR_CLASSES["fasterrcnn"](num_classes=3, backbone="resnet18", backbone_options={"width": 0.25},
+                                           fpn_channels=32, frozen_bn=True, **SMALL).train()
+    frozen = [m for m in model.body.modules() if isinstance(m, FrozenBatchNorm2d)]
+    assert frozen and not any(isinstance(m, nn.BatchNorm2d) for m in model.body.modules())
+    before = [m.running_mean.clone() for m in frozen]
+    targets = [{"boxes": torch.tensor([[10.0, 10.0, 60.0, 50.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]  # a negative image
+    losses = model(IMAGES, targets)
+    sum(losses.values()).backward()
+    assert all(torch.equal(m.running_mean, b) for m, b in zip(frozen, before))
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_torchvision_weights_for_other_classes_load_with_fresh_class_layers(caplog):
+    torch.manual_seed(0)
+    theirs = tvd.retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91, **SMALL)
+    ours = DETECTOR_CLASSES["retinanet"](num_classes=4, **SMALL)
+    fresh = ours.head.classification_head.cls_logits.weight.clone()
+    notes = load_into(ours, theirs.state_dict(), "coco.pth")
+    assert notes == ["coco.pth was trained on other classes than the model's 3: its class layers "
+                     "(head.classification_head.cls_logits) were replaced and start fresh"]
+    assert torch.equal(ours.head.classification_head.cls_logits.weight, fresh)
+    assert torch.equal(ours.backbone.body.layer3[0].conv2.weight, theirs.backbone.body.layer3[0].conv2.weight)
+    # a checkpoint of another backbone is refused by name, not loaded in part
+    other = DETECTOR_CLASSES["retinanet"](num_classes=4, backbone="resnet18", **SMALL)
+    with pytest.raises(resforge.CheckpointError, match="does not fit this model"):
+        load_into(other, theirs.state_dict(), "coco.pth")
+
+
+def test_parts_cover_every_parameter_once_with_the_pyramid_and_heads_as_the_head():
+    model = DETECTOR_CLASSES["fcos"](num_classes=3, backbone="resnet18", backbone_options={"width": 0.25},
+                                     fpn_channels=32, **SMALL)
+    parts = model.parts()
+    assert list(parts) == ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
+    ids = [id(p) for modules in parts.values() for m in modules for p in m.parameters()]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())
+    assert any(m is model.backbone.fpn for m in parts["head"])
+    assert model.stem_conv is model.body.conv1
+
+
+@pytest.mark.parametrize("kind,options,message", [
+    ("retinanet", {"heads": "v2"}, "v1 heads only"),
+    ("fasterrcnn", {"heads": "v3"}, "heads"),
+    ("fasterrcnn", {"anchor_sizes": [16, 32]}, "5 positive sizes"),
+    ("fasterrcnn", {"min_size": 800, "max_size": 400}, "max_size"),
+    ("fasterrcnn", {"num_classes": 1}, "at least one object class"),
+    ("fcos", {"backbone": "mobilenet_v3_small"}, "backbone is a ResNet"),
+    ("fcos", {"fpn_channels": 48}, "multiple of 32"),
+])
+def test_bad_detector_options_are_refused_by_name(kind, options, message):
+    with pytest.raises(resforge.ConfigError, match=message):
+        DETECTOR_CLASSES[kind](**{"num_classes": 3, **options})
+
+
+def test_a_detector_name_in_a_sidecar_is_known_to_the_registry(caplog):
+    from resforge.models.registry import rebuild
+
+    spec = DETECTOR_CLASSES["fcos"](num_classes=3, backbone="resnet18", backbone_options={"width": 0.25},
+                                    **SMALL).spec()
+    with caplog.at_level(logging.INFO):
+        assert type(rebuild("fcos", spec, "x.json")).__name__ == "FCOS"
+    with pytest.raises(resforge.CheckpointError, match="x.json does not describe"):
+        rebuild("fcos", {**spec, "heads": "v9"}, "x.json")
