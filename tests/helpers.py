@@ -79,3 +79,37 @@ def cli_flags(options: dict) -> list[str]:
         flag = "--" + key.replace("_", "-")
         out += [flag] if value is True else [flag, str(value)]
     return out
+
+
+def make_detection_folder(root, n=16, size=64, classes=("square", "disc"), seed=0, negatives=1):
+    """A COCO folder (images/ + annotations/instances.json) of `n` images with one to three shapes each, the
+    class set by the shape (a filled square or disc, any colour) so a detector can learn it; the last
+    `negatives` images hold no objects."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "annotations").mkdir(exist_ok=True)
+    rng = np.random.default_rng(seed)
+    images, annotations = [], []
+    for i in range(n):
+        im = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(0, 60, 3)))
+        draw = ImageDraw.Draw(im)
+        for _ in range(0 if i >= n - negatives else int(rng.integers(1, 4))):
+            side = int(rng.integers(size // 5, size // 2))
+            x, y = (int(v) for v in rng.integers(0, size - side, 2))
+            label = int(rng.integers(0, len(classes)))
+            colour = tuple(int(v) for v in rng.integers(120, 256, 3))
+            (draw.rectangle if label == 0 else draw.ellipse)([x, y, x + side - 1, y + side - 1], fill=colour)
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": label + 1,
+                                "bbox": [x, y, side, side], "area": side * side, "iscrowd": 0})
+        im.save(root / "images" / f"{i:03d}.png")
+        images.append({"id": i + 1, "file_name": f"{i:03d}.png", "width": size, "height": size})
+    (root / "annotations" / "instances.json").write_text(json.dumps({
+        "images": images, "annotations": annotations,
+        "categories": [{"id": k + 1, "name": c} for k, c in enumerate(classes)]}))
+    return str(root)

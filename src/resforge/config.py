@@ -21,6 +21,8 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .models.detection import CHOICES as DETECT_CHOICES
+from .models.detection import DETECTORS, DetectorSpec
 from .models.spec import CHOICES as MODEL_CHOICES
 from .models.spec import ModelSpec
 from .options import BOUNDS, add_flags, convert
@@ -39,8 +41,18 @@ class ModelConfig(ModelSpec):
 
 
 @dataclass
+class DetectConfig(DetectorSpec):
+    """The detector over the `model` backbone, when the task is detection."""
+
+    detector: str = _opt("fasterrcnn", "torchvision's detector over the backbone: fasterrcnn, maskrcnn (boxes and "
+                                       "instance masks), retinanet, fcos")
+
+
+@dataclass
 class DataConfig:
     root: str = _opt("", "image folder: root/<class>/* or root/{train,val[,test]}/<class>/*", flag=None)
+    task: str = _opt("auto", "what to learn: auto (detect when the folder has box annotations: COCO JSON, VOC XML, "
+                             "YOLO labels; else classify) | classify | detect")
     val_split: float = _opt(0.2, "fraction of each class held out for validation when there is no val folder",
                             ge=0, lt=1)
     split_seed: int = _opt(123, "seed of the stratified train/val split")
@@ -146,6 +158,7 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
     recipe: str | None = None
     user_set: list[str] = field(default_factory=list)  # dotted keys given by a config file, a flag or a keyword
     auto: dict[str, str] | None = None  # the auto recipe's choices (key -> reason); None until it has run
@@ -168,7 +181,10 @@ CHOICES = {  # the one list of each option's accepted values
     "optim.optimizer": ("sgd", "adam", "adamw", "rmsprop"),
     "optim.schedule": ("cosine", "step", "onecycle", "constant"),
     "train.amp": ("auto", "bf16", "fp16", "off"),
-    "train.metric": ("val_top1", "val_loss"),
+    "train.metric": ("val_top1", "val_loss", "val_map", "val_map50"),
+    "data.task": ("auto", "classify", "detect"),
+    "detect.detector": DETECTORS,
+    **{f"detect.{name}": allowed for name, allowed in DETECT_CHOICES.items()},
     "train.sparsity_scope": ("layer", "global"),
     "data.normalize": ("auto", "imagenet", "dataset", "none"),
     "data.cache": ("auto", "on", "off"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import Any
 
 import torch
 
@@ -99,3 +100,16 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def to_device(batch: Any, device: torch.device, memory_format: torch.memory_format = torch.contiguous_format) -> Any:
+    """A batch on `device`: a tensor (in `memory_format` when it is a batch of images), or the lists and dicts of
+    tensors that detection batches are (images of different sizes, one target dict each)."""
+    if isinstance(batch, torch.Tensor):
+        fmt = memory_format if batch.dim() == 4 else torch.preserve_format
+        return batch.to(device, non_blocking=True, memory_format=fmt)
+    if isinstance(batch, (list, tuple)):
+        return [to_device(b, device, memory_format) for b in batch]
+    if isinstance(batch, dict):
+        return {k: to_device(v, device, memory_format) for k, v in batch.items()}
+    return batch

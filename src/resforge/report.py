@@ -7,13 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config
-from .data.folder import ImageFolderScan
-from .evaluation.metrics import ClassificationReport
 from .io import write_text
 from .models.summary import ModelSummary
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -26,22 +24,15 @@ def images_per_second(rows: list[dict[str, Any]]) -> float:
     return images / max(1e-9, sum(r["train_time_s"] for r in rows))
 
 
-def write_run_report(run_dir: str | os.PathLike, cfg: Config, scan: ImageFolderScan, summary: dict[str, Any],
-                     model: ModelSummary, results: dict[str, ClassificationReport]) -> Path:
+def write_run_report(run_dir: str | os.PathLike, cfg: Config, task: Any, scan: Any, summary: dict[str, Any],
+                     model: ModelSummary, results: dict[str, Any]) -> Path:
+    """The page, its data and results sections as the run's task (`tasks.Task`) writes them."""
     run_dir = Path(run_dir)
     o, t, a, d = cfg.optim, cfg.train, cfg.augment, cfg.data
     rows = summary["history"]
     speed = images_per_second(rows)
     out = [f"# {run_dir.name}", ""]
-    out += ["## Data", "",
-            f"- folder `{d.root}`, {len(scan.classes)} classes, layout `{scan.layout}`; validation: {scan.val_source}",
-            "",
-            _table(["split", "images"] + scan.classes[:12] + (["..."] if len(scan.classes) > 12 else []),
-                   [[s, sum(scan.counts(s))] + scan.counts(s)[:12] for s in ("train", "val", "test")
-                    if getattr(scan, s)]),
-            ""]
-    if scan.skipped:
-        out += [f"- {len(scan.skipped)} file(s) skipped as unreadable or not images: see `skipped.csv`", ""]
+    out += ["## Data", "", *task.report_data(cfg, scan)]
     out += ["## Model", "",
             f"- `{cfg.model.name}` at {d.img_size} px, {d.in_chans} channel(s): {model.params:,} parameters, "
             f"{model.macs / 1e9:.3g} GMACs per image",
@@ -64,16 +55,7 @@ def write_run_report(run_dir: str | os.PathLike, cfg: Config, scan: ImageFolderS
             f"- best epoch {summary['best_epoch']} by {t.metric} ({summary['best_weights']} weights) "
             "-> `best.safetensors` + `best.json`", "",
             "![history](plots/history.png)", ""]
-    out += ["## Results", "",
-            _table(["split", "images", "top-1", f"top-{min(5, len(scan.classes))}", "macro F1"],
-                   [[name, r.num_samples, f"{r.top1:.2%}", f"{r.top5:.2%}", f"{r.macro['f1']:.3f}"]
-                    for name, r in results.items()]), ""]
-    for name, r in results.items():
-        out += [f"### {name}", "", r.to_markdown(), "",
-                f"![confusion](plots/confusion_{name}.png)", "",
-                f"![predictions](plots/predictions_{name}.png)", ""]
-        if (run_dir / "plots" / f"mistakes_{name}.png").exists():
-            out += [f"![mistakes](plots/mistakes_{name}.png)", ""]
+    out += ["## Results", "", *task.report_results(results, run_dir)]
     path = run_dir / "report.md"
     write_text(path, "\n".join(out))
     return path

@@ -451,7 +451,7 @@ def test_write_skipped_and_split_csv_round_trip(tmp_path):
     (d / "labels" / "9.txt").write_text("0 0.5 0.5 0.1 0.1\n")
     s = scan_detection(d)
     s.write_split_csv(tmp_path / "split.csv")
-    s.write_skipped(tmp_path / "skipped.csv")
+    s.write_skipped_csv(tmp_path / "skipped.csv")
     with open(tmp_path / "skipped.csv", newline="") as f:
         assert list(csv.reader(f)) == [["path", "reason"], ["labels/9.txt", "no image for this label file"]]
     with open(tmp_path / "split.csv", newline="") as f:

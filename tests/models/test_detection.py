@@ -111,7 +111,7 @@ def test_parts_cover_every_parameter_once_with_the_pyramid_and_heads_as_the_head
     ("retinanet", {"heads": "v2"}, "v1 heads only"),
     ("fasterrcnn", {"heads": "v3"}, "heads"),
     ("fasterrcnn", {"anchor_sizes": [16, 32]}, "5 positive sizes"),
-    ("fasterrcnn", {"min_size": 800, "max_size": 400}, "max_size"),
+    ("fasterrcnn", {"min_size": 800, "max_size": 400}, "do not fit"),
     ("fasterrcnn", {"num_classes": 1}, "at least one object class"),
     ("fcos", {"backbone": "mobilenet_v3_small"}, "backbone is a ResNet"),
     ("fcos", {"fpn_channels": 48}, "multiple of 32"),

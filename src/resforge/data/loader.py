@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -76,18 +77,7 @@ class ImageDataset(Dataset):
         self.cache = [resize(self.decode(i)) for i in bar]
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
-        epoch, i = key if isinstance(key, tuple) else (None, key)
-        image = self.decode(i)
-        if epoch is None:
-            return self.transform(image), self.samples[i][1]
-        seed = derived_seed(AUGMENT_STREAM, self.seed, epoch, i)
-        # The CPU generator only: torch.manual_seed would also queue a lazy CUDA seeding, formatting a stack
-        # trace each time (half a millisecond per image on CUDA builds). A loader process owns its generator;
-        # in the main process, the training's random stream is put back afterwards.
-        own = get_worker_info() is not None
-        with contextlib.nullcontext() if own else torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)
-            return self.transform(image), self.samples[i][1]
+        return seeded_sample(key, self.seed, lambda i: (self.transform(self.decode(i)), self.samples[i][1]))
 
 
 _MASK64 = (1 << 64) - 1
@@ -105,6 +95,22 @@ def derived_seed(*parts: int) -> int:
 
 
 AUGMENT_STREAM, SHUFFLE_STREAM = 0, 1
+T = TypeVar("T")
+
+
+def seeded_sample(key: int | tuple[int, int], seed: int, get: Callable[[int], T]) -> T:
+    """`get(index)` for a sampler's key: a training key `(epoch, index)` draws the sample's augmentation from a
+    generator seeded by (seed, epoch, index); a plain index (evaluation) as it comes."""
+    epoch, i = key if isinstance(key, tuple) else (None, key)
+    if epoch is None:
+        return get(i)
+    # The CPU generator only: torch.manual_seed would also queue a lazy CUDA seeding, formatting a stack
+    # trace each time (half a millisecond per image on CUDA builds). A loader process owns its generator;
+    # in the main process, the training's random stream is put back afterwards.
+    own = get_worker_info() is not None
+    with contextlib.nullcontext() if own else torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(derived_seed(AUGMENT_STREAM, seed, epoch, i))
+        return get(i)
 
 
 def cache_bytes(samples: Sequence[Sample], sizes: dict[str, tuple[int, int, str]], pre: Preprocess) -> int:

@@ -24,7 +24,7 @@ log = logging.getLogger("resforge")
 
 DPI = 110
 _HISTORY_PANELS = (("loss", ("train_loss", "val_loss", "ema_val_loss")),
-                   ("accuracy", ("val_top1", "ema_val_top1", "val_top5")),
+                   ("accuracy", ("val_top1", "ema_val_top1", "val_top5", "val_map", "val_map50", "ema_val_map50")),
                    ("learning rate", ("lr",)))
 
 

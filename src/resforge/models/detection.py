@@ -42,10 +42,9 @@ class DetectorSpec:
     fpn_channels: int = option(256, "channels of every pyramid level", gt=0)
     frozen_bn: bool = option(False, "fix the backbone's batch-norm statistics and scales (suits a pretrained "
                                     "backbone; from scratch, train them)")
-    min_size: int = option(800, "the shorter side each image is resized to inside the model", gt=0)
-    max_size: int = option(1333, "the longer side at most, inside the model", gt=0)
     anchor_sizes: list[float] | None = option(None, "one anchor size (px) per pyramid level, 5 levels (default: "
-                                                    "torchvision's, 32-512; 8-128 for fcos)", nargs=5)
+                                                    "torchvision's, 32-512; 8-128 for fcos)", nargs=5,
+                                            metavar="PX")
 
 
 def checked_spec(**options: Any) -> DetectorSpec:
@@ -57,9 +56,10 @@ def checked_spec(**options: Any) -> DetectorSpec:
                                       f.metadata.get("choices")))
     if spec.anchor_sizes is not None and (len(spec.anchor_sizes) != 5 or min(spec.anchor_sizes) <= 0):
         raise ConfigError(f"anchor_sizes takes 5 positive sizes (one per pyramid level), not {spec.anchor_sizes}")
-    if spec.max_size < spec.min_size:
-        raise ConfigError(f"max_size ({spec.max_size}) is below min_size ({spec.min_size})")
     return spec
+
+
+CHOICES = {f.name: f.metadata["choices"] for f in dataclasses.fields(DetectorSpec) if "choices" in f.metadata}
 
 
 def _frozen(module: nn.Module) -> nn.Module:
@@ -92,13 +92,16 @@ class Detector:
 
     def __init__(self, *, num_classes: int, backbone: str = "resnet50", backbone_options: dict[str, Any] | None = None,
                  image_mean: Sequence[float] = IMAGENET_MEAN, image_std: Sequence[float] = IMAGENET_STD,
-                 **options: Any):
+                 min_size: int = 800, max_size: int = 1333, **options: Any):
         """`num_classes` counts the background; `backbone` is a registry name built with `backbone_options`
-        (`ModelSpec`'s, or a pruned network's widths); `options` are `DetectorSpec`'s."""
+        (`ModelSpec`'s, or a pruned network's widths); images are normalised by `image_mean`/`image_std` and
+        resized to a shorter side of `min_size` (a longer one of at most `max_size`) inside; `options` are
+        `DetectorSpec`'s."""
         pyramid, kw, spec = _setup(self.detector, num_classes, backbone, backbone_options, image_mean, image_std,
-                                   options)
+                                   min_size, max_size, options)
         super().__init__(pyramid, num_classes, **kw)  # torchvision's class, next in the order
         self._spec, self.model_name, self.transforms = spec, self.detector, []
+        self.pretrained_cfg: dict[str, Any] = {}  # where starting weights came from, as create_model records it
 
     def spec(self) -> dict[str, Any]:
         return dict(self._spec)
@@ -179,21 +182,25 @@ def _one_stage_parts(body: ResNet, s: DetectorSpec, kind: str) -> tuple[Backbone
 
 
 def _setup(kind: str, num_classes: int, backbone: str, backbone_options: dict[str, Any] | None,
-           image_mean: Sequence[float], image_std: Sequence[float], options: dict[str, Any]
-           ) -> tuple[BackboneWithFPN, dict[str, Any], dict[str, Any]]:
+           image_mean: Sequence[float], image_std: Sequence[float], min_size: int, max_size: int,
+           options: dict[str, Any]) -> tuple[BackboneWithFPN, dict[str, Any], dict[str, Any]]:
     """(pyramid, torchvision's keyword arguments, the spec that rebuilds it) of one detector."""
     if num_classes < 2:
         raise ConfigError(f"a detector needs at least one object class besides the background (num_classes "
                           f"{num_classes} counts the background)")
+    if not 0 < min_size <= max_size:
+        raise ConfigError(f"a detector resizes images to a shorter side of min_size and a longer one of at most "
+                          f"max_size: {min_size} and {max_size} do not fit")
     s = checked_spec(**options)
     body = _backbone(backbone, dict(backbone_options or {}), s.frozen_bn)
     if kind in ("fasterrcnn", "maskrcnn"):
         pyramid, kw = _rcnn_parts(body, s, kind == "maskrcnn")
     else:
         pyramid, kw = _one_stage_parts(body, s, kind)
-    kw.update(min_size=s.min_size, max_size=s.max_size, image_mean=list(image_mean), image_std=list(image_std))
+    kw.update(min_size=min_size, max_size=max_size, image_mean=list(image_mean), image_std=list(image_std))
     spec = {"num_classes": num_classes, "backbone": backbone, "backbone_options": body.spec(),
-            "image_mean": list(image_mean), "image_std": list(image_std), **dataclasses.asdict(s)}
+            "image_mean": list(image_mean), "image_std": list(image_std), "min_size": min_size,
+            "max_size": max_size, **dataclasses.asdict(s)}
     spec["backbone_options"].pop("num_classes")
     return pyramid, kw, spec
 

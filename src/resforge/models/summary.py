@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .detection import Detector
+
 
 
 @dataclass
@@ -58,13 +60,21 @@ def _params(*modules: nn.Module) -> int:
 
 
 def summarize(model: nn.Module, img_size: int = 224, name: str = "model") -> ModelSummary:
-    """Count one image's cost, stage by stage, through the model's own parts (its stem and head methods)."""
+    """Count one image's cost, stage by stage, through the model's own parts (its stem and head methods; a
+    detector's pyramid and heads as one stage, on an image of `img_size` square)."""
     p = next(model.parameters())
     x = torch.zeros(1, model.stem_conv.in_channels, img_size, img_size, device=p.device, dtype=p.dtype)
     parts = model.parts()
-    stages: list[tuple[str, list[nn.Module], Callable[[torch.Tensor], torch.Tensor]]] = [
-        (part, modules, model.forward_stem if part == "stem" else model.forward_head if part == "head"
-         else nn.Sequential(*modules)) for part, modules in parts.items()]
+    if isinstance(model, Detector):
+        image = x[0]
+
+        def detect(_: torch.Tensor) -> torch.Tensor:  # the whole detector, less the backbone counted before
+            return torch.tensor([len(model([image])[0]["boxes"])])
+        stages: list[tuple[str, list[nn.Module], Callable[[torch.Tensor], torch.Tensor]]] = [
+            (part, modules, nn.Sequential(*modules) if part != "head" else detect) for part, modules in parts.items()]
+    else:
+        stages = [(part, modules, model.forward_stem if part == "stem" else model.forward_head if part == "head"
+                   else nn.Sequential(*modules)) for part, modules in parts.items()]
     was_training = model.training
     model.eval()
     rows = []
@@ -73,8 +83,10 @@ def summarize(model: nn.Module, img_size: int = 224, name: str = "model") -> Mod
             for stage_name, modules, fn in stages:
                 with FlopCounterMode(display=False) as counter:
                     x = fn(x)
-                rows.append(StageRow(stage_name, list(x.shape[1:]), _params(*modules),
-                                     counter.get_total_flops() // 2))
+                macs = counter.get_total_flops() // 2
+                if stage_name == "head" and isinstance(model, Detector):
+                    macs -= sum(r.macs for r in rows)
+                rows.append(StageRow(stage_name, list(x.shape[1:]), _params(*modules), macs))
     finally:
         model.train(was_training)
     return ModelSummary(

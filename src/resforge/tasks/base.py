@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -22,11 +22,16 @@ Forward = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass
 class Datasets:
-    """A run's training and validation sets; `decoder` finishes training batches on the GPU (data.decode gpu)."""
+    """A run's training and validation sets; `decoder` finishes training batches on the GPU (data.decode gpu);
+    `collate` makes a batch of samples (None: torch's stacking); `cacheable` are the sets that may be kept in
+    memory decoded (`data.cache`)."""
 
     train: Dataset
     val: Dataset
     decoder: Callable[[Any], torch.Tensor] | None = None
+    train_collate: Callable[[list], Any] | None = None
+    val_collate: Callable[[list], Any] | None = None
+    cacheable: list[Dataset] = field(default_factory=list)
 
 
 class Task(ABC):
@@ -35,6 +40,7 @@ class Task(ABC):
 
     name: ClassVar[str]
     train_figures: ClassVar[tuple[str, ...]]  # sums over a batch's samples, averaged over the epoch
+    metric: ClassVar[str]  # the validation figure that picks the best epoch unless train.metric is set
 
     @abstractmethod
     def build_model(self, cfg: Config, num_classes: int, pretrained: bool = True) -> nn.Module:
@@ -49,6 +55,19 @@ class Task(ABC):
     def datasets(self, cfg: Config, scan: ImageFolderScan, pre: Preprocess, device: torch.device) -> Datasets:
         ...
 
+    def train_call(self, forward: nn.Module, x: Any, y: Any) -> Any:
+        """The training forward pass of a prepared batch (a classifier sees only the images)."""
+        return forward(x)
+
+    @abstractmethod
+    def random_batch(self, cfg: Config, num_classes: int, device: torch.device) -> tuple[Any, Any]:
+        """A batch of `cfg.data.batch_size` random samples, as the loader gives them: what the pace is timed on."""
+
+    @abstractmethod
+    def fit_recipe(self, cfg: Config, scan: Any, pace: Callable[[Config], float]) -> dict[str, str]:
+        """The auto recipe: what the user left unset, chosen from the data and the measured pace (`pace(cfg)`
+        images/s), set in `cfg`; returns each choice's reason by option."""
+
     @abstractmethod
     def batch_transform(self, cfg: Config, num_classes: int) -> Callable[[torch.Tensor, torch.Tensor],
                                                                           tuple[torch.Tensor, torch.Tensor]]:
@@ -61,8 +80,9 @@ class Task(ABC):
         known (the pace is being measured), so checks against it wait."""
 
     @abstractmethod
-    def batch_figures(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Sums over the batch of each of `train_figures`, on the device (read back only now and then)."""
+    def batch_figures(self, outputs: Any, targets: Any) -> torch.Tensor:
+        """Sums over the batch of each of `train_figures`, on the device (read back only now and then); no
+        gradient flows back through them."""
 
     @abstractmethod
     def validate(self, forward: Forward, loader: Any, prefix: str, world: Any) -> dict[str, float]:
@@ -73,9 +93,21 @@ class Task(ABC):
         """An epoch's figures for the log, beside the shared ones (epoch, learning rate, pace)."""
 
     @abstractmethod
+    def load_best(self, path: Path, device: torch.device, precision: str) -> Any:
+        """The run's saved best model, ready for `evaluate` on `device` at `precision`."""
+
+    @abstractmethod
     def evaluate(self, predictor: Any, samples: list, out_dir: Path, name: str, batch_size: int,
                  workers: int) -> Any:
         """The finished run's evaluation of its best model on one split: metrics, plots, files."""
+
+    @abstractmethod
+    def report_data(self, cfg: Config, scan: Any) -> list[str]:
+        """report.md's lines on the data: the folder, its splits, what was skipped."""
+
+    @abstractmethod
+    def report_results(self, results: dict[str, Any], run_dir: Path) -> list[str]:
+        """report.md's lines on each split's results, with their plots."""
 
     @abstractmethod
     def result_line(self, name: str, report: Any) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -13,7 +14,7 @@ from torch import nn
 
 from ..config import Config
 from ..data.folder import ImageFolderScan, scan_folder, scan_recorded_split
-from ..data.gpu_decode import BatchDecoder, EncodedDataset
+from ..data.gpu_decode import BatchDecoder, EncodedDataset, collate
 from ..data.loader import ImageDataset
 from ..data.transforms import BatchMix, Preprocess, eval_transform, train_transform
 from ..device import autocast
@@ -22,7 +23,10 @@ from ..evaluation.evaluate import evaluate_samples
 from ..evaluation.metrics import ClassificationReport, topk_correct, topk_hits
 from ..models import create_model, load_model
 from ..models.spec import given_options
+from ..report import markdown_table
 from ..runtime.inference import infer
+from ..runtime.predictor import Predictor
+from ..training.auto import fit_recipe
 from ..training.losses import ClassificationLoss, DistillationLoss
 from .base import Datasets, Forward, Task
 
@@ -32,6 +36,7 @@ log = logging.getLogger("resforge")
 class Classification(Task):
     name: ClassVar[str] = "classify"
     train_figures: ClassVar[tuple[str, ...]] = ("top1",)
+    metric: ClassVar[str] = "val_top1"
 
     def build_model(self, cfg: Config, num_classes: int, pretrained: bool = True) -> nn.Module:
         m, d = cfg.model, cfg.data
@@ -53,11 +58,20 @@ class Classification(Task):
     def datasets(self, cfg: Config, scan: ImageFolderScan, pre: Preprocess, device: torch.device) -> Datasets:
         d, seed = cfg.data, cfg.train.seed
         val = ImageDataset(scan.val, eval_transform(pre), pre, max_pixels=d.max_pixels)
-        if d.decode == "gpu":
+        if d.decode == "gpu":  # training images decoded on the device: only the validation set is cached
             train = EncodedDataset(scan.train, pre, cfg.augment, seed=seed, max_pixels=d.max_pixels)
-            return Datasets(train, val, BatchDecoder(pre, device, [path for path, _ in scan.train], d.max_pixels))
+            return Datasets(train, val, BatchDecoder(pre, device, [path for path, _ in scan.train], d.max_pixels),
+                            train_collate=collate, cacheable=[val])
         train = ImageDataset(scan.train, train_transform(pre, cfg.augment), pre, seed=seed, max_pixels=d.max_pixels)
-        return Datasets(train, val)
+        return Datasets(train, val, cacheable=[train, val])
+
+    def random_batch(self, cfg: Config, num_classes: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        d = cfg.data
+        return (torch.randn(d.batch_size, d.in_chans, d.img_size, d.img_size, device=device),
+                torch.randint(0, num_classes, (d.batch_size,), device=device))
+
+    def fit_recipe(self, cfg: Config, scan: ImageFolderScan, pace: Callable[[Config], float]) -> dict[str, str]:
+        return fit_recipe(cfg, scan, pace=pace)
 
     def batch_transform(self, cfg: Config, num_classes: int) -> BatchMix:
         return BatchMix(cfg.augment, num_classes)
@@ -82,7 +96,7 @@ class Classification(Task):
         return DistillationLoss(teach, t.kd_alpha, t.kd_temperature, t.label_smoothing)
 
     def batch_figures(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return topk_hits(outputs, targets, (1,))
+        return topk_hits(outputs.detach(), targets, (1,))
 
     def validate(self, forward: Forward, loader: Any, prefix: str, world: Any) -> dict[str, float]:
         logits, targets = infer(forward, loader)
@@ -99,9 +113,35 @@ class Classification(Task):
             parts.append(f"ema top1 {row['ema_val_top1']:.1%}")
         return "  ".join(parts)
 
+    def load_best(self, path: Path, device: torch.device, precision: str) -> Predictor:
+        return Predictor.load(path, "torch", str(device), precision)
+
     def evaluate(self, predictor: Any, samples: list, out_dir: Path, name: str, batch_size: int,
                  workers: int) -> ClassificationReport:
         return evaluate_samples(predictor, samples, out_dir, name=name, batch_size=batch_size, workers=workers)
+
+    def report_data(self, cfg: Config, scan: ImageFolderScan) -> list[str]:
+        out = [f"- folder `{cfg.data.root}`, {len(scan.classes)} classes, layout `{scan.layout}`; validation: "
+               f"{scan.val_source}", "",
+               markdown_table(["split", "images"] + scan.classes[:12] + (["..."] if len(scan.classes) > 12 else []),
+                              [[s, sum(scan.counts(s))] + scan.counts(s)[:12] for s in ("train", "val", "test")
+                               if getattr(scan, s)]), ""]
+        if scan.skipped:
+            out += [f"- {len(scan.skipped)} file(s) skipped as unreadable or not images: see `skipped.csv`", ""]
+        return out
+
+    def report_results(self, results: dict[str, ClassificationReport], run_dir: Path) -> list[str]:
+        k = next(iter(results.values())).k if results else 5
+        out = [markdown_table(["split", "images", "top-1", f"top-{k}", "macro F1"],
+                              [[name, r.num_samples, f"{r.top1:.2%}", f"{r.top5:.2%}", f"{r.macro['f1']:.3f}"]
+                               for name, r in results.items()]), ""]
+        for name, r in results.items():
+            out += [f"### {name}", "", r.to_markdown(), "",
+                    f"![confusion](plots/confusion_{name}.png)", "",
+                    f"![predictions](plots/predictions_{name}.png)", ""]
+            if (run_dir / "plots" / f"mistakes_{name}.png").exists():
+                out += [f"![mistakes](plots/mistakes_{name}.png)", ""]
+        return out
 
     def result_line(self, name: str, report: ClassificationReport) -> str:
         return (f"{name:<5} top-1 {100 * report.top1:.2f}%  top-{report.k} {100 * report.top5:.2f}%  "

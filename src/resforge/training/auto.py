@@ -29,7 +29,7 @@ VAL_IMAGES = 5000  # a validation split of this many ranks epochs well; more onl
 LOOP_EFFICIENCY = 0.85  # the training loop's pace against the bare model's (loading, metrics, schedule)
 
 
-class _Chooser:
+class Chooser:
     """Sets options the user did not, and records why."""
 
     def __init__(self, cfg: Config):
@@ -54,7 +54,7 @@ def fit_recipe(cfg: Config, scan: ImageFolderScan, pace: Callable[[Config], floa
     how many epochs the budget buys, which sets the augmentation and the warm-up.
     """
     p = profile_data(scan, seed=cfg.data.split_seed)
-    choose = _Chooser(cfg)
+    choose = Chooser(cfg)
     pretrained = bool(cfg.model.pretrained or cfg.model.init_from)  # trained weights: a gentler optimiser
     _validation(choose, scan)
     _input(choose, p, pretrained)
@@ -65,7 +65,7 @@ def fit_recipe(cfg: Config, scan: ImageFolderScan, pace: Callable[[Config], floa
     return choose.reasons
 
 
-def _validation(choose: _Chooser, scan: ImageFolderScan) -> None:
+def _validation(choose: Chooser, scan: ImageFolderScan) -> None:
     """Large folders split off VAL_IMAGES for validation, not a fifth: the rest trains (a val folder stays)."""
     if scan.split_fixed:
         return
@@ -76,7 +76,7 @@ def _validation(choose: _Chooser, scan: ImageFolderScan) -> None:
                                         "the rest train")
 
 
-def _input(choose: _Chooser, p: DataProfile, pretrained: bool) -> None:
+def _input(choose: Chooser, p: DataProfile, pretrained: bool) -> None:
     side = p.short_side
     if p.gray:
         choose("data.in_chans", 1, "every image is grayscale (colour would carry nothing)")
@@ -99,7 +99,7 @@ def _input(choose: _Chooser, p: DataProfile, pretrained: bool) -> None:
                                          "deeper models (benchmarks/defaults.py)")
 
 
-def _batch(choose: _Chooser, p: DataProfile) -> None:
+def _batch(choose: Chooser, p: DataProfile) -> None:
     size = choose.get("data.img_size")
     batch = 256 if size <= 32 else 128 if size <= 64 else 64 if size <= 128 else 32
     while batch > MIN_BATCH and p.images / batch < MIN_STEPS_PER_EPOCH:
@@ -108,7 +108,7 @@ def _batch(choose: _Chooser, p: DataProfile) -> None:
                                      + (": large batches keep a CPU busy on small images" if batch > 32 else ""))
 
 
-def _epochs(choose: _Chooser, p: DataProfile, pace: Callable[[Config], float] | None) -> float:
+def _epochs(choose: Chooser, p: DataProfile, pace: Callable[[Config], float] | None) -> float:
     """The budget in epochs: the epochs given, or what the measured pace buys in the time limit."""
     t = choose.cfg.train
     if not t.time_limit or pace is None:
@@ -121,7 +121,7 @@ def _epochs(choose: _Chooser, p: DataProfile, pace: Callable[[Config], float] | 
     return epochs
 
 
-def _augmentation(choose: _Chooser, p: DataProfile, epochs: float) -> None:
+def _augmentation(choose: Chooser, p: DataProfile, epochs: float) -> None:
     small = p.short_side <= SMALL
     if epochs < CROPS_FROM_EPOCHS:
         choose("augment.preset", "none", f"no random crops: in about {epochs:.3g} epochs the model underfits, "
@@ -140,7 +140,7 @@ def _augmentation(choose: _Chooser, p: DataProfile, epochs: float) -> None:
                                                     f"{'long' if long else 'short'} schedules")
 
 
-def _optimiser(choose: _Chooser, pretrained: bool, epochs: float) -> None:
+def _optimiser(choose: Chooser, pretrained: bool, epochs: float) -> None:
     cfg = choose.cfg
     batch = cfg.data.batch_size
     choose("optim.optimizer", "adamw", "AdamW converges fastest in short budgets")

@@ -81,6 +81,14 @@ class World:
         dist.all_reduce(t)
         return t.tolist()
 
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order, on every rank (metrics that do not add up, such as COCO AP)."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.size
+        dist.all_gather_object(out, obj)
+        return out
+
     def share_buffers(self, module: nn.Module) -> None:
         """Rank 0's buffers (batch norm's running statistics) on every rank: each rank updated its own copy
         from its slice of the last batch, and rank 0's model is the one saved."""

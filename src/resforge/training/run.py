@@ -2,7 +2,7 @@
 
 `run` is what `resforge train` does from start to end (or from a killed run's checkpoint): the
 processes (DDP when `devices` > 1), the trainer's epochs, then `finish`, which evaluates the best
-model through the same `Predictor` that serves it (val and test splits, by the task), draws the
+model as the task loads it (a classifier through the same `Predictor` that serves it) (val and test splits, by the task), draws the
 plots and writes `results.json` and `report.md`. Compression's fine-tunes end the same way
 (`complete`), so every run directory holds the same files whatever made it.
 """
@@ -22,7 +22,6 @@ from ..evaluation.plots import plot_history
 from ..io import write_json
 from ..models.summary import summarize
 from ..report import write_run_report
-from ..runtime.predictor import Predictor
 from . import distributed
 from .sparsity import write_report as write_sparsity_report
 from .sparsity import zip_bytes
@@ -77,7 +76,7 @@ def finish(trainer: Trainer, summary: dict[str, Any]) -> RunResult:
     """Evaluate the best model on val (and test), draw the plots, write results.json and report.md."""
     run_dir, cfg, task = trainer.run_dir, trainer.cfg, trainer.task
     precision = precision_name(trainer.amp_dtype)
-    best = Predictor.load(run_dir / "best.safetensors", "torch", str(trainer.device), precision)
+    best = task.load_best(run_dir / "best.safetensors", trainer.device, precision)
     results = {split: task.evaluate(best, samples, run_dir, split, cfg.data.batch_size, cfg.data.workers)
                for split in ("val", "test") if (samples := getattr(trainer.scan, split))}
     plot_history(summary["history"], run_dir / "plots" / "history.png", k=min(5, len(trainer.classes)))
@@ -90,7 +89,7 @@ def finish(trainer: Trainer, summary: dict[str, Any]) -> RunResult:
     summary = {**summary, "lr": trainer.lr, "device": str(trainer.device), "precision": precision}
     write_json(run_dir / "results.json", {"summary": {k: v for k, v in summary.items() if k != "history"},
                                           **{k: r.to_dict() for k, r in results.items()}})
-    report = write_run_report(run_dir, cfg, trainer.scan, summary, model_summary, results)
+    report = write_run_report(run_dir, cfg, task, trainer.scan, summary, model_summary, results)
     log.info("")
     log.info("run %s: %d epochs, best epoch %s (%s weights), %.1f min", run_dir, summary["epochs"],
              summary["best_epoch"], summary["best_weights"], summary["train_time_s"] / 60)

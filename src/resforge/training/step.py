@@ -15,11 +15,17 @@ from torch.optim.swa_utils import AveragedModel
 
 from ..config import OptimConfig
 from ..data.gpu_decode import EncodedBatch
-from ..device import autocast
+from ..device import autocast, to_device
 from ..errors import ConfigError
 from .optim import apply_lr, build_optimizer
 
-BatchTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+BatchTransform = Callable[[Any, Any], tuple[Any, Any]]
+Call = Callable[[nn.Module, Any, Any], Any]
+
+
+def call_on_images(forward: nn.Module, x: Any, y: Any) -> Any:
+    """The training forward pass of a network that sees only the images (a classifier)."""
+    return forward(x)
 
 
 @dataclass
@@ -34,6 +40,7 @@ class Step:
     memory_format: torch.memory_format
     batch_transform: BatchTransform
     decoder: Callable[[EncodedBatch], torch.Tensor] | None = None
+    call: Call = call_on_images  # the task's training forward pass (a detector sees the targets too)
     scaler: torch.amp.GradScaler = field(init=False)
     base_lrs: list[float] = field(init=False)
 
@@ -51,22 +58,21 @@ class Step:
     @classmethod
     def build(cls, model: nn.Module, forward: nn.Module, optim: OptimConfig, lr: float, criterion: nn.Module,
               device: torch.device, amp_dtype: torch.dtype | None, memory_format: torch.memory_format,
-              batch_transform: BatchTransform, decoder: Any = None) -> Step:
+              batch_transform: BatchTransform, decoder: Any = None, call: Call = call_on_images) -> Step:
         return cls(model, forward, criterion, build_optimizer(model, optim, lr), optim, device, amp_dtype,
-                   memory_format, batch_transform, decoder)
+                   memory_format, batch_transform, decoder, call)
 
-    def prepare_batch(self, x: torch.Tensor | EncodedBatch, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def prepare_batch(self, x: Any, y: Any) -> tuple[Any, Any]:
         """A loader's batch on the device (decoded there, for data.decode gpu), in the run's layout, with the
         task's batch transform (MixUp/CutMix when the recipe says so)."""
         if isinstance(x, EncodedBatch):
             x = self.decoder(x)
-        x = x.to(self.device, non_blocking=True, memory_format=self.memory_format)
-        return self.batch_transform(x, y.to(self.device, non_blocking=True))
+        return self.batch_transform(to_device(x, self.device, self.memory_format), to_device(y, self.device))
 
-    def compute_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def compute_loss(self, x: Any, y: Any) -> tuple[torch.Tensor, Any]:
         """(loss, outputs) of a prepared batch: the training forward pass, the criterion and the L1 penalties."""
         with autocast(self.device, self.amp_dtype):
-            outputs = self.forward(x)
+            outputs = self.call(self.forward, x, y)
             loss = self.criterion(outputs, y, x)
         o = self.optim
         if o.l1:

@@ -24,15 +24,15 @@ from torch.optim.swa_utils import AveragedModel
 from .. import __version__, timing
 from ..config import Config, get_option, set_option, validate
 from ..data.folder import ImageFolderScan
-from ..data.gpu_decode import Prefetcher, check_augment, collate
+from ..data.gpu_decode import Prefetcher, check_augment
 from ..data.loader import CACHE_AUTO_BYTES, cache_bytes, dataset_stats, make_loader, resolve_workers
 from ..data.transforms import Preprocess, imagenet_stats, make_preprocess
-from ..device import autocast, resolve_amp, resolve_device, seed_everything
+from ..device import autocast, resolve_amp, resolve_device, seed_everything, to_device
 from ..errors import ConfigError, TrainingError
 from ..models import ResNet, load_model, save_model
 from ..models.spec import ARCHITECTURE
 from ..models.weights import arch_record, build_from_arch
-from ..tasks import Classification, Task
+from ..tasks import Task, task_for
 from . import budget as _budget
 from . import distributed
 from .budget import TimeBudget
@@ -65,7 +65,9 @@ class Trainer:
         if not cfg.data.root:
             raise ConfigError("no data folder given")
         self.cfg = cfg
-        self.task = task or Classification()
+        self.task = task or task_for(cfg)
+        if "train.metric" not in cfg.user_set:
+            cfg.train.metric = self.task.metric
         self.state = state  # a checkpoint being resumed: its architecture and preprocessing are the run's
         self.init_model = self._adopt_init() if cfg.model.init_from and state is None else None
         self.callbacks = list(callbacks)
@@ -112,9 +114,7 @@ class Trainer:
             raise ConfigError("no validation images: set data.val_split above 0 or add a val folder")
         self.classes = self.scan.classes
         if cfg.recipe == "auto" and cfg.auto is None:
-            from .auto import fit_recipe
-
-            cfg.auto = fit_recipe(cfg, self.scan, pace=self._pace)
+            cfg.auto = self.task.fit_recipe(cfg, self.scan, pace=self._pace)
             validate(cfg)
             if "data.val_split" in cfg.auto:
                 self.scan = self.scan.resplit(cfg.data.val_split, cfg.data.split_seed)
@@ -183,9 +183,9 @@ class Trainer:
             model = model.to(self.device, memory_format=fmt).train()
             criterion = self.task.criterion(cfg, self.classes, None, self.device, self.amp_dtype, fmt)
             step = Step.build(model, model, cfg.optim, default_lr(cfg.optim, d.batch_size), criterion, self.device,
-                              self.amp_dtype, fmt, self.task.batch_transform(cfg, len(self.classes)))
-            x = torch.randn(d.batch_size, d.in_chans, d.img_size, d.img_size, device=self.device)
-            y = torch.randint(0, len(self.classes), (d.batch_size,), device=self.device)
+                              self.amp_dtype, fmt, self.task.batch_transform(cfg, len(self.classes)),
+                              call=self.task.train_call)
+            x, y = self.task.random_batch(cfg, len(self.classes), self.device)
 
             def one_step() -> None:
                 loss, _ = step.compute_loss(*step.prepare_batch(x, y))
@@ -219,19 +219,18 @@ class Trainer:
         sets = self.task.datasets(cfg, self.scan, self.pre, self.device)
         self.train_set, self.val_set, self.decoder = sets.train, sets.val, sets.decoder
         on_gpu = self.decoder is not None
-        in_memory = [self.val_set] if on_gpu else [self.train_set, self.val_set]
-        cached = d.cache == "on" or (d.cache == "auto" and cache_bytes(
-            [s for ds in in_memory for s in ds.samples], self.scan.sizes, self.pre) < CACHE_AUTO_BYTES)
+        cached = bool(sets.cacheable) and (d.cache == "on" or (d.cache == "auto" and cache_bytes(
+            [s for ds in sets.cacheable for s in ds.samples], self.scan.sizes, self.pre) < CACHE_AUTO_BYTES))
         if cached:
-            for ds in in_memory:
+            for ds in sets.cacheable:
                 ds.build_cache(self.progress)
         workers = resolve_workers(d.workers, cached and not on_gpu, self.world.local_size)
         shard = dict(rank=self.world.rank, world=self.world.size)
         self.train_loader = make_loader(self.train_set, d.batch_size, train=True, workers=workers,
                                         seed=cfg.train.seed, pin_memory=pin and not on_gpu,
-                                        collate_fn=collate if on_gpu else None, **shard)
+                                        collate_fn=sets.train_collate, **shard)
         self.val_loader = make_loader(self.val_set, d.batch_size, train=False, workers=workers,
-                                      seed=cfg.train.seed, pin_memory=pin, **shard)
+                                      seed=cfg.train.seed, pin_memory=pin, collate_fn=sets.val_collate, **shard)
 
     def train_batches(self) -> Any:
         """The training loader, its batches decoded on the GPU a step ahead when data.decode is gpu."""
@@ -262,7 +261,7 @@ class Trainer:
                                         self.memory_format)
         self.stepper = Step.build(self.model, forward, o, self.lr, criterion, self.device, self.amp_dtype,
                                   self.memory_format, self.task.batch_transform(self.cfg, len(self.classes)),
-                                  self.decoder)
+                                  self.decoder, self.task.train_call)
 
     def _setup_sparsity(self) -> None:
         """Gradual magnitude pruning as a callback; only epochs at the final sparsity may be the best."""
@@ -355,7 +354,7 @@ class Trainer:
                 loss, outputs = step.compute_loss(x, y)
                 step.backward(loss, first=i % accum == 0)
             pending.append((i, self.step, loss.detach()))
-            sums = self.task.batch_figures(outputs.detach(), y).to(totals.dtype)
+            sums = self.task.batch_figures(outputs, y).to(totals.dtype)
             totals += torch.cat([(loss.detach().double() * len(x)).reshape(1), sums])
             seen += len(x)
             if stepped:
@@ -432,13 +431,14 @@ class Trainer:
                 model.train(was_training)
         return row
 
-    def _forward(self, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-        """Validation's forward pass: the batch on the device, in the run's layout and precision."""
+    def _forward(self, model: nn.Module) -> Callable[[Any], Any]:
+        """Validation's forward pass: the batch on the device, in the run's layout and precision (a tensor of
+        outputs in fp32; a detector's lists of dicts as it gives them)."""
         @torch.no_grad()
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            x = x.to(self.device, non_blocking=True, memory_format=self.memory_format)
+        def forward(x: Any) -> Any:
             with autocast(self.device, self.amp_dtype):
-                return model(x).float()
+                out = model(to_device(x, self.device, self.memory_format))
+            return out.float() if isinstance(out, torch.Tensor) else out
         return forward
 
     def _score(self, row: dict[str, float], prefix: str) -> float:

@@ -50,7 +50,7 @@ class DetectionScan:
     clipped: int = 0  # boxes partly outside their image, clipped and kept
     difficult: int = 0  # VOC `difficult` objects, kept as ordinary boxes
 
-    def write_skipped(self, path: str | os.PathLike) -> None:
+    def write_skipped_csv(self, path: str | os.PathLike) -> None:
         """skipped.csv (path relative to the root, reason), written atomically."""
         write_csv(path, ["path", "reason"], ((os.path.relpath(p, self.root), r) for p, r in self.skipped))
 

@@ -1,0 +1,269 @@
+"""Detection: a folder of images with box annotations (COCO, VOC or YOLO) in, boxes (and instance masks) out,
+measured in COCO AP by pycocotools.
+
+The network is one of torchvision's detectors over a resforge ResNet (`models.detection`); it resizes and
+normalises inside, so samples are images at their own size with torchvision's target dicts, and its training
+forward pass takes the targets and returns its losses, which the criterion adds up.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from statistics import median
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..config import Config
+from ..data.annotations import DetectionScan, read_recorded_split, scan_detection
+from ..data.loader import make_loader
+from ..data.objects import ObjectsDataset, collate_objects, detection_transform
+from ..data.transforms import Preprocess, imagenet_stats
+from ..device import to_device
+from ..errors import ConfigError
+from ..evaluation.coco import detection_metrics
+from ..io import write_json
+from ..models import load_model
+from ..models.detection import DETECTOR_CLASSES, Detector
+from ..models.spec import given_options
+from ..report import markdown_table
+from ..training.auto import Chooser
+from ..models.weights import load_into, read_checkpoint
+from .base import Datasets, Forward, Task
+
+log = logging.getLogger("resforge")
+
+MAX_SIZE_RATIO = 1333 / 800  # torchvision's longer-side cap against the shorter side
+REPORTED = ("map", "map50", "map75", "map_small", "map_medium", "map_large", "mar100")
+
+
+class DetectionLoss(nn.Module):
+    """The detector's own losses (classification, box regression, objectness, masks), added up."""
+
+    def forward(self, outputs: dict[str, torch.Tensor], targets: Any, images: Any) -> torch.Tensor:
+        return sum(outputs.values())
+
+
+@dataclass
+class LoadedDetector:
+    """A run's saved detector, in evaluation mode on its device, with its class names (labels 1..K)."""
+
+    model: Detector
+    classes: list[str]
+
+
+@dataclass
+class DetectionReport:
+    """A split's COCO figures: AP@[.5:.95] (`map`), AP@.5, AP@.75, by size, AR, and AP per class."""
+
+    num_images: int
+    num_objects: int
+    metrics: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def detector_options(cfg: Config, num_classes: int, pre_mean: list[float], pre_std: list[float]) -> dict[str, Any]:
+    """The constructor keywords of the detector `cfg` describes, for `num_classes` object classes."""
+    m, d = cfg.model, cfg.data
+    spec = {k: v for k, v in asdict(cfg.detect).items() if k != "detector"}
+    return {"num_classes": num_classes + 1, "backbone": m.name,
+            "backbone_options": {**given_options(m), "in_chans": d.in_chans},
+            "image_mean": pre_mean, "image_std": pre_std, "min_size": d.img_size,
+            "max_size": round(d.img_size * MAX_SIZE_RATIO), **spec}
+
+
+def load_detection_weights(model: Detector, source: str) -> list[str]:
+    """A torchvision detection checkpoint (or one of a classifier, for the backbone alone) into `model`; what
+    does not fit is named (weights_only reading, safetensors or .pth)."""
+    state, _ = read_checkpoint(source)
+    if any(k.startswith("backbone.body.") for k in state):
+        return load_into(model, state, source)
+    body = {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier."))}
+    own = model.body.state_dict()
+    problems = [k for k in own if k not in body and not k.endswith("num_batches_tracked")]
+    problems += [k for k in body if k not in own]
+    if problems:
+        raise ConfigError(f"{source} is neither a detection checkpoint (backbone.body.* keys) nor one of this "
+                          f"backbone ({model.spec()['backbone']}): e.g. {', '.join(problems[:3])} do not match")
+    model.body.load_state_dict(body, strict=False)
+    return [f"backbone weights from {source}; the pyramid and heads start fresh"]
+
+
+class Detection(Task):
+    name: ClassVar[str] = "detect"
+    train_figures: ClassVar[tuple[str, ...]] = ()
+    metric: ClassVar[str] = "val_map50"
+
+    def build_model(self, cfg: Config, num_classes: int, pretrained: bool = True) -> nn.Module:
+        mean, std = imagenet_stats(cfg.data.in_chans)
+        model = DETECTOR_CLASSES[cfg.detect.detector](**detector_options(cfg, num_classes, mean, std))
+        if pretrained and cfg.model.pretrained:
+            for note in load_detection_weights(model, cfg.model.pretrained):
+                log.info(note)
+        return model
+
+    def scan(self, cfg: Config, split_csv: str | os.PathLike | None) -> DetectionScan:
+        d = cfg.data
+        if split_csv is None:
+            return scan_detection(d.root, val_split=d.val_split, seed=d.split_seed, max_pixels=d.max_pixels)
+        return read_recorded_split(d.root, split_csv, max_pixels=d.max_pixels)
+
+    def datasets(self, cfg: Config, scan: DetectionScan, pre: Preprocess, device: torch.device) -> Datasets:
+        d, masks = cfg.data, cfg.detect.detector == "maskrcnn"
+        if d.decode == "gpu":
+            raise ConfigError("data.decode gpu decodes classification batches; detection decodes on the CPU")
+        mode = "L" if d.in_chans == 1 else "RGB"
+        train = ObjectsDataset(scan.train, detection_transform(cfg.augment), masks=masks, seed=cfg.train.seed,
+                               max_pixels=d.max_pixels, mode=mode)
+        val = ObjectsDataset(scan.val, detection_transform(None), masks=masks, max_pixels=d.max_pixels, mode=mode)
+        return Datasets(train, val, train_collate=collate_objects, val_collate=collate_objects)
+
+    def random_batch(self, cfg: Config, num_classes: int, device: torch.device) -> tuple[list, list]:
+        d, g = cfg.data, torch.Generator().manual_seed(0)
+        size = d.img_size
+        images, targets = [], []
+        for _ in range(d.batch_size):
+            xy = torch.rand(2, generator=g) * size / 2
+            box = torch.cat([xy, xy + size / 4]).unsqueeze(0)
+            target = {"boxes": box, "labels": torch.randint(1, num_classes + 1, (1,), generator=g)}
+            if cfg.detect.detector == "maskrcnn":
+                target["masks"] = torch.zeros(1, size, size, dtype=torch.uint8)
+                target["masks"][0, int(xy[1]):int(xy[1] + size / 4), int(xy[0]):int(xy[0] + size / 4)] = 1
+            images.append(torch.rand(d.in_chans, size, size, generator=g))
+            targets.append(target)
+        return to_device(images, device), to_device(targets, device)
+
+    def fit_recipe(self, cfg: Config, scan: DetectionScan, pace: Callable[[Config], float]) -> dict[str, str]:
+        choose = Chooser(cfg)
+        images = scan.train + scan.val
+        short = median(min(o.width, o.height) for o in images)
+        size = int(min(512, max(128, 32 * round(short / 32))))
+        choose("data.img_size", size, f"{size} px: the images' median shorter side ({short:g} px), a multiple of 32 "
+                                      "within 128-512 (the detector resizes each image to it)")
+        boxes = [min(b[2] - b[0], b[3] - b[1]) * size / min(o.width, o.height) for o in images for b in o.boxes]
+        if boxes and cfg.detect.detector != "fcos":
+            small = sorted(boxes)[len(boxes) // 10]
+            base = max(8, 2 ** math.floor(math.log2(max(small, 1))))
+            sizes = [base * 2 ** k for k in range(5)]
+            choose("detect.anchor_sizes", sizes, f"anchors {sizes[0]}-{sizes[-1]} px: the smallest tenth of the "
+                                                 f"boxes are {small:.0f} px at this size")
+        choose("optim.optimizer", "adamw", "AdamW converges faster than SGD in short detection budgets")
+        choose("optim.lr", float(f"{1e-4 * math.sqrt(cfg.data.batch_size / 2):.3g}"),
+               "1e-4 at batch 2, x sqrt(batch/2)")
+        choose("optim.weight_decay", 1e-4, "weight decay 1e-4")
+        choose("optim.schedule", "cosine", "cosine decay to zero at the end of the budget")
+        warm = cfg.train.epochs > 4
+        choose("optim.warmup_epochs", 1.0 if warm else 0.0,
+               "a warm-up epoch" if warm else "no warm-up in a run of 4 epochs or fewer")
+        choose("augment.hflip", 0.5, "horizontal flips: objects keep their class mirrored")
+        return choose.reasons
+
+    def batch_transform(self, cfg: Config, num_classes: int) -> Callable[[Any, Any], tuple[Any, Any]]:
+        if cfg.augment.mixup or cfg.augment.cutmix:
+            raise ConfigError("augment.mixup and augment.cutmix mix classification batches; detection has neither")
+        return lambda x, y: (x, y)
+
+    def criterion(self, cfg: Config, classes: list[str], pre: Preprocess | None, device: torch.device,
+                  amp_dtype: torch.dtype | None, memory_format: torch.memory_format) -> nn.Module:
+        if cfg.train.teacher:
+            raise ConfigError("train.teacher distils classifiers; detection has no distillation yet")
+        if cfg.train.label_smoothing:
+            raise ConfigError("train.label_smoothing smooths classification targets; detectors' losses take none")
+        return DetectionLoss()
+
+    def train_call(self, forward: nn.Module, x: Any, y: Any) -> Any:
+        return forward(x, y)
+
+    def batch_figures(self, outputs: Any, targets: Any) -> torch.Tensor:
+        return torch.zeros(0)
+
+    def validate(self, forward: Forward, loader: Any, prefix: str, world: Any) -> dict[str, float]:
+        masks = False
+        predictions, targets, sizes = [], [], []
+        for x, y in loader:
+            out = forward(x)
+            masks = masks or "masks" in y[0]
+            predictions += [{k: v.cpu() for k, v in o.items()} for o in out]
+            targets += y
+            sizes += [tuple(image.shape[-2:]) for image in x]
+        shares = world.gather((predictions, targets, sizes))
+        predictions, targets, sizes = ([item for share in shares for item in share[i]] for i in range(3))
+        # categories without ground truth do not count in COCO's means: the largest label seen is enough
+        num_classes = max([int(t["labels"].max()) for t in targets + predictions if len(t["labels"])] + [1])
+        m = detection_metrics(predictions, targets, sizes, num_classes, masks=masks)
+        row = {f"{prefix}_map": m["map"], f"{prefix}_map50": m["map50"], f"{prefix}_map75": m["map75"]}
+        if masks:
+            row[f"{prefix}_mask_map"] = m["mask_map"]
+        return row
+
+    def epoch_line(self, row: dict[str, float], num_classes: int) -> str:
+        parts = [f"train loss {row['train_loss']:.3f}",
+                 f"val AP {row['val_map']:.3f} AP50 {row['val_map50']:.3f} AP75 {row['val_map75']:.3f}"]
+        if "val_mask_map" in row:
+            parts.append(f"mask AP {row['val_mask_map']:.3f}")
+        if "ema_val_map" in row:
+            parts.append(f"ema AP {row['ema_val_map']:.3f}")
+        return "  ".join(parts)
+
+    def load_best(self, path: Path, device: torch.device, precision: str) -> LoadedDetector:
+        model, meta = load_model(path)
+        return LoadedDetector(model.to(device).eval(), meta["classes"])
+
+    def evaluate(self, predictor: LoadedDetector, samples: list, out_dir: Path, name: str, batch_size: int,
+                 workers: int) -> DetectionReport:
+        model, classes = predictor.model, predictor.classes
+        masks, device = model.detector == "maskrcnn", next(model.parameters()).device
+        loader = make_loader(ObjectsDataset(samples, detection_transform(None), masks=masks), batch_size,
+                             train=False, workers=max(workers, 0), seed=0, collate_fn=collate_objects)
+        predictions, targets, sizes = [], [], []
+        with torch.no_grad():
+            for x, y in loader:
+                predictions += [{k: v.cpu() for k, v in o.items()} for o in model(to_device(x, device))]
+                targets += y
+                sizes += [tuple(image.shape[-2:]) for image in x]
+        m = detection_metrics(predictions, targets, sizes, len(classes), masks=masks)
+        m["per_class"] = {classes[c - 1]: ap for c, ap in m["per_class"].items()}
+        if masks:
+            m["mask_per_class"] = {classes[c - 1]: ap for c, ap in m["mask_per_class"].items()}
+        report = DetectionReport(len(samples), sum(len(t["labels"]) for t in targets), m)
+        write_json(Path(out_dir) / f"metrics_{name}.json", report.to_dict())
+        return report
+
+    def report_data(self, cfg: Config, scan: DetectionScan) -> list[str]:
+        splits = [s for s in ("train", "val", "test") if getattr(scan, s)]
+        shown = scan.classes[:12] + (["..."] if len(scan.classes) > 12 else [])
+        out = [f"- folder `{cfg.data.root}`: {scan.reason}; {len(scan.classes)} classes; validation: "
+               f"{scan.val_source}", "",
+               markdown_table(["split", "images", "without objects", "objects"] + shown,
+                              [[s, len(getattr(scan, s)), sum(not o.labels for o in getattr(scan, s)),
+                                sum(scan.box_counts(s))] + scan.box_counts(s)[:12] for s in splits]), ""]
+        if scan.clipped:
+            out += [f"- {scan.clipped} box(es) reached outside their image and were clipped", ""]
+        if scan.skipped:
+            out += [f"- {len(scan.skipped)} image(s) or annotation(s) skipped: see `skipped.csv` for each reason", ""]
+        return out
+
+    def report_results(self, results: dict[str, DetectionReport], run_dir: Path) -> list[str]:
+        rows = [[name, r.num_images, r.num_objects] + [f"{r.metrics[k]:.3f}" for k in REPORTED]
+                for name, r in results.items()]
+        out = [markdown_table(["split", "images", "objects", "AP", "AP50", "AP75", "AP small", "AP medium",
+                               "AP large", "AR100"], rows), ""]
+        for name, r in results.items():
+            out += [f"### {name}: AP per class", "",
+                    markdown_table(["class", "AP"], [[c, "-" if ap is None else f"{ap:.3f}"]
+                                                     for c, ap in r.metrics["per_class"].items()]), ""]
+        return out
+
+    def result_line(self, name: str, report: DetectionReport) -> str:
+        m = report.metrics
+        mask = f"  mask AP {m['mask_map']:.3f}" if "mask_map" in m else ""
+        return (f"{name:<5} AP {m['map']:.3f}  AP50 {m['map50']:.3f}  AP75 {m['map75']:.3f}{mask}  "
+                f"({report.num_images} images, {report.num_objects} objects)")

@@ -1,0 +1,109 @@
+"""Detection as a task on the seam: a COCO folder is recognised and trained through the same loop, run directory,
+checkpoint and report as classification; a kill -9 resumes; bad options for the task are refused."""
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import make_detection_folder
+
+import resforge
+from resforge.models import load_model
+from resforge.models.detection import FasterRCNN
+
+TINY = {"model": "resnet18", "width": 0.25, "img_size": 64, "batch_size": 4, "workers": 0, "amp": "off",
+        "fpn_channels": 32}
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return make_detection_folder(tmp_path_factory.mktemp("detect") / "shapes", n=20)
+
+
+def test_a_coco_folder_trains_as_detection_through_the_one_loop(shapes, tmp_path, caplog):
+    caplog.set_level("INFO", logger="resforge")
+    run = resforge.train(shapes, progress=False, project=str(tmp_path), name="det", epochs=2, **TINY)
+    assert "task detect: annotations/instances.json is COCO JSON" in caplog.text
+    run_dir = Path(run["run_dir"])
+    assert run["metric"] == "val_map50"
+    header = (run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"train_loss", "val_map", "val_map50", "val_map75"} <= set(header) and "val_top1" not in header
+    model, meta = load_model(run_dir)
+    assert isinstance(model, FasterRCNN) and meta["classes"] == ["square", "disc"]
+    assert model.spec()["min_size"] == 64 and model.spec()["backbone_options"]["width"] == 0.25
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["val"]["num_images"] == 4 and set(results["val"]["metrics"]["per_class"]) == {"square", "disc"}
+    report = (run_dir / "report.md").read_text()
+    assert "COCO JSON" in report and "| split | images | objects | AP | AP50 |" in report
+    config = (run_dir / "config.yaml").read_text()
+    assert "task: detect" in config  # the resolved task, so a resume needs no second look
+    split = (run_dir / "split.csv").read_text().splitlines()
+    assert split[0] == "split,path" and len(split) == 21
+
+
+def test_the_detector_learns_the_shapes(shapes, tmp_path):
+    """Not a benchmark: enough epochs on 16 tiny images that a detector which learns at all finds squares and
+    discs (one that does not learn stays near 0)."""
+    torch.manual_seed(0)
+    run = resforge.train(shapes, progress=False, project=str(tmp_path), name="learn", epochs=12,
+                         lr=2e-3, **TINY)
+    best = max(row["val_map50"] for row in run["history"])
+    assert best > 0.3, [round(row["val_map50"], 3) for row in run["history"]]
+
+
+def test_a_killed_detection_run_resumes_where_it_stopped(shapes, tmp_path):
+    project = tmp_path / "runs"
+    script = textwrap.dedent(f"""
+        import os, signal, resforge
+        def kill(event, trainer):
+            if event == "epoch_end" and trainer.epoch == 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+        resforge.train({shapes!r}, progress=False, project={str(project)!r}, name="k", epochs=2, callbacks=[kill],
+                       **{TINY!r})
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    run_dir = project / "k"
+    assert (run_dir / "last.ckpt").is_file() and not (run_dir / "results.json").exists()
+    first = (run_dir / "metrics.csv").read_text().splitlines()
+    run = resforge.train(resume=str(run_dir), progress=False)
+    rows = (run_dir / "metrics.csv").read_text().splitlines()
+    assert rows[:2] == first and [row.split(",")[0] for row in rows[1:]] == ["1", "2"]  # epoch 2 only was added
+    assert run["epochs"] == 2 and (run_dir / "results.json").is_file()
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"mixup": 0.2}, "mixup"),
+    ({"label_smoothing": 0.1}, "label_smoothing"),
+    ({"detector": "retinanet", "heads": "v2"}, "v1 heads only"),
+])
+def test_classification_options_are_refused_for_detection_by_name(shapes, tmp_path, options, message):
+    with pytest.raises(resforge.ConfigError, match=message):
+        resforge.train(shapes, progress=False, project=str(tmp_path), name="bad", epochs=1, **{**TINY, **options})
+    assert not (tmp_path / "bad" / "last.ckpt").exists()
+
+
+def test_task_classify_overrides_what_the_folder_looks_like(shapes, tmp_path):
+    # the COCO folder read as class folders: "annotations" holds no images, so it is a class without any
+    with pytest.raises(resforge.DataError, match="class folder.* no readable images .*annotations"):
+        resforge.train(shapes, progress=False, project=str(tmp_path), name="c", epochs=1, task="classify", **{
+            k: v for k, v in TINY.items() if k != "fpn_channels"})
+
+
+def test_the_cli_trains_a_detection_folder_and_says_which_task(shapes, tmp_path, caplog):
+    from helpers import cli_flags
+
+    from resforge.cli import main
+
+    caplog.set_level("INFO", logger="resforge")
+    assert main(["train", shapes, "--epochs", "1", "--project", str(tmp_path), "--name", "cli",
+                 "--detector", "fcos", "--anchor-sizes", "8", "16", "32", "64", "128",
+                 *cli_flags({**TINY, "fpn_channels": 64})]) == 0  # fcos's heads: 32 groups of 2 channels
+    assert "task detect: annotations/instances.json is COCO JSON (--task overrides)" in caplog.text
+    model, _ = load_model(tmp_path / "cli")
+    assert type(model).__name__ == "FCOS" and model.anchor_generator.sizes[0] == (8,)
