@@ -40,6 +40,8 @@ from .io import write_json
 from .models import create_model
 from .models.summary import ModelSummary, summarize
 from .options import from_keywords, take_keywords
+from .tasks import Detection, recorded_task
+from .tasks.detect import DetectionReport, evaluate_detector, predict_boxes
 from .training.lr_find import LRFindResult, check_range
 from .training.lr_find import lr_find as _lr_find
 from .training.run import RunResult, complete, run
@@ -173,9 +175,9 @@ def bench(models: list[str | os.PathLike], backends: list[str] | None = None, *,
                   metadata=o.metadata, device=o.device, compile=o.compile, cuda_graph=o.cuda_graph)
 
 
-def evaluate(source: str | os.PathLike, data: str | os.PathLike, **options: Any) -> ClassificationReport:
+def evaluate(source: str | os.PathLike, data: str | os.PathLike, **options: Any) -> ClassificationReport | DetectionReport:
     """Evaluate a model (a run, a .safetensors, an .onnx or an OpenVINO .xml) on a labelled folder; write
-    metrics and plots.
+    metrics and plots. A detector is measured in COCO AP on an annotated folder (`tasks.detect`).
 
     `data` is a class-folder tree, or a split layout (its test split, else val, is used). Results go
     to `out` (default: `<run>/eval-<folder>` or `runs/eval-<folder>`). `metadata` supplies what a
@@ -186,6 +188,8 @@ def evaluate(source: str | os.PathLike, data: str | os.PathLike, **options: Any)
     tta, out, batch_size, workers, backend, device, precision, metadata = (
         o.tta, o.out, o.batch_size, o.workers, o.backend, o.device, o.precision, o.metadata)
     _check_batching(batch_size, workers)
+    if recorded_task(source) == Detection.name:
+        return evaluate_detector(source, data, out=out, batch_size=batch_size, workers=workers, device=device)
     predictor = Predictor.load(source, backend, device, precision, batch_size=batch_size, metadata=metadata)
     samples, scan = labelled_samples(data, predictor.classes)
     name = Path(data).resolve().name
@@ -223,8 +227,8 @@ def _check_batching(batch_size: int, workers: int) -> None:
 
 
 def predict(source: str | os.PathLike, paths: list[str | os.PathLike], **options: Any) -> list[dict[str, Any]]:
-    """Top-k classes for image files, folders or glob patterns, as rows {"path", "top"} or {"path", "error"}
-    (options: `commands.PredictOptions`' fields).
+    """Top-k classes for image files, folders or glob patterns, as rows {"path", "top"} or {"path", "error"}; a
+    detector's boxes as rows {"path", "objects"} (options: `commands.PredictOptions`' fields).
 
     An unreadable file gets an error entry; when no file at all can be read, that is an error.
     """
@@ -234,14 +238,23 @@ def predict(source: str | os.PathLike, paths: list[str | os.PathLike], **options
     if topk < 1 or batch_size < 1:
         raise ConfigError("topk and batch_size must be at least 1")
     files = scan_images(list(paths))
+    if recorded_task(source) == Detection.name:
+        rows = predict_boxes(source, files, conf=o.conf, batch_size=batch_size, device=device,
+                             save_images=o.save_images)
+        _check_some_read(rows)
+        return rows
     predictor = Predictor.load(source, backend, device, precision, batch_size=min(batch_size, len(files)),
                                metadata=metadata)
     rows = [{"path": p, **r} for p, r in zip(files, predictor.predict(files, topk, batch_size, names=files))]
+    _check_some_read(rows)
+    return rows
+
+
+def _check_some_read(rows: list[dict[str, Any]]) -> None:
     if all("error" in r for r in rows):
         first = rows[0]
         raise DataError(f"none of the {len(rows)} image(s) could be read (first: {first['path']}: {first['error']})"
                         if len(rows) > 1 else f"{first['path']}: {first['error']}")
-    return rows
 
 
 def serve(source: str | os.PathLike, *, metadata: dict[str, Any] | None = None, **options: Any) -> None:

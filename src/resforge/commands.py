@@ -160,6 +160,8 @@ class EvalOptions(EngineOptions, LoadingOptions):
 @dataclass(kw_only=True)
 class PredictOptions(EngineOptions, BatchOptions):
     topk: int = option(5, "classes per image")
+    conf: float = option(0.25, "detection: the lowest score of a box kept", ge=0, le=1)
+    save_images: str | None = option(None, "detection: draw each image's boxes into this folder", metavar="DIR")
 
 
 @dataclass(kw_only=True)

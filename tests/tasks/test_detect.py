@@ -25,10 +25,27 @@ def shapes(tmp_path_factory):
     return make_detection_folder(tmp_path_factory.mktemp("detect") / "shapes", n=20)
 
 
-def test_a_coco_folder_trains_as_detection_through_the_one_loop(shapes, tmp_path, caplog):
-    caplog.set_level("INFO", logger="resforge")
-    run = resforge.train(shapes, progress=False, project=str(tmp_path), name="det", epochs=2, **TINY)
-    assert "task detect: annotations/instances.json is COCO JSON" in caplog.text
+@pytest.fixture(scope="module")
+def trained(shapes, tmp_path_factory):
+    import logging
+
+    records, logger = [], logging.getLogger("resforge")
+    handler, level = logging.Handler(), logger.level
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        run = resforge.train(shapes, progress=False, project=str(tmp_path_factory.mktemp("runs")), name="det",
+                             epochs=2, **TINY)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return run, "\n".join(records)
+
+
+def test_a_coco_folder_trains_as_detection_through_the_one_loop(trained):
+    run, log_text = trained
+    assert "task detect: annotations/instances.json is COCO JSON" in log_text
     run_dir = Path(run["run_dir"])
     assert run["metric"] == "val_map50"
     header = (run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
@@ -39,7 +56,7 @@ def test_a_coco_folder_trains_as_detection_through_the_one_loop(shapes, tmp_path
     results = json.loads((run_dir / "results.json").read_text())
     assert results["val"]["num_images"] == 4 and set(results["val"]["metrics"]["per_class"]) == {"square", "disc"}
     report = (run_dir / "report.md").read_text()
-    assert "COCO JSON" in report and "| split | images | objects | AP | AP50 |" in report
+    assert "COCO JSON" in report and "### val\n\n| images | objects | AP | AP50 |" in report and "| square |" in report
     config = (run_dir / "config.yaml").read_text()
     assert "task: detect" in config  # the resolved task, so a resume needs no second look
     split = (run_dir / "split.csv").read_text().splitlines()
@@ -107,3 +124,67 @@ def test_the_cli_trains_a_detection_folder_and_says_which_task(shapes, tmp_path,
     assert "task detect: annotations/instances.json is COCO JSON (--task overrides)" in caplog.text
     model, _ = load_model(tmp_path / "cli")
     assert type(model).__name__ == "FCOS" and model.anchor_generator.sizes[0] == (8,)
+
+
+def test_eval_measures_a_detection_run_on_an_annotated_folder(trained, tmp_path):
+    run, _ = trained
+    # another folder whose classes come in another order: matched by name, not by index
+    other = make_detection_folder(tmp_path / "other", n=6, seed=5, classes=("square", "disc"))
+    coco = json.loads((Path(other) / "annotations" / "instances.json").read_text())
+    coco["categories"] = [{"id": 1, "name": "disc"}, {"id": 2, "name": "square"}]  # ids swapped
+    for a in coco["annotations"]:
+        a["category_id"] = 3 - a["category_id"]
+    (Path(other) / "annotations" / "instances.json").write_text(json.dumps(coco))
+    report = resforge.evaluate(run["run_dir"], other, out=str(tmp_path / "eval"))
+    assert report.num_images == 6 and set(report.metrics["per_class"]) == {"square", "disc"}
+    written = json.loads((tmp_path / "eval" / "metrics_other.json").read_text())
+    assert written["metrics"]["map50"] == report.metrics["map50"]
+    # perfect predictions, through the same path, score 1: the folder's boxes and the model's labels line up
+    from resforge.data.annotations import scan_detection
+    from resforge.tasks.detect import Detection, LoadedDetector, _as_model_classes, load_detector
+
+    loaded = load_detector(run["run_dir"], "cpu")
+    samples = _as_model_classes(scan_detection(other, val_split=0.0), loaded.classes)
+    first = next(a for a in coco["annotations"] if a["image_id"] == 1)
+    assert loaded.classes[samples[0].labels[0]] == ("disc", "square")[first["category_id"] - 1]
+    queue = list(samples)  # evaluation reads the images in order
+
+    class Oracle(torch.nn.Module):
+        detector = "fasterrcnn"
+
+        def __init__(self):
+            super().__init__()
+            self.anchor = torch.nn.Parameter(torch.zeros(1))  # where evaluation finds the device
+
+        def forward(self, images):
+            truths = [queue.pop(0) for _ in images]
+            return [{"boxes": torch.tensor(t.boxes).reshape(-1, 4), "scores": torch.ones(len(t.labels)),
+                     "labels": torch.tensor(t.labels, dtype=torch.int64) + 1} for t in truths]
+
+    perfect = Detection().evaluate(LoadedDetector(Oracle(), loaded.classes), samples, tmp_path / "o", "o", 2, 0)
+    assert perfect.metrics["map"] == pytest.approx(1.0)
+    unknown = make_detection_folder(tmp_path / "unknown", n=3, classes=("square", "star"))
+    with pytest.raises(resforge.DataError, match="not trained on: star"):
+        resforge.evaluate(run["run_dir"], unknown)
+
+
+def test_predict_gives_boxes_as_json_csv_and_drawn_images(trained, shapes, tmp_path):
+    from resforge.cli import main
+
+    run, _ = trained
+    images = sorted(str(p) for p in (Path(shapes) / "images").glob("*.png"))[:3]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    rows = resforge.predict(run["run_dir"], images + [str(broken)], conf=0.0, save_images=str(tmp_path / "drawn"))
+    assert [r["path"] for r in rows] == images + [str(broken)] and "not an image" in rows[-1]["error"]
+    for r in rows[:3]:
+        assert r["objects"] and all(o["class"] in ("square", "disc") and 0 <= o["score"] <= 1 for o in r["objects"])
+        assert all(0 <= v <= 64 for o in r["objects"] for v in o["box"])
+    assert sorted(p.name for p in (tmp_path / "drawn").iterdir()) == ["000.png", "001.png", "002.png"]
+    high = resforge.predict(run["run_dir"], images, conf=0.99)
+    assert sum(len(r["objects"]) for r in high) < sum(len(r["objects"]) for r in rows[:3])
+    out = tmp_path / "p.csv"
+    assert main(["predict", run["run_dir"], *images, "--conf", "0", "--format", "csv", "-o", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    assert lines[0] == "path,class,score,x1,y1,x2,y2,error"
+    assert len(lines) == 1 + sum(len(r["objects"]) for r in rows[:3])

@@ -70,27 +70,35 @@ def _grid(predictor: Predictor, samples: list[Sample], idx: np.ndarray, probs: n
 
 
 def format_predictions(rows: list[dict[str, Any]], fmt: str) -> str:
-    """As an aligned table, CSV (one row per image and rank) or JSON."""
+    """As an aligned table, CSV (one row per image and rank, or per object of a detector) or JSON."""
     if fmt == "json":
         return json.dumps(rows, indent=2)
+    boxes = any("objects" in r for r in rows)
     if fmt == "csv":
         import csv
         import io
 
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(["path", "rank", "class", "prob", "error"])
+        w.writerow(["path", "class", "score", "x1", "y1", "x2", "y2", "error"] if boxes else
+                   ["path", "rank", "class", "prob", "error"])
         for r in rows:
             if "error" in r:
-                w.writerow([r["path"], "", "", "", r["error"]])
+                w.writerow([r["path"]] + [""] * (6 if boxes else 3) + [r["error"]])
             for rank, t in enumerate(r.get("top", []), 1):
                 w.writerow([r["path"], rank, t["class"], f"{t['prob']:.6f}", ""])
+            for t in r.get("objects", []):
+                w.writerow([r["path"], t["class"], f"{t['score']:.4f}", *t["box"], ""])
         return buf.getvalue()
     width = max(len(r["path"]) for r in rows)
     lines = []
     for r in rows:
         if "error" in r:
             lines.append(f"{r['path']:<{width}}  error: {r['error']}")
+        elif boxes:
+            found = ", ".join(f"{t['class']} {t['score']:.2f} at {','.join(f'{v:g}' for v in t['box'])}"
+                              for t in r["objects"])
+            lines.append(f"{r['path']:<{width}}  {len(r['objects'])} object(s)" + (f": {found}" if found else ""))
         else:
             lines.append(f"{r['path']:<{width}}  " + "  ".join(f"{t['class']} {t['prob']:.1%}" for t in r["top"]))
     return "\n".join(lines)

@@ -8,11 +8,15 @@ A new task is a `Task` subclass registered in `TASKS`.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+from pathlib import Path
 
 from ..config import Config
 from ..data.annotations import recognize
 from ..errors import ConfigError
+from ..models.weights import resolve_model_path, sidecar_path
 from .base import Datasets, Task
 from .classify import Classification
 from .detect import Detection
@@ -45,4 +49,18 @@ def task_for(cfg: Config) -> Task:
     return get_task(cfg.data.task)
 
 
-__all__ = ["TASKS", "Datasets", "Task", "Classification", "Detection", "get_task", "recognize_task", "task_for"]
+def recorded_task(source: str | os.PathLike) -> str:
+    """The task a saved model was trained for, from its record ("classify" for records from before tasks, and
+    for exported files, which hold classifiers)."""
+    path = Path(source)
+    if not (path.is_dir() or path.suffix in (".safetensors", ".json")):
+        return Classification.name
+    side = sidecar_path(resolve_model_path(path))
+    try:
+        task = json.loads(side.read_text()).get("task", Classification.name)
+    except (OSError, ValueError, AttributeError):
+        return Classification.name  # loading the model names what is wrong with its sidecar
+    return task if task in TASKS else Classification.name
+
+
+__all__ = ["TASKS", "Datasets", "Task", "Classification", "Detection", "get_task", "recognize_task", "recorded_task", "task_for"]

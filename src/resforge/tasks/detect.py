@@ -12,7 +12,7 @@ import logging
 import math
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from statistics import median
 from typing import Any, ClassVar
@@ -21,12 +21,13 @@ import torch
 from torch import nn
 
 from ..config import Config
-from ..data.annotations import DetectionScan, read_recorded_split, scan_detection
-from ..data.loader import make_loader
+from ..data.annotations import DetectionScan, Objects, read_recorded_split, scan_detection
+from ..data.folder import load_image
+from ..data.loader import make_loader, pil_to_tensor
 from ..data.objects import ObjectsDataset, collate_objects, detection_transform
 from ..data.transforms import Preprocess, imagenet_stats
-from ..device import to_device
-from ..errors import ConfigError
+from ..device import resolve_device, to_device
+from ..errors import ConfigError, DataError
 from ..evaluation.coco import detection_metrics
 from ..io import write_json
 from ..models import load_model
@@ -68,6 +69,14 @@ class DetectionReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def to_markdown(self) -> str:
+        m = self.metrics
+        table = markdown_table(["images", "objects", "AP", "AP50", "AP75", "AP small", "AP medium", "AP large",
+                                "AR100"], [[self.num_images, self.num_objects] + [f"{m[k]:.3f}" for k in REPORTED]])
+        classes = markdown_table(["class", "AP"], [[c, "-" if ap is None else f"{ap:.3f}"]
+                                                   for c, ap in m["per_class"].items()])
+        return f"{table}\n\n{classes}"
 
 
 def detector_options(cfg: Config, num_classes: int, pre_mean: list[float], pre_std: list[float]) -> dict[str, Any]:
@@ -252,14 +261,9 @@ class Detection(Task):
         return out
 
     def report_results(self, results: dict[str, DetectionReport], run_dir: Path) -> list[str]:
-        rows = [[name, r.num_images, r.num_objects] + [f"{r.metrics[k]:.3f}" for k in REPORTED]
-                for name, r in results.items()]
-        out = [markdown_table(["split", "images", "objects", "AP", "AP50", "AP75", "AP small", "AP medium",
-                               "AP large", "AR100"], rows), ""]
+        out = []
         for name, r in results.items():
-            out += [f"### {name}: AP per class", "",
-                    markdown_table(["class", "AP"], [[c, "-" if ap is None else f"{ap:.3f}"]
-                                                     for c, ap in r.metrics["per_class"].items()]), ""]
+            out += [f"### {name}", "", r.to_markdown(), ""]
         return out
 
     def result_line(self, name: str, report: DetectionReport) -> str:
@@ -267,3 +271,88 @@ class Detection(Task):
         mask = f"  mask AP {m['mask_map']:.3f}" if "mask_map" in m else ""
         return (f"{name:<5} AP {m['map']:.3f}  AP50 {m['map50']:.3f}  AP75 {m['map75']:.3f}{mask}  "
                 f"({report.num_images} images, {report.num_objects} objects)")
+
+
+def load_detector(source: str | os.PathLike, device: str = "auto") -> LoadedDetector:
+    """A saved detector (run directory, .safetensors or its sidecar) on `device`, in evaluation mode."""
+    model, meta = load_model(source)
+    if not isinstance(model, Detector):
+        raise ConfigError(f"{source} holds a classifier, not a detector")
+    return LoadedDetector(model.to(resolve_device(device)).eval(), meta["classes"])
+
+
+def _as_model_classes(scan: DetectionScan, classes: list[str]) -> list[Objects]:
+    """The images to evaluate (the test split, a given val split, else every image), labelled by the model's
+    class indices; a class the model does not know is refused by name."""
+    present = {scan.classes[i] for o in scan.train + scan.val + scan.test for i in o.labels}
+    unknown = sorted(present - set(classes))
+    if unknown:
+        raise DataError(f"{scan.root} has objects of class(es) the model was not trained on: {', '.join(unknown)} "
+                        f"(it knows {', '.join(classes)})")
+    samples = scan.test or (scan.val if scan.val_source == "folder" else []) or scan.train
+    index = {c: classes.index(c) for c in scan.classes if c in classes}
+    return [replace(o, labels=[index[scan.classes[i]] for i in o.labels]) for o in samples]
+
+
+def evaluate_detector(source: str | os.PathLike, data: str | os.PathLike, *, out: str | os.PathLike | None = None,
+                      batch_size: int = 8, workers: int = 0, device: str = "auto") -> DetectionReport:
+    """COCO metrics of a saved detector on an annotated folder (its test split, else a given val split, else all
+    of it), written to `out` (default `<run>/eval-<folder>`) with `skipped.csv` when something was skipped."""
+    loaded = load_detector(source, device)
+    scan = scan_detection(data, val_split=0.0)
+    samples = _as_model_classes(scan, loaded.classes)
+    name = Path(data).resolve().name
+    out = Path(out) if out else (Path(source) if Path(source).is_dir() else Path("runs")) / f"eval-{name}"
+    if scan.skipped:
+        scan.write_skipped_csv(out / "skipped.csv")
+        log.warning("skipped %d image(s) or annotation(s) in %s; see %s", len(scan.skipped), data,
+                    out / "skipped.csv")
+    report = Detection().evaluate(loaded, samples, out, name, batch_size, workers)
+    log.info("%s on %s: %s; details in %s", source, data, Detection().result_line(name, report), out)
+    return report
+
+
+def predict_boxes(source: str | os.PathLike, files: list[str], *, conf: float = 0.25, batch_size: int = 8,
+                  device: str = "auto", save_images: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    """Boxes (and mask outlines' boxes) scoring at least `conf` in each image, as rows {"path", "objects": [{"class",
+    "score", "box": [x1, y1, x2, y2]}]} or {"path", "error"}; `save_images` draws them into that folder."""
+    loaded = load_detector(source, device)
+    model, classes = loaded.model, loaded.classes
+    dev = next(model.parameters()).device
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(files), batch_size):
+        images, names = [], []
+        for path in files[start:start + batch_size]:
+            try:
+                images.append(pil_to_tensor(load_image(path)))
+                names.append(path)
+            except DataError as e:
+                rows.append({"path": path, "error": str(e)})
+        if not images:
+            continue
+        with torch.no_grad():
+            outputs = model([to_device(i, dev).float() / 255 for i in images])
+        for path, image, o in zip(names, images, outputs):
+            keep = o["scores"] >= conf
+            boxes, labels, scores = o["boxes"][keep].cpu(), o["labels"][keep].cpu(), o["scores"][keep].cpu()
+            rows.append({"path": path, "objects": [
+                {"class": classes[int(label) - 1], "score": round(float(score), 4),
+                 "box": [round(float(v), 1) for v in box]} for box, label, score in zip(boxes, labels, scores)]})
+            if save_images is not None:
+                _draw(image, boxes, [f"{classes[int(l_) - 1]} {float(s):.2f}" for l_, s in zip(labels, scores)],
+                      Path(save_images) / f"{Path(path).stem}.png")
+    order = {p: i for i, p in enumerate(files)}
+    return sorted(rows, key=lambda r: order[r["path"]])
+
+
+def _draw(image: torch.Tensor, boxes: torch.Tensor, captions: list[str], path: Path) -> None:
+    """The image with its boxes and captions drawn (torchvision's `draw_bounding_boxes`), written atomically."""
+    from PIL import Image
+    from torchvision.utils import draw_bounding_boxes
+
+    from ..io import atomic_path
+
+    drawn = draw_bounding_boxes(image.expand(3, -1, -1), boxes, captions, colors="yellow", width=2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(tmp, format="PNG")

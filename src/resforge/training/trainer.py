@@ -466,7 +466,7 @@ class Trainer:
     def model_meta(self, row: dict[str, float], which: str) -> dict[str, Any]:
         """What the sidecar of a saved model records besides its architecture."""
         prefix = "ema_val" if which == "ema" else "val"
-        return {"classes": self.classes, "preprocess": self.pre.to_dict(),
+        return {"task": self.task.name, "classes": self.classes, "preprocess": self.pre.to_dict(),
                 "metrics": {k.replace(prefix, "val"): v for k, v in row.items() if k.startswith(prefix + "_")},
                 "trained": {"run": str(self.run_dir.resolve()), "epoch": row["epoch"], "weights": which,
                             "data": str(Path(self.cfg.data.root).resolve()),
