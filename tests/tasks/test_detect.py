@@ -188,3 +188,55 @@ def test_predict_gives_boxes_as_json_csv_and_drawn_images(trained, shapes, tmp_p
     lines = out.read_text().splitlines()
     assert lines[0] == "path,class,score,x1,y1,x2,y2,error"
     assert len(lines) == 1 + sum(len(r["objects"]) for r in rows[:3])
+
+
+def test_init_starts_the_backbone_from_a_classification_run(shapes, tmp_path):
+    from helpers import make_image_folder
+
+    classes = make_image_folder(tmp_path / "classes", classes=("a", "b"), per_class=6, size=32)
+    cls_run = resforge.train(classes, progress=False, project=str(tmp_path), name="cls", epochs=1, model="resnet18",
+                             width=0.25, variant="d", img_size=32, batch_size=4, workers=0, amp="off")
+    det = resforge.train(shapes, progress=False, project=str(tmp_path), name="from-cls", epochs=1,
+                         init=cls_run["run_dir"], img_size=64, batch_size=4, workers=0, amp="off",
+                         fpn_channels=32)
+    detector, _ = load_model(det["run_dir"])
+    assert detector.spec()["backbone_options"]["variant"] == "d"  # the classifier's architecture, adopted
+    assert detector.spec()["min_size"] == 64  # but not its 32-px input size
+    classifier, _ = load_model(cls_run["run_dir"])
+    config = (Path(det["run_dir"]) / "config.yaml").read_text()
+    assert "init_from" in config
+    # the backbone trained on from the classifier's weights: the stem's first filters moved little from them
+    start = classifier.stem_conv.weight
+    assert not torch.equal(detector.stem_conv.weight, start)
+    fresh = FasterRCNN(num_classes=3, backbone="resnet18d", backbone_options={"width": 0.25}).stem_conv.weight
+    assert (detector.stem_conv.weight - start).abs().mean() < (fresh - start).abs().mean() / 5
+    with pytest.raises(resforge.ConfigError, match="starts from a ResNet classification run"):
+        resforge.train(shapes, progress=False, project=str(tmp_path), name="x", epochs=1, init=det["run_dir"],
+                       **TINY)
+
+
+def test_pretrained_takes_a_torchvision_detection_checkpoint_or_a_classifiers(tmp_path, caplog):
+    from torchvision.models import resnet18
+    from torchvision.models.detection import FasterRCNN as TorchvisionFasterRCNN
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    from resforge.config import config_for
+    from resforge.tasks import Detection
+
+    caplog.set_level("INFO", logger="resforge")
+    theirs = TorchvisionFasterRCNN(resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5),
+                                   num_classes=91)
+    torch.save(theirs.state_dict(), tmp_path / "coco.pth")
+    cfg = config_for(str(tmp_path), "resnet18", None, None, {"model.pretrained": str(tmp_path / "coco.pth")})
+    ours = Detection().build_model(cfg, 2)
+    assert "its class layers (roi_heads.box_predictor) were replaced" in caplog.text
+    assert torch.equal(ours.backbone.fpn.layer_blocks[0][0].weight, theirs.backbone.fpn.layer_blocks[0][0].weight)
+    classifier = resnet18(num_classes=10)
+    torch.save(classifier.state_dict(), tmp_path / "cls.pth")
+    cfg = config_for(str(tmp_path), "resnet18", None, None, {"model.pretrained": str(tmp_path / "cls.pth")})
+    ours = Detection().build_model(cfg, 2)
+    assert torch.equal(ours.body.layer4[1].conv2.weight, classifier.layer4[1].conv2.weight)
+    torch.save({"something.else": torch.zeros(3)}, tmp_path / "other.pth")
+    cfg = config_for(str(tmp_path), "resnet18", None, None, {"model.pretrained": str(tmp_path / "other.pth")})
+    with pytest.raises(resforge.ConfigError, match="neither a detection checkpoint"):
+        Detection().build_model(cfg, 2)

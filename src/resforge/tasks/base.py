@@ -48,6 +48,12 @@ class Task(ABC):
         `pretrained` is False (a probe: the meta-device check of the options, the pace measure)."""
 
     @abstractmethod
+    def adopt_init(self, cfg: Config) -> tuple[nn.Module, dict[str, Any]] | None:
+        """`model.init_from`'s saved model, its architecture (and, for a classifier, its input options) set in
+        `cfg` unless given; the model and its record when the trainer starts from it as it is, else None (the
+        task's `build_model` takes what it needs from it)."""
+
+    @abstractmethod
     def scan(self, cfg: Config, split_csv: str | os.PathLike | None) -> ImageFolderScan:
         """The folder's samples by split (or the split a run recorded), with what was skipped and why."""
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Config
+from ..config import Config, get_option, set_option
 from ..data.folder import ImageFolderScan, scan_folder, scan_recorded_split
 from ..data.gpu_decode import BatchDecoder, EncodedDataset, collate
 from ..data.loader import ImageDataset
@@ -22,7 +22,7 @@ from ..errors import ConfigError
 from ..evaluation.evaluate import evaluate_samples
 from ..evaluation.metrics import ClassificationReport, topk_correct, topk_hits
 from ..models import create_model, load_model
-from ..models.spec import given_options
+from ..models.spec import ARCHITECTURE, given_options
 from ..report import markdown_table
 from ..runtime.inference import infer
 from ..runtime.predictor import Predictor
@@ -43,6 +43,15 @@ class Classification(Task):
         small_input = m.small_input if m.small_input is not None else d.img_size <= 64
         return create_model(m.name, num_classes=num_classes, pretrained=m.pretrained if pretrained else None,
                             **{**given_options(m), "small_input": small_input, "in_chans": d.in_chans})
+
+    def adopt_init(self, cfg: Config) -> tuple[nn.Module, dict[str, Any]]:
+        model, meta = load_model(cfg.model.init_from)
+        pre = meta["preprocess"]
+        inputs = {"data.img_size": pre["img_size"], "data.in_chans": pre["in_chans"],
+                  "data.interpolation": pre["interpolation"],
+                  "data.crop_pct": round(pre["img_size"] / pre["resize_size"], 4)}
+        adopt_options(cfg, {**architecture_of(cfg, meta), **inputs})
+        return model, meta
 
     def scan(self, cfg: Config, split_csv: str | os.PathLike | None) -> ImageFolderScan:
         d = cfg.data
@@ -158,3 +167,25 @@ def _check_teacher_input(teacher: str, theirs: dict[str, Any], ours: dict[str, A
     if theirs["img_size"] != ours["img_size"]:
         log.warning("the teacher was trained at %d px and now sees the student's %d px", theirs["img_size"],
                     ours["img_size"])
+
+
+def architecture_of(cfg: Config, meta: dict[str, Any]) -> dict[str, Any]:
+    """The model options a saved model's record fixes, as dotted keys; ConfigError when the user set them
+    otherwise."""
+    spec = meta["arch"]["kwargs"]
+    arch = {"model.name": meta["arch"]["name"] or cfg.model.name,
+            **{f"model.{k}": spec[k] for k in ARCHITECTURE if k in spec}}
+    clash = [k for k in arch if k in cfg.user_set and get_option(cfg, k) != arch[k]]
+    if clash:
+        fixed = ", ".join(f"{k} {arch[k]}" for k in clash)
+        raise ConfigError(f"{cfg.model.init_from} fixes the architecture ({fixed}): drop those options, or "
+                          "start from weights with --pretrained")
+    return arch
+
+
+def adopt_options(cfg: Config, options: dict[str, Any]) -> None:
+    """Set what the user did not, marked as set (the auto recipe leaves it alone)."""
+    for key, value in options.items():
+        if key not in cfg.user_set:
+            set_option(cfg, key, value)
+            cfg.user_set.append(key)

@@ -32,11 +32,13 @@ from ..evaluation.coco import detection_metrics
 from ..io import write_json
 from ..models import load_model
 from ..models.detection import DETECTOR_CLASSES, Detector
+from ..models.resnet import ResNet
 from ..models.spec import given_options
 from ..report import markdown_table
 from ..training.auto import Chooser
 from ..models.weights import load_into, read_checkpoint
 from .base import Datasets, Forward, Task
+from .classify import adopt_options, architecture_of
 
 log = logging.getLogger("resforge")
 
@@ -117,7 +119,27 @@ class Detection(Task):
         if pretrained and cfg.model.pretrained:
             for note in load_detection_weights(model, cfg.model.pretrained):
                 log.info(note)
+        if pretrained and cfg.model.init_from:
+            classifier, _ = load_model(cfg.model.init_from)
+            body = {k: v for k, v in classifier.state_dict().items() if k in model.body.state_dict()}
+            try:
+                model.body.load_state_dict(body)  # every key: the architecture was adopted from it
+            except RuntimeError:
+                raise ConfigError(f"--init {cfg.model.init_from}: its network has other widths than a "
+                                  f"{cfg.model.name} (pruned or factorised?): start from an unchanged classifier"
+                                  ) from None
+            log.info("backbone from the classifier %s; the pyramid and heads start fresh", cfg.model.init_from)
         return model
+
+    def adopt_init(self, cfg: Config) -> None:
+        """A classification run's network becomes the backbone (transfer learning): its architecture is adopted
+        here, its weights loaded by `build_model`. Its input size is not: detection sizes images its own way."""
+        classifier, meta = load_model(cfg.model.init_from)
+        if meta.get("task", "classify") != "classify" or not isinstance(classifier, ResNet):
+            raise ConfigError(f"--init {cfg.model.init_from}: a detector's backbone starts from a ResNet "
+                              "classification run")
+        adopt_options(cfg, {**architecture_of(cfg, meta), "data.in_chans": meta["preprocess"]["in_chans"]})
+        return None
 
     def scan(self, cfg: Config, split_csv: str | os.PathLike | None) -> DetectionScan:
         d = cfg.data
@@ -172,6 +194,10 @@ class Detection(Task):
         warm = cfg.train.epochs > 4
         choose("optim.warmup_epochs", 1.0 if warm else 0.0,
                "a warm-up epoch" if warm else "no warm-up in a run of 4 epochs or fewer")
+        started = bool(cfg.model.pretrained or cfg.model.init_from)
+        choose("detect.frozen_bn", started, "frozen batch norm: the starting weights' statistics hold (small "
+                                            "detection batches estimate them poorly)" if started else
+               "batch norm trained: a backbone from scratch has no statistics to keep")
         choose("augment.hflip", 0.5, "horizontal flips: objects keep their class mirrored")
         return choose.reasons
 

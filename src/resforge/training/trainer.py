@@ -22,7 +22,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from .. import __version__, timing
-from ..config import Config, get_option, set_option, validate
+from ..config import Config, validate
 from ..data.folder import ImageFolderScan
 from ..data.gpu_decode import Prefetcher, check_augment
 from ..data.loader import CACHE_AUTO_BYTES, cache_bytes, dataset_stats, make_loader, resolve_workers
@@ -30,7 +30,6 @@ from ..data.transforms import Preprocess, imagenet_stats, make_preprocess
 from ..device import autocast, resolve_amp, resolve_device, seed_everything, to_device
 from ..errors import ConfigError, TrainingError
 from ..models import ResNet, load_model, save_model
-from ..models.spec import ARCHITECTURE
 from ..models.weights import arch_record, build_from_arch
 from ..tasks import Task, task_for
 from . import budget as _budget
@@ -69,7 +68,8 @@ class Trainer:
         if "train.metric" not in cfg.user_set:
             cfg.train.metric = self.task.metric
         self.state = state  # a checkpoint being resumed: its architecture and preprocessing are the run's
-        self.init_model = self._adopt_init() if cfg.model.init_from and state is None else None
+        # a saved model to start from: a classifier's architecture and input options become the run's
+        self.init_model = self.task.adopt_init(cfg) if cfg.model.init_from and state is None else None
         self.callbacks = list(callbacks)
         self.world = distributed.join()
         self.progress = progress and self.world.main
@@ -129,27 +129,6 @@ class Trainer:
         if n < batch:
             raise ConfigError(f"the training split has {n} images, fewer than one global batch of {batch}: "
                               "lower data.batch_size")
-
-    def _adopt_init(self) -> tuple[ResNet, dict[str, Any]]:
-        """Load `--init`'s model: its architecture is the run's, and so are its input options unless set."""
-        cfg = self.cfg
-        model, meta = load_model(cfg.model.init_from)
-        spec, pre = meta["arch"]["kwargs"], meta["preprocess"]
-        arch = {"model.name": meta["arch"]["name"] or cfg.model.name,
-                **{f"model.{k}": spec[k] for k in ARCHITECTURE if k in spec}}
-        clash = [k for k in arch if k in cfg.user_set and get_option(cfg, k) != arch[k]]
-        if clash:
-            fixed = ", ".join(f"{k} {arch[k]}" for k in clash)
-            raise ConfigError(f"{cfg.model.init_from} fixes the architecture ({fixed}): drop those options, or "
-                              "start from weights with --pretrained")
-        inputs = {"data.img_size": pre["img_size"], "data.in_chans": pre["in_chans"],
-                  "data.interpolation": pre["interpolation"],
-                  "data.crop_pct": round(pre["img_size"] / pre["resize_size"], 4)}
-        for key, value in {**arch, **inputs}.items():
-            if key not in cfg.user_set:
-                set_option(cfg, key, value)
-                cfg.user_set.append(key)
-        return model, meta
 
     def _build_model(self) -> ResNet:
         if self.state is not None and "arch" in self.state:  # the checkpoint's own architecture (pruned, ...)
