@@ -83,8 +83,8 @@ def cli_flags(options: dict) -> list[str]:
 
 def make_detection_folder(root, n=16, size=64, classes=("square", "disc"), seed=0, negatives=1):
     """A COCO folder (images/ + annotations/instances.json) of `n` images with one to three shapes each, the
-    class set by the shape (a filled square or disc, any colour) so a detector can learn it; the last
-    `negatives` images hold no objects."""
+    class set by the shape (a filled square or disc, any colour) so a detector can learn it, each with its
+    outline as a polygon; the last `negatives` images hold no objects."""
     import json
     from pathlib import Path
 
@@ -105,8 +105,15 @@ def make_detection_folder(root, n=16, size=64, classes=("square", "disc"), seed=
             label = int(rng.integers(0, len(classes)))
             colour = tuple(int(v) for v in rng.integers(120, 256, 3))
             (draw.rectangle if label == 0 else draw.ellipse)([x, y, x + side - 1, y + side - 1], fill=colour)
+            if label == 0:
+                outline = [x, y, x + side, y, x + side, y + side, x, y + side]
+            else:
+                r, cx, cy = side / 2, x + side / 2, y + side / 2
+                outline = [v for a in np.linspace(0, 2 * np.pi, 16, endpoint=False)
+                           for v in (cx + r * np.cos(a), cy + r * np.sin(a))]
             annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": label + 1,
-                                "bbox": [x, y, side, side], "area": side * side, "iscrowd": 0})
+                                "bbox": [x, y, side, side], "area": side * side, "iscrowd": 0,
+                                "segmentation": [[float(v) for v in outline]]})
         im.save(root / "images" / f"{i:03d}.png")
         images.append({"id": i + 1, "file_name": f"{i:03d}.png", "width": size, "height": size})
     (root / "annotations" / "instances.json").write_text(json.dumps({

@@ -17,7 +17,7 @@ from resforge.models import load_model
 from resforge.models.detection import FasterRCNN
 
 TINY = {"model": "resnet18", "width": 0.25, "img_size": 64, "batch_size": 4, "workers": 0, "amp": "off",
-        "fpn_channels": 32}
+        "fpn_channels": 32, "box_width": 128, "mask_width": 32, "rois": 128}
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +69,8 @@ def test_the_detector_learns_the_shapes(shapes, tmp_path):
     torch.manual_seed(0)
     run = resforge.train(shapes, progress=False, project=str(tmp_path), name="learn", epochs=12,
                          lr=2e-3, **TINY)
-    best = max(row["val_map50"] for row in run["history"])
-    assert best > 0.3, [round(row["val_map50"], 3) for row in run["history"]]
+    curve = [round(row["val_map50"], 3) for row in run["history"]]
+    assert max(curve) > 0.2 and max(curve) > 3 * curve[0], curve  # it learns: AP50 climbs from near nothing
 
 
 def test_a_killed_detection_run_resumes_where_it_stopped(shapes, tmp_path):
@@ -197,8 +197,7 @@ def test_init_starts_the_backbone_from_a_classification_run(shapes, tmp_path):
     cls_run = resforge.train(classes, progress=False, project=str(tmp_path), name="cls", epochs=1, model="resnet18",
                              width=0.25, variant="d", img_size=32, batch_size=4, workers=0, amp="off")
     det = resforge.train(shapes, progress=False, project=str(tmp_path), name="from-cls", epochs=1,
-                         init=cls_run["run_dir"], img_size=64, batch_size=4, workers=0, amp="off",
-                         fpn_channels=32)
+                         init=cls_run["run_dir"], **{k: v for k, v in TINY.items() if k not in ("model", "width")})
     detector, _ = load_model(det["run_dir"])
     assert detector.spec()["backbone_options"]["variant"] == "d"  # the classifier's architecture, adopted
     assert detector.spec()["min_size"] == 64  # but not its 32-px input size
@@ -240,3 +239,44 @@ def test_pretrained_takes_a_torchvision_detection_checkpoint_or_a_classifiers(tm
     cfg = config_for(str(tmp_path), "resnet18", None, None, {"model.pretrained": str(tmp_path / "other.pth")})
     with pytest.raises(resforge.ConfigError, match="neither a detection checkpoint"):
         Detection().build_model(cfg, 2)
+
+
+def test_mask_rcnn_trains_on_polygons_and_is_measured_in_mask_ap(shapes, tmp_path):
+    run = resforge.train(shapes, progress=False, project=str(tmp_path), name="masks", epochs=1,
+                         detector="maskrcnn", **TINY)
+    header = (Path(run["run_dir"]) / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "val_mask_map" in header
+    results = json.loads((Path(run["run_dir"]) / "results.json").read_text())["val"]["metrics"]
+    assert {"mask_map", "mask_map50", "mask_per_class"} <= set(results)
+    # the dataset's masks are the polygons, filled: a square's mask is its box
+    from resforge.data.annotations import scan_detection
+    from resforge.data.objects import ObjectsDataset, detection_transform
+
+    scan = scan_detection(shapes)
+    ds = ObjectsDataset(scan.train, detection_transform(None), masks=True)
+    i = next(k for k, o in enumerate(scan.train) if 0 in o.labels)
+    _, target = ds[i]
+    k = target["labels"].tolist().index(1)
+    x1, y1, x2, y2 = (int(v) for v in target["boxes"][k])
+    mask = target["masks"][k]
+    assert mask[y1:y2, x1:x2].float().mean() > 0.9 and mask.sum() < 1.2 * (x2 - x1) * (y2 - y1)
+
+
+def test_a_yolo_folder_with_split_folders_trains_the_same_way(tmp_path):
+    from PIL import Image, ImageDraw
+
+    root = tmp_path / "yolo"
+    for split, n in (("train", 8), ("val", 3)):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+        for i in range(n):
+            im = Image.new("RGB", (64, 48), (20, 20, 20))
+            ImageDraw.Draw(im).rectangle([10 + i, 8, 30 + i, 28], fill=(200, 200, 50))
+            im.save(root / "images" / split / f"{i}.jpg")
+            (root / "labels" / split / f"{i}.txt").write_text(f"0 {(20 + i) / 64} {18 / 48} {20 / 64} {20 / 48}\n")
+    (root / "data.yaml").write_text("names: [box]\n")
+    run = resforge.train(str(root), progress=False, project=str(tmp_path), name="y", epochs=1, **TINY)
+    _, meta = load_model(run["run_dir"])
+    assert meta["classes"] == ["box"] and meta["task"] == "detect"
+    split = (Path(run["run_dir"]) / "split.csv").read_text().splitlines()
+    assert sum(row.startswith("val,") for row in split) == 3  # the given split, not a drawn one

@@ -45,6 +45,9 @@ class DetectorSpec:
     anchor_sizes: list[float] | None = option(None, "one anchor size (px) per pyramid level, 5 levels (default: "
                                                     "torchvision's, 32-512; 8-128 for fcos)", nargs=5,
                                             metavar="PX")
+    rois: int = option(512, "fasterrcnn, maskrcnn: proposals sampled per image to train the box head", gt=0)
+    box_width: int = option(1024, "fasterrcnn, maskrcnn: width of the box head's fully connected layers", gt=0)
+    mask_width: int = option(256, "maskrcnn: channels of the mask head's convolutions", gt=0)
 
 
 def checked_spec(**options: Any) -> DetectorSpec:
@@ -99,7 +102,7 @@ class Detector:
         `DetectorSpec`'s."""
         pyramid, kw, spec = _setup(self.detector, num_classes, backbone, backbone_options, image_mean, image_std,
                                    min_size, max_size, options)
-        super().__init__(pyramid, num_classes, **kw)  # torchvision's class, next in the order
+        super().__init__(pyramid, **kw)  # torchvision's class, next in the order
         self._spec, self.model_name, self.transforms = spec, self.detector, []
         self.pretrained_cfg: dict[str, Any] = {}  # where starting weights came from, as create_model records it
 
@@ -149,19 +152,25 @@ def _backbone(backbone: str, backbone_options: dict[str, Any], frozen_bn: bool) 
     return _frozen(body) if frozen_bn else body
 
 
-def _rcnn_parts(body: ResNet, s: DetectorSpec, masks: bool) -> tuple[BackboneWithFPN, dict[str, Any]]:
-    """The pyramid over C2-C5 and the keyword arguments of torchvision's (Mask) R-CNN, for heads v1 or v2."""
-    v2 = s.heads == "v2"
-    pyramid = _pyramid(body, (1, 2, 3, 4), LastLevelMaxPool(), s.fpn_channels, nn.BatchNorm2d if v2 else None)
+def _rcnn_parts(body: ResNet, s: DetectorSpec, masks: bool, num_classes: int
+                ) -> tuple[BackboneWithFPN, dict[str, Any]]:
+    """The pyramid over C2-C5 and the keyword arguments of torchvision's (Mask) R-CNN, for heads v1 or v2: its
+    heads built here as its constructors build them, at the spec's widths (torchvision's by default)."""
+    v2, c = s.heads == "v2", s.fpn_channels
+    pyramid = _pyramid(body, (1, 2, 3, 4), LastLevelMaxPool(), c, nn.BatchNorm2d if v2 else None)
     sizes = s.anchor_sizes or (32, 64, 128, 256, 512)
     anchors = AnchorGenerator(tuple((a,) for a in sizes), ((0.5, 1.0, 2.0),) * 5)
-    kw: dict[str, Any] = {"rpn_anchor_generator": anchors}
+    kw: dict[str, Any] = {"rpn_anchor_generator": anchors, "box_batch_size_per_image": s.rois,
+                          "box_predictor": faster_rcnn.FastRCNNPredictor(s.box_width, num_classes)}
+    norm = {"norm_layer": nn.BatchNorm2d} if v2 else {}
     if v2:
-        c = s.fpn_channels
         kw["rpn_head"] = faster_rcnn.RPNHead(c, anchors.num_anchors_per_location()[0], conv_depth=2)
-        kw["box_head"] = faster_rcnn.FastRCNNConvFCHead((c, 7, 7), [256] * 4, [1024], norm_layer=nn.BatchNorm2d)
-        if masks:
-            kw["mask_head"] = mask_rcnn.MaskRCNNHeads(c, [256] * 4, 1, norm_layer=nn.BatchNorm2d)
+        kw["box_head"] = faster_rcnn.FastRCNNConvFCHead((c, 7, 7), [256] * 4, [s.box_width], **norm)
+    else:
+        kw["box_head"] = faster_rcnn.TwoMLPHead(c * 7 * 7, s.box_width)
+    if masks:
+        kw["mask_head"] = mask_rcnn.MaskRCNNHeads(c, [s.mask_width] * 4, 1, **norm)
+        kw["mask_predictor"] = mask_rcnn.MaskRCNNPredictor(s.mask_width, s.mask_width, num_classes)
     return pyramid, kw
 
 
@@ -194,9 +203,10 @@ def _setup(kind: str, num_classes: int, backbone: str, backbone_options: dict[st
     s = checked_spec(**options)
     body = _backbone(backbone, dict(backbone_options or {}), s.frozen_bn)
     if kind in ("fasterrcnn", "maskrcnn"):
-        pyramid, kw = _rcnn_parts(body, s, kind == "maskrcnn")
+        pyramid, kw = _rcnn_parts(body, s, kind == "maskrcnn", num_classes)
     else:
         pyramid, kw = _one_stage_parts(body, s, kind)
+        kw["num_classes"] = num_classes
     kw.update(min_size=min_size, max_size=max_size, image_mean=list(image_mean), image_std=list(image_std))
     spec = {"num_classes": num_classes, "backbone": backbone, "backbone_options": body.spec(),
             "image_mean": list(image_mean), "image_std": list(image_std), "min_size": min_size,
