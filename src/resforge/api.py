@@ -40,7 +40,8 @@ from .io import write_json
 from .models import create_model
 from .models.summary import ModelSummary, summarize
 from .options import from_keywords, take_keywords
-from .tasks import Detection, recorded_task
+from .data.inspect_objects import ObjectsReport, inspect_objects
+from .tasks import Detection, recognize_task, recorded_task
 from .tasks.detect import DetectionReport, evaluate_detector, predict_boxes
 from .training.lr_find import LRFindResult, check_range
 from .training.lr_find import lr_find as _lr_find
@@ -299,13 +300,20 @@ def info(model: str, **options: Any) -> ModelSummary:
     return summarize(net, o.img_size, model)
 
 
-def inspect_data(root: str | os.PathLike, **options: Any) -> FolderReport:
-    """Counts, sizes, balance, duplicates and unreadable files of a folder, plus a grid of samples (options:
+def inspect_data(root: str | os.PathLike, **options: Any) -> FolderReport | ObjectsReport:
+    """Counts, sizes, balance, duplicates and unreadable files of a folder, plus a grid of samples; of a detection
+    folder, its objects, box sizes and problems, with its images' boxes drawn (options:
     `commands.InspectOptions`' fields)."""
     o = from_keywords(InspectOptions, options)
     out, per_class = o.out, o.per_class
     if per_class < 1:
         raise ConfigError("per_class must be at least 1")
+    if recognize_task(root)[0] == Detection.name:
+        out = Path(out) if out else Path("runs") / f"inspect-{Path(root).resolve().name}"
+        objects = inspect_objects(root, out, **({"max_pixels": o.max_pixels} if o.max_pixels else {}))
+        log.info("%s\nwritten: %s (inspect.json, box_sizes.png, objects_per_class.png, samples.png)",
+                 objects.to_text(), out)
+        return objects
     report, scan = inspect_folder(root, max_pixels=o.max_pixels)
     out = Path(out) if out else Path("runs") / f"inspect-{Path(root).resolve().name}"
     write_json(out / "inspect.json", report.to_dict())

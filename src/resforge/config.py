@@ -53,6 +53,10 @@ class DataConfig:
     root: str = _opt("", "image folder: root/<class>/* or root/{train,val[,test]}/<class>/*", flag=None)
     task: str = _opt("auto", "what to learn: auto (detect when the folder has box annotations: COCO JSON, VOC XML, "
                              "YOLO labels; else classify) | classify | detect")
+    tile: int | None = _opt(None, "detection: train on tiles of this many px cut from each image, and evaluate "
+                                  "and predict by sliced inference (large images, small objects)", ge=32,
+                            metavar="PX")
+    overlap: float = _opt(0.2, "detection: share of a tile that overlaps its neighbour", ge=0, lt=1)
     val_split: float = _opt(0.2, "fraction of each class held out for validation when there is no val folder",
                             ge=0, lt=1)
     split_seed: int = _opt(123, "seed of the stratified train/val split")

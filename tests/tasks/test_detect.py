@@ -280,3 +280,39 @@ def test_a_yolo_folder_with_split_folders_trains_the_same_way(tmp_path):
     assert meta["classes"] == ["box"] and meta["task"] == "detect"
     split = (Path(run["run_dir"]) / "split.csv").read_text().splitlines()
     assert sum(row.startswith("val,") for row in split) == 3  # the given split, not a drawn one
+
+
+def test_tiles_train_on_crops_and_the_run_evaluates_and_predicts_by_slices(tmp_path):
+    big = make_detection_folder(tmp_path / "big", n=6, size=160, negatives=0)
+    run = resforge.train(big, progress=False, project=str(tmp_path), name="tiled", epochs=1, tile=64, overlap=0.25,
+                         **{k: v for k, v in TINY.items() if k != "img_size"})
+    loaded_spec, meta = load_model(run["run_dir"])
+    assert meta["tile"] == {"size": 64, "overlap": 0.25} and loaded_spec.spec()["min_size"] == 64
+    assert "img-size 64: tiles are seen at their full resolution" in (Path(run["run_dir"]) / "report.md").read_text()
+    # the run's evaluation and predict both slice: a detector called on 64-px tiles only (and once whole)
+    from resforge.tasks.detect import load_detector
+
+    loaded = load_detector(run["run_dir"], "cpu")
+    seen = []
+    real = loaded.model.forward
+    loaded.model.forward = lambda images, targets=None: seen.extend(i.shape[-2:] for i in images) or real(images)
+    loaded.detect([torch.rand(3, 160, 160)])
+    assert sorted(set(seen)) == [(64, 64), (160, 160)] and seen.count((64, 64)) == 9
+    rows = resforge.predict(run["run_dir"], [str(Path(big) / "images" / "000.png")], conf=0.0)
+    assert all(0 <= v <= 160 for o in rows[0]["objects"] for v in o["box"])
+    with pytest.raises(resforge.ConfigError, match="data.tile cuts detection images"):
+        from helpers import make_image_folder
+
+        resforge.train(make_image_folder(tmp_path / "cls"), progress=False, project=str(tmp_path), name="c",
+                       epochs=1, tile=64, model="resnet18", width=0.25, img_size=32, workers=0)
+
+
+def test_data_inspect_reads_a_detection_folder(shapes, tmp_path):
+    from resforge.cli import main
+
+    assert main(["data", "inspect", shapes, "--out", str(tmp_path / "inspect")]) == 0
+    report = json.loads((tmp_path / "inspect" / "inspect.json").read_text())
+    assert report["format"] == "coco" and report["classes"] == ["square", "disc"]
+    assert report["negatives"]["train"] == 1 and report["images"]["train"] == 20
+    assert {p.name for p in (tmp_path / "inspect").glob("*.png")} == {"box_sizes.png", "objects_per_class.png",
+                                                                       "samples.png"}

@@ -98,6 +98,10 @@ class Task(ABC):
     def epoch_line(self, row: dict[str, float], num_classes: int) -> str:
         """An epoch's figures for the log, beside the shared ones (epoch, learning rate, pace)."""
 
+    def record(self, cfg: Config) -> dict[str, Any]:
+        """What a saved model's record keeps beside what every task's does, for whoever uses the model later."""
+        return {}
+
     @abstractmethod
     def load_best(self, path: Path, device: torch.device, precision: str) -> Any:
         """The run's saved best model, ready for `evaluate` on `device` at `precision`."""

@@ -66,6 +66,8 @@ class Classification(Task):
 
     def datasets(self, cfg: Config, scan: ImageFolderScan, pre: Preprocess, device: torch.device) -> Datasets:
         d, seed = cfg.data, cfg.train.seed
+        if d.tile:
+            raise ConfigError("data.tile cuts detection images into tiles; a classifier sees each image whole")
         val = ImageDataset(scan.val, eval_transform(pre), pre, max_pixels=d.max_pixels)
         if d.decode == "gpu":  # training images decoded on the device: only the validation set is cached
             train = EncodedDataset(scan.train, pre, cfg.augment, seed=seed, max_pixels=d.max_pixels)

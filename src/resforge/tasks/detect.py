@@ -25,6 +25,7 @@ from ..data.annotations import DetectionScan, Objects, read_recorded_split, scan
 from ..data.folder import load_image
 from ..data.loader import make_loader, pil_to_tensor
 from ..data.objects import ObjectsDataset, collate_objects, detection_transform
+from ..data.tiles import TiledDataset, sliced_predict, tile_samples
 from ..data.transforms import Preprocess, imagenet_stats
 from ..device import resolve_device, to_device
 from ..errors import ConfigError, DataError
@@ -55,10 +56,24 @@ class DetectionLoss(nn.Module):
 
 @dataclass
 class LoadedDetector:
-    """A run's saved detector, in evaluation mode on its device, with its class names (labels 1..K)."""
+    """A run's saved detector, in evaluation mode on its device, with its class names (labels 1..K) and, for a
+    detector trained on tiles, their size and overlap: what evaluation and prediction both call."""
 
     model: Detector
     classes: list[str]
+    tile: dict[str, Any] | None = None
+
+    @torch.no_grad()
+    def detect(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """The detections (on the CPU) of float CxHxW images: by sliced inference when the detector was
+        trained on tiles, else in one call."""
+        device = next(self.model.parameters()).device
+        images = to_device(images, device)
+        if self.tile:
+            out = [sliced_predict(self.model, image, self.tile["size"], self.tile["overlap"]) for image in images]
+        else:
+            out = self.model(images)
+        return [{k: v.cpu() for k, v in o.items()} for o in out]
 
 
 @dataclass
@@ -151,11 +166,20 @@ class Detection(Task):
         d, masks = cfg.data, cfg.detect.detector == "maskrcnn"
         if d.decode == "gpu":
             raise ConfigError("data.decode gpu decodes classification batches; detection decodes on the CPU")
-        mode = "L" if d.in_chans == 1 else "RGB"
-        train = ObjectsDataset(scan.train, detection_transform(cfg.augment), masks=masks, seed=cfg.train.seed,
-                               max_pixels=d.max_pixels, mode=mode)
-        val = ObjectsDataset(scan.val, detection_transform(None), masks=masks, max_pixels=d.max_pixels, mode=mode)
+        options = {"masks": masks, "max_pixels": d.max_pixels, "mode": "L" if d.in_chans == 1 else "RGB"}
+        if d.tile:  # validated on every tile of the val images: the epochs' figures; the run's end slices
+            tiles = tile_samples(scan.train, d.tile, d.overlap, seed=cfg.train.seed)
+            train = TiledDataset(tiles, detection_transform(cfg.augment), seed=cfg.train.seed, **options)
+            val = TiledDataset(tile_samples(scan.val, d.tile, d.overlap, keep_empty=1.0), detection_transform(None),
+                               **options)
+        else:
+            train = ObjectsDataset(scan.train, detection_transform(cfg.augment), seed=cfg.train.seed, **options)
+            val = ObjectsDataset(scan.val, detection_transform(None), **options)
         return Datasets(train, val, train_collate=collate_objects, val_collate=collate_objects)
+
+    def record(self, cfg: Config) -> dict[str, Any]:
+        d = cfg.data
+        return {"tile": {"size": d.tile, "overlap": d.overlap}} if d.tile else {}
 
     def random_batch(self, cfg: Config, num_classes: int, device: torch.device) -> tuple[list, list]:
         d, g = cfg.data, torch.Generator().manual_seed(0)
@@ -174,18 +198,23 @@ class Detection(Task):
 
     def fit_recipe(self, cfg: Config, scan: DetectionScan, pace: Callable[[Config], float]) -> dict[str, str]:
         choose = Chooser(cfg)
-        images = scan.train + scan.val
-        short = median(min(o.width, o.height) for o in images)
-        size = int(min(512, max(128, 32 * round(short / 32))))
-        choose("data.img_size", size, f"{size} px: the images' median shorter side ({short:g} px), a multiple of 32 "
-                                      "within 128-512 (the detector resizes each image to it)")
-        boxes = [min(b[2] - b[0], b[3] - b[1]) * size / min(o.width, o.height) for o in images for b in o.boxes]
+        images, tile = scan.train + scan.val, cfg.data.tile
+        if tile:
+            choose("data.img_size", tile, "tiles are seen at their full resolution")
+        else:
+            short = median(min(o.width, o.height) for o in images)
+            size = int(min(512, max(128, 32 * round(short / 32))))
+            choose("data.img_size", size, f"the images' median shorter side ({short:g} px), a multiple of 32 within "
+                                          "128-512 (the detector resizes each image to it)")
+        size = cfg.data.img_size
+        boxes = [min(b[2] - b[0], b[3] - b[1]) * (size / tile if tile else size / min(o.width, o.height))
+                 for o in images for b in o.boxes]
         if boxes and cfg.detect.detector != "fcos":
             small = sorted(boxes)[len(boxes) // 10]
             base = max(8, 2 ** math.floor(math.log2(max(small, 1))))
             sizes = [base * 2 ** k for k in range(5)]
-            choose("detect.anchor_sizes", sizes, f"anchors {sizes[0]}-{sizes[-1]} px: the smallest tenth of the "
-                                                 f"boxes are {small:.0f} px at this size")
+            choose("detect.anchor_sizes", sizes, f"the smallest tenth of the boxes are {small:.0f} px at this size, "
+                                                 "the smallest anchors a power of two below")
         choose("optim.optimizer", "adamw", "AdamW converges faster than SGD in short detection budgets")
         choose("optim.lr", float(f"{1e-4 * math.sqrt(cfg.data.batch_size / 2):.3g}"),
                "1e-4 at batch 2, x sqrt(batch/2)")
@@ -249,21 +278,18 @@ class Detection(Task):
         return "  ".join(parts)
 
     def load_best(self, path: Path, device: torch.device, precision: str) -> LoadedDetector:
-        model, meta = load_model(path)
-        return LoadedDetector(model.to(device).eval(), meta["classes"])
+        return load_detector(path, str(device))
 
     def evaluate(self, predictor: LoadedDetector, samples: list, out_dir: Path, name: str, batch_size: int,
                  workers: int) -> DetectionReport:
-        model, classes = predictor.model, predictor.classes
-        masks, device = model.detector == "maskrcnn", next(model.parameters()).device
+        classes, masks = predictor.classes, predictor.model.detector == "maskrcnn"
         loader = make_loader(ObjectsDataset(samples, detection_transform(None), masks=masks), batch_size,
                              train=False, workers=max(workers, 0), seed=0, collate_fn=collate_objects)
         predictions, targets, sizes = [], [], []
-        with torch.no_grad():
-            for x, y in loader:
-                predictions += [{k: v.cpu() for k, v in o.items()} for o in model(to_device(x, device))]
-                targets += y
-                sizes += [tuple(image.shape[-2:]) for image in x]
+        for x, y in loader:
+            predictions += predictor.detect(x)
+            targets += y
+            sizes += [tuple(image.shape[-2:]) for image in x]
         m = detection_metrics(predictions, targets, sizes, len(classes), masks=masks)
         m["per_class"] = {classes[c - 1]: ap for c, ap in m["per_class"].items()}
         if masks:
@@ -304,7 +330,7 @@ def load_detector(source: str | os.PathLike, device: str = "auto") -> LoadedDete
     model, meta = load_model(source)
     if not isinstance(model, Detector):
         raise ConfigError(f"{source} holds a classifier, not a detector")
-    return LoadedDetector(model.to(resolve_device(device)).eval(), meta["classes"])
+    return LoadedDetector(model.to(resolve_device(device)).eval(), meta["classes"], meta.get("tile"))
 
 
 def _as_model_classes(scan: DetectionScan, classes: list[str]) -> list[Objects]:
@@ -343,8 +369,7 @@ def predict_boxes(source: str | os.PathLike, files: list[str], *, conf: float = 
     """Boxes (and mask outlines' boxes) scoring at least `conf` in each image, as rows {"path", "objects": [{"class",
     "score", "box": [x1, y1, x2, y2]}]} or {"path", "error"}; `save_images` draws them into that folder."""
     loaded = load_detector(source, device)
-    model, classes = loaded.model, loaded.classes
-    dev = next(model.parameters()).device
+    classes = loaded.classes
     rows: list[dict[str, Any]] = []
     for start in range(0, len(files), batch_size):
         images, names = [], []
@@ -356,11 +381,9 @@ def predict_boxes(source: str | os.PathLike, files: list[str], *, conf: float = 
                 rows.append({"path": path, "error": str(e)})
         if not images:
             continue
-        with torch.no_grad():
-            outputs = model([to_device(i, dev).float() / 255 for i in images])
-        for path, image, o in zip(names, images, outputs):
+        for path, image, o in zip(names, images, loaded.detect([i.float() / 255 for i in images])):
             keep = o["scores"] >= conf
-            boxes, labels, scores = o["boxes"][keep].cpu(), o["labels"][keep].cpu(), o["scores"][keep].cpu()
+            boxes, labels, scores = o["boxes"][keep], o["labels"][keep], o["scores"][keep]
             rows.append({"path": path, "objects": [
                 {"class": classes[int(label) - 1], "score": round(float(score), 4),
                  "box": [round(float(v), 1) for v in box]} for box, label, score in zip(boxes, labels, scores)]})

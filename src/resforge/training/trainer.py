@@ -450,7 +450,7 @@ class Trainer:
                 "trained": {"run": str(self.run_dir.resolve()), "epoch": row["epoch"], "weights": which,
                             "data": str(Path(self.cfg.data.root).resolve()),
                             "pretrained": self.cfg.model.pretrained, "resforge": __version__,
-                            "torch": torch.__version__}}
+                            "torch": torch.__version__}, **self.task.record(self.cfg)}
 
     def _log_epoch(self, row: dict[str, float]) -> None:
         log.info("  ".join([f"epoch {row['epoch']}/{self.cfg.train.epochs}",
