@@ -97,11 +97,12 @@ def _sample(kind, item, field, allowed):
     if allowed:
         return [allowed[0]]
     one = item or kind
+    count = field.metadata.get("nargs") if isinstance(field.metadata.get("nargs"), int) else 1
     if one in (int, float):
         low = field.metadata.get("ge", field.metadata.get("gt", 0))
         high = field.metadata.get("le", field.metadata.get("lt", low + 2))
-        return [str(one((low + high) / 2))]
-    return ["x"]
+        return [str(one((low + high) / 2))] * count
+    return ["x"] * count
 
 
 @pytest.mark.parametrize("command", [name for name, _ in _commands()])
