@@ -88,3 +88,16 @@ def test_mask_ap_is_measured_on_the_masks_not_the_boxes():
     assert m["map"] == pytest.approx(1.0) and m["mask_map"] == pytest.approx(1.0)
     m = detection_metrics([{**right, "masks": wrong_mask}], [target], [(h, w)], 1, masks=True)
     assert m["map"] == pytest.approx(1.0) and m["mask_map"] == 0.0
+
+
+def test_missed_objects_counts_what_no_confident_detection_of_its_class_covers():
+    from resforge.evaluation.coco import missed_objects
+
+    target = {"boxes": torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]]),
+              "labels": torch.tensor([1, 1, 2])}
+    prediction = {"boxes": torch.tensor([[0.0, 0, 10, 11], [20, 20, 30, 30], [40, 40, 50, 50]]),
+                  "labels": torch.tensor([1, 2, 2]), "scores": torch.tensor([0.9, 0.9, 0.3])}
+    assert missed_objects(prediction, target) == 2  # the second: wrong class; the third: not confident
+    assert missed_objects(prediction, target, score=0.2) == 1
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0)}
+    assert missed_objects(empty, target) == 3 and missed_objects(prediction, {**empty}) == 0

@@ -57,6 +57,8 @@ def test_a_coco_folder_trains_as_detection_through_the_one_loop(trained):
     assert results["val"]["num_images"] == 4 and set(results["val"]["metrics"]["per_class"]) == {"square", "disc"}
     report = (run_dir / "report.md").read_text()
     assert "COCO JSON" in report and "### val\n\n| images | objects | AP | AP50 |" in report and "| square |" in report
+    for plot in ("pr_val.png", "predictions_val.png", "history.png"):
+        assert (run_dir / "plots" / plot).stat().st_size > 5_000 and f"plots/{plot}" in report + "plots/history.png"
     config = (run_dir / "config.yaml").read_text()
     assert "task: detect" in config  # the resolved task, so a resume needs no second look
     split = (run_dir / "split.csv").read_text().splitlines()

@@ -92,11 +92,13 @@ def evaluate_coco(gt: dict[str, Any], results: list[dict[str, Any]], iou_type: s
         e.summarize()
     figures = {name: max(float(v), 0.0) for name, v in zip(STATS, e.stats)}
     precision = e.eval["precision"][:, :, :, 0, -1]  # IoU x recall x category, all areas, 100 detections
-    per_class = {}
+    per_class, curves = {}, {}
     for k, cat in enumerate(e.params.catIds):
         p = precision[:, :, k]
         per_class[cat] = float(p[p > -1].mean()) if (p > -1).any() else None
-    return {**figures, "per_class": per_class}
+        if (p[0] > -1).any():  # precision at each of COCO's 101 recall points, at IoU 0.5
+            curves[cat] = np.maximum(p[0], 0.0).round(4).tolist()
+    return {**figures, "per_class": per_class, "pr50": curves}
 
 
 def detection_metrics(predictions: Sequence[dict[str, torch.Tensor]], targets: Sequence[dict[str, torch.Tensor]],
@@ -108,3 +110,19 @@ def detection_metrics(predictions: Sequence[dict[str, torch.Tensor]], targets: S
         m = evaluate_coco(gt, coco_results(predictions, masks=True), "segm")
         out.update({f"mask_{k}": v for k, v in m.items()})
     return out
+
+
+def missed_objects(prediction: dict[str, torch.Tensor], target: dict[str, torch.Tensor], score: float = 0.5,
+                   iou: float = 0.5) -> int:
+    """Objects of the target that no prediction of its class scoring `score` or more covers at `iou`."""
+    from torchvision.ops import box_iou
+
+    keep = prediction["scores"] >= score
+    boxes, labels = prediction["boxes"][keep], prediction["labels"][keep]
+    if not len(target["labels"]):
+        return 0
+    if not len(labels):
+        return len(target["labels"])
+    overlap = box_iou(target["boxes"].float(), boxes.float())
+    same = target["labels"][:, None] == labels[None, :]
+    return int((~((overlap >= iou) & same).any(1)).sum())

@@ -224,3 +224,20 @@ def plot_pareto(variants: list[dict], path: str | os.PathLike) -> Path:
         ax.legend()
     fig.suptitle("accuracy against cost, every variant")
     return _save(fig, path)
+
+
+def plot_pr_curves(curves: dict[str, list[float]], path: str | os.PathLike) -> Path:
+    """Precision against recall at IoU 0.5, one curve per class (COCO's 101 recall points), AP50 in the legend."""
+    fig = Figure(figsize=(5.5, 4.5), layout="constrained")
+    ax = fig.subplots()
+    recall = np.linspace(0, 1, 101)
+    with _fonts_for(list(curves)) as names:
+        for name, precision in zip(names, curves.values()):
+            ax.plot(recall, precision, label=f"{name} (AP50 {np.mean(precision):.3f})")
+    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title="precision-recall at IoU 0.5")
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no ground truth", ha="center", va="center", transform=ax.transAxes)
+    return _save(fig, path)

@@ -17,6 +17,7 @@ from pathlib import Path
 from statistics import median
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -29,7 +30,8 @@ from ..data.tiles import TiledDataset, sliced_predict, tile_samples
 from ..data.transforms import Preprocess, imagenet_stats
 from ..device import resolve_device, to_device
 from ..errors import ConfigError, DataError
-from ..evaluation.coco import detection_metrics
+from ..evaluation.coco import detection_metrics, missed_objects
+from ..evaluation.plots import plot_image_grid, plot_pr_curves
 from ..io import write_json
 from ..models import load_model
 from ..models.detection import DETECTOR_CLASSES, Detector
@@ -44,6 +46,7 @@ from .classify import adopt_options, architecture_of
 log = logging.getLogger("resforge")
 
 MAX_SIZE_RATIO = 1333 / 800  # torchvision's longer-side cap against the shorter side
+GRID_IMAGES = 8  # images in each figure of detections
 REPORTED = ("map", "map50", "map75", "map_small", "map_medium", "map_large", "mar100")
 
 
@@ -291,11 +294,24 @@ class Detection(Task):
             targets += y
             sizes += [tuple(image.shape[-2:]) for image in x]
         m = detection_metrics(predictions, targets, sizes, len(classes), masks=masks)
+        curves = {classes[c - 1]: p for c, p in m.pop("pr50").items()}
+        m.pop("mask_pr50", None)
         m["per_class"] = {classes[c - 1]: ap for c, ap in m["per_class"].items()}
         if masks:
             m["mask_per_class"] = {classes[c - 1]: ap for c, ap in m["mask_per_class"].items()}
         report = DetectionReport(len(samples), sum(len(t["labels"]) for t in targets), m)
         write_json(Path(out_dir) / f"metrics_{name}.json", report.to_dict())
+        plots = Path(out_dir) / "plots"
+        plot_pr_curves(curves, plots / f"pr_{name}.png")
+        dataset = ObjectsDataset(samples, detection_transform(None))
+        shown = np.random.default_rng(0).permutation(len(samples))[:GRID_IMAGES].tolist()
+        _plot_detections(dataset, predictions, shown, classes, plots / f"predictions_{name}.png",
+                         f"{name}: ground truth (green) and detections scoring 0.5 or more (red)")
+        missed = [missed_objects(p, t) for p, t in zip(predictions, targets)]
+        worst = [i for i in np.argsort(missed, kind="stable")[::-1][:GRID_IMAGES].tolist() if missed[i]]
+        if worst:
+            _plot_detections(dataset, predictions, worst, classes, plots / f"worst_{name}.png",
+                             f"{name}: the images with the most objects missed", missed)
         return report
 
     def report_data(self, cfg: Config, scan: DetectionScan) -> list[str]:
@@ -315,7 +331,10 @@ class Detection(Task):
     def report_results(self, results: dict[str, DetectionReport], run_dir: Path) -> list[str]:
         out = []
         for name, r in results.items():
-            out += [f"### {name}", "", r.to_markdown(), ""]
+            out += [f"### {name}", "", r.to_markdown(), "", f"![precision-recall](plots/pr_{name}.png)", "",
+                    f"![predictions](plots/predictions_{name}.png)", ""]
+            if (run_dir / "plots" / f"worst_{name}.png").exists():
+                out += [f"![worst](plots/worst_{name}.png)", ""]
         return out
 
     def result_line(self, name: str, report: DetectionReport) -> str:
@@ -323,6 +342,27 @@ class Detection(Task):
         mask = f"  mask AP {m['mask_map']:.3f}" if "mask_map" in m else ""
         return (f"{name:<5} AP {m['map']:.3f}  AP50 {m['map50']:.3f}  AP75 {m['map75']:.3f}{mask}  "
                 f"({report.num_images} images, {report.num_objects} objects)")
+
+
+def _plot_detections(dataset: ObjectsDataset, predictions: list[dict[str, torch.Tensor]], shown: list[int],
+                     classes: list[str], path: Path, title: str, missed: list[int] | None = None) -> None:
+    """A grid of images with their ground truth and confident detections drawn (torchvision's
+    `draw_bounding_boxes`), each titled with its counts."""
+    from torchvision.utils import draw_bounding_boxes
+
+    images, titles = [], []
+    for i in shown:
+        image, target = dataset.raw(i)
+        p = predictions[i]
+        keep = p["scores"] >= 0.5
+        drawn = draw_bounding_boxes(image.expand(3, -1, -1), target["boxes"], colors="lime", width=1)
+        drawn = draw_bounding_boxes(drawn, p["boxes"][keep], [classes[int(c) - 1] for c in p["labels"][keep]],
+                                    colors="red", width=1)
+        images.append(drawn.permute(1, 2, 0).numpy())
+        found = f"{int(keep.sum())} found / {len(target['labels'])}"
+        titles.append(f"{Path(dataset.samples[i].path).name}: {found}" +
+                      (f", {missed[i]} missed" if missed is not None else ""))
+    plot_image_grid(images, titles, path, suptitle=title)
 
 
 def load_detector(source: str | os.PathLike, device: str = "auto") -> LoadedDetector:
