@@ -318,3 +318,18 @@ def test_data_inspect_reads_a_detection_folder(shapes, tmp_path):
     assert report["negatives"]["train"] == 1 and report["images"]["train"] == 20
     assert {p.name for p in (tmp_path / "inspect").glob("*.png")} == {"box_sizes.png", "objects_per_class.png",
                                                                        "samples.png"}
+
+
+def test_two_processes_validate_on_every_image_as_one(shapes, tmp_path):
+    """Each process validates its share of the images; COCO AP does not add up, so the shares are gathered and
+    measured once: the figures are one process's on the same weights."""
+    from resforge.tasks.detect import Detection, load_detector
+    from resforge.data.annotations import read_recorded_split
+
+    run = resforge.train(shapes, progress=False, devices=2, project=str(tmp_path), name="ddp", epochs=1, **TINY)
+    run_dir = Path(run["run_dir"])
+    recorded = float((run_dir / "metrics.csv").read_text().splitlines()[1].split(",")[
+        (run_dir / "metrics.csv").read_text().splitlines()[0].split(",").index("val_map50")])
+    scan = read_recorded_split(shapes, run_dir / "split.csv")
+    again = Detection().evaluate(load_detector(run_dir, "cpu"), scan.val, tmp_path / "again", "val", 4, 0)
+    assert len(scan.val) == 4 and again.metrics["map50"] == pytest.approx(recorded, abs=1e-6)
