@@ -190,7 +190,8 @@ def evaluate(source: str | os.PathLike, data: str | os.PathLike, **options: Any)
         o.tta, o.out, o.batch_size, o.workers, o.backend, o.device, o.precision, o.metadata)
     _check_batching(batch_size, workers)
     if recorded_task(source) == Detection.name:
-        return evaluate_detector(source, data, out=out, batch_size=batch_size, workers=workers, device=device)
+        return evaluate_detector(source, data, out=out, batch_size=batch_size, workers=workers, device=device,
+                                 tile={"size": o.tile, "overlap": o.overlap} if o.tile else None)
     predictor = Predictor.load(source, backend, device, precision, batch_size=batch_size, metadata=metadata)
     samples, scan = labelled_samples(data, predictor.classes)
     name = Path(data).resolve().name
@@ -241,7 +242,7 @@ def predict(source: str | os.PathLike, paths: list[str | os.PathLike], **options
     files = scan_images(list(paths))
     if recorded_task(source) == Detection.name:
         rows = predict_boxes(source, files, conf=o.conf, batch_size=batch_size, device=device,
-                             save_images=o.save_images)
+                             save_images=o.save_images, tile={"size": o.tile, "overlap": o.overlap} if o.tile else None)
         _check_some_read(rows)
         return rows
     predictor = Predictor.load(source, backend, device, precision, batch_size=min(batch_size, len(files)),

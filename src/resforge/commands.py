@@ -155,6 +155,9 @@ class EvalOptions(EngineOptions, LoadingOptions):
     tta: str | None = option(None, "test-time augmentation: flip (2 views) or multicrop (ten crops)",
                              choices=TTA_MODES)
     out: str | None = option(None, "output folder (default: <run>/eval-<folder>)")
+    tile: int | None = option(None, "detection: sliced inference on tiles of this many px (default: the tiles the "
+                                    "model was trained on, if any)", ge=32, metavar="PX")
+    overlap: float = option(0.2, "detection: share of a tile that overlaps its neighbour, with --tile", ge=0, lt=1)
 
 
 @dataclass(kw_only=True)
@@ -162,6 +165,9 @@ class PredictOptions(EngineOptions, BatchOptions):
     topk: int = option(5, "classes per image")
     conf: float = option(0.25, "detection: the lowest score of a box kept", ge=0, le=1)
     save_images: str | None = option(None, "detection: draw each image's boxes into this folder", metavar="DIR")
+    tile: int | None = option(None, "detection: sliced inference on tiles of this many px (default: the tiles the "
+                                    "model was trained on, if any)", ge=32, metavar="PX")
+    overlap: float = option(0.2, "detection: share of a tile that overlaps its neighbour, with --tile", ge=0, lt=1)
 
 
 @dataclass(kw_only=True)

@@ -8,6 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import make_detection_folder
@@ -333,3 +334,45 @@ def test_two_processes_validate_on_every_image_as_one(shapes, tmp_path):
     scan = read_recorded_split(shapes, run_dir / "split.csv")
     again = Detection().evaluate(load_detector(run_dir, "cpu"), scan.val, tmp_path / "again", "val", 4, 0)
     assert len(scan.val) == 4 and again.metrics["map50"] == pytest.approx(recorded, abs=1e-6)
+
+
+def test_mask_rcnn_predictions_carry_their_masks_as_rle(shapes, tmp_path):
+    from pycocotools import mask as coco_mask
+
+    run = resforge.train(shapes, progress=False, project=str(tmp_path), name="m", epochs=1, detector="maskrcnn",
+                         **TINY)
+    image = str(Path(shapes) / "images" / "000.png")
+    rows = resforge.predict(run["run_dir"], [image], conf=0.0, save_images=str(tmp_path / "drawn"), tile=32,
+                            overlap=0.5)
+    objects = rows[0]["objects"]
+    assert objects and all(o["mask"]["size"] == [64, 64] for o in objects)
+    decoded = coco_mask.decode(objects[0]["mask"])
+    assert decoded.shape == (64, 64) and set(np.unique(decoded)) <= {0, 1}
+    assert (tmp_path / "drawn" / "000.png").is_file()
+
+
+def test_classification_augmentation_is_refused_for_detection_by_name(shapes, tmp_path):
+    with pytest.raises(resforge.ConfigError, match="augment.random_erasing.*detection does not do"):
+        resforge.train(shapes, progress=False, project=str(tmp_path), name="x", epochs=1, random_erasing=0.2,
+                       **TINY)
+
+
+def test_the_recipe_tiles_large_images_whose_objects_would_vanish(tmp_path, caplog):
+    caplog.set_level("INFO", logger="resforge")
+    big = make_detection_folder(tmp_path / "big", n=4, size=800, negatives=0)
+    coco = json.loads((Path(big) / "annotations" / "instances.json").read_text())
+    for a in coco["annotations"]:  # 20-px objects: 13 px once the image is resized to 512
+        a["bbox"] = [a["bbox"][0], a["bbox"][1], 20, 20]
+    (Path(big) / "annotations" / "instances.json").write_text(json.dumps(coco))
+    from resforge.config import config_for
+    from resforge.data.annotations import scan_detection
+    from resforge.tasks import Detection
+
+    cfg = config_for(big, None, None, None, {})
+    reasons = Detection().fit_recipe(cfg, scan_detection(big), pace=lambda c: 1.0)
+    assert cfg.data.tile == 512 and cfg.data.img_size == 512
+    assert "the median object, 20 px in a 800-px image, would shrink to 13 px" in reasons["data.tile"]
+    small = make_detection_folder(tmp_path / "small", n=4)  # 64-px images: resized up, never tiled
+    cfg = config_for(small, None, None, None, {})
+    Detection().fit_recipe(cfg, scan_detection(small), pace=lambda c: 1.0)
+    assert cfg.data.tile is None and cfg.data.img_size == 128

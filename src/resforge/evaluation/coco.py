@@ -26,7 +26,7 @@ def _xywh(boxes: torch.Tensor) -> list[list[float]]:
     return torch.cat([b[:, :2], b[:, 2:] - b[:, :2]], 1).tolist()
 
 
-def _rle(masks: torch.Tensor) -> list[dict[str, Any]]:
+def mask_rle(masks: torch.Tensor) -> list[dict[str, Any]]:
     """Binary masks (N x H x W, or N x 1 x H x W probabilities cut at 0.5) as COCO's compressed RLE."""
     from pycocotools import mask as coco_mask
 
@@ -44,7 +44,7 @@ def coco_dataset(targets: Sequence[dict[str, torch.Tensor]], sizes: Sequence[tup
     images, annotations = [], []
     for i, (t, (h, w)) in enumerate(zip(targets, sizes)):
         images.append({"id": i, "height": int(h), "width": int(w)})
-        rles = _rle(t["masks"]) if masks else None
+        rles = mask_rle(t["masks"]) if masks else None
         crowd = t.get("iscrowd", torch.zeros(len(t["labels"]), dtype=torch.int64)).tolist()
         for k, (box, label) in enumerate(zip(_xywh(t["boxes"]), t["labels"].tolist())):
             ann = {"id": len(annotations) + 1, "image_id": i, "category_id": int(label), "bbox": box,
@@ -63,7 +63,7 @@ def coco_results(predictions: Sequence[dict[str, torch.Tensor]], masks: bool = F
     """The predictions as COCO's result list."""
     out = []
     for i, p in enumerate(predictions):
-        rles = _rle(p["masks"]) if masks else None
+        rles = mask_rle(p["masks"]) if masks else None
         for k, (box, label, score) in enumerate(zip(_xywh(p["boxes"]), p["labels"].tolist(), p["scores"].tolist())):
             r = {"image_id": i, "category_id": int(label), "bbox": box, "score": float(score)}
             if rles is not None:

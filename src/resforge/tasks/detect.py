@@ -30,7 +30,7 @@ from ..data.tiles import TiledDataset, sliced_predict, tile_samples
 from ..data.transforms import Preprocess, imagenet_stats
 from ..device import resolve_device, to_device
 from ..errors import ConfigError, DataError
-from ..evaluation.coco import detection_metrics, missed_objects
+from ..evaluation.coco import detection_metrics, mask_rle, missed_objects
 from ..evaluation.plots import plot_image_grid, plot_pr_curves
 from ..io import write_json
 from ..models import load_model
@@ -47,6 +47,7 @@ log = logging.getLogger("resforge")
 
 MAX_SIZE_RATIO = 1333 / 800  # torchvision's longer-side cap against the shorter side
 GRID_IMAGES = 8  # images in each figure of detections
+MAX_AUTO_SIZE = 512  # the largest input the recipe picks: a CPU budget affords no more
 REPORTED = ("map", "map50", "map75", "map_small", "map_medium", "map_large", "mar100")
 
 
@@ -169,6 +170,14 @@ class Detection(Task):
         d, masks = cfg.data, cfg.detect.detector == "maskrcnn"
         if d.decode == "gpu":
             raise ConfigError("data.decode gpu decodes classification batches; detection decodes on the CPU")
+        a = cfg.augment
+        unused = [name for name, given in (("augment.auto_augment", a.auto_augment not in (None, "none")),
+                                           ("augment.random_erasing", bool(a.random_erasing)),
+                                           ("augment.noise", bool(a.noise))) if given]
+        if unused:
+            raise ConfigError(f"{', '.join(unused)}: classification augmentation that detection does not do "
+                              "(it flips, turns, jitters colours and zooms out: augment.hflip, vflip, rotation 90, "
+                              "color_jitter, scale)")
         options = {"masks": masks, "max_pixels": d.max_pixels, "mode": "L" if d.in_chans == 1 else "RGB"}
         if d.tile:  # validated on every tile of the val images: the epochs' figures; the run's end slices
             tiles = tile_samples(scan.train, d.tile, d.overlap, seed=cfg.train.seed)
@@ -201,14 +210,21 @@ class Detection(Task):
 
     def fit_recipe(self, cfg: Config, scan: DetectionScan, pace: Callable[[Config], float]) -> dict[str, str]:
         choose = Chooser(cfg)
-        images, tile = scan.train + scan.val, cfg.data.tile
+        images = scan.train + scan.val
+        short = median(min(o.width, o.height) for o in images)
+        size = int(min(MAX_AUTO_SIZE, max(128, 32 * round(short / 32))))
+        objects = [(min(o.width, o.height), min(b[2] - b[0], b[3] - b[1])) for o in images for b in o.boxes]
+        if objects and not cfg.data.tile:
+            scene, box = median(s for s, _ in objects), median(b for _, b in objects)
+            if scene > 1.5 * size and box * size / scene < 32:
+                choose("data.tile", size, f"the median object, {box:.0f} px in a {scene:.0f}-px image, would shrink "
+                                          f"to {box * size / scene:.0f} px in one {size}-px pass: tiles keep it whole")
+        tile = cfg.data.tile
         if tile:
             choose("data.img_size", tile, "tiles are seen at their full resolution")
         else:
-            short = median(min(o.width, o.height) for o in images)
-            size = int(min(512, max(128, 32 * round(short / 32))))
             choose("data.img_size", size, f"the images' median shorter side ({short:g} px), a multiple of 32 within "
-                                          "128-512 (the detector resizes each image to it)")
+                                          f"128-{MAX_AUTO_SIZE} (the detector resizes each image to it)")
         size = cfg.data.img_size
         boxes = [min(b[2] - b[0], b[3] - b[1]) * (size / tile if tile else size / min(o.width, o.height))
                  for o in images for b in o.boxes]
@@ -365,12 +381,14 @@ def _plot_detections(dataset: ObjectsDataset, predictions: list[dict[str, torch.
     plot_image_grid(images, titles, path, suptitle=title)
 
 
-def load_detector(source: str | os.PathLike, device: str = "auto") -> LoadedDetector:
-    """A saved detector (run directory, .safetensors or its sidecar) on `device`, in evaluation mode."""
+def load_detector(source: str | os.PathLike, device: str = "auto",
+                  tile: dict[str, Any] | None = None) -> LoadedDetector:
+    """A saved detector (run directory, .safetensors or its sidecar) on `device`, in evaluation mode, slicing
+    images into `tile` ({"size", "overlap"}; default: the tiles it was trained on, if any)."""
     model, meta = load_model(source)
     if not isinstance(model, Detector):
         raise ConfigError(f"{source} holds a classifier, not a detector")
-    return LoadedDetector(model.to(resolve_device(device)).eval(), meta["classes"], meta.get("tile"))
+    return LoadedDetector(model.to(resolve_device(device)).eval(), meta["classes"], tile or meta.get("tile"))
 
 
 def _as_model_classes(scan: DetectionScan, classes: list[str]) -> list[Objects]:
@@ -387,10 +405,12 @@ def _as_model_classes(scan: DetectionScan, classes: list[str]) -> list[Objects]:
 
 
 def evaluate_detector(source: str | os.PathLike, data: str | os.PathLike, *, out: str | os.PathLike | None = None,
-                      batch_size: int = 8, workers: int = 0, device: str = "auto") -> DetectionReport:
+                      batch_size: int = 8, workers: int = 0, device: str = "auto",
+                      tile: dict[str, Any] | None = None) -> DetectionReport:
     """COCO metrics of a saved detector on an annotated folder (its test split, else a given val split, else all
-    of it), written to `out` (default `<run>/eval-<folder>`) with `skipped.csv` when something was skipped."""
-    loaded = load_detector(source, device)
+    of it), written to `out` (default `<run>/eval-<folder>`) with `skipped.csv` when something was skipped;
+    `tile` as for `load_detector`."""
+    loaded = load_detector(source, device, tile)
     scan = scan_detection(data, val_split=0.0)
     samples = _as_model_classes(scan, loaded.classes)
     name = Path(data).resolve().name
@@ -405,10 +425,12 @@ def evaluate_detector(source: str | os.PathLike, data: str | os.PathLike, *, out
 
 
 def predict_boxes(source: str | os.PathLike, files: list[str], *, conf: float = 0.25, batch_size: int = 8,
-                  device: str = "auto", save_images: str | os.PathLike | None = None) -> list[dict[str, Any]]:
-    """Boxes (and mask outlines' boxes) scoring at least `conf` in each image, as rows {"path", "objects": [{"class",
-    "score", "box": [x1, y1, x2, y2]}]} or {"path", "error"}; `save_images` draws them into that folder."""
-    loaded = load_detector(source, device)
+                  device: str = "auto", save_images: str | os.PathLike | None = None,
+                  tile: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Objects scoring at least `conf` in each image, as rows {"path", "objects": [{"class", "score", "box": [x1,
+    y1, x2, y2], and for Mask R-CNN "mask": COCO's compressed RLE}]} or {"path", "error"}; `save_images` draws
+    them into that folder; `tile` ({"size", "overlap"}) slices images as a run trained on tiles does."""
+    loaded = load_detector(source, device, tile)
     classes = loaded.classes
     rows: list[dict[str, Any]] = []
     for start in range(0, len(files), batch_size):
@@ -424,24 +446,33 @@ def predict_boxes(source: str | os.PathLike, files: list[str], *, conf: float = 
         for path, image, o in zip(names, images, loaded.detect([i.float() / 255 for i in images])):
             keep = o["scores"] >= conf
             boxes, labels, scores = o["boxes"][keep], o["labels"][keep], o["scores"][keep]
-            rows.append({"path": path, "objects": [
-                {"class": classes[int(label) - 1], "score": round(float(score), 4),
-                 "box": [round(float(v), 1) for v in box]} for box, label, score in zip(boxes, labels, scores)]})
+            masks = o["masks"][keep] if "masks" in o else None
+            objects = [{"class": classes[int(label) - 1], "score": round(float(score), 4),
+                        "box": [round(float(v), 1) for v in box]} for box, label, score in zip(boxes, labels, scores)]
+            if masks is not None:
+                for obj, rle in zip(objects, mask_rle(masks)):
+                    obj["mask"] = rle
+            rows.append({"path": path, "objects": objects})
             if save_images is not None:
                 _draw(image, boxes, [f"{classes[int(l_) - 1]} {float(s):.2f}" for l_, s in zip(labels, scores)],
-                      Path(save_images) / f"{Path(path).stem}.png")
+                      masks, Path(save_images) / f"{Path(path).stem}.png")
     order = {p: i for i, p in enumerate(files)}
     return sorted(rows, key=lambda r: order[r["path"]])
 
 
-def _draw(image: torch.Tensor, boxes: torch.Tensor, captions: list[str], path: Path) -> None:
-    """The image with its boxes and captions drawn (torchvision's `draw_bounding_boxes`), written atomically."""
+def _draw(image: torch.Tensor, boxes: torch.Tensor, captions: list[str], masks: torch.Tensor | None,
+          path: Path) -> None:
+    """The image with its masks, boxes and captions drawn (torchvision's `draw_segmentation_masks` and
+    `draw_bounding_boxes`), written atomically."""
     from PIL import Image
-    from torchvision.utils import draw_bounding_boxes
+    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
     from ..io import atomic_path
 
-    drawn = draw_bounding_boxes(image.expand(3, -1, -1), boxes, captions, colors="yellow", width=2)
+    drawn = image.expand(3, -1, -1)
+    if masks is not None and len(masks):
+        drawn = draw_segmentation_masks(drawn, masks[:, 0] > 0.5, alpha=0.4, colors="yellow")
+    drawn = draw_bounding_boxes(drawn, boxes, captions, colors="yellow", width=2)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
