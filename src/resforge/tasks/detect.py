@@ -37,9 +37,9 @@ from ..models import load_model
 from ..models.detection import DETECTOR_CLASSES, Detector
 from ..models.resnet import ResNet
 from ..models.spec import given_options
+from ..models.weights import load_into, read_checkpoint
 from ..report import markdown_table
 from ..training.auto import Chooser
-from ..models.weights import load_into, read_checkpoint
 from .base import Datasets, Forward, Task
 from .classify import adopt_options, architecture_of
 
@@ -48,6 +48,7 @@ log = logging.getLogger("resforge")
 MAX_SIZE_RATIO = 1333 / 800  # torchvision's longer-side cap against the shorter side
 GRID_IMAGES = 8  # images in each figure of detections
 MAX_AUTO_SIZE = 512  # the largest input the recipe picks: a CPU budget affords no more
+BATCH = 4  # the recipe's batch (torchvision's references train 2 images per GPU)
 REPORTED = ("map", "map50", "map75", "map_small", "map_medium", "map_large", "mar100")
 
 
@@ -119,7 +120,7 @@ def load_detection_weights(model: Detector, source: str) -> list[str]:
     body = {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier."))}
     own = model.body.state_dict()
     problems = [k for k in own if k not in body and not k.endswith("num_batches_tracked")]
-    problems += [k for k in body if k not in own]
+    problems += [k for k in body if k not in own or body[k].shape != own[k].shape]
     if problems:
         raise ConfigError(f"{source} is neither a detection checkpoint (backbone.body.* keys) nor one of this "
                           f"backbone ({model.spec()['backbone']}): e.g. {', '.join(problems[:3])} do not match")
@@ -133,7 +134,11 @@ class Detection(Task):
     metric: ClassVar[str] = "val_map50"
 
     def build_model(self, cfg: Config, num_classes: int, pretrained: bool = True) -> nn.Module:
-        mean, std = imagenet_stats(cfg.data.in_chans)
+        if cfg.data.normalize == "dataset":
+            raise ConfigError("data.normalize dataset: a detector normalises inside with fixed statistics; use "
+                              "imagenet (the default) or none")
+        chans = cfg.data.in_chans
+        mean, std = ([0.0] * chans, [1.0] * chans) if cfg.data.normalize == "none" else imagenet_stats(chans)
         model = DETECTOR_CLASSES[cfg.detect.detector](**detector_options(cfg, num_classes, mean, std))
         if pretrained and cfg.model.pretrained:
             for note in load_detection_weights(model, cfg.model.pretrained):
@@ -234,6 +239,8 @@ class Detection(Task):
             sizes = [base * 2 ** k for k in range(5)]
             choose("detect.anchor_sizes", sizes, f"the smallest tenth of the boxes are {small:.0f} px at this size, "
                                                  "the smallest anchors a power of two below")
+        choose("data.batch_size", min(BATCH, len(scan.train)), f"{BATCH} images a step: detection steps are costly, "
+                                                              "and a budget gives more of them with small batches")
         choose("optim.optimizer", "adamw", "AdamW converges faster than SGD in short detection budgets")
         choose("optim.lr", float(f"{1e-4 * math.sqrt(cfg.data.batch_size / 2):.3g}"),
                "1e-4 at batch 2, x sqrt(batch/2)")
