@@ -254,6 +254,8 @@ class Detection(Task):
                                             "detection batches estimate them poorly)" if started else
                "batch norm trained: a backbone from scratch has no statistics to keep")
         choose("augment.hflip", 0.5, "horizontal flips: objects keep their class mirrored")
+        choose("augment.scale", [1.0, 1.0], "no zoom-out: objects keep the size they are found at (--scale 0.25 1 "
+                                            "zooms out up to twice)")
         return choose.reasons
 
     def batch_transform(self, cfg: Config, num_classes: int) -> Callable[[Any, Any], tuple[Any, Any]]:
