@@ -478,3 +478,13 @@ def test_splits_inside_a_split_folder_are_refused(tmp_path):
         coco(tmp_path / "train" / "annotations" / f"instances_{split}.json", [(1, f"{split}.png")], [])
     with pytest.raises(DataError, match="splits again inside"):
         scan_detection(tmp_path)
+
+
+def test_the_seeded_split_holds_out_a_share_of_the_objects_not_of_the_images(tmp_path):
+    yolo(tmp_path, "scene", ["0 0.5 0.5 0.01 0.01"] * 40)  # one large scene with most objects
+    for name in ("a", "b", "c"):
+        yolo(tmp_path, name, ["0 0.5 0.5 0.2 0.2"] * 3)
+    for seed in range(6):
+        s = scan_detection(tmp_path, val_split=0.2, seed=seed)
+        held = sum(len(o.labels) for o in s.val)
+        assert s.val and held <= 0.2 * 49 and "scene" not in {os.path.basename(o.path)[:-4] for o in s.val}

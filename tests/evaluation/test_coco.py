@@ -101,3 +101,12 @@ def test_missed_objects_counts_what_no_confident_detection_of_its_class_covers()
     assert missed_objects(prediction, target, score=0.2) == 1
     empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0)}
     assert missed_objects(empty, target) == 3 and missed_objects(prediction, {**empty}) == 0
+
+
+def test_a_crowded_image_is_measured_on_all_its_objects_not_coco_s_first_100():
+    xy = torch.arange(150, dtype=torch.float32)[:, None] * torch.tensor([[6.0, 0.0]])
+    boxes = torch.cat([xy, xy + 5], 1)  # 150 disjoint 5-px boxes in a row
+    target = {"boxes": boxes, "labels": torch.ones(150, dtype=torch.int64)}
+    perfect = {**target, "scores": torch.linspace(1, 0.5, 150)}
+    m = detection_metrics([perfect], [target], [(10, 900)], 1)
+    assert m["map50"] == pytest.approx(1.0) and m["mar100"] == pytest.approx(1.0)  # 100 would cap recall at 2/3

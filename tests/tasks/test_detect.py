@@ -55,7 +55,9 @@ def test_a_coco_folder_trains_as_detection_through_the_one_loop(trained):
     assert isinstance(model, FasterRCNN) and meta["classes"] == ["square", "disc"]
     assert model.spec()["min_size"] == 64 and model.spec()["backbone_options"]["width"] == 0.25
     results = json.loads((run_dir / "results.json").read_text())
-    assert results["val"]["num_images"] == 4 and set(results["val"]["metrics"]["per_class"]) == {"square", "disc"}
+    val = [row for row in (run_dir / "split.csv").read_text().splitlines() if row.startswith("val,")]
+    assert results["val"]["num_images"] == len(val) > 0
+    assert set(results["val"]["metrics"]["per_class"]) == {"square", "disc"}
     report = (run_dir / "report.md").read_text()
     assert "COCO JSON" in report and "### val\n\n| images | objects | AP | AP50 |" in report and "| square |" in report
     for plot in ("pr_val.png", "predictions_val.png", "history.png"):
@@ -333,7 +335,7 @@ def test_two_processes_validate_on_every_image_as_one(shapes, tmp_path):
         (run_dir / "metrics.csv").read_text().splitlines()[0].split(",").index("val_map50")])
     scan = read_recorded_split(shapes, run_dir / "split.csv")
     again = Detection().evaluate(load_detector(run_dir, "cpu"), scan.val, tmp_path / "again", "val", 4, 0)
-    assert len(scan.val) == 4 and again.metrics["map50"] == pytest.approx(recorded, abs=1e-6)
+    assert scan.val and again.metrics["map50"] == pytest.approx(recorded, abs=1e-6)
 
 
 def test_mask_rcnn_predictions_carry_their_masks_as_rle(shapes, tmp_path):

@@ -456,3 +456,14 @@ def test_run_dirs_are_claimed_and_numbered(tmp_path):
     assert new_run_dir(cfg) == (tmp_path / "group" / "run-2", True)
     cfg.train.exist_ok = True
     assert new_run_dir(cfg) == (tmp_path / "group" / "run", False)  # reused: not this run's to remove
+
+
+def test_time_limit_holds_when_each_epoch_is_one_step(wide_data, tmp_path, monkeypatch):
+    """No step but an epoch's first: the pace is taken from those (a run of a few large batches, as detection's
+    tiles give), so the budget still plans the run instead of running its default epochs."""
+    out, lrs, clock = _timed_run(wide_data, tmp_path, monkeypatch, lambda epoch: 2.0, name="one-step", epochs=500,
+                                 time_limit=1.0, lr=0.01, batch_size=96)
+    assert len(lrs) == out["epochs"]  # one step an epoch
+    # 60 s at 2 s a step and 3 s a validation: 12 epochs fit
+    assert 11 <= out["epochs"] <= 12 and clock.now - 1000 <= 61
+    assert lrs[-1] < 0.01 * 0.1  # the decay ends with the budget

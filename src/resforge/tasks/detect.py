@@ -26,7 +26,7 @@ from ..data.annotations import DetectionScan, Objects, read_recorded_split, scan
 from ..data.folder import load_image
 from ..data.loader import make_loader, pil_to_tensor
 from ..data.objects import ObjectsDataset, collate_objects, detection_transform
-from ..data.tiles import TiledDataset, sliced_predict, tile_samples
+from ..data.tiles import TiledDataset, sliced_predict, tile_grid, tile_samples
 from ..data.transforms import Preprocess, imagenet_stats
 from ..device import resolve_device, to_device
 from ..errors import ConfigError, DataError
@@ -239,8 +239,11 @@ class Detection(Task):
             sizes = [base * 2 ** k for k in range(5)]
             choose("detect.anchor_sizes", sizes, f"the smallest tenth of the boxes are {small:.0f} px at this size, "
                                                  "the smallest anchors a power of two below")
-        choose("data.batch_size", min(BATCH, len(scan.train)), f"{BATCH} images a step: detection steps are costly, "
-                                                              "and a budget gives more of them with small batches")
+        units = (sum(len(tile_grid(o.width, o.height, tile, cfg.data.overlap)) for o in scan.train) if tile
+                 else len(scan.train))
+        batch = min(BATCH, units)
+        choose("data.batch_size", batch, f"{batch} {'tiles' if tile else 'images'} a step (of {units}): detection "
+                                         "steps are costly, and a budget gives more of them with small batches")
         choose("optim.optimizer", "adamw", "AdamW converges faster than SGD in short detection budgets")
         choose("optim.lr", float(f"{1e-4 * math.sqrt(cfg.data.batch_size / 2):.3g}"),
                "1e-4 at batch 2, x sqrt(batch/2)")
@@ -380,9 +383,12 @@ def _plot_detections(dataset: ObjectsDataset, predictions: list[dict[str, torch.
         image, target = dataset.raw(i)
         p = predictions[i]
         keep = p["scores"] >= 0.5
-        drawn = draw_bounding_boxes(image.expand(3, -1, -1), target["boxes"], colors="lime", width=1)
-        drawn = draw_bounding_boxes(drawn, p["boxes"][keep], [classes[int(c) - 1] for c in p["labels"][keep]],
-                                    colors="red", width=1)
+        drawn = image.expand(3, -1, -1)
+        if len(target["boxes"]):
+            drawn = draw_bounding_boxes(drawn, target["boxes"], colors="lime", width=1)
+        if keep.any():
+            drawn = draw_bounding_boxes(drawn, p["boxes"][keep], [classes[int(c) - 1] for c in p["labels"][keep]],
+                                        colors="red", width=1)
         images.append(drawn.permute(1, 2, 0).numpy())
         found = f"{int(keep.sum())} found / {len(target['labels'])}"
         titles.append(f"{Path(dataset.samples[i].path).name}: {found}" +
@@ -481,7 +487,8 @@ def _draw(image: torch.Tensor, boxes: torch.Tensor, captions: list[str], masks: 
     drawn = image.expand(3, -1, -1)
     if masks is not None and len(masks):
         drawn = draw_segmentation_masks(drawn, masks[:, 0] > 0.5, alpha=0.4, colors="yellow")
-    drawn = draw_bounding_boxes(drawn, boxes, captions, colors="yellow", width=2)
+    if len(boxes):
+        drawn = draw_bounding_boxes(drawn, boxes, captions, colors="yellow", width=2)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(tmp, format="PNG")

@@ -37,8 +37,10 @@ class TimeBudget:
         return clock() - self.started
 
     def epoch_started(self) -> None:
-        """The first step of an epoch waits for the loader: it is not a sample of the pace."""
-        self._last = None
+        """The first step of an epoch waits for the loader: it is not a sample of the pace, unless epochs are
+        too short to give MIN_STEPS others (a detector's few large batches); then it is timed from the epoch's
+        start, the loader's wait included, and the plan errs on the short side."""
+        self._last = clock() if self.steps_per_epoch <= MIN_STEPS else None
 
     def step_done(self) -> None:
         now = clock()

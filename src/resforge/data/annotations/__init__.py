@@ -206,14 +206,21 @@ def _polygon(mask: list[list[float]], w: int, h: int) -> list[list[float]]:
 
 
 def seeded_split(items: list[Objects], val_split: float, seed: int) -> tuple[list[Objects], list[Objects]]:
-    """A seeded `val_split` share of the images to val: at least one, never all (train needs an image)."""
+    """Images drawn in a seeded order into val while their objects stay within `val_split` of all (an image
+    without objects counts as one): at least one image, never all. Counting objects, not images, keeps a folder
+    of a few large scenes from giving its biggest to validation."""
     items = sorted(items, key=lambda o: o.path)
-    order = np.random.default_rng(seed).permutation(len(items))
-    n_val = round(len(items) * val_split)
-    if val_split > 0:
-        n_val = max(n_val, 1)
-    n_val = max(0, min(n_val, len(items) - 1))
-    chosen = set(order[:n_val].tolist())
+    if val_split <= 0 or len(items) < 2:
+        return items, []
+    order = np.random.default_rng(seed).permutation(len(items)).tolist()
+    weights = [max(1, len(o.labels)) for o in items]
+    room, chosen = val_split * sum(weights), set()
+    for i in order:
+        if weights[i] <= room:
+            chosen.add(i)
+            room -= weights[i]
+    if not chosen:  # every image holds more than the share: the one holding fewest
+        chosen.add(min(order, key=lambda i: weights[i]))
     return ([o for i, o in enumerate(items) if i not in chosen], [o for i, o in enumerate(items) if i in chosen])
 
 
