@@ -39,7 +39,7 @@ $(VENV)/.bench: pyproject.toml | $(PY)
 	$(PIP) -e '.[bench]'
 	@touch $@ $(VENV)/.base
 
-# Speed and accuracy measurements (markdown tables; about 5 hours on 2 CPU cores, most of it defaults.py).
+# Speed and accuracy measurements (markdown tables; about 6 hours on 2 CPU cores, most of it defaults.py).
 bench: $(VENV)/.bench
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/data_loader.py
@@ -51,6 +51,7 @@ bench: $(VENV)/.bench
 	$(PY) benchmarks/ensemble_fashion_mnist.py
 	$(PY) benchmarks/ddp_cpu.py
 	$(PY) benchmarks/tune_fashion_mnist.py
+	$(PY) benchmarks/detect_trees.py
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info .pytest_cache

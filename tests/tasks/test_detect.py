@@ -103,6 +103,7 @@ def test_a_killed_detection_run_resumes_where_it_stopped(shapes, tmp_path):
     ({"mixup": 0.2}, "mixup"),
     ({"label_smoothing": 0.1}, "label_smoothing"),
     ({"detector": "retinanet", "heads": "v2"}, "v1 heads only"),
+    ({"metric": "val_top1"}, "train.metric val_top1 is not a figure of detect: val_map50 or val_map"),
 ])
 def test_classification_options_are_refused_for_detection_by_name(shapes, tmp_path, options, message):
     with pytest.raises(resforge.ConfigError, match=message):

@@ -17,14 +17,14 @@ from ..config import Config
 from ..data.folder import ImageFolderScan
 from ..data.transforms import Preprocess
 
-Forward = Callable[[torch.Tensor], torch.Tensor]
+Forward = Callable[[Any], Any]  # validation's forward pass: a batch in, the model's outputs
 
 
 @dataclass
 class Datasets:
     """A run's training and validation sets; `decoder` finishes training batches on the GPU (data.decode gpu);
-    `collate` makes a batch of samples (None: torch's stacking); `cacheable` are the sets that may be kept in
-    memory decoded (`data.cache`)."""
+    `train_collate`/`val_collate` make a batch of samples (None: torch's stacking); `cacheable` are the sets
+    that may be kept in memory decoded (`data.cache`)."""
 
     train: Dataset
     val: Dataset
@@ -40,7 +40,7 @@ class Task(ABC):
 
     name: ClassVar[str]
     train_figures: ClassVar[tuple[str, ...]]  # sums over a batch's samples, averaged over the epoch
-    metric: ClassVar[str]  # the validation figure that picks the best epoch unless train.metric is set
+    metrics: ClassVar[tuple[str, ...]]  # what train.metric may pick the best epoch by; the first unless it is set
 
     @abstractmethod
     def build_model(self, cfg: Config, num_classes: int, pretrained: bool = True) -> nn.Module:

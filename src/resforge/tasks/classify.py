@@ -36,7 +36,7 @@ log = logging.getLogger("resforge")
 class Classification(Task):
     name: ClassVar[str] = "classify"
     train_figures: ClassVar[tuple[str, ...]] = ("top1",)
-    metric: ClassVar[str] = "val_top1"
+    metrics: ClassVar[tuple[str, ...]] = ("val_top1", "val_loss")
 
     def build_model(self, cfg: Config, num_classes: int, pretrained: bool = True) -> nn.Module:
         m, d = cfg.model, cfg.data

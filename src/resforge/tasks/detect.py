@@ -131,7 +131,7 @@ def load_detection_weights(model: Detector, source: str) -> list[str]:
 class Detection(Task):
     name: ClassVar[str] = "detect"
     train_figures: ClassVar[tuple[str, ...]] = ()
-    metric: ClassVar[str] = "val_map50"
+    metrics: ClassVar[tuple[str, ...]] = ("val_map50", "val_map")
 
     def build_model(self, cfg: Config, num_classes: int, pretrained: bool = True) -> nn.Module:
         if cfg.data.normalize == "dataset":
@@ -215,6 +215,10 @@ class Detection(Task):
 
     def fit_recipe(self, cfg: Config, scan: DetectionScan, pace: Callable[[Config], float]) -> dict[str, str]:
         choose = Chooser(cfg)
+        started = bool(cfg.model.pretrained or cfg.model.init_from)
+        if not started:
+            choose("model.name", "resnet18", "trained from scratch: torchvision's own recipe reached AP50 0.115 with "
+                                             "R18-FPN against 0.060 with R50-FPN in 10 CPU minutes on aerial trees")
         images = scan.train + scan.val
         short = median(min(o.width, o.height) for o in images)
         size = int(min(MAX_AUTO_SIZE, max(128, 32 * round(short / 32))))
@@ -252,7 +256,6 @@ class Detection(Task):
         warm = cfg.train.epochs > 4
         choose("optim.warmup_epochs", 1.0 if warm else 0.0,
                "a warm-up epoch" if warm else "no warm-up in a run of 4 epochs or fewer")
-        started = bool(cfg.model.pretrained or cfg.model.init_from)
         choose("detect.frozen_bn", started, "frozen batch norm: the starting weights' statistics hold (small "
                                             "detection batches estimate them poorly)" if started else
                "batch norm trained: a backbone from scratch has no statistics to keep")

@@ -66,7 +66,10 @@ class Trainer:
         self.cfg = cfg
         self.task = task or task_for(cfg)
         if "train.metric" not in cfg.user_set:
-            cfg.train.metric = self.task.metric
+            cfg.train.metric = self.task.metrics[0]
+        elif cfg.train.metric not in self.task.metrics:
+            raise ConfigError(f"train.metric {cfg.train.metric} is not a figure of {self.task.name}: "
+                              f"{' or '.join(self.task.metrics)}")
         self.state = state  # a checkpoint being resumed: its architecture and preprocessing are the run's
         # a saved model to start from: a classifier's architecture and input options become the run's
         self.init_model = self.task.adopt_init(cfg) if cfg.model.init_from and state is None else None
