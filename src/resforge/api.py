@@ -28,6 +28,7 @@ from .commands import (BenchOptions, EnsembleOptions, EvalOptions, ExportOptions
 from .config import config_for
 from .data.folder import scan_images, thumbnail
 from .data.inspect import FolderReport, inspect_folder
+from .data.inspect_objects import ObjectsReport, inspect_objects
 from .deploy.bench import bench as _bench
 from .deploy.export import Exported
 from .deploy.export import export as _export
@@ -40,7 +41,6 @@ from .io import write_json
 from .models import create_model
 from .models.summary import ModelSummary, summarize
 from .options import from_keywords, take_keywords
-from .data.inspect_objects import ObjectsReport, inspect_objects
 from .tasks import Detection, recognize_task, recorded_task
 from .tasks.detect import DetectionReport, evaluate_detector, predict_boxes
 from .training.lr_find import LRFindResult, check_range
@@ -176,7 +176,8 @@ def bench(models: list[str | os.PathLike], backends: list[str] | None = None, *,
                   metadata=o.metadata, device=o.device, compile=o.compile, cuda_graph=o.cuda_graph)
 
 
-def evaluate(source: str | os.PathLike, data: str | os.PathLike, **options: Any) -> ClassificationReport | DetectionReport:
+def evaluate(source: str | os.PathLike, data: str | os.PathLike,
+             **options: Any) -> ClassificationReport | DetectionReport:
     """Evaluate a model (a run, a .safetensors, an .onnx or an OpenVINO .xml) on a labelled folder; write
     metrics and plots. A detector is measured in COCO AP on an annotated folder (`tasks.detect`).
 

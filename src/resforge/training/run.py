@@ -2,8 +2,8 @@
 
 `run` is what `resforge train` does from start to end (or from a killed run's checkpoint): the
 processes (DDP when `devices` > 1), the trainer's epochs, then `finish`, which evaluates the best
-model as the task loads it (a classifier through the same `Predictor` that serves it) (val and test splits, by the task), draws the
-plots and writes `results.json` and `report.md`. Compression's fine-tunes end the same way
+model on the val and test splits as the task loads it (a classifier through the same `Predictor` that
+serves it), draws the plots and writes `results.json` and `report.md`. Compression's fine-tunes end the same way
 (`complete`), so every run directory holds the same files whatever made it.
 """
 
