@@ -265,7 +265,7 @@ def test_voc_beside_images_classes_txt_and_bad_files(tmp_path):
     voc(d / "f.xml", "f.png", [("cat", (1, 1, 10, 10))], size=(100, 100))
     voc(d / "orphan.xml", "orphan.png", [("cat", (1, 1, 2, 2))])
     (tmp_path / "classes.txt").write_text("dog\ncat\n")
-    assert recognize(tmp_path) == ("voc", "./ holds images with a Pascal VOC XML beside each")
+    assert recognize(tmp_path) == ("voc", "the folder holds images with a Pascal VOC XML beside each")
     s = scan_detection(tmp_path)
     assert s.classes == ["dog", "cat"] and "classes from classes.txt" in s.reason
     o = by_name(s)

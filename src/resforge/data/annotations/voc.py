@@ -47,7 +47,8 @@ def looks_beside(d: Path, root: Path) -> str | None:
     """An image with a VOC `.xml` of the same name beside it, anywhere under `d`."""
     for p in d.rglob("*.xml"):
         if _visible(p, d) and any(p.with_suffix(e).is_file() for e in IMG_EXTENSIONS) and _is_voc(p):
-            return f"{os.path.relpath(d, root)}/ holds images with a Pascal VOC XML beside each"
+            where = "the folder" if d == root else f"{os.path.relpath(d, root)}/"
+            return f"{where} holds images with a Pascal VOC XML beside each"
     return None
 
 
