@@ -11,7 +11,9 @@ other in this process, torch's default thread count:
     recipe picks the rest, the validation split it carves out of the folder included;
   - resforge-val-soap (optional): the same call on the same images as train/ and val/ folders (SOAP_061 to
     validate on), a split the user chose rather than the default's;
-  - resforge-r18 (optional): the default with `model="resnet18"`;
+  - resforge+KEY=VALUE[+KEY=VALUE] (optional): the default with one or more of its choices changed, keyword
+    arguments of `resforge.train` (`resforge+keep=best`, `resforge+fpn_channels=256+rois=512`): which choices
+    help, and by how much;
   - tv-r50, tv-r18: torchvision's `fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None)`, and the same
     Faster R-CNN over `resnet_fpn_backbone("resnet18", trainable_layers=5)` with trainable batch norm (what that
     builder uses without weights), trained as references/detection/train.py and engine.py train: SGD momentum
@@ -36,10 +38,11 @@ COCO's 100 detections per image and at 1,000 (the scene holds 574 trees), and th
 
     python benchmarks/detect_trees.py [--minutes 10] [--arms resforge,tv-r50,tv-r18] [--data DIR] [--out DIR]
 
-`--arms` also takes resforge-val-soap and resforge-r18 (10 more minutes each). The full run takes about 40 minutes
-on 2 CPU cores (three 10-minute arms, 1-3 minutes of evaluation each, about 4 minutes of speed and slicing); the
-data takes 15 s the first time. Prints markdown tables: accuracy with ratios against the torchvision recipe (and
-what each resforge run chose, and why), inference speed, sliced against one pass, and the issue's goals met or not.
+`--arms` also takes resforge-val-soap and resforge+KEY=VALUE arms (10 more minutes each). The full run takes about
+40 minutes on 2 CPU cores (three 10-minute arms, 1-3 minutes of evaluation each, about 4 minutes of speed and
+slicing); the data takes 15 s the first time. Prints markdown tables: accuracy with ratios against the torchvision
+recipe (and what each resforge run chose, and why), inference speed, sliced against one pass, and the issue's goals
+met or not.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ from typing import Any
 
 import torch
 import torchvision
+import yaml
 from torch import nn
 from torchvision.models.detection import FasterRCNN, fasterrcnn_resnet50_fpn
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
@@ -85,8 +89,7 @@ TILE = 400
 MAX_SIZE = round(TILE * 1333 / 800)  # resforge's longer-side cap for a 400-px run (square tiles never reach it)
 DEFAULTS = Config()  # the tiling, split and seed a resforge run takes when none is given
 OVERLAP, SEED = DEFAULTS.data.overlap, DEFAULTS.train.seed
-RESFORGE_ARMS = {"resforge": ("train", {}), "resforge-val-soap": ("train_val_soap", {}),
-                 "resforge-r18": ("train", {"model": "resnet18"})}
+RESFORGE_ARMS = {"resforge": "train", "resforge-val-soap": "train_val_soap"}  # arm -> training folder
 TV_ARMS = ("tv-r50", "tv-r18")
 ARMS = (*RESFORGE_ARMS, *TV_ARMS)
 # references/detection/train.py's defaults: 2 images a GPU, lr 0.02 for 8 GPUs x 2, 26 epochs, steps at 16 and 22
@@ -156,12 +159,13 @@ def coco_at(predictions: list[dict[str, torch.Tensor]], targets: list[dict[str, 
         gt.dataset = coco_dataset(targets, sizes, 1)
         gt.createIndex()
         e = COCOeval(gt, gt.loadRes(results), "bbox")
-        e.params.maxDets = [1, 10, max_dets]  # summarize() reads AP and AR100 at the last of these
+        e.params.maxDets = [1, 10, max_dets]  # summarize() reads AP50 and AR100 at the last of these
         e.evaluate()
         e.accumulate()
         e.summarize()
-    return {"map": max(float(e.stats[0]), 0.0), "map50": max(float(e.stats[1]), 0.0),
-            "mar": max(float(e.stats[8]), 0.0)}
+    precision = e.eval["precision"][:, :, :, 0, -1]  # summarize()'s AP@[.5:.95] is at 100 detections only
+    return {"map": float(precision[precision > -1].mean()) if (precision > -1).any() else 0.0,
+            "map50": max(float(e.stats[1]), 0.0), "mar": max(float(e.stats[8]), 0.0)}
 
 
 # ---- resforge ----
@@ -404,17 +408,27 @@ def print_sliced(arm: Arm, rows: list[tuple[str, dict[str, float], float, int]])
     sys.stdout.flush()
 
 
+def resforge_arm(name: str) -> tuple[str, dict[str, Any]] | None:
+    """(training folder, options) of a resforge arm: `resforge`, `resforge-val-soap`, either with `+KEY=VALUE`s
+    that change one choice of the default (`resforge+keep=best+fpn_channels=256`), else None."""
+    base, *changes = name.split("+")
+    if base not in RESFORGE_ARMS or not all("=" in c for c in changes):
+        return None
+    return RESFORGE_ARMS[base], {k: yaml.safe_load(v) for k, v in (c.split("=", 1) for c in changes)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=10.0, help="training budget of each arm (default 10)")
-    ap.add_argument("--arms", default="resforge,tv-r50,tv-r18", help="comma-separated: " + ", ".join(ARMS))
+    ap.add_argument("--arms", default="resforge,tv-r50,tv-r18",
+                    help="comma-separated: " + ", ".join(ARMS) + "; a resforge arm with +KEY=VALUE changes one choice")
     ap.add_argument("--data", default=str(Path(__file__).parent / ".data" / "deepforest"),
                     help="folder for the wheel and the folders built from it (default benchmarks/.data/deepforest)")
     ap.add_argument("--out", help="folder for the resforge runs (default: a temporary one, removed)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore", message="boxes doesn't contain any box")  # resforge's plots of empty tiles
     names = args.arms.split(",")
-    unknown = set(names) - set(ARMS)
+    unknown = {n for n in names if n not in TV_ARMS and resforge_arm(n) is None}
     if unknown:
         ap.error(f"unknown arms: {', '.join(sorted(unknown))}")
     print(f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}, "
@@ -425,8 +439,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         project = Path(args.out or tmp)
         for name in names:
-            if name in RESFORGE_ARMS:
-                folder, opts = RESFORGE_ARMS[name]
+            if name not in TV_ARMS:
+                folder, opts = resforge_arm(name)
                 arms.append(run_resforge(name, folders[folder], folders["test_tiles"], samples, project, args.minutes,
                                          **opts))
             else:
@@ -436,7 +450,7 @@ def main() -> None:
         r50 = next((a for a in arms if a.name == "tv-r50"), None)
         s = speed(r50.model_obj.state_dict() if r50 else None, samples)
         print_speed(s)
-        chosen = next((a for a in arms if a.name in RESFORGE_ARMS), arms[0] if arms else None)
+        chosen = next((a for a in arms if a.name not in TV_ARMS), arms[0] if arms else None)
         rows = None
         if chosen is not None:
             rows = sliced_vs_single(chosen, folders["test_scene"])

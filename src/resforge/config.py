@@ -141,6 +141,8 @@ class TrainConfig:
     patience: int = _opt(0, "stop after this many epochs without improvement (0: never)", ge=0)
     metric: str = _opt("val_top1", "metric that picks the best checkpoint and drives early stopping: "
                                    "val_top1 | val_loss")
+    keep: str = _opt("best", "the weights best.safetensors holds: best (the epoch train.metric rates highest) | "
+                             "last (the final epoch's: when the validation split is too small to rate epochs by)")
     seed: int = _opt(42, "seed of initialisation, shuffling and augmentation")
     deterministic: bool = _opt(False, "deterministic algorithms (bit-exact reruns and resumes; slower)")
     project: str = _opt("runs", "folder holding run directories")
@@ -186,6 +188,7 @@ CHOICES = {  # the one list of each option's accepted values
     "optim.schedule": ("cosine", "step", "onecycle", "constant"),
     "train.amp": ("auto", "bf16", "fp16", "off"),
     "train.metric": ("val_top1", "val_loss", "val_map", "val_map50"),
+    "train.keep": ("best", "last"),
     "data.task": ("auto", "classify", "detect"),
     "detect.detector": DETECTORS,
     **{f"detect.{name}": allowed for name, allowed in DETECT_CHOICES.items()},

@@ -52,10 +52,15 @@ def write_run_report(run_dir: str | os.PathLike, cfg: Config, task: Any, scan: A
     out += ["## Training", "",
             f"- {summary['epochs']} of {t.epochs} epochs{stop} in {summary['train_time_s'] / 60:.1f} min, "
             f"{speed:.0f} training images/s on {summary['device']}",
-            f"- best epoch {summary['best_epoch']} by {t.metric} ({summary['best_weights']} weights) "
-            "-> `best.safetensors` + `best.json`", "",
+            f"- {kept_epoch(summary, t.metric, t.keep)} -> `best.safetensors` + `best.json`", "",
             "![history](plots/history.png)", ""]
     out += ["## Results", "", *task.report_results(results, run_dir)]
     path = run_dir / "report.md"
     write_text(path, "\n".join(out))
     return path
+
+
+def kept_epoch(summary: dict[str, Any], metric: str, keep: str) -> str:
+    """Which epoch's weights a run kept, and why: "best epoch 7 by val_top1, ema weights"."""
+    why = f"by {metric}" if keep == "best" else "(train.keep last)"
+    return f"{keep} epoch {summary['best_epoch']} {why}, {summary['best_weights']} weights"

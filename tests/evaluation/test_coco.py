@@ -110,3 +110,4 @@ def test_a_crowded_image_is_measured_on_all_its_objects_not_coco_s_first_100():
     perfect = {**target, "scores": torch.linspace(1, 0.5, 150)}
     m = detection_metrics([perfect], [target], [(10, 900)], 1)
     assert m["map50"] == pytest.approx(1.0) and m["mar100"] == pytest.approx(1.0)  # 100 would cap recall at 2/3
+    assert m["map"] == pytest.approx(1.0)

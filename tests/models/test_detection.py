@@ -130,3 +130,29 @@ def test_a_detector_name_in_a_sidecar_is_known_to_the_registry(caplog):
         assert type(rebuild("fcos", spec, "x.json")).__name__ == "FCOS"
     with pytest.raises(resforge.CheckpointError, match="x.json does not describe"):
         rebuild("fcos", {**spec, "heads": "v9"}, "x.json")
+
+
+@pytest.mark.parametrize("kind", ["fasterrcnn", "maskrcnn", "retinanet", "fcos"])
+def test_under_bf16_autocast_anchors_boxes_and_losses_stay_float32(kind):
+    """torchvision makes anchors in the maps' dtype and decodes boxes in the heads': in bf16 a coordinate between
+    256 and 512 px lands on a 2-px grid. Ours keep float32 there, so boxes fall between the grid's points."""
+    torch.manual_seed(0)
+    model = DETECTOR_CLASSES[kind](num_classes=3, backbone="resnet18", min_size=320, max_size=320)
+    generator = model.rpn.anchor_generator if kind in ("fasterrcnn", "maskrcnn") else model.anchor_generator
+    anchors = []
+    generator.register_forward_hook(lambda module, inputs, output: anchors.append(output[0].dtype))
+    image = torch.rand(3, 320, 320, generator=torch.Generator().manual_seed(3))
+    target = {"boxes": torch.tensor([[261.3, 270.7, 301.9, 311.1]]), "labels": torch.tensor([1])}
+    if kind == "maskrcnn":
+        target["masks"] = torch.zeros(1, 320, 320, dtype=torch.uint8)
+        target["masks"][0, 271:311, 262:301] = 1
+    with torch.autocast("cpu", torch.bfloat16):
+        losses = model.train()([image], [target])
+        setattr(model.roi_heads if hasattr(model, "roi_heads") else model, "score_thresh", 0.0)  # boxes to look at
+        with torch.no_grad():
+            boxes = model.eval()([image])[0]["boxes"]
+    assert anchors and set(anchors) == {torch.float32}
+    assert all(loss.dtype == torch.float32 for loss in losses.values())
+    assert boxes.dtype == torch.float32
+    far = boxes[(boxes > 256) & (boxes < 318)]  # not clipped to the border
+    assert len(far) > 10 and (far % 2 != 0).float().mean() > 0.25  # bf16: none

@@ -379,3 +379,51 @@ def test_the_recipe_tiles_large_images_whose_objects_would_vanish(tmp_path, capl
     cfg = config_for(small, None, None, None, {})
     Detection().fit_recipe(cfg, scan_detection(small), pace=lambda c: 1.0)
     assert cfg.data.tile is None and cfg.data.img_size == 128
+
+
+def _recipe_on(folder, shape, classes=None):
+    """The recipe's choices for `folder` with every box reshaped by `shape(k) -> (w, h)` (its classes renamed)."""
+    coco_file = Path(folder) / "annotations" / "instances.json"
+    coco = json.loads(coco_file.read_text())
+    for k, a in enumerate(coco["annotations"]):
+        a["bbox"] = [a["bbox"][0], a["bbox"][1], *shape(k)]
+    for c, name in zip(coco["categories"], classes or []):
+        c["name"] = name
+    coco_file.write_text(json.dumps(coco))
+    from resforge.config import config_for
+    from resforge.data.annotations import scan_detection
+    from resforge.tasks import Detection
+
+    cfg = config_for(folder, None, None, None, {})
+    return cfg, Detection().fit_recipe(cfg, scan_detection(folder), pace=lambda c: 1.0)
+
+
+def test_the_recipe_turns_objects_seen_from_above_and_keeps_upright_ones_upright(tmp_path):
+    above = make_detection_folder(tmp_path / "above", n=30)
+    cfg, reasons = _recipe_on(above, lambda k: (20, 12) if k % 2 else (12, 20))  # as often wide as tall
+    assert cfg.augment.vflip == 0.5 and cfg.augment.rotation == 90 and cfg.augment.hflip == 0.5
+    assert "no class has a side up" in reasons["augment.rotation"]
+    upright = make_detection_folder(tmp_path / "upright", n=30)
+    cfg, reasons = _recipe_on(upright, lambda k: (12, 24) if k % 5 else (24, 12))  # a fifth wide: people
+    assert cfg.augment.vflip == 0 and cfg.augment.rotation == 0 and cfg.augment.hflip == 0.5
+    assert "augment.rotation" not in reasons
+    sided = make_detection_folder(tmp_path / "sided", n=30)
+    cfg, reasons = _recipe_on(sided, lambda k: (20, 12) if k % 2 else (12, 20), ["left hand", "right hand"])
+    assert cfg.augment.hflip == 0 and cfg.augment.rotation == 0 and "left hand" in reasons["augment.hflip"]
+
+
+def test_the_recipe_keeps_the_last_epoch_when_validation_is_too_small_to_rate_epochs(shapes, tmp_path):
+    from resforge.config import config_for
+    from resforge.data.annotations import scan_detection
+    from resforge.tasks import Detection
+
+    cfg = config_for(shapes, None, None, None, {})
+    scan = scan_detection(shapes)
+    reasons = Detection().fit_recipe(cfg, scan, pace=lambda c: 1.0)
+    held = sum(len(o.boxes) for o in scan.val)
+    assert cfg.train.keep == "last" and f"validation holds {held} objects" in reasons["train.keep"]
+    assert cfg.detect.fpn_channels == 128 and cfg.detect.rois == 256
+    many = scan.__class__(**{**vars(scan), "val": scan.val * 300})  # the same images, now over 500 objects
+    cfg = config_for(shapes, None, None, None, {})
+    Detection().fit_recipe(cfg, many, pace=lambda c: 1.0)
+    assert cfg.train.keep == "best"

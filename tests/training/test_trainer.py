@@ -290,6 +290,18 @@ def test_early_stopping_then_extending_the_stopped_run(data, tmp_path):
         api.train(resume=tmp_path / "runs" / "stop", progress=False)
 
 
+@pytest.mark.parametrize("keep,kept", [("best", 1), ("last", 3)])
+def test_keep_chooses_the_best_rated_or_the_last_epoch(data, tmp_path, monkeypatch, keep, kept):
+    monkeypatch.setattr(Trainer, "_score", lambda self, row, prefix: -row["epoch"])  # each epoch rated worse
+    out = api.train(data, progress=False, **_opts(tmp_path, name=keep, epochs=3, keep=keep, patience=5))
+    assert out["best_epoch"] == kept
+    run = tmp_path / "runs" / keep
+    assert json.loads((run / "best.json").read_text())["trained"]["epoch"] == kept
+    assert f"{keep} epoch {kept} " in (run / "report.md").read_text()
+    with pytest.raises(resforge.ConfigError, match="keep"):
+        api.train(data, progress=False, **_opts(tmp_path, keep="first"))
+
+
 def test_resume_refuses_to_change_the_experiment(data, tmp_path):
     api.train(data, progress=False, **_opts(tmp_path, name="fixed", epochs=1))
     with pytest.raises(resforge.ConfigError, match="optim.lr cannot change when resuming"):

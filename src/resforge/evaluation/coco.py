@@ -96,7 +96,9 @@ def evaluate_coco(gt: dict[str, Any], results: list[dict[str, Any]], iou_type: s
         e.accumulate()
         e.summarize()
     figures = {name: max(float(v), 0.0) for name, v in zip(STATS, e.stats)}
-    precision = e.eval["precision"][:, :, :, 0, -1]  # IoU x recall x category, all areas, 100 detections
+    precision = e.eval["precision"][:, :, :, 0, -1]  # IoU x recall x category, all areas, the most detections
+    # summarize() reads AP@[.5:.95] at 100 detections whatever maxDets holds (-1 when 100 is not among them)
+    figures["map"] = float(precision[precision > -1].mean()) if (precision > -1).any() else 0.0
     per_class, curves = {}, {}
     for k, cat in enumerate(e.params.catIds):
         p = precision[:, :, k]

@@ -6,6 +6,12 @@ torchvision's feature pyramid exactly as torchvision's `*_resnet50_fpn` builders
 checkpoints load key for key and the outputs match. Each detector is a subclass of torchvision's class
 that records how it was built (`spec()`), so a saved detector is rebuilt from its sidecar like a
 classifier. Labels are 1..K for K classes; 0 is the background, as in torchvision.
+
+Under bf16 autocast, torchvision makes its anchors in the feature maps' dtype and decodes boxes in the heads'
+output dtype: bf16's 8-bit mantissa places a coordinate between 256 and 512 px on a 2-px grid, which ruins
+localisation in training and at inference. So the pyramid's maps and the heads' outputs are cast to float32
+(`_float_outputs`): the convolutions and fully connected layers still run in bf16, anchors, box coding, losses
+and post-processing in float32.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 from torchvision.models.detection import fcos, faster_rcnn, mask_rcnn, retinanet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -105,6 +112,17 @@ class Detector:
         super().__init__(pyramid, **kw)  # torchvision's class, next in the order
         self._spec, self.model_name, self.transforms = spec, self.detector, []
         self.pretrained_cfg: dict[str, Any] = {}  # where starting weights came from, as create_model records it
+        for module in self.box_sources():
+            module.register_forward_hook(_float_outputs)
+
+    def box_sources(self) -> list[nn.Module]:
+        """The modules whose outputs become anchors, box deltas, scores and masks: the pyramid and the heads'
+        last layers."""
+        if isinstance(self, faster_rcnn.FasterRCNN):  # Mask R-CNN too
+            heads = self.roi_heads
+            return [self.backbone, self.rpn.head, heads.box_predictor] + (
+                [heads.mask_predictor] if heads.has_mask() else [])
+        return [self.backbone, self.head]
 
     def spec(self) -> dict[str, Any]:
         return dict(self._spec)
@@ -136,6 +154,17 @@ class Detector:
         stem = [m for name, m in body.named_children() if name not in stages]
         head = [m for name, m in self.named_children() if name != "backbone"] + [self.backbone.fpn]
         return {"stem": stem, **stages, "head": head}
+
+
+def _float_outputs(module: nn.Module, inputs: Any, output: Any) -> Any:
+    """A forward hook: `output` with its reduced-precision tensors (in dicts, lists, tuples) cast to float32."""
+    if isinstance(output, torch.Tensor):
+        return output.float() if output.is_floating_point() and output.dtype != torch.float32 else output
+    if isinstance(output, dict):
+        return type(output)((k, _float_outputs(module, inputs, v)) for k, v in output.items())
+    if isinstance(output, (list, tuple)):
+        return type(output)(_float_outputs(module, inputs, v) for v in output)
+    return output
 
 
 def _backbone(backbone: str, backbone_options: dict[str, Any], frozen_bn: bool) -> ResNet:

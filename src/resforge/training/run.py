@@ -21,7 +21,7 @@ from ..errors import ConfigError
 from ..evaluation.plots import plot_history
 from ..io import write_json
 from ..models.summary import summarize
-from ..report import write_run_report
+from ..report import kept_epoch, write_run_report
 from . import distributed
 from .sparsity import write_report as write_sparsity_report
 from .sparsity import zip_bytes
@@ -91,8 +91,8 @@ def finish(trainer: Trainer, summary: dict[str, Any]) -> RunResult:
                                           **{k: r.to_dict() for k, r in results.items()}})
     report = write_run_report(run_dir, cfg, task, trainer.scan, summary, model_summary, results)
     log.info("")
-    log.info("run %s: %d epochs, best epoch %s (%s weights), %.1f min", run_dir, summary["epochs"],
-             summary["best_epoch"], summary["best_weights"], summary["train_time_s"] / 60)
+    log.info("run %s: %d epochs, %s, %.1f min", run_dir, summary["epochs"],
+             kept_epoch(summary, cfg.train.metric, cfg.train.keep), summary["train_time_s"] / 60)
     for name, r in results.items():
         log.info("  %s", task.result_line(name, r))
     log.info("report: %s", report)

@@ -435,11 +435,11 @@ class Trainer:
         if self.ema is not None:
             candidates.append(("ema", self._score(row, "ema_val")))
         which, score = max(candidates, key=lambda c: c[1])
-        if self.best["score"] is not None and score <= self.best["score"]:
-            self.bad_epochs += 1
+        improved = self.best["score"] is None or score > self.best["score"]
+        self.bad_epochs = 0 if improved else self.bad_epochs + 1
+        if not improved and self.cfg.train.keep == "best":
             return False
-        self.best = {"score": score, "epoch": row["epoch"], "weights": which}
-        self.bad_epochs = 0
+        self.best = {"score": score if improved else self.best["score"], "epoch": row["epoch"], "weights": which}
         if self.world.main:
             model = self.ema.module if which == "ema" else self.model
             save_model(model, self.run_dir / "best.safetensors", self.model_meta(row, which))
