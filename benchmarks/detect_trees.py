@@ -81,7 +81,7 @@ from resforge.data.annotations import Objects, scan_detection  # noqa: E402
 from resforge.data.objects import ObjectsDataset, collate_objects, detection_transform  # noqa: E402
 from resforge.data.tiles import TiledDataset, sliced_predict, tile_samples  # noqa: E402
 from resforge.device import cpu_name  # noqa: E402
-from resforge.evaluation.coco import coco_dataset, coco_results, detection_metrics  # noqa: E402
+from resforge.evaluation.coco import coco_dataset, coco_results, detection_metrics, mean_ap  # noqa: E402
 from resforge.models.detection import FasterRCNN as ResforgeFasterRCNN  # noqa: E402
 from resforge.tasks.detect import load_detector  # noqa: E402
 
@@ -163,9 +163,7 @@ def coco_at(predictions: list[dict[str, torch.Tensor]], targets: list[dict[str, 
         e.evaluate()
         e.accumulate()
         e.summarize()
-    precision = e.eval["precision"][:, :, :, 0, -1]  # summarize()'s AP@[.5:.95] is at 100 detections only
-    return {"map": float(precision[precision > -1].mean()) if (precision > -1).any() else 0.0,
-            "map50": max(float(e.stats[1]), 0.0), "mar": max(float(e.stats[8]), 0.0)}
+    return {"map": mean_ap(e), "map50": max(float(e.stats[1]), 0.0), "mar": max(float(e.stats[8]), 0.0)}
 
 
 # ---- resforge ----

@@ -97,8 +97,7 @@ def evaluate_coco(gt: dict[str, Any], results: list[dict[str, Any]], iou_type: s
         e.summarize()
     figures = {name: max(float(v), 0.0) for name, v in zip(STATS, e.stats)}
     precision = e.eval["precision"][:, :, :, 0, -1]  # IoU x recall x category, all areas, the most detections
-    # summarize() reads AP@[.5:.95] at 100 detections whatever maxDets holds (-1 when 100 is not among them)
-    figures["map"] = float(precision[precision > -1].mean()) if (precision > -1).any() else 0.0
+    figures["map"] = mean_ap(e)
     per_class, curves = {}, {}
     for k, cat in enumerate(e.params.catIds):
         p = precision[:, :, k]
@@ -106,6 +105,13 @@ def evaluate_coco(gt: dict[str, Any], results: list[dict[str, Any]], iou_type: s
         if (p[0] > -1).any():  # precision at each of COCO's 101 recall points, at IoU 0.5
             curves[cat] = np.maximum(p[0], 0.0).round(4).tolist()
     return {**figures, "per_class": per_class, "pr50": curves}
+
+
+def mean_ap(e: Any) -> float:
+    """An accumulated COCOeval's AP@[.5:.95] at its last maxDets, all areas (summarize() reads it at 100
+    detections whatever maxDets holds: -1 when 100 is not among them)."""
+    precision = e.eval["precision"][:, :, :, 0, -1]
+    return float(precision[precision > -1].mean()) if (precision > -1).any() else 0.0
 
 
 def detection_metrics(predictions: Sequence[dict[str, torch.Tensor]], targets: Sequence[dict[str, torch.Tensor]],
