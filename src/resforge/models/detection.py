@@ -167,20 +167,6 @@ def _float_outputs(module: nn.Module, inputs: Any, output: Any) -> Any:
     return output
 
 
-def _backbone(backbone: str, backbone_options: dict[str, Any], frozen_bn: bool) -> ResNet:
-    """A headless registry network: from `ModelSpec` options, or from the full spec a saved detector recorded
-    (pruned widths included)."""
-    from .registry import create_model, rebuild  # the registry registers the detectors: imported here
-
-    if "layers" in backbone_options:
-        body = rebuild(backbone, {**backbone_options, "num_classes": 0}, f"the {backbone} backbone")
-    else:
-        body = create_model(backbone, num_classes=0, **backbone_options)
-    if not isinstance(body, ResNet):
-        raise ConfigError(f"a detector's backbone is a ResNet, not {backbone}")
-    return _frozen(body) if frozen_bn else body
-
-
 def _rcnn_parts(body: ResNet, s: DetectorSpec, masks: bool, num_classes: int
                 ) -> tuple[BackboneWithFPN, dict[str, Any]]:
     """The pyramid over C2-C5 and the keyword arguments of torchvision's (Mask) R-CNN, for heads v1 or v2: its
@@ -230,7 +216,11 @@ def _setup(kind: str, num_classes: int, backbone: str, backbone_options: dict[st
         raise ConfigError(f"a detector resizes images to a shorter side of min_size and a longer one of at most "
                           f"max_size: {min_size} and {max_size} do not fit")
     s = checked_spec(**options)
-    body = _backbone(backbone, dict(backbone_options or {}), s.frozen_bn)
+    from .registry import headless_resnet  # the registry registers the detectors: imported here
+
+    body = headless_resnet(backbone, dict(backbone_options or {}), "a detector")
+    if s.frozen_bn:
+        body = _frozen(body)
     if kind in ("fasterrcnn", "maskrcnn"):
         pyramid, kw = _rcnn_parts(body, s, kind == "maskrcnn", num_classes)
     else:

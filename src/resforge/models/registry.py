@@ -15,6 +15,7 @@ from ..errors import CheckpointError, ConfigError
 from .detection import DETECTOR_CLASSES
 from .mobilenet import MobileNetV3
 from .resnet import ResNet
+from .segmentation import SEGMENTER_CLASSES
 
 log = logging.getLogger("resforge")
 
@@ -105,8 +106,9 @@ for _depth in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"):
     _BUILDERS[f"{_depth}d"], _FAMILIES[f"{_depth}d"] = _d, ResNet
 
 
-# Detectors are built by their task (`tasks.detect`) over a registry backbone, and rebuilt from their spec here.
+# Detectors and segmenters are built by their task over a registry backbone, and rebuilt from their spec here.
 _FAMILIES.update(DETECTOR_CLASSES)
+_FAMILIES.update(SEGMENTER_CLASSES)
 
 
 def list_models() -> list[str]:
@@ -151,6 +153,18 @@ def create_model(name: str, *, pretrained: str | os.PathLike | None = None, num_
             log.info(note)
         model.pretrained_cfg = {"source": str(pretrained), **hints.get("preprocess", {})}
     return model
+
+
+def headless_resnet(name: str, options: dict[str, Any], role: str) -> ResNet:
+    """The registry ResNet `name` without its classifier, as the backbone of a `role` (a detector, a segmenter):
+    built from `ModelSpec` options, or rebuilt from the full spec a saved one recorded (pruned widths included)."""
+    if "layers" in options:
+        body = rebuild(name, {**options, "num_classes": 0}, f"the {name} backbone")
+    else:
+        body = create_model(name, num_classes=0, **options)
+    if not isinstance(body, ResNet):
+        raise ConfigError(f"{role}'s backbone is a ResNet, not {name}")
+    return body
 
 
 def rebuild(name: str | None, spec: dict[str, Any], source: str) -> nn.Module:

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .detection import Detector
+from .segmentation import Segmenter
 
 
 
@@ -61,17 +62,19 @@ def _params(*modules: nn.Module) -> int:
 
 def summarize(model: nn.Module, img_size: int = 224, name: str = "model") -> ModelSummary:
     """Count one image's cost, stage by stage, through the model's own parts (its stem and head methods; a
-    detector's pyramid and heads as one stage, on an image of `img_size` square)."""
+    detector's pyramid and heads, or a segmenter's head, as one stage, on an image of `img_size` square)."""
     p = next(model.parameters())
     x = torch.zeros(1, model.stem_conv.in_channels, img_size, img_size, device=p.device, dtype=p.dtype)
     parts = model.parts()
-    if isinstance(model, Detector):
-        image = x[0]
+    if isinstance(model, (Detector, Segmenter)):
+        image = x
 
-        def detect(_: torch.Tensor) -> torch.Tensor:  # the whole detector, less the backbone counted before
-            return torch.tensor([len(model([image])[0]["boxes"])])
+        def whole(_: torch.Tensor) -> torch.Tensor:  # the whole network, less the backbone counted before
+            if isinstance(model, Detector):
+                return torch.tensor([len(model([image[0]])[0]["boxes"])])
+            return model(image)["out"][0]
         stages: list[tuple[str, list[nn.Module], Callable[[torch.Tensor], torch.Tensor]]] = [
-            (part, modules, nn.Sequential(*modules) if part != "head" else detect) for part, modules in parts.items()]
+            (part, modules, nn.Sequential(*modules) if part != "head" else whole) for part, modules in parts.items()]
     else:
         stages = [(part, modules, model.forward_stem if part == "stem" else model.forward_head if part == "head"
                    else nn.Sequential(*modules)) for part, modules in parts.items()]
@@ -84,7 +87,7 @@ def summarize(model: nn.Module, img_size: int = 224, name: str = "model") -> Mod
                 with FlopCounterMode(display=False) as counter:
                     x = fn(x)
                 macs = counter.get_total_flops() // 2
-                if stage_name == "head" and isinstance(model, Detector):
+                if stage_name == "head" and isinstance(model, (Detector, Segmenter)):
                     macs -= sum(r.macs for r in rows)
                 rows.append(StageRow(stage_name, list(x.shape[1:]), _params(*modules), macs))
     finally:

@@ -28,6 +28,7 @@ from ..errors import CheckpointError
 from ..io import atomic_path, sha256_file
 from . import record
 from .detection import Detector
+from .segmentation import Segmenter
 from .registry import rebuild
 from .transforms import apply_recorded
 
@@ -180,14 +181,15 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str = "c
         have, want = state[stem_key].shape[1], own[stem_key].shape[1]
         state[stem_key] = adapt_input_conv(state[stem_key], want)
         notes.append(f"stem weights folded from {have} to {want} input channel(s)")
-    layers = model.class_layers() if isinstance(model, Detector) else [model.get_classifier()]
+    dense = isinstance(model, (Detector, Segmenter))
+    layers = model.class_layers() if dense else [model.get_classifier()]
     prefixes = tuple(n + "." for n, m in model.named_modules() if any(m is c for c in layers))  # fc., classifier.3.
     head = [k for k in own if k.startswith(prefixes)]
     ckpt_head = [k for k in state if k.startswith(prefixes)]
     if not ckpt_head and head:
         notes.append(f"{source} has no classifier: the {model.num_classes}-class head starts fresh")
     elif ckpt_head and any(k not in own or state[k].shape != own[k].shape for k in ckpt_head):
-        if isinstance(model, Detector):
+        if dense:
             notes.append(f"{source} was trained on other classes than the model's {model.num_classes}: its class "
                          f"layers ({', '.join(p[:-1] for p in prefixes)}) were replaced and start fresh")
         else:
