@@ -120,3 +120,55 @@ def make_detection_folder(root, n=16, size=64, classes=("square", "disc"), seed=
         "images": images, "annotations": annotations,
         "categories": [{"id": k + 1, "name": c} for k, c in enumerate(classes)]}))
     return str(root)
+
+
+def make_mask_folder(root, n=12, size=64, classes=("background", "square", "disc"), seed=0, style="palette",
+                     splits=False):
+    """A segmentation folder (images/ + masks/, classes.txt) of `n` images with one to three shapes each on a
+    dark background, the class set by the shape; masks as palette PNGs (`style` "palette"), grey index PNGs
+    ("index") or RGB colours listed in classes.yaml ("rgb"); each shape's one-pixel rim is 255 (ignored), as in
+    Pascal VOC. `splits` puts the last quarter under val/."""
+    from pathlib import Path
+
+    import numpy as np
+    import yaml
+    from PIL import Image, ImageDraw
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    colors = [(0, 0, 0), (200, 0, 0), (0, 200, 0), (0, 0, 200)][:len(classes)]
+    for i in range(n):
+        folder = root / ("val" if splits and i >= n * 3 // 4 else "train") if splits else root
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+        (folder / "masks").mkdir(parents=True, exist_ok=True)
+        im = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(0, 60, 3)))
+        mask = Image.new("L", (size, size), 0)
+        draw, mdraw = ImageDraw.Draw(im), ImageDraw.Draw(mask)
+        for _ in range(int(rng.integers(1, 4))):
+            side = int(rng.integers(size // 5, size // 2))
+            x, y = (int(v) for v in rng.integers(0, size - side, 2))
+            label = int(rng.integers(1, len(classes)))
+            shape = draw.rectangle if label == 1 else draw.ellipse
+            shape([x, y, x + side - 1, y + side - 1], fill=tuple(int(v) for v in rng.integers(120, 256, 3)))
+            (mdraw.rectangle if label == 1 else mdraw.ellipse)([x, y, x + side - 1, y + side - 1], fill=label,
+                                                                 outline=255)
+        im.save(folder / "images" / f"{i:03d}.jpg", quality=95)
+        values = np.asarray(mask)
+        if style == "rgb":
+            rgb = np.zeros((size, size, 3), np.uint8)
+            for k, c in enumerate(colors):
+                rgb[values == k] = c
+            rgb[values == 255] = colors[0]  # an RGB table has no ignored colour: the rim is background
+            Image.fromarray(rgb, "RGB").save(folder / "masks" / f"{i:03d}.png")
+        elif style == "palette":
+            p = Image.fromarray(values, "P")
+            p.putpalette([v for c in colors for v in c] + [224, 224, 192] * (256 - len(colors)))
+            p.save(folder / "masks" / f"{i:03d}.png")
+        else:
+            Image.fromarray(values, "L").save(folder / "masks" / f"{i:03d}.png")
+    if style == "rgb":
+        (root / "classes.yaml").write_text(yaml.safe_dump({c: list(col) for c, col in zip(classes, colors)},
+                                                          sort_keys=False))
+    else:
+        (root / "classes.txt").write_text("\n".join(classes) + "\n")
+    return str(root)

@@ -28,6 +28,7 @@ from .commands import (BenchOptions, EnsembleOptions, EvalOptions, ExportOptions
 from .config import config_for
 from .data.folder import scan_images, thumbnail
 from .data.inspect import FolderReport, inspect_folder
+from .data.inspect_masks import MasksReport, inspect_masks
 from .data.inspect_objects import ObjectsReport, inspect_objects
 from .deploy.bench import bench as _bench
 from .deploy.export import Exported
@@ -41,8 +42,9 @@ from .io import write_json
 from .models import create_model
 from .models.summary import ModelSummary, summarize
 from .options import from_keywords, take_keywords
-from .tasks import Detection, recognize_task, recorded_task
+from .tasks import Detection, Segmentation, recognize_task, recorded_task
 from .tasks.detect import DetectionReport, evaluate_detector, predict_boxes
+from .tasks.segment import SegmentationReport, evaluate_segmenter, predict_masks
 from .training.lr_find import LRFindResult, check_range
 from .training.lr_find import lr_find as _lr_find
 from .training.run import RunResult, complete, run
@@ -177,9 +179,10 @@ def bench(models: list[str | os.PathLike], backends: list[str] | None = None, *,
 
 
 def evaluate(source: str | os.PathLike, data: str | os.PathLike,
-             **options: Any) -> ClassificationReport | DetectionReport:
+             **options: Any) -> ClassificationReport | DetectionReport | SegmentationReport:
     """Evaluate a model (a run, a .safetensors, an .onnx or an OpenVINO .xml) on a labelled folder; write
-    metrics and plots. A detector is measured in COCO AP on an annotated folder (`tasks.detect`).
+    metrics and plots. A detector is measured in COCO AP on an annotated folder (`tasks.detect`), a segmenter in
+    mIoU on a mask folder (`tasks.segment`).
 
     `data` is a class-folder tree, or a split layout (its test split, else val, is used). Results go
     to `out` (default: `<run>/eval-<folder>` or `runs/eval-<folder>`). `metadata` supplies what a
@@ -190,9 +193,13 @@ def evaluate(source: str | os.PathLike, data: str | os.PathLike,
     tta, out, batch_size, workers, backend, device, precision, metadata = (
         o.tta, o.out, o.batch_size, o.workers, o.backend, o.device, o.precision, o.metadata)
     _check_batching(batch_size, workers)
-    if recorded_task(source) == Detection.name:
+    tile = {"size": o.tile, "overlap": o.overlap} if o.tile else None
+    task = recorded_task(source)
+    if task == Detection.name:
         return evaluate_detector(source, data, out=out, batch_size=batch_size, workers=workers, device=device,
-                                 tile={"size": o.tile, "overlap": o.overlap} if o.tile else None)
+                                 tile=tile)
+    if task == Segmentation.name:
+        return evaluate_segmenter(source, data, out=out, device=device, tile=tile)
     predictor = Predictor.load(source, backend, device, precision, batch_size=batch_size, metadata=metadata)
     samples, scan = labelled_samples(data, predictor.classes)
     name = Path(data).resolve().name
@@ -231,7 +238,8 @@ def _check_batching(batch_size: int, workers: int) -> None:
 
 def predict(source: str | os.PathLike, paths: list[str | os.PathLike], **options: Any) -> list[dict[str, Any]]:
     """Top-k classes for image files, folders or glob patterns, as rows {"path", "top"} or {"path", "error"}; a
-    detector's boxes as rows {"path", "objects"} (options: `commands.PredictOptions`' fields).
+    detector's boxes as rows {"path", "objects"}; a segmenter's class-index PNGs as rows {"path", "mask",
+    "pixels"} (options: `commands.PredictOptions`' fields).
 
     An unreadable file gets an error entry; when no file at all can be read, that is an error.
     """
@@ -241,9 +249,12 @@ def predict(source: str | os.PathLike, paths: list[str | os.PathLike], **options
     if topk < 1 or batch_size < 1:
         raise ConfigError("topk and batch_size must be at least 1")
     files = scan_images(list(paths))
-    if recorded_task(source) == Detection.name:
-        rows = predict_boxes(source, files, conf=o.conf, batch_size=batch_size, device=device,
-                             save_images=o.save_images, tile={"size": o.tile, "overlap": o.overlap} if o.tile else None)
+    tile = {"size": o.tile, "overlap": o.overlap} if o.tile else None
+    task = recorded_task(source)
+    if task in (Detection.name, Segmentation.name):
+        rows = (predict_boxes(source, files, conf=o.conf, batch_size=batch_size, device=device,
+                              save_images=o.save_images, tile=tile) if task == Detection.name else
+                predict_masks(source, files, o.masks, device=device, save_images=o.save_images, tile=tile))
         _check_some_read(rows)
         return rows
     predictor = Predictor.load(source, backend, device, precision, batch_size=min(batch_size, len(files)),
@@ -302,15 +313,22 @@ def info(model: str, **options: Any) -> ModelSummary:
     return summarize(net, o.img_size, model)
 
 
-def inspect_data(root: str | os.PathLike, **options: Any) -> FolderReport | ObjectsReport:
+def inspect_data(root: str | os.PathLike, **options: Any) -> FolderReport | ObjectsReport | MasksReport:
     """Counts, sizes, balance, duplicates and unreadable files of a folder, plus a grid of samples; of a detection
-    folder, its objects, box sizes and problems, with its images' boxes drawn (options:
-    `commands.InspectOptions`' fields)."""
+    folder, its objects, box sizes and problems, with its images' boxes drawn; of a segmentation folder, its pixels
+    per class, with masks laid over images (options: `commands.InspectOptions`' fields)."""
     o = from_keywords(InspectOptions, options)
     out, per_class = o.out, o.per_class
     if per_class < 1:
         raise ConfigError("per_class must be at least 1")
-    if recognize_task(root)[0] == Detection.name:
+    task = recognize_task(root)[0]
+    if task == Segmentation.name:
+        out = Path(out) if out else Path("runs") / f"inspect-{Path(root).resolve().name}"
+        masks = inspect_masks(root, out, ignore_index=o.ignore_index,
+                              **({"max_pixels": o.max_pixels} if o.max_pixels else {}))
+        log.info("%s\nwritten: %s (inspect.json, pixels_per_class.png, samples.png)", masks.to_text(), out)
+        return masks
+    if task == Detection.name:
         out = Path(out) if out else Path("runs") / f"inspect-{Path(root).resolve().name}"
         objects = inspect_objects(root, out, **({"max_pixels": o.max_pixels} if o.max_pixels else {}))
         log.info("%s\nwritten: %s (inspect.json, box_sizes.png, objects_per_class.png, samples.png)",

@@ -155,19 +155,24 @@ class EvalOptions(EngineOptions, LoadingOptions):
     tta: str | None = option(None, "test-time augmentation: flip (2 views) or multicrop (ten crops)",
                              choices=TTA_MODES)
     out: str | None = option(None, "output folder (default: <run>/eval-<folder>)")
-    tile: int | None = option(None, "detection: sliced inference on tiles of this many px (default: the tiles the "
-                                    "model was trained on, if any)", ge=32, metavar="PX")
-    overlap: float = option(0.2, "detection: share of a tile that overlaps its neighbour, with --tile", ge=0, lt=1)
+    tile: int | None = option(None, "detection, segmentation: sliced inference on tiles of this many px (default: "
+                                    "the tiles the model was trained on, if any)", ge=32, metavar="PX")
+    overlap: float = option(0.2, "detection, segmentation: share of a tile that overlaps its neighbour, with --tile",
+                            ge=0, lt=1)
 
 
 @dataclass(kw_only=True)
 class PredictOptions(EngineOptions, BatchOptions):
     topk: int = option(5, "classes per image")
     conf: float = option(0.25, "detection: the lowest score of a box kept", ge=0, le=1)
-    save_images: str | None = option(None, "detection: draw each image's boxes into this folder", metavar="DIR")
-    tile: int | None = option(None, "detection: sliced inference on tiles of this many px (default: the tiles the "
-                                    "model was trained on, if any)", ge=32, metavar="PX")
-    overlap: float = option(0.2, "detection: share of a tile that overlaps its neighbour, with --tile", ge=0, lt=1)
+    save_images: str | None = option(None, "detection: draw each image's boxes into this folder; segmentation: lay "
+                                           "each image's classes over it there", metavar="DIR")
+    masks: str = option("runs/predict-masks", "segmentation: write each image's class-index PNG (class colours in "
+                                              "its palette) into this folder", metavar="DIR")
+    tile: int | None = option(None, "detection, segmentation: sliced inference on tiles of this many px (default: "
+                                    "the tiles the model was trained on, if any)", ge=32, metavar="PX")
+    overlap: float = option(0.2, "detection, segmentation: share of a tile that overlaps its neighbour, with --tile",
+                            ge=0, lt=1)
 
 
 @dataclass(kw_only=True)
@@ -228,6 +233,8 @@ class EnsembleOptions(LoadingOptions):
 class InspectOptions:
     out: str | None = option(None, "output folder (default: runs/inspect-<folder>)")
     per_class: int = option(4, "sample images per class in the grid")
+    ignore_index: int = option(255, "segmentation: the mask value not counted (as training's --ignore-index)",
+                               ge=-1, le=65535)
     max_pixels: int | None = option(None, "images with more pixels are skipped (default: the training config's)",
                                     flag=None)
 

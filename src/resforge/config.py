@@ -23,6 +23,7 @@ import yaml
 from .errors import ConfigError
 from .models.detection import CHOICES as DETECT_CHOICES
 from .models.detection import DETECTORS, DetectorSpec
+from .models.segmentation import SEGMENTERS, SegmenterSpec
 from .models.spec import CHOICES as MODEL_CHOICES
 from .models.spec import ModelSpec
 from .options import BOUNDS, add_flags, convert
@@ -49,10 +50,23 @@ class DetectConfig(DetectorSpec):
 
 
 @dataclass
+class SegmentConfig(SegmenterSpec):
+    """The segmenter over the `model` backbone, when the task is semantic segmentation."""
+
+    segmenter: str = _opt("deeplabv3plus", "the head over the backbone: deeplabv3plus (ASPP and a decoder over C2: "
+                                           "sharper edges), deeplabv3 (torchvision's), fcn")
+    ignore_index: int = _opt(255, "the mask value no loss or figure counts (Pascal VOC's object borders)", ge=-1,
+                             le=65535)
+    class_weights: bool = _opt(False, "weigh the loss by median-frequency class weights from the training pixels "
+                                      "(rare classes count more)")
+
+
+@dataclass
 class DataConfig:
     root: str = _opt("", "image folder: root/<class>/* or root/{train,val[,test]}/<class>/*", flag=None)
     task: str = _opt("auto", "what to learn: auto (detect when the folder has box annotations: COCO JSON, VOC XML, "
-                             "YOLO labels; else classify) | classify | detect")
+                             "YOLO labels; segment when it has images/ beside masks/; else classify) | classify | "
+                             "detect | segment")
     tile: int | None = _opt(None, "detection: train on tiles of this many px cut from each image, and evaluate "
                                   "and predict by sliced inference (large images, small objects)", ge=32,
                             metavar="PX")
@@ -140,7 +154,8 @@ class TrainConfig:
                                   "schedule) is refitted to end within it (0: off)", ge=0)
     patience: int = _opt(0, "stop after this many epochs without improvement (0: never)", ge=0)
     metric: str = _opt("val_top1", "metric that picks the best checkpoint and drives early stopping: "
-                                   "val_top1 | val_loss")
+                                   "val_top1 | val_loss (classify), val_map50 | val_map (detect), val_miou (segment); "
+                                   "default: the task's first")
     keep: str = _opt("best", "the weights best.safetensors holds: best (the epoch train.metric rates highest) | "
                              "last (the final epoch's: when the validation split is too small to rate epochs by)")
     seed: int = _opt(42, "seed of initialisation, shuffling and augmentation")
@@ -165,6 +180,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     detect: DetectConfig = field(default_factory=DetectConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
     recipe: str | None = None
     user_set: list[str] = field(default_factory=list)  # dotted keys given by a config file, a flag or a keyword
     auto: dict[str, str] | None = None  # the auto recipe's choices (key -> reason); None until it has run
@@ -187,9 +203,10 @@ CHOICES = {  # the one list of each option's accepted values
     "optim.optimizer": ("sgd", "adam", "adamw", "rmsprop"),
     "optim.schedule": ("cosine", "step", "onecycle", "constant"),
     "train.amp": ("auto", "bf16", "fp16", "off"),
-    "train.metric": ("val_top1", "val_loss", "val_map", "val_map50"),
+    "train.metric": ("val_top1", "val_loss", "val_map", "val_map50", "val_miou"),
     "train.keep": ("best", "last"),
-    "data.task": ("auto", "classify", "detect"),
+    "data.task": ("auto", "classify", "detect", "segment"),
+    "segment.segmenter": SEGMENTERS,
     "detect.detector": DETECTORS,
     **{f"detect.{name}": allowed for name, allowed in DETECT_CHOICES.items()},
     "train.sparsity_scope": ("layer", "global"),

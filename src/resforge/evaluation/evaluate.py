@@ -70,25 +70,30 @@ def _grid(predictor: Predictor, samples: list[Sample], idx: np.ndarray, probs: n
 
 
 def format_predictions(rows: list[dict[str, Any]], fmt: str) -> str:
-    """As an aligned table, CSV (one row per image and rank, or per object of a detector) or JSON."""
+    """As an aligned table, CSV (one row per image and rank, per object of a detector, per class of a segmenter's
+    mask) or JSON."""
     if fmt == "json":
         return json.dumps(rows, indent=2)
     boxes = any("objects" in r for r in rows)
+    masks = any("mask" in r for r in rows)
     if fmt == "csv":
         import csv
         import io
 
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(["path", "class", "score", "x1", "y1", "x2", "y2", "error"] if boxes else
-                   ["path", "rank", "class", "prob", "error"])
+        header = (["path", "class", "score", "x1", "y1", "x2", "y2"] if boxes else
+                  ["path", "mask", "class", "share"] if masks else ["path", "rank", "class", "prob"])
+        w.writerow(header + ["error"])
         for r in rows:
             if "error" in r:
-                w.writerow([r["path"]] + [""] * (6 if boxes else 3) + [r["error"]])
+                w.writerow([r["path"]] + [""] * (len(header) - 1) + [r["error"]])
             for rank, t in enumerate(r.get("top", []), 1):
                 w.writerow([r["path"], rank, t["class"], f"{t['prob']:.6f}", ""])
             for t in r.get("objects", []):
                 w.writerow([r["path"], t["class"], f"{t['score']:.4f}", *t["box"], ""])
+            for c, share in r.get("pixels", {}).items():
+                w.writerow([r["path"], r["mask"], c, f"{share:.4f}", ""])
         return buf.getvalue()
     width = max(len(r["path"]) for r in rows)
     lines = []
@@ -99,6 +104,9 @@ def format_predictions(rows: list[dict[str, Any]], fmt: str) -> str:
             found = ", ".join(f"{t['class']} {t['score']:.2f} at {','.join(f'{v:g}' for v in t['box'])}"
                               for t in r["objects"])
             lines.append(f"{r['path']:<{width}}  {len(r['objects'])} object(s)" + (f": {found}" if found else ""))
+        elif masks:
+            shares = sorted(r["pixels"].items(), key=lambda kv: -kv[1])
+            lines.append(f"{r['path']:<{width}}  {r['mask']}: " + ", ".join(f"{c} {v:.1%}" for c, v in shares))
         else:
             lines.append(f"{r['path']:<{width}}  " + "  ".join(f"{t['class']} {t['prob']:.1%}" for t in r["top"]))
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""The task seam: what makes a run classification or detection (or, next, segmentation).
+"""The task seam: what makes a run classification, detection or semantic segmentation.
 
 The trainer's loop, the launcher, the run directory, resume and the time budget know nothing
 task-specific; they call the run's `Task` for how a folder is read, how a batch becomes a loss and
@@ -15,15 +15,17 @@ from pathlib import Path
 
 from ..config import Config
 from ..data.annotations import recognize
+from ..data.masks import recognize_masks
 from ..errors import ConfigError
 from ..models.weights import resolve_model_path, sidecar_path
 from .base import Datasets, Task
 from .classify import Classification
 from .detect import Detection
+from .segment import Segmentation
 
 log = logging.getLogger("resforge")
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (Classification, Detection)}
+TASKS: dict[str, type[Task]] = {t.name: t for t in (Classification, Detection, Segmentation)}
 
 
 def get_task(name: str) -> Task:
@@ -33,11 +35,14 @@ def get_task(name: str) -> Task:
 
 
 def recognize_task(root: str) -> tuple[str, str]:
-    """The task a folder is for, and why: detection when it holds box annotations, else classification."""
+    """The task a folder is for, and why: detection when it holds box annotations (a Pascal VOC folder with both
+    boxes and class masks too), segmentation when it holds images beside masks, else classification."""
     fmt, reason = recognize(root)
     if fmt is not None:
         return Detection.name, reason
-    return Classification.name, "no box annotations (COCO JSON, VOC XML or YOLO labels): class folders"
+    if masks := recognize_masks(root):
+        return Segmentation.name, masks
+    return Classification.name, "no box annotations (COCO JSON, VOC XML or YOLO labels) nor masks: class folders"
 
 
 def task_for(cfg: Config) -> Task:
@@ -63,5 +68,5 @@ def recorded_task(source: str | os.PathLike) -> str:
     return task if task in TASKS else Classification.name
 
 
-__all__ = ["TASKS", "Datasets", "Task", "Classification", "Detection", "get_task", "recognize_task", "recorded_task",
+__all__ = ["TASKS", "Datasets", "Task", "Classification", "Detection", "Segmentation", "get_task", "recognize_task", "recorded_task",
            "task_for"]

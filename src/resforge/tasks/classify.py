@@ -22,6 +22,7 @@ from ..errors import ConfigError
 from ..evaluation.evaluate import evaluate_samples
 from ..evaluation.metrics import ClassificationReport, topk_correct, topk_hits
 from ..models import create_model, load_model
+from ..models.resnet import ResNet
 from ..models.spec import ARCHITECTURE, given_options
 from ..report import markdown_table
 from ..runtime.inference import infer
@@ -183,6 +184,17 @@ def architecture_of(cfg: Config, meta: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"{cfg.model.init_from} fixes the architecture ({fixed}): drop those options, or "
                           "start from weights with --pretrained")
     return arch
+
+
+def adopt_backbone(cfg: Config, role: str) -> None:
+    """A classification run's network becomes the backbone of a `role` (transfer learning): its architecture and
+    input channels are adopted here, its weights loaded when the task builds the model. Its input size is not:
+    dense tasks size images their own way."""
+    classifier, meta = load_model(cfg.model.init_from)
+    if meta.get("task", "classify") != "classify" or not isinstance(classifier, ResNet):
+        raise ConfigError(f"--init {cfg.model.init_from}: {role}'s backbone starts from a ResNet classification "
+                          "run")
+    adopt_options(cfg, {**architecture_of(cfg, meta), "data.in_chans": meta["preprocess"]["in_chans"]})
 
 
 def adopt_options(cfg: Config, options: dict[str, Any]) -> None:

@@ -36,13 +36,12 @@ from ..evaluation.plots import plot_image_grid, plot_pr_curves
 from ..io import write_json
 from ..models import load_model
 from ..models.detection import DETECTOR_CLASSES, Detector
-from ..models.resnet import ResNet
 from ..models.spec import given_options
 from ..models.weights import load_into, read_checkpoint
 from ..report import markdown_table
 from ..training.auto import Chooser
 from .base import Datasets, Forward, Task
-from .classify import adopt_options, architecture_of
+from .classify import adopt_backbone
 
 log = logging.getLogger("resforge")
 
@@ -160,13 +159,7 @@ class Detection(Task):
         return model
 
     def adopt_init(self, cfg: Config) -> None:
-        """A classification run's network becomes the backbone (transfer learning): its architecture is adopted
-        here, its weights loaded by `build_model`. Its input size is not: detection sizes images its own way."""
-        classifier, meta = load_model(cfg.model.init_from)
-        if meta.get("task", "classify") != "classify" or not isinstance(classifier, ResNet):
-            raise ConfigError(f"--init {cfg.model.init_from}: a detector's backbone starts from a ResNet "
-                              "classification run")
-        adopt_options(cfg, {**architecture_of(cfg, meta), "data.in_chans": meta["preprocess"]["in_chans"]})
+        adopt_backbone(cfg, "a detector")
         return None
 
     def scan(self, cfg: Config, split_csv: str | os.PathLike | None) -> DetectionScan:

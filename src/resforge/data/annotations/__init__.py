@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import TypeVar
 
 import numpy as np
 
@@ -28,6 +29,7 @@ from .form import Classes, DetectionScan, Objects, RawImage, Skip, place_box
 __all__ = ["DetectionScan", "Objects", "read_recorded_split", "recognize", "scan_detection"]
 
 FORMATS: dict[str, ModuleType] = {"coco": coco, "voc": voc, "yolo": yolo}
+T = TypeVar("T")  # an image record with a `path` (Objects, a mask pair)
 LOOKED_FOR = ("COCO JSON (annotations/*.json, or a .json in each split folder), Pascal VOC XML (Annotations/*.xml, "
               "or an .xml beside each image) or YOLO txt (images/ + labels/ folders)")
 
@@ -205,15 +207,16 @@ def _polygon(mask: list[list[float]], w: int, h: int) -> list[list[float]]:
             for poly in mask]
 
 
-def seeded_split(items: list[Objects], val_split: float, seed: int) -> tuple[list[Objects], list[Objects]]:
+def seeded_split(items: list[T], val_split: float, seed: int, weight: Callable[[T], int] | None = None
+                 ) -> tuple[list[T], list[T]]:
     """Images drawn in a seeded order into val while their objects stay within `val_split` of all (an image
-    without objects counts as one): at least one image, never all. Counting objects, not images, keeps a folder
-    of a few large scenes from giving its biggest to validation."""
+    without objects counts as one; `weight` may weigh each otherwise): at least one image, never all. Counting
+    objects, not images, keeps a folder of a few large scenes from giving its biggest to validation."""
     items = sorted(items, key=lambda o: o.path)
     if val_split <= 0 or len(items) < 2:
         return items, []
     order = np.random.default_rng(seed).permutation(len(items)).tolist()
-    weights = [max(1, len(o.labels)) for o in items]
+    weights = [weight(o) if weight else max(1, len(o.labels)) for o in items]
     room, chosen = val_split * sum(weights), set()
     for i in order:
         if weights[i] <= room:
