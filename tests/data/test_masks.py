@@ -39,6 +39,7 @@ def test_every_mask_mistake_is_skipped_with_the_file_named(tmp_path):
     Image.new("L", (64, 64)).save(masks / "999.png")  # a mask without its image
     (masks / "003.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")  # corrupt
     (images / "004.jpg").write_bytes(b"")  # an empty image
+    (masks / "005.png").rename(masks / "005.jpg")  # a lossy mask
     scan = scan_masks(root, val_split=0.0)
     reasons = {p.rsplit("/", 1)[-1]: r for p, r in scan.skipped}
     assert reasons["000.jpg"] == "its mask 000.png is 32x32 but the image is 64x64"
@@ -47,7 +48,9 @@ def test_every_mask_mistake_is_skipped_with_the_file_named(tmp_path):
     assert reasons["999.png"] == "a mask without an image in images/"
     assert reasons["003.jpg"].startswith("its mask 003.png: not a readable mask")
     assert reasons["004.jpg"] == "empty file"
-    assert [s.path.rsplit("/", 1)[-1] for s in scan.train] == ["005.jpg", "006.jpg", "007.jpg"]
+    assert reasons["005.jpg"] == ("its mask 005.jpg is lossy (.jpg): compression invents class values along every "
+                                  "edge; save masks as PNG")
+    assert [s.path.rsplit("/", 1)[-1] for s in scan.train] == ["006.jpg", "007.jpg"]
 
 
 def test_an_rgb_colour_missing_from_the_table_is_named(tmp_path):
@@ -131,3 +134,27 @@ def test_data_inspect_reads_a_mask_folder(tmp_path, caplog):
     for name in ("inspect.json", "pixels_per_class.png", "samples.png", "skipped.csv"):
         assert (tmp_path / "out" / name).stat().st_size > 100
     assert "value 255 ignored" in caplog.text and "skipped: 1" in caplog.text
+
+
+def test_coco_instances_are_painted_into_class_masks(tmp_path):
+    from resforge.data.annotations import Objects
+    from resforge.data.masks import paint
+
+    big = [[0, 0, 40, 0, 40, 40, 0, 40]]  # a 40-px square of class 0
+    small = [[10, 10, 20, 10, 20, 20, 10, 20]]  # a 10-px square of class 1 inside it, listed first
+    crowd = [[50, 50, 60, 50, 60, 60, 50, 60]]
+    obj = Objects("x.png", 64, 64, [(10, 10, 20, 20), (0, 0, 40, 40), (50, 50, 60, 60), (44, 0, 50, 6)],
+                  [1, 0, 0, 1], masks=[small, big, crowd, None], iscrowd=[0, 0, 1, 0])
+    values = paint(obj, 255)
+    assert values[15, 15] == 2 and values[30, 30] == 1  # the small object is not hidden under the big one
+    assert values[55, 55] == 255 and values[2, 46] == 255  # a crowd region, a box without a mask: ignored
+    assert values[62, 2] == 0
+
+
+def test_a_coco_folder_with_polygons_is_read_for_segmentation(tmp_path):
+    from helpers import make_detection_folder
+
+    root = make_detection_folder(tmp_path / "coco", n=6)
+    scan = scan_masks(root, val_split=0.0)
+    assert scan.classes == ["background", "square", "disc"] and "instances painted into class masks" in scan.reason
+    assert all(s.objects is not None for s in scan.train) and scan.pixel_counts("train")[1] > 0

@@ -20,7 +20,7 @@ from resforge.data.transforms import Preprocess
 from resforge.evaluation.segmentation import confusion, segmentation_metrics
 from resforge.models import load_model
 from resforge.models.segmentation import DeepLabV3Plus
-from resforge.tasks.segment import LoadedSegmenter, class_weights, evaluate_segmenter, predict_masks
+from resforge.tasks.segment import LoadedSegmenter, class_weights, predict_masks
 
 TINY = {"model": "resnet18", "width": 0.25, "img_size": 64, "batch_size": 4, "workers": 0, "amp": "off",
         "head_channels": 32, "output_stride": 16}
@@ -206,3 +206,18 @@ def test_init_starts_the_backbone_from_a_classification_run(masks, tmp_path):
         "run_dir"], **{k: v for k, v in TINY.items() if k not in ("model", "width")})
     model, _ = load_model(run["run_dir"])
     assert model.spec()["backbone"] == "resnet18" and model.spec()["backbone_options"]["width"] == 0.25
+
+
+def test_task_segment_trains_on_a_coco_folders_polygons_and_resumes_its_split(tmp_path):
+    from helpers import make_detection_folder
+
+    from resforge.data.masks import read_recorded_masks
+
+    root = make_detection_folder(tmp_path / "coco", n=10)
+    run = resforge.train(root, progress=False, project=str(tmp_path), name="c", epochs=1, task="segment", **TINY)
+    _, meta = load_model(run["run_dir"])
+    assert meta["task"] == "segment" and meta["classes"] == ["background", "square", "disc"]
+    rows = (Path(run["run_dir"]) / "split.csv").read_text().splitlines()
+    recorded = [str(Path(root, row.split(",", 1)[1])) for row in rows if row.startswith("val,")]
+    again = read_recorded_masks(root, Path(run["run_dir"]) / "split.csv")
+    assert recorded and [s.path for s in again.val] == recorded

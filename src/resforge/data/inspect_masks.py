@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from ..io import atomic_path, write_json
 from .folder import DEFAULT_MAX_PIXELS, load_image
 from .inspect_objects import reason_kind
-from .masks import MaskScan, overlay, palette, read_mask, scan_masks
+from .masks import MaskScan, overlay, palette, sample_mask, scan_masks
 
 SPLITS = ("train", "val", "test")
 SAMPLES = 8
@@ -104,7 +104,7 @@ def plot_samples(scan: MaskScan, colors: np.ndarray, path: Path, max_pixels: int
     axes = fig.subplots(len(picked), 2, squeeze=False)
     for row, sample in zip(axes, picked):
         image = np.asarray(load_image(sample.path, "RGB", max_pixels))
-        mask = read_mask(sample.mask, scan.colors, max_pixels)
+        mask = sample_mask(sample, scan.colors, scan.ignore_index, max_pixels)
         for ax, shown, title in zip(row, (image, overlay(image, mask, colors, scan.ignore_index)),
                                     (Path(sample.path).name, "mask")):
             ax.imshow(shown)

@@ -8,6 +8,10 @@ matched by file stem; Pascal VOC's `JPEGImages/` + `SegmentationClass/`. A mask 
 Class names come from `classes.yaml` (a list of names, a list of {name, color}, or name: [r, g, b]),
 `classes.txt` or `class_names.txt` (a name a line), else the values found (0, 1, ...).
 
+A COCO instances folder (`--task segment` on what would be a detection folder) is read by the detection scan and
+each image's instance masks are painted into a class mask: background 0, class k + 1 where an object of class k
+lies, crowd regions and objects without a mask ignored.
+
 Every mask is decoded once at the scan and checked against its image: a missing mask, a mask without an image,
 a mask of another size than its image, a class value beyond the class list, an RGB colour not in the table, a
 corrupt file: each goes to `skipped` with its reason and the file named, never to a crash mid-epoch. The pixels
@@ -36,14 +40,17 @@ from torchvision.transforms.v2 import functional as TF
 from ..config import AugmentConfig
 from ..errors import DataError
 from ..io import write_csv
-from .annotations import read_split_rows, seeded_split
+from .annotations import DetectionScan, Objects, read_recorded_split, read_split_rows, recognize, scan_detection, \
+    seeded_split
 from .folder import DEFAULT_MAX_PIXELS, IMG_EXTENSIONS, RECORDED, SPLIT_DIRS, check_size, load_image
 from .loader import pil_to_tensor, seeded_sample
+from .objects import decode_masks
 from .tiles import tile_grid
 
 PAIRS = (("images", "masks"), ("JPEGImages", "SegmentationClass"))  # image dir, mask dir
 CLASS_FILES = ("classes.yaml", "classes.yml", "classes.txt", "class_names.txt")
 MASK_EXTS = (".png", ".tif", ".tiff", ".bmp")  # lossless: a JPEG's artefacts are classes that do not exist
+LOSSY_EXTS = (".jpg", ".jpeg", ".webp")
 Color = tuple[int, int, int]
 
 
@@ -52,10 +59,11 @@ class MaskSample:
     """One image and its class mask, both decoded at the scan, with its pixels per class."""
 
     path: str  # absolute image path
-    mask: str  # absolute mask path
+    mask: str  # absolute mask path ("" when the mask is painted from `objects`)
     width: int
     height: int
     pixels: list[int]  # pixels of each class (ignored pixels not counted)
+    objects: Objects | None = None  # a COCO image's instances, painted into its class mask when read
 
 
 @dataclass
@@ -215,6 +223,32 @@ def read_mask(path: str | os.PathLike, colors: list[Color] | None = None,
         raise DataError(f"{path}: not a readable mask ({e})") from None
 
 
+def paint(obj: Objects, ignore_index: int) -> np.ndarray:
+    """A COCO image's instances as one H x W class mask: 0 the background, k + 1 where an object of class k lies
+    (larger objects first, so a small one is never hidden under a large one); crowd regions, and the boxes of
+    objects annotated without a mask, `ignore_index`."""
+    out = np.zeros((obj.height, obj.width), dtype=np.int64)
+    for box, seg in zip(obj.boxes, obj.masks or [None] * len(obj.boxes)):
+        if not seg:  # where such an object lies is known only to its box
+            x1, y1, x2, y2 = (int(round(v)) for v in box)
+            out[y1:y2, x1:x2] = ignore_index
+    if obj.masks:
+        decoded = decode_masks(obj).numpy().astype(bool)
+        for k in np.argsort([-int(m.sum()) for m in decoded], kind="stable"):
+            if obj.masks[k]:
+                crowd = obj.iscrowd is not None and obj.iscrowd[k]
+                out[decoded[k]] = ignore_index if crowd else obj.labels[k] + 1
+    return out
+
+
+def sample_mask(sample: MaskSample, colors: list[Color] | None, ignore_index: int,
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """A sample's H x W class values: its mask file read, or its instances painted."""
+    if sample.objects is not None:
+        return paint(sample.objects, ignore_index)
+    return read_mask(sample.mask, colors, max_pixels)
+
+
 def _by_color(rgb: np.ndarray, colors: list[Color], path: Path) -> np.ndarray:
     code = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
     table = {(r << 16) | (g << 8) | b: i for i, (r, g, b) in enumerate(colors)}
@@ -260,21 +294,30 @@ def scan_masks(root: str | os.PathLike, *, ignore_index: int = 255, val_split: f
     if not root.is_dir():
         raise DataError(f"data folder not found: {root}")
     levels = _levels(root)
+    if levels is None and recognize(root)[0] == "coco":
+        if recorded is not None:
+            raise ValueError("a COCO folder's recorded split is read by read_recorded_masks")
+        return _painted(scan_detection(root, val_split=val_split, seed=seed, max_pixels=max_pixels, threads=threads),
+                        ignore_index)
     if levels is None:
-        raise DataError(f"no segmentation folder in {root}: looked for images/ beside masks/, or "
-                        "JPEGImages/ beside SegmentationClass/, at the top or in train/ (and val/, test/)")
+        raise DataError(f"no segmentation folder in {root}: looked for images/ beside masks/, JPEGImages/ beside "
+                        "SegmentationClass/ (at the top or in train/, val/, test/), or a COCO instances JSON")
     names, colors, note = _read_classes(root)
     skipped: list[tuple[str, str]] = []
     pairs: list[tuple[str, Path, Path]] = []
     for split, (image_dir, mask_dir) in levels.items():
         images, masks = _files(image_dir, IMG_EXTENSIONS), _files(mask_dir, MASK_EXTS)
+        lossy = _files(mask_dir, LOSSY_EXTS)
         for stem, image in images.items():
             if stem in masks:
                 pairs.append((split, image, masks[stem]))
+            elif stem in lossy:
+                skipped.append((str(image), f"its mask {lossy[stem].name} is lossy ({lossy[stem].suffix}): compression "
+                                            "invents class values along every edge; save masks as PNG"))
             else:
                 skipped.append((str(image), f"no mask for it in {os.path.relpath(mask_dir, root)}/"))
         skipped += [(str(m), f"a mask without an image in {os.path.relpath(image_dir, root)}/")
-                    for stem, m in masks.items() if stem not in images]
+                    for stem, m in {**lossy, **masks}.items() if stem not in images]
     n = len(names) if names is not None else None
     with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
         checked = list(pool.map(lambda p: _check(p[1], p[2], colors, n, ignore_index, max_pixels), pairs))
@@ -340,7 +383,27 @@ def _recorded(root: Path, reason: str, names: list[str], colors: list[Color] | N
 def read_recorded_masks(root: str | os.PathLike, split_csv: str | os.PathLike, *, ignore_index: int = 255,
                         max_pixels: int = DEFAULT_MAX_PIXELS) -> MaskScan:
     """The folder as a run recorded it in its split.csv (resume, evaluation of its splits)."""
+    if _levels(Path(root)) is None and recognize(root)[0] == "coco":
+        return _painted(read_recorded_split(root, split_csv, max_pixels=max_pixels), ignore_index)
     return scan_masks(root, ignore_index=ignore_index, max_pixels=max_pixels, recorded=read_split_rows(split_csv))
+
+
+def _painted(det: DetectionScan, ignore_index: int) -> MaskScan:
+    """A COCO detection scan as a segmentation scan: each image's instances painted into its class mask."""
+    images = det.train + det.val + det.test
+    if not any(m for o in images for m in (o.masks or [])):
+        raise DataError(f"{det.root} holds boxes without instance masks (COCO polygons or RLE): segmentation "
+                        "needs masks")
+    names = ["background", *det.classes]
+
+    def sample(o: Objects) -> MaskSample:
+        values = paint(o, ignore_index)
+        counts = np.bincount(values[values != ignore_index], minlength=len(names))
+        return MaskSample(o.path, "", o.width, o.height, counts.tolist(), o)
+
+    return MaskScan(det.root, f"{det.reason}; instances painted into class masks", names, None, ignore_index,
+                    [sample(o) for o in det.train], [sample(o) for o in det.val], [sample(o) for o in det.test],
+                    det.val_source, det.skipped)
 
 
 # ---- drawing ----
@@ -426,7 +489,7 @@ class MaskDataset(Dataset):
         """Sample `i`'s image (uint8) and mask as decoded, whole."""
         s = self.samples[i]
         image = tv_tensors.Image(pil_to_tensor(load_image(s.path, self.mode, self.max_pixels)))
-        mask = tv_tensors.Mask(torch.from_numpy(read_mask(s.mask, self.colors, self.max_pixels)))
+        mask = tv_tensors.Mask(torch.from_numpy(sample_mask(s, self.colors, self.ignore_index, self.max_pixels)))
         return image, mask
 
     def _get(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,7 +29,7 @@ from ..data.loader import CACHE_AUTO_BYTES, cache_bytes, dataset_stats, make_loa
 from ..data.transforms import Preprocess, imagenet_stats, make_preprocess
 from ..device import autocast, resolve_amp, resolve_device, seed_everything, to_device
 from ..errors import ConfigError, TrainingError
-from ..models import ResNet, load_model, save_model
+from ..models import ResNet, save_model
 from ..models.weights import arch_record, build_from_arch
 from ..tasks import Task, task_for
 from . import budget as _budget
