@@ -20,7 +20,7 @@ from resforge.data.transforms import Preprocess
 from resforge.evaluation.segmentation import confusion, segmentation_metrics
 from resforge.models import load_model
 from resforge.models.segmentation import DeepLabV3Plus
-from resforge.tasks.segment import LoadedSegmenter, class_weights, predict_masks
+from resforge.tasks.segment import LoadedSegmenter, class_weights, load_segmenter, predict_masks
 
 TINY = {"model": "resnet18", "width": 0.25, "img_size": 64, "batch_size": 4, "workers": 0, "amp": "off",
         "head_channels": 32, "output_stride": 16}
@@ -221,3 +221,16 @@ def test_task_segment_trains_on_a_coco_folders_polygons_and_resumes_its_split(tm
     recorded = [str(Path(root, row.split(",", 1)[1])) for row in rows if row.startswith("val,")]
     again = read_recorded_masks(root, Path(run["run_dir"]) / "split.csv")
     assert recorded and [s.path for s in again.val] == recorded
+
+
+def test_a_run_on_windows_records_them_and_predicts_by_slices(tmp_path):
+    root = make_mask_folder(tmp_path / "big", n=6, size=96)
+    run = resforge.train(root, progress=False, project=str(tmp_path), name="t", epochs=1, tile=48,
+                         **{**TINY, "img_size": 48})
+    _, meta = load_model(run["run_dir"])
+    assert meta["tile"] == {"size": 48, "overlap": 0.2}
+    loaded = load_segmenter(run["run_dir"], "cpu")
+    calls = []
+    loaded.model.register_forward_hook(lambda m, i, o: calls.append(tuple(i[0].shape)) and None)
+    assert loaded.segment(torch.rand(3, 96, 96)).shape == (96, 96)
+    assert calls == [(8, 3, 48, 48), (1, 3, 48, 48)]  # a 3 x 3 grid of overlapping 48-px windows, 8 a call
