@@ -59,6 +59,8 @@ class SegmentConfig(SegmenterSpec):
                              le=65535)
     class_weights: bool = _opt(False, "weigh the loss by median-frequency class weights from the training pixels "
                                       "(rare classes count more)")
+    loss: str = _opt("ce", "ce (cross-entropy) | ce+dice (plus the soft Dice loss averaged over the classes: a small "
+                           "class weighs as much as a large one)")
 
 
 @dataclass
@@ -207,6 +209,7 @@ CHOICES = {  # the one list of each option's accepted values
     "train.keep": ("best", "last"),
     "data.task": ("auto", "classify", "detect", "segment"),
     "segment.segmenter": SEGMENTERS,
+    "segment.loss": ("ce", "ce+dice"),
     "detect.detector": DETECTORS,
     **{f"detect.{name}": allowed for name, allowed in DETECT_CHOICES.items()},
     "train.sparsity_scope": ("layer", "global"),

@@ -234,3 +234,16 @@ def test_a_run_on_windows_records_them_and_predicts_by_slices(tmp_path):
     loaded.model.register_forward_hook(lambda m, i, o: calls.append(tuple(i[0].shape)) and None)
     assert loaded.segment(torch.rand(3, 96, 96)).shape == (96, 96)
     assert calls == [(8, 3, 48, 48), (1, 3, 48, 48)]  # a 3 x 3 grid of overlapping 48-px windows, 8 a call
+
+
+def test_the_dice_loss_is_zero_for_a_perfect_prediction_and_skips_ignored_pixels():
+    from resforge.tasks.segment import SegmentationLoss, soft_dice
+
+    target = torch.tensor([[[0, 1], [1, 255]]])
+    perfect = torch.nn.functional.one_hot(torch.tensor([[[0, 1], [1, 0]]]), 2).permute(0, 3, 1, 2).float() * 50
+    assert soft_dice(perfect, target, 255) < 1e-6  # the ignored pixel's prediction does not count
+    wrong = perfect.flip(1)
+    assert soft_dice(wrong, target, 255) > 0.6
+    ce = SegmentationLoss(255)({"out": wrong}, target, None)
+    both = SegmentationLoss(255, dice=True)({"out": wrong}, target, None)
+    assert both == pytest.approx(ce + soft_dice(wrong, target, 255))

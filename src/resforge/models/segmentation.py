@@ -147,7 +147,13 @@ class Segmenter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         size = x.shape[-2:]
-        maps = self.backbone.forward_feature_maps(x)
+        read = {3} | ({0} if self.segmenter == "deeplabv3plus" else set()) | ({2} if self.aux_classifier else set())
+        maps = {}
+        x = self.backbone.forward_stem(x)
+        for i, info in enumerate(self.backbone.feature_info):  # only the maps the heads read are kept alive
+            x = getattr(self.backbone, info["name"])(x)
+            if i in read:
+                maps[i] = x
         logits = self.classifier(maps[3], maps[0]) if self.segmenter == "deeplabv3plus" else self.classifier(maps[3])
         out = OrderedDict(out=F.interpolate(logits, size=size, mode="bilinear", align_corners=False))
         if self.aux_classifier is not None:

@@ -55,20 +55,38 @@ GRID_IMAGES = 6  # images in each figure of predictions
 
 
 class SegmentationLoss(nn.Module):
-    """Cross-entropy over the pixels not ignored (class-weighted when `weight` is given), plus the auxiliary
-    head's at `AUX_WEIGHT`."""
+    """Cross-entropy over the pixels not ignored (class-weighted when `weight` is given), plus the soft Dice loss
+    with `dice`, plus the auxiliary head's at `AUX_WEIGHT`."""
 
-    def __init__(self, ignore_index: int, weight: torch.Tensor | None = None):
+    def __init__(self, ignore_index: int, weight: torch.Tensor | None = None, dice: bool = False):
         super().__init__()
-        self.ignore_index = ignore_index
+        self.ignore_index, self.dice = ignore_index, dice
         self.register_buffer("weight", weight, persistent=False)
 
-    def forward(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor, images: Any) -> torch.Tensor:
-        loss = F.cross_entropy(outputs["out"].float(), targets, self.weight, ignore_index=self.ignore_index)
-        if "aux" in outputs:
-            loss = loss + AUX_WEIGHT * F.cross_entropy(outputs["aux"].float(), targets, self.weight,
-                                                       ignore_index=self.ignore_index)
+    def _one(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        loss = F.cross_entropy(logits, targets, self.weight, ignore_index=self.ignore_index)
+        if self.dice:
+            loss = loss + soft_dice(logits, targets, self.ignore_index)
         return loss
+
+    def forward(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor, images: Any) -> torch.Tensor:
+        loss = self._one(outputs["out"], targets)
+        if "aux" in outputs:
+            loss = loss + AUX_WEIGHT * self._one(outputs["aux"], targets)
+        return loss
+
+
+def soft_dice(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, eps: float = 1.0) -> torch.Tensor:
+    """1 - the mean over classes of 2|P∩T| / (|P| + |T|), with P the softmax probabilities, over the pixels not
+    ignored (Milletari et al. 2016, multi-class); a class absent from both the batch's truth and its predictions
+    adds nothing but `eps`'s smoothing."""
+    keep = (targets != ignore_index).unsqueeze(1)
+    probs = logits.softmax(1) * keep
+    truth = F.one_hot(torch.where(keep[:, 0], targets, 0), logits.shape[1]).permute(0, 3, 1, 2) * keep
+    inter = (probs * truth).sum((0, 2, 3))
+    total = probs.sum((0, 2, 3)) + truth.sum((0, 2, 3))
+    return 1 - ((2 * inter + eps) / (total + eps)).mean()
 
 
 @dataclass
@@ -234,7 +252,7 @@ class Segmentation(Task):
         else:
             choose("data.img_size", size, f"the images' median shorter side ({short:g} px), a multiple of 32 within "
                                           f"128-{MAX_AUTO_SIZE}: images are scaled to it, then jittered 0.5-2x")
-        choose("segment.output_stride", 16, "output stride 16: a third of stride 8's cost, ASPP's rates halved")
+        choose("segment.output_stride", 16, "a third of stride 8's cost, ASPP's rates halved")
         units = len(MaskDataset(scan.train, cfg.data.img_size, [0.0], [1.0], tile=cfg.data.tile,
                                 overlap=cfg.data.overlap))
         batch = max(2, min(BATCH, units))
@@ -268,7 +286,7 @@ class Segmentation(Task):
         weight = None
         if cfg.segment.class_weights and self.counts is not None:
             weight = class_weights(self.counts).to(device)
-        return SegmentationLoss(cfg.segment.ignore_index, weight)
+        return SegmentationLoss(cfg.segment.ignore_index, weight, dice=cfg.segment.loss == "ce+dice")
 
     def batch_figures(self, outputs: Any, targets: Any) -> torch.Tensor:
         return torch.zeros(0)
