@@ -172,3 +172,22 @@ def make_mask_folder(root, n=12, size=64, classes=("background", "square", "disc
     else:
         (root / "classes.txt").write_text("\n".join(classes) + "\n")
     return str(root)
+
+
+def train_logged(data, **options):
+    """`resforge.train(data, **options)` and the log lines it wrote at INFO (a module fixture has no caplog)."""
+    import logging
+
+    import resforge
+
+    records, logger = [], logging.getLogger("resforge")
+    handler, level = logging.Handler(), logger.level
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        run = resforge.train(data, **options)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return run, "\n".join(records)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import make_detection_folder
+from helpers import make_detection_folder, train_logged
 
 import resforge
 from resforge.models import load_model
@@ -28,20 +28,8 @@ def shapes(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(shapes, tmp_path_factory):
-    import logging
-
-    records, logger = [], logging.getLogger("resforge")
-    handler, level = logging.Handler(), logger.level
-    handler.emit = lambda record: records.append(record.getMessage())
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        run = resforge.train(shapes, progress=False, project=str(tmp_path_factory.mktemp("runs")), name="det",
-                             epochs=2, **TINY)
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-    return run, "\n".join(records)
+    return train_logged(shapes, progress=False, project=str(tmp_path_factory.mktemp("runs")), name="det", epochs=2,
+                        **TINY)
 
 
 def test_a_coco_folder_trains_as_detection_through_the_one_loop(trained):

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import make_mask_folder
+from helpers import make_mask_folder, train_logged
 from PIL import Image
 
 import resforge
@@ -33,20 +33,8 @@ def masks(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(masks, tmp_path_factory):
-    import logging
-
-    records, logger = [], logging.getLogger("resforge")
-    handler, level = logging.Handler(), logger.level
-    handler.emit = lambda record: records.append(record.getMessage())
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        run = resforge.train(masks, progress=False, project=str(tmp_path_factory.mktemp("runs")), name="seg",
-                             epochs=2, **TINY)
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-    return run, "\n".join(records)
+    return train_logged(masks, progress=False, project=str(tmp_path_factory.mktemp("runs")), name="seg", epochs=2,
+                        **TINY)
 
 
 def test_a_mask_folder_trains_as_segmentation_through_the_one_loop(trained):
