@@ -166,7 +166,7 @@ def run_reference(train: Path, test: Path, like: Path, out: Path, minutes: float
                 break
         else:
             epochs += 1
-    loaded = LoadedSegmenter(model.eval(), meta["classes"], Preprocess(size, size, mean, std))
+    loaded = LoadedSegmenter(lambda x: model.eval()(x)["out"], meta["classes"], Preprocess(size, size, mean, std))
     return {"name": "tv-reference", "metrics": evaluate(loaded, test, out / "eval-tv-reference"), "epochs": epochs,
             "images": images, "wall_s": time.perf_counter() - start,
             "recipe": f"sgd lr {TV_LR:g} momentum {TV_MOMENTUM}, poly {TV_POWER}, batch {TV_BATCH}, {size} px",

@@ -170,7 +170,7 @@ class PixelWise(torch.nn.Module):
         self.conv = torch.nn.Conv2d(3, 3, 1)
 
     def forward(self, x):
-        return {"out": self.conv(x)}
+        return self.conv(x)
 
 
 def test_sliced_inference_blends_windows_into_what_one_pass_gives():
@@ -219,7 +219,7 @@ def test_a_run_on_windows_records_them_and_predicts_by_slices(tmp_path):
     assert meta["tile"] == {"size": 48, "overlap": 0.2}
     loaded = load_segmenter(run["run_dir"], "cpu")
     calls = []
-    loaded.model.register_forward_hook(lambda m, i, o: calls.append(tuple(i[0].shape)) and None)
+    loaded.net.model.register_forward_hook(lambda m, i, o: calls.append(tuple(i[0].shape)) and None)
     assert loaded.segment(torch.rand(3, 96, 96)).shape == (96, 96)
     assert calls == [(8, 3, 48, 48), (1, 3, 48, 48)]  # a 3 x 3 grid of overlapping 48-px windows, 8 a call
 

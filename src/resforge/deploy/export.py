@@ -25,7 +25,7 @@ from ..data.loader import decode_image
 from ..errors import ConfigError, DataError, ExportError, ResforgeError
 from ..io import temp_dir
 from ..runtime.backends import Runner, TorchRunner, require_backend
-from ..runtime.convert import DEFAULT_OPSET, HalfPrecision, move_into_place, to_onnx, to_openvino
+from ..runtime.convert import DEFAULT_OPSET, HalfPrecision, example_input, move_into_place, to_onnx, to_openvino
 from ..runtime.record import PT2_FILE, ModelInfo
 from ..runtime.build import build_runner
 from ..runtime.predictor import Predictor
@@ -40,6 +40,8 @@ PARITY_IMAGES = 256
 # Largest logit difference allowed, as a fraction of the largest logit (at least 1): fp32 engines differ
 # in summation order only; fp16 weights and activations keep about three decimal digits.
 LOGIT_TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2}
+MAP_AGREEMENT = 0.999  # a segmenter's export: the share of pixels that must get the class PyTorch gives them
+MAP_PROB_TOLERANCE = {"fp32": 1e-3, "fp16": 1.0}  # fp16: the agreement alone
 PIXELS_AGREEMENT = 0.995  # a graph resizing pixels itself differs from torchvision by a grey level at most
 PIXELS_PROB_DIFF = 0.01
 
@@ -64,10 +66,26 @@ class Parity:
 
 
 @dataclass
+class MapParity:
+    """A segmenter's exported file against the PyTorch model: class maps and probabilities, pixel by pixel."""
+
+    images: int
+    where: str
+    pixels: int
+    agreement: float  # share of pixels given the same class
+    max_prob_diff: float
+    tolerance: float  # the largest probability difference allowed (fp32)
+
+    def line(self) -> str:
+        return (f"parity on {self.images} {self.where} ({self.pixels} pixels): class agreement {self.agreement:.4%}, "
+                f"max prob diff {self.max_prob_diff:.2e}")
+
+
+@dataclass
 class Exported:
     path: Path
     format: str
-    parity: Parity
+    parity: Parity | MapParity
 
 
 def export(source: str | os.PathLike, format: str, out: str | os.PathLike | None = None, *,
@@ -82,6 +100,10 @@ def export(source: str | os.PathLike, format: str, out: str | os.PathLike | None
     if src.kind != "torch":
         raise ConfigError(f"{source} is already an exported {src.kind} file: export from the run directory or "
                           "its .safetensors")
+    if embed_preprocessing and src.info.task == "segment":
+        raise ConfigError("--embed-preprocessing puts a classifier's resize and crop into its graph; a segmenter's "
+                          "graph takes normalised images of any size, and the resize (or the slicing into windows) "
+                          "and the upsampling run around it: export without it")
     info = replace(src.info.with_export(format=format, dtype=dtype, opset=opset if format != "pt2" else None,
                                         dynamic_batch=dynamic_batch, resforge=__version__, torch=torch.__version__),
                    input="pixels" if embed_preprocessing else "tensor")
@@ -101,9 +123,14 @@ def export(source: str | os.PathLike, format: str, out: str | os.PathLike | None
         except Exception as e:  # the exporters' own errors: say which step failed, keep the cause for Python users
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
             raise ExportError(f"the {format} conversion of {source} failed: {reason}; nothing was written") from e
-        parity = check_parity(src, info, written, format, decoded, where)
-        log.info("%s", parity.line())
-        _gate(parity, embed_preprocessing, path)
+        if info.task == "segment":
+            parity: Parity | MapParity = check_map_parity(src, info, written, format, decoded, where)
+            log.info("%s", parity.line())
+            _gate_maps(parity, path)
+        else:
+            parity = check_parity(src, info, written, format, decoded, where)
+            log.info("%s", parity.line())
+            _gate(parity, embed_preprocessing, path)
         move_into_place(written, path, format)
     log.info("exported %s (%s, %.1f MB)", path, format, _size(path, format) / 1e6)
     return Exported(path, format, parity)
@@ -139,9 +166,7 @@ def _write(src: Source, info: ModelInfo, format: str, path: Path, opset: int, dy
            dtype: str) -> None:
     if format == "pt2":
         net = src.model.eval() if dtype == "fp32" else HalfPrecision(src.model).eval()
-        pre = info.pre
-        x = torch.zeros(2 if dynamic_batch else 1, pre.in_chans, pre.img_size, pre.img_size)
-        shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+        x, shapes = example_input(info, dynamic_batch)
         program = torch.export.export(net, (x,), dynamic_shapes=shapes)
         torch.export.save(program, str(path), extra_files={PT2_FILE: info.to_json()})
         return
@@ -200,14 +225,16 @@ def _reference_and_candidate(src: Source, info: ModelInfo, written: Path, format
                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits of the PyTorch model (fp32) and of the written file, on the same decoded images."""
     torch_model = Predictor(TorchRunner(src.model, torch.device("cpu"), "fp32"), src.info, str(src.path))
-    if format == "pt2":
-        run: Runner = _Program(written)
-    else:
-        backend, kind = ("onnxruntime", "onnx") if format == "onnx" else ("openvino", "openvino")
-        precision = "auto" if backend == "onnxruntime" else "fp32"  # ORT: the file's own; OpenVINO: no bf16 hint
-        run = build_runner(Source(kind, written, info), backend, torch.device("cpu"), precision)
+    run = _Program(written) if format == "pt2" else _file_runner(info, written, format)
     # one by one: a fixed-batch graph takes one image, a pixel graph each image at its own size
     return torch_model.logits(decoded, 32), Predictor(run, info, str(written)).logits(decoded, 1)
+
+
+def _file_runner(info: ModelInfo, written: Path, format: str) -> Runner:
+    """The written ONNX file or IR on its own engine, on the CPU."""
+    backend, kind = ("onnxruntime", "onnx") if format == "onnx" else ("openvino", "openvino")
+    precision = "auto" if backend == "onnxruntime" else "fp32"  # ORT: the file's own; OpenVINO: no bf16 hint
+    return build_runner(Source(kind, written, info), backend, torch.device("cpu"), precision)
 
 
 class _Program(Runner):
@@ -234,6 +261,39 @@ def check_parity(src: Source, info: ModelInfo, written: Path, format: str, image
                   tolerance=tolerance, top1_agreement=float(agree.float().mean()),
                   max_prob_diff=float(prob_diff.max()), mean_prob_diff=float(prob_diff.mean()),
                   decided=int((~agree & (top2[:, 0] - top2[:, -1] > 2 * tolerance)).sum()))
+
+
+def check_map_parity(src: Source, info: ModelInfo, written: Path, format: str, images: list[torch.Tensor],
+                     where: str) -> MapParity:
+    """Both models through the segmenter's own inference (one pass at the trained size, or sliced windows), on
+    the same images at their own sizes."""
+    from ..tasks.segment import LoadedSegmenter
+
+    record = info.task_record
+
+    def loaded(net: Runner) -> LoadedSegmenter:
+        return LoadedSegmenter(net, info.classes, info.pre, record.get("tile"), None, record.get("ignore_index", 255))
+
+    reference = loaded(TorchRunner(src.model, torch.device("cpu"), "fp32"))
+    candidate = loaded(_Program(written) if format == "pt2" else _file_runner(info, written, format))
+    same, pixels, diff = 0, 0, 0.0
+    for image in images:
+        p, q = reference.probabilities(image.float() / 255), candidate.probabilities(image.float() / 255)
+        same += int((p.argmax(0) == q.argmax(0)).sum())
+        pixels += p[0].numel()
+        diff = max(diff, float((p - q).abs().max()))
+    return MapParity(images=len(images), where=where, pixels=pixels, agreement=same / pixels, max_prob_diff=diff,
+                     tolerance=MAP_PROB_TOLERANCE[info.export.get("dtype", "fp32")])
+
+
+def _gate_maps(parity: MapParity, path: Path) -> None:
+    if parity.agreement < MAP_AGREEMENT:
+        what = f"{parity.agreement:.3%} of pixels given the same class (at least {MAP_AGREEMENT:.1%})"
+    elif parity.max_prob_diff > parity.tolerance:
+        what = f"max probability difference {parity.max_prob_diff:.3g} over the tolerance {parity.tolerance:g}"
+    else:
+        return
+    raise ExportError(f"the export disagrees with the PyTorch model: {what}; {path} was not written")
 
 
 def _gate(parity: Parity, pixels: bool, path: Path) -> None:

@@ -146,8 +146,15 @@ class Segmenter(nn.Module):
         self.pretrained_cfg: dict[str, Any] = {}  # where starting weights came from, as create_model records it
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self._run(x, aux=self.aux_classifier is not None)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The class logits alone: what predictions use (the auxiliary head's layer3 pass is skipped)."""
+        return self._run(x, aux=False)["out"]
+
+    def _run(self, x: torch.Tensor, aux: bool) -> dict[str, torch.Tensor]:
         size = x.shape[-2:]
-        read = {3} | ({0} if self.segmenter == "deeplabv3plus" else set()) | ({2} if self.aux_classifier else set())
+        read = {3} | ({0} if self.segmenter == "deeplabv3plus" else set()) | ({2} if aux else set())
         maps = {}
         x = self.backbone.forward_stem(x)
         for i, info in enumerate(self.backbone.feature_info):  # only the maps the heads read are kept alive
@@ -156,7 +163,7 @@ class Segmenter(nn.Module):
                 maps[i] = x
         logits = self.classifier(maps[3], maps[0]) if self.segmenter == "deeplabv3plus" else self.classifier(maps[3])
         out = OrderedDict(out=F.interpolate(logits, size=size, mode="bilinear", align_corners=False))
-        if self.aux_classifier is not None:
+        if aux:
             out["aux"] = F.interpolate(self.aux_classifier(maps[2]), size=size, mode="bilinear", align_corners=False)
         return out
 
@@ -199,3 +206,15 @@ class FCN(Segmenter):
 
 
 SEGMENTER_CLASSES: dict[str, type[Segmenter]] = {c.segmenter: c for c in (DeepLabV3, DeepLabV3Plus, FCN)}
+
+
+class SegmenterLogits(nn.Module):
+    """A segmenter as runners and exporters take a network: a batch in, its class logits out (the auxiliary
+    head, for training only, is left out)."""
+
+    def __init__(self, segmenter: Segmenter):
+        super().__init__()
+        self.segmenter = segmenter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.segmenter.logits(x)

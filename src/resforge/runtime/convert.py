@@ -33,6 +33,7 @@ from .record import OV_KEY, ModelInfo, onnx_props
 
 DEFAULT_OPSET = 18  # the first with antialiased Resize
 INPUT, OUTPUT, PIXELS = "input", "logits", "pixels"
+MIN_SIDE = 32  # the smallest image side a segmenter's graph takes: one pixel at the backbone's output stride 32
 
 
 class HalfPrecision(nn.Module):
@@ -49,13 +50,13 @@ class HalfPrecision(nn.Module):
 def to_onnx(model: nn.Module, info: ModelInfo, *, opset: int = DEFAULT_OPSET, dynamic_batch: bool = True,
             dtype: str = "fp32") -> Any:
     """The network as an ONNX ModelProto carrying `info` (with the preprocessing inside when
-    `info.takes_pixels`): input `input` (float NCHW) or `pixels` (uint8 NHWC), output `logits`."""
+    `info.takes_pixels`): input `input` (float NCHW) or `pixels` (uint8 NHWC), output `logits`. A segmenter's
+    graph takes images of any height and width (its logits come out at the input's size)."""
     import onnx
 
     pre = info.pre
     net = HalfPrecision(model) if dtype == "fp16" else model
-    x = torch.zeros(2 if dynamic_batch else 1, pre.in_chans, pre.img_size, pre.img_size)
-    shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+    x, shapes = example_input(info, dynamic_batch)
     quiet = io.StringIO()  # the exporter prints its progress; what goes wrong is raised
     with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
         warnings.simplefilter("ignore")
@@ -71,6 +72,18 @@ def to_onnx(model: nn.Module, info: ModelInfo, *, opset: int = DEFAULT_OPSET, dy
         proto.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(proto, full_check=True)
     return proto
+
+
+def example_input(info: ModelInfo, dynamic_batch: bool) -> tuple[torch.Tensor, tuple[dict[int, Any]] | None]:
+    """What `torch.export` traces the network with, and which of its dimensions stay free: the batch when
+    `dynamic_batch`; a segmenter's height and width always (its example is not square, or the exporter would tie
+    one to the other)."""
+    pre, dense = info.pre, info.task == "segment"
+    x = torch.zeros(2 if dynamic_batch else 1, pre.in_chans, pre.img_size, pre.img_size + 32 * dense)
+    dims = {0: torch.export.Dim("batch")} if dynamic_batch else {}
+    if dense:
+        dims.update({2: torch.export.Dim("height", min=MIN_SIDE), 3: torch.export.Dim("width", min=MIN_SIDE)})
+    return x, ((dims,) if dims else None)
 
 
 def _onnx_preprocessing(pre: Preprocess, opset: int, ir_version: int, batch: str | int = "batch") -> Any:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import DataConfig
+from ..data.annotations import read_split_rows
 from ..data.folder import IMAGE_FORMATS, Sample, recorded_samples, recorded_split
 from ..data.transforms import Preprocess, imagenet_stats, make_preprocess
 from ..errors import CheckpointError, ConfigError
@@ -29,6 +30,7 @@ OV_KEY = "resforge"  # rt_info key
 PT2_FILE = "resforge.model.json"  # extra file of a torch.export program
 INPUTS = ("tensor", "pixels")  # float NCHW normalised | uint8 NHWC, any size, preprocessing in the graph
 # What a user may give for a model that carries no record (a foreign ONNX file): option -> what it is.
+TASK_FIELDS = ("tile", "ignore_index", "colors")  # what a dense task's record keeps beside every task's
 OVERRIDES = {"classes": "class names", "img_size": "input size", "crop_pct": "centre-crop fraction",
              "mean": "normalisation mean", "std": "normalisation std", "interpolation": "resize interpolation",
              "formats": "accepted image formats"}
@@ -44,6 +46,8 @@ class ModelInfo:
     trained: dict[str, Any] = field(default_factory=dict)
     export: dict[str, Any] = field(default_factory=dict)  # format, opset, dtype, versions, parity
     formats: list[str] = field(default_factory=lambda: list(IMAGE_FORMATS))  # what image files it decodes (PIL's)
+    task: str = "classify"  # what the network answers: class logits, or per-pixel class logits ("segment")
+    task_record: dict[str, Any] = field(default_factory=dict)  # the task's own fields (TASK_FIELDS)
 
     @property
     def takes_pixels(self) -> bool:
@@ -57,8 +61,9 @@ class ModelInfo:
         fields: dict[str, Any] = {"classes": self.classes, "preprocess": self.pre.to_dict()}
         if self.takes_pixels:
             fields["input"] = {"kind": "pixels", "dtype": "uint8", "layout": "NHWC", "size": "any"}
-        return record.write({**fields, "formats": self.formats, "arch": self.arch, "metrics": self.metrics,
-                             "trained": self.trained, "export": self.export})
+        return record.write({"task": self.task, **fields, **self.task_record, "formats": self.formats,
+                             "arch": self.arch, "metrics": self.metrics, "trained": self.trained,
+                             "export": self.export})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"))
@@ -78,7 +83,8 @@ class ModelInfo:
             raise CheckpointError(f"{source}: its model record has an unknown input kind")
         info = cls(classes=d.get("classes"), pre=pre, input=kind, arch=d.get("arch"),
                    metrics=d.get("metrics") or {}, trained=d.get("trained") or {}, export=d.get("export") or {},
-                   formats=image_formats(d.get("formats", IMAGE_FORMATS), source, CheckpointError))
+                   formats=image_formats(d.get("formats", IMAGE_FORMATS), source, CheckpointError),
+                   task=d.get("task", "classify"), task_record={k: d[k] for k in TASK_FIELDS if k in d})
         _check_classes(info.classes, source)
         return info
 
@@ -108,6 +114,9 @@ class ModelInfo:
         data, split_csv = self.trained.get("data"), self.recorded_split(model)
         if not data or split_csv is None:
             return []
+        if self.task != "classify":  # a dense run's split.csv names the images alone (-1: no class)
+            return [(str(Path(data) / rel), -1) for s, rel in read_split_rows(split_csv)
+                    if s == split and (Path(data) / rel).is_file()]
         return recorded_samples(data, split_csv, split, self.classes)
 
     def check_model(self, source: str, outputs: int | None, in_chans: int | None) -> None:

@@ -20,6 +20,7 @@ import torch
 
 from ..errors import CheckpointError, ConfigError
 from ..io import atomic_path, sha256_file
+from ..models.segmentation import Segmenter, SegmenterLogits
 from ..models.weights import cache_dir, load_model, resolve_model_path, sidecar_path
 from .backends import openvino_core
 from .record import ONNX_KEY, OV_KEY, ModelInfo, assemble
@@ -34,7 +35,7 @@ class Source:
     kind: str  # torch | onnx | openvino
     path: Path
     info: ModelInfo
-    model: torch.nn.Module | None = None  # the network, for torch sources
+    model: torch.nn.Module | None = None  # the network, for torch sources (a segmenter's: its logits alone)
 
 
 def open_source(source: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Source:
@@ -55,6 +56,12 @@ def open_source(source: str | os.PathLike, metadata: dict[str, Any] | None = Non
     info = ModelInfo.from_sidecar(meta, str(source))
     if metadata:
         info = assemble(str(source), info.to_json(), metadata, None, None, None)
+    if isinstance(model, Segmenter):
+        info.check_model(str(source), model.num_classes, model.body.stem_conv.in_channels)
+        return Source("torch", path, info, SegmenterLogits(model))
+    if info.task != "classify":
+        raise ConfigError(f"{source} holds a {info.task} model: resforge eval and predict take it; export, bench, "
+                          "serve and the Predictor take classifiers and segmenters")
     info.check_model(str(source), model.num_classes, model.stem_conv.in_channels)
     return Source("torch", path, info, model)
 

@@ -16,8 +16,9 @@ from pathlib import Path
 from ..config import Config
 from ..data.annotations import recognize
 from ..data.masks import recognize_masks
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..models.weights import resolve_model_path, sidecar_path
+from ..runtime.source import open_source
 from .base import Datasets, Task
 from .classify import Classification
 from .detect import Detection
@@ -55,9 +56,14 @@ def task_for(cfg: Config) -> Task:
 
 
 def recorded_task(source: str | os.PathLike) -> str:
-    """The task a saved model was trained for, from its record ("classify" for records from before tasks, and
-    for exported files, which hold classifiers)."""
+    """The task a saved or exported model was trained for, from its record ("classify" for records from before
+    tasks, and for files without one)."""
     path = Path(source)
+    if path.suffix.lower() in (".onnx", ".xml") and path.is_file():
+        try:
+            return open_source(path).info.task
+        except (CheckpointError, ConfigError):
+            return Classification.name  # loading the model names what is wrong with it
     if not (path.is_dir() or path.suffix in (".safetensors", ".json")):
         return Classification.name
     side = sidecar_path(resolve_model_path(path))

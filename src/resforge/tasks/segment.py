@@ -31,7 +31,6 @@ from ..data.masks import (MaskDataset, MaskSample, MaskScan, collate_masks, over
 from ..data.profile import flip_hazard
 from ..data.tiles import tile_grid
 from ..data.transforms import Preprocess
-from ..device import resolve_device
 from ..errors import ConfigError, DataError
 from ..evaluation.plots import plot_image_grid
 from ..evaluation.segmentation import confusion, segmentation_metrics
@@ -41,6 +40,9 @@ from ..models.segmentation import SEGMENTER_CLASSES, Segmenter
 from ..models.spec import given_options
 from ..models.weights import load_into, read_checkpoint
 from ..report import markdown_table
+from ..runtime.backends import TorchRunner
+from ..runtime.build import backend_device, build_runner
+from ..runtime.source import open_source
 from ..training.auto import Chooser
 from .base import Datasets, Forward, Task
 from .classify import adopt_backbone
@@ -91,10 +93,11 @@ def soft_dice(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, ep
 
 @dataclass
 class LoadedSegmenter:
-    """A run's saved segmenter in evaluation mode on its device, with what it needs to read an image: its
-    classes, normalisation, input size, and for one trained on windows their size and overlap."""
+    """A segmenter on one engine (`net`: a batch of normalised images in, class logits at their size out:
+    PyTorch, onnxruntime or OpenVINO), with what it needs to read an image: its classes, normalisation, input
+    size, and for one trained on windows their size and overlap."""
 
-    model: Segmenter
+    net: Callable[[torch.Tensor], torch.Tensor]
     classes: list[str]
     pre: Preprocess
     tile: dict[str, Any] | None = None
@@ -105,40 +108,45 @@ class LoadedSegmenter:
     def probabilities(self, image: torch.Tensor) -> torch.Tensor:
         """K x H x W class probabilities of a float C x H x W image (0-1) at its own size: by sliced inference,
         blended where windows overlap, for a model trained on windows; else in one pass at the trained size."""
-        device = next(self.model.parameters()).device
-        x = (image.to(device) - torch.tensor(self.pre.mean, device=device)[:, None, None]) / \
-            torch.tensor(self.pre.std, device=device)[:, None, None]
+        x = (image.cpu() - torch.tensor(self.pre.mean)[:, None, None]) / torch.tensor(self.pre.std)[:, None, None]
         h, w = x.shape[-2:]
         if not self.tile:
             scale = self.pre.img_size / min(h, w)
             size = [max(1, round(h * scale)), max(1, round(w * scale))]
-            logits = self.model(F.interpolate(x[None], size=size, mode="bilinear", align_corners=False,
-                                              antialias=True))["out"]
+            logits = self.net(F.interpolate(x[None], size=size, mode="bilinear", align_corners=False,
+                                            antialias=True))
             return F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)[0].softmax(0)
         size = self.tile["size"]
         windows = tile_grid(w, h, size, self.tile["overlap"])
-        total = torch.zeros(self.model.num_classes, h, w, device=device)
-        weight = torch.zeros(1, h, w, device=device)
+        total = torch.zeros(len(self.classes), h, w)
+        weight = torch.zeros(1, h, w)
         for start in range(0, len(windows), WINDOWS_PER_CALL):
             group = windows[start:start + WINDOWS_PER_CALL]
             crops = torch.stack([F.pad(x[:, y1:y2, x1:x2], (0, size - (x2 - x1), 0, size - (y2 - y1)))
                                  for x1, y1, x2, y2 in group])
-            probs = self.model(crops)["out"].float().softmax(1)
+            probs = self.net(crops).float().softmax(1)
             for (x1, y1, x2, y2), p in zip(group, probs):
-                ramp = _ramp(y2 - y1, device)[:, None] * _ramp(x2 - x1, device)[None, :]
+                ramp = _ramp(y2 - y1)[:, None] * _ramp(x2 - x1)[None, :]
                 total[:, y1:y2, x1:x2] += p[:, :y2 - y1, :x2 - x1] * ramp
                 weight[:, y1:y2, x1:x2] += ramp
         return total / weight
 
     def segment(self, image: torch.Tensor) -> torch.Tensor:
         """H x W class indices of a float C x H x W image (0-1)."""
-        return self.probabilities(image).argmax(0).cpu()
+        return self.probabilities(image).argmax(0)
+
+    @property
+    def model(self) -> Segmenter:
+        """The PyTorch segmenter, for one PyTorch runs (its summary, its sparsity)."""
+        if not isinstance(self.net, TorchRunner):
+            raise ConfigError("this segmenter runs on another engine than PyTorch: it has no PyTorch network")
+        return self.net.model.segmenter
 
 
-def _ramp(n: int, device: torch.device) -> torch.Tensor:
+def _ramp(n: int) -> torch.Tensor:
     """A window's blending weight along one side: highest at its centre, small but positive at its edges, so
     where windows overlap the one that sees a pixel with more context around it counts more."""
-    x = torch.arange(n, device=device, dtype=torch.float32)
+    x = torch.arange(n, dtype=torch.float32)
     return torch.minimum(x + 1, n - x) / ((n + 1) / 2)
 
 
@@ -401,17 +409,21 @@ def load_segmentation_weights(model: Segmenter, source: str) -> list[str]:
     return [f"backbone weights from {source}; the head starts fresh"]
 
 
-def load_segmenter(source: str | os.PathLike, device: str = "auto",
-                   tile: dict[str, Any] | None = None) -> LoadedSegmenter:
-    """A saved segmenter (run directory, .safetensors or its sidecar) on `device`, in evaluation mode, slicing
-    images into `tile` ({"size", "overlap"}; default: the windows it was trained on, if any)."""
-    model, meta = load_model(source)
-    if not isinstance(model, Segmenter):
-        raise ConfigError(f"{source} holds a {meta.get('task', 'classify')} model, not a segmenter")
-    return LoadedSegmenter(model.to(resolve_device(device)).eval(), meta["classes"],
-                           Preprocess.from_dict(meta["preprocess"]), tile or meta.get("tile"),
-                           [tuple(c) for c in meta["colors"]] if meta.get("colors") else None,
-                           meta.get("ignore_index", 255))
+def load_segmenter(source: str | os.PathLike, device: str = "auto", tile: dict[str, Any] | None = None,
+                   backend: str = "auto", precision: str = "fp32") -> LoadedSegmenter:
+    """A segmenter (run directory, .safetensors, or an exported .onnx / OpenVINO .xml) on `backend` (auto: the
+    file's own engine, PyTorch for a run) and `device`, slicing images into `tile` ({"size", "overlap"};
+    default: the windows it was trained on, if any)."""
+    src = open_source(source)
+    if src.info.task != "segment":
+        raise ConfigError(f"{source} holds a {src.info.task} model, not a segmenter")
+    if backend == "auto":
+        backend = {"torch": "torch", "onnx": "onnxruntime", "openvino": "openvino"}[src.kind]
+    net = build_runner(src, backend, backend_device(backend, device), precision)
+    record = src.info.task_record
+    return LoadedSegmenter(net, src.info.classes, src.info.pre, tile or record.get("tile"),
+                           [tuple(c) for c in record["colors"]] if record.get("colors") else None,
+                           record.get("ignore_index", 255))
 
 
 def _plot_iou(iou: dict[str, float | None], path: Path) -> None:
