@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..data.loader import decode_image
+from ..data.folder import load_image
+from ..data.loader import decode_image, pil_to_tensor
 from ..data.transforms import eval_transform
 from ..runtime.backends import openvino_core, require_backend
 from ..runtime.convert import DEFAULT_OPSET, INPUT, move_into_place, to_onnx, to_openvino
@@ -41,6 +42,8 @@ from ..runtime.predictor import Predictor
 from ..runtime.source import Source, open_source
 from ..errors import ConfigError
 from ..io import temp_dir
+from ..tasks.segment import LoadedSegmenter, compare_segmenters, validation_masks
+from ..data.masks import MaskSample
 from ..timing import per_second, timed_calls
 from . import qat
 
@@ -61,22 +64,24 @@ class Quantized:
     backend: str
     activations: str  # u8 | s8 (onnxruntime) or "nncf" (openvino)
     calib: int  # calibration images
-    fp32_top1: float  # on the validation split, the fp32 graph on the same engine
-    int8_top1: float
-    agreement: float  # share of validation images whose top-1 class is the fp32 graph's
+    fp32_score: float  # on the validation split, the fp32 graph on the same engine: top-1, or a segmenter's mIoU
+    int8_score: float
+    agreement: float  # share of validation images (a segmenter's: pixels) given the fp32 graph's class
     images: int  # validation images
     timings: dict[str, float] = field(default_factory=dict)  # activation type -> img/s at batch 1, when measured
     kept_fp32: list[str] = field(default_factory=list)  # layers left in higher precision for --max-drop
+    metric: str = "top-1"  # or mIoU
 
     @property
     def drop(self) -> float:
-        """Top-1 lost, in points."""
-        return 100 * (self.fp32_top1 - self.int8_top1)
+        """The metric lost, in points."""
+        return 100 * (self.fp32_score - self.int8_score)
 
     def line(self) -> str:
-        return (f"int8 ({self.backend}, {self.activations} activations, {self.calib} calibration images): top-1 "
-                f"{self.int8_top1:.2%} against fp32 {self.fp32_top1:.2%} ({self.drop:+.2f} pt lost) on {self.images} "
-                f"validation images; top-1 agreement {self.agreement:.2%}"
+        what = "top-1" if self.metric == "top-1" else "pixel"
+        return (f"int8 ({self.backend}, {self.activations} activations, {self.calib} calibration images): "
+                f"{self.metric} {self.int8_score:.2%} against fp32 {self.fp32_score:.2%} ({self.drop:+.2f} pt lost) "
+                f"on {self.images} validation images; {what} agreement {self.agreement:.2%}"
                 + (f"; {len(self.kept_fp32)} layer(s) kept in higher precision" if self.kept_fp32 else ""))
 
 
@@ -88,7 +93,7 @@ def quantize(source: str | os.PathLike, backend: str = "onnxruntime", out: str |
 
     `calib` images of the run's training split (or of `images`) calibrate the activation ranges;
     the run's validation split measures what the int8 file loses against fp32 (the fp32 graph of
-    `baseline`, default `source`). `max_drop` (points of top-1) leaves the most sensitive layers in
+    `baseline`, default `source`). `max_drop` (points of top-1, a segmenter's of mIoU) leaves the most sensitive layers in
     fp32 until the loss is within it. A model trained for int8 (`resforge quantize --qat`) keeps the
     activation scales it learned.
     """
@@ -110,14 +115,14 @@ def quantize(source: str | os.PathLike, backend: str = "onnxruntime", out: str |
         net, learned = qat.plain(src.model)
         activations = "u8"
     calib_files = _calibration_files(src, images, calib)
-    val = src.info.recorded_samples(src.path, "val")
+    val = validation_masks(src.info, src.path) if src.info.task == "segment" else \
+        src.info.recorded_samples(src.path, "val")
     if not val:
         raise ConfigError(f"no validation images of {src.path}'s run were found (its split.csv or data folder moved) "
                           "to measure the int8 model on")
     info = src.info.with_export(format="onnx" if backend == "onnxruntime" else "openvino", dtype="int8",
                                 opset=DEFAULT_OPSET, dynamic_batch=True, resforge=__version__, torch=torch.__version__)
-    pre, transform = info.pre, eval_transform(info.pre)
-    batch = np.stack([transform(decode_image(f, pre)).numpy() for f in calib_files])
+    batch = network_inputs(info, calib_files)
     path.parent.mkdir(parents=True, exist_ok=True)
     with temp_dir(path.parent, "quantize") as tmp:
         fp32 = tmp / "fp32.onnx"
@@ -138,8 +143,8 @@ def quantize(source: str | os.PathLike, backend: str = "onnxruntime", out: str |
             chosen, timings = _quantize_ort(fp32, raw, batch, method, activations, tmp, fixed)
             result = measure(raw)
             if max_drop is not None and result.drop > max_drop:
-                probe = np.stack([transform(decode_image(f, pre)).numpy()
-                                  for f, _ in val[::max(1, len(val) // SENSITIVITY_IMAGES)][:SENSITIVITY_IMAGES]])
+                spread = val[::max(1, len(val) // SENSITIVITY_IMAGES)][:SENSITIVITY_IMAGES]
+                probe = network_inputs(info, [v.path if isinstance(v, MaskSample) else v[0] for v in spread])
                 kept, result = _restore_ort(tmp, raw, batch, probe, method, chosen, fixed, measure, max_drop)
         else:
             chosen, timings = "nncf", {}
@@ -147,9 +152,10 @@ def quantize(source: str | os.PathLike, backend: str = "onnxruntime", out: str |
             result = measure(raw)
         result = replace(result, path=path, activations=chosen, calib=len(calib_files), timings=timings,
                          kept_fp32=kept)
+        key = "top1" if result.metric == "top-1" else "miou"
         record = info.with_export(quantized={"backend": backend, "activations": chosen, "method": method,
-                                             "calibration_images": len(calib_files), "fp32_top1": result.fp32_top1,
-                                             "int8_top1": result.int8_top1, "agreement": result.agreement,
+                                             "calibration_images": len(calib_files), f"fp32_{key}": result.fp32_score,
+                                             f"int8_{key}": result.int8_score, "agreement": result.agreement,
                                              "validation_images": result.images, "img_per_s_batch1": timings,
                                              **({"learned_scales": len(learned), "baseline": str(baseline)}
                                                 if learned else {}),
@@ -175,7 +181,8 @@ def check_calibration(source: str | os.PathLike, backend: str, calib: int, metho
 
 def _check_options(backend: str, calib: int, method: str, activations: str, max_drop: float | None) -> None:
     if max_drop is not None and not max_drop >= 0:
-        raise ConfigError(f"--max-drop is the top-1 points int8 may lose and cannot be negative, got {max_drop:g}")
+        raise ConfigError(f"--max-drop is the points (of top-1, or mIoU) int8 may lose and cannot be negative, got "
+                          f"{max_drop:g}")
     if backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if method not in METHODS:
@@ -220,6 +227,16 @@ def _calibration_files(src: Source, images: str | os.PathLike | None, calib: int
                           "lower --calib or give more images")
     step = len(files) / calib
     return [files[int(i * step)] for i in range(calib)]
+
+
+def network_inputs(info: ModelInfo, files: Sequence[str]) -> np.ndarray:
+    """The network's inputs for `files`, as inference prepares them (to calibrate and probe on): a classifier's
+    evaluation transform; a segmenter's square input at its trained scale (`LoadedSegmenter.network_input`)."""
+    if info.task == "segment":  # decoded whole, as predict decodes (a window is cut at full resolution)
+        prepare = LoadedSegmenter.from_info(lambda x: x, info).network_input
+        return np.stack([prepare(pil_to_tensor(load_image(f, info.pre.mode))).numpy() for f in files])
+    prepare = eval_transform(info.pre)
+    return np.stack([prepare(decode_image(f, info.pre)).numpy() for f in files])
 
 
 def _quantize_ort(fp32: Path, out: Path, batch: np.ndarray, method: str, activations: str, tmp: Path,
@@ -276,7 +293,7 @@ def _restore_ort(tmp: Path, raw: Path, batch: np.ndarray, probe: np.ndarray, met
                  fixed: dict[str, Any], measure: Callable[[Path], Quantized], max_drop: float
                  ) -> tuple[list[str], Quantized]:
     """Quantise again with the noisiest nodes on the validation images `probe` left in fp32, twice as
-    many each time, until the top-1 lost is within `max_drop` (so at most twice the fewest that would
+    many each time, until the metric lost is within `max_drop` (so at most twice the fewest that would
     do, by that ranking); the file at `raw` is the last."""
     order = _noisiest_nodes(tmp / "prepared.onnx", raw, probe, tmp)
     k = 1
@@ -284,7 +301,8 @@ def _restore_ort(tmp: Path, raw: Path, batch: np.ndarray, probe: np.ndarray, met
         kept = order[:k]
         _ort_static(tmp / "prepared.onnx", raw, batch, method, kind, fixed, kept)
         result = measure(raw)
-        log.info("%d of %d quantised nodes kept in fp32: %.2f pt of top-1 lost", k, len(order), result.drop)
+        log.info("%d of %d quantised nodes kept in fp32: %.2f pt of %s lost", k, len(order), result.drop,
+                 result.metric)
         if result.drop <= max_drop:
             return kept, result
         if k == len(order):
@@ -328,7 +346,7 @@ def _images_per_second(path: Path, x: np.ndarray) -> float:
 def _quantize_openvino(proto: Any, info: ModelInfo, out: Path, batch: np.ndarray,
                        val: list[tuple[str, int]] | None = None, max_drop: float | None = None) -> list[str]:
     """NNCF's post-training quantisation of the IR (the performance preset: symmetric activations); with
-    `max_drop`, NNCF's accuracy control, which returns layers to fp32 until top-1 on `val` is within it.
+    `max_drop`, NNCF's accuracy control, which returns layers to fp32 until top-1 (mIoU) on `val` is within it.
     Returns the layers it left in fp32."""
     import nncf
     import openvino as ov
@@ -363,7 +381,12 @@ def _accuracy_controlled(proto: Any, info: ModelInfo, out: Path, batch: np.ndarr
                 for f, label in items]
         return float(np.mean(hits)), hits
 
-    quantized = nncf.quantize_with_accuracy_control(model, dataset, nncf.Dataset(val), top1,
+    def miou(compiled: Any, items: Iterable[MaskSample]) -> float:
+        loaded = LoadedSegmenter.from_info(lambda x: torch.from_numpy(compiled(x.numpy())[0]), info)
+        return compare_segmenters(loaded, loaded, list(items))[0]
+
+    metric = miou if info.task == "segment" else top1
+    quantized = nncf.quantize_with_accuracy_control(model, dataset, nncf.Dataset(val), metric,
                                                     max_drop=max_drop / 100, drop_type=nncf.DropType.ABSOLUTE,
                                                     subset_size=len(batch),
                                                     preset=nncf.QuantizationPreset.PERFORMANCE)
@@ -392,18 +415,23 @@ def _write_record(raw: Path, out: Path, backend: str, info: ModelInfo) -> None:
     ov.save_model(model, str(out), compress_to_fp16=False)
 
 
-def _measure(fp32: Source, backend: str, written: Path, *, info: ModelInfo, val: list[tuple[str, int]]
-             ) -> Quantized:
-    """Top-1 of the fp32 graph and of the int8 file, on the same engine and the same validation images."""
+def _measure(fp32: Source, backend: str, written: Path, *, info: ModelInfo, val: list) -> Quantized:
+    """Top-1 (a segmenter's mIoU) of the fp32 graph and of the int8 file, on the same engine and the same
+    validation images."""
     kind = "onnx" if backend == "onnxruntime" else "openvino"
     precision = "auto" if backend == "onnxruntime" else "fp32"  # ORT: the file's own; OpenVINO: no bf16 hint
     run32 = build_runner(fp32, backend, torch.device("cpu"), precision)
     run8 = build_runner(Source(kind, written, info), backend, torch.device("cpu"), precision)
+    if info.task == "segment":
+        s32, s8, agreement = compare_segmenters(LoadedSegmenter.from_info(run32, info),
+                                                LoadedSegmenter.from_info(run8, info), val)
+        return Quantized(path=written, backend=backend, activations="", calib=0, fp32_score=s32, int8_score=s8,
+                         agreement=agreement, images=len(val), metric="mIoU")
     # one pass over the images, both graphs on each batch: their logits side by side
     batches = Predictor(run32, info, str(fp32.path)).loader(val, 32)
     logits, labels = infer(lambda x: torch.cat([run32(x), run8(x)], 1), batches)
     p32, p8 = logits.chunk(2, dim=1)
     p32, p8 = p32.argmax(1), p8.argmax(1)
     return Quantized(path=written, backend=backend, activations="", calib=0,
-                     fp32_top1=float((p32 == labels).float().mean()), int8_top1=float((p8 == labels).float().mean()),
+                     fp32_score=float((p32 == labels).float().mean()), int8_score=float((p8 == labels).float().mean()),
                      agreement=float((p32 == p8).float().mean()), images=len(val))

@@ -15,7 +15,7 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import cycle
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -118,18 +118,32 @@ def measure(source: str, backend: str, precision: str = "auto", batch_sizes: Seq
 
 
 def _files_per_second(predictor: Predictor, files: list[str], batch_size: int, duration: float) -> float:
-    """Images per second from files to classes (decode, preprocess, infer), the files taken in turn in
-    batches, after one untimed batch."""
+    """Images per second from files to answers (decode, preprocess, infer: classes, or a segmenter's class map at
+    each image's size), the files taken in turn in batches, after one untimed batch."""
     batches = cycle([files[i:i + batch_size] for i in range(0, len(files), batch_size)])
     sizes: list[int] = []
+    answer = _answers(predictor, batch_size)
 
     def call() -> None:
         batch = next(batches)
-        predictor.predict(batch, batch_size=batch_size)
+        answer(batch)
         sizes.append(len(batch))
 
     times = timing.timed_calls(call, duration, warmup=1)
     return sum(sizes[1:]) / sum(times)
+
+
+def _answers(predictor: Predictor, batch_size: int) -> Callable[[list[str]], Any]:
+    """What a deployment does with a batch of files: classify them, or segment each at its own size."""
+    if predictor.info.task != "segment":
+        return lambda files: predictor.predict(files, batch_size=batch_size)
+    from ..data.folder import load_image
+    from ..data.loader import pil_to_tensor
+    from ..tasks.segment import LoadedSegmenter
+
+    loaded = LoadedSegmenter.from_info(predictor.runner, predictor.info)
+    return lambda files: [loaded.segment(pil_to_tensor(load_image(f, loaded.pre.mode)).float() / 255)
+                          for f in files]
 
 
 def bench(models: Sequence[str | os.PathLike], backends: Sequence[str], *, precision: str = "auto",

@@ -269,13 +269,9 @@ def check_map_parity(src: Source, info: ModelInfo, written: Path, format: str, i
     the same images at their own sizes."""
     from ..tasks.segment import LoadedSegmenter
 
-    record = info.task_record
-
-    def loaded(net: Runner) -> LoadedSegmenter:
-        return LoadedSegmenter(net, info.classes, info.pre, record.get("tile"), None, record.get("ignore_index", 255))
-
-    reference = loaded(TorchRunner(src.model, torch.device("cpu"), "fp32"))
-    candidate = loaded(_Program(written) if format == "pt2" else _file_runner(info, written, format))
+    reference = LoadedSegmenter.from_info(TorchRunner(src.model, torch.device("cpu"), "fp32"), info)
+    candidate = LoadedSegmenter.from_info(_Program(written) if format == "pt2" else _file_runner(info, written, format),
+                                          info)
     same, pixels, diff = 0, 0, 0.0
     for image in images:
         p, q = reference.probabilities(image.float() / 255), candidate.probabilities(image.float() / 255)

@@ -164,6 +164,9 @@ class Predictor:
         `{"error": ...}` for an image that cannot be read. One image in, one result out; a list, a list."""
         if topk < 1:
             raise ConfigError(f"topk must be at least 1, got {topk}")
+        if self.info.task != "classify":
+            raise ConfigError(f"{self.source} is a {self.info.task} model: its answers are class maps "
+                              "(tasks.segment.LoadedSegmenter, resforge predict), not top-k classes")
         single = not isinstance(images, (list, tuple)) and not (
             isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4)
         items = [images] if single else list(images)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.transforms import v2
 
 from ..config import Config
 from ..data.folder import load_image
@@ -30,7 +31,7 @@ from ..data.masks import (MaskDataset, MaskSample, MaskScan, collate_masks, over
                           scan_masks)
 from ..data.profile import flip_hazard
 from ..data.tiles import tile_grid
-from ..data.transforms import Preprocess
+from ..data.transforms import Preprocess, eval_transform
 from ..errors import ConfigError, DataError
 from ..evaluation.plots import plot_image_grid
 from ..evaluation.segmentation import confusion, segmentation_metrics
@@ -42,6 +43,7 @@ from ..models.weights import load_into, read_checkpoint
 from ..report import markdown_table
 from ..runtime.backends import TorchRunner
 from ..runtime.build import backend_device, build_runner
+from ..runtime.record import ModelInfo
 from ..runtime.source import open_source
 from ..training.auto import Chooser
 from .base import Datasets, Forward, Task
@@ -104,6 +106,15 @@ class LoadedSegmenter:
     colors: list[tuple[int, int, int]] | None = None  # RGB masks: each class's colour
     ignore_index: int = 255
 
+    @classmethod
+    def from_info(cls, net: Callable[[torch.Tensor], torch.Tensor], info: ModelInfo,
+                  tile: dict[str, Any] | None = None) -> LoadedSegmenter:
+        """`net` read as a model record says (`tile` overrides the windows it records)."""
+        record = info.task_record
+        return cls(net, info.classes, info.pre, tile or record.get("tile"),
+                   [tuple(c) for c in record["colors"]] if record.get("colors") else None,
+                   record.get("ignore_index", 255))
+
     @torch.no_grad()
     def probabilities(self, image: torch.Tensor) -> torch.Tensor:
         """K x H x W class probabilities of a float C x H x W image (0-1) at its own size: by sliced inference,
@@ -135,12 +146,48 @@ class LoadedSegmenter:
         """H x W class indices of a float C x H x W image (0-1)."""
         return self.probabilities(image).argmax(0)
 
+    def network_input(self, image: torch.Tensor) -> torch.Tensor:
+        """A square network input of a uint8 C x H x W image, as inference feeds it (to calibrate int8 on): its
+        centre at the trained scale, or for a model run on windows a window at full resolution (padded)."""
+        if not self.tile:
+            return eval_transform(self.pre)(image)
+        window = v2.functional.center_crop(image, [self.tile["size"]] * 2).float() / 255
+        return (window - torch.tensor(self.pre.mean)[:, None, None]) / torch.tensor(self.pre.std)[:, None, None]
+
     @property
     def model(self) -> Segmenter:
         """The PyTorch segmenter, for one PyTorch runs (its summary, its sparsity)."""
         if not isinstance(self.net, TorchRunner):
             raise ConfigError("this segmenter runs on another engine than PyTorch: it has no PyTorch network")
         return self.net.model.segmenter
+
+
+def compare_segmenters(a: LoadedSegmenter, b: LoadedSegmenter, samples: list[MaskSample]
+                       ) -> tuple[float, float, float]:
+    """mIoU of `a` and of `b` over `samples` (one confusion matrix each), and the share of pixels both give the
+    same class: a compressed segmenter beside the one it came from."""
+    k, ignore = len(a.classes), a.ignore_index
+    dataset = MaskDataset(samples, a.pre.img_size, [0.0], [1.0], colors=a.colors, ignore_index=ignore,
+                          mode=a.pre.mode)
+    totals = [torch.zeros(k, k, dtype=torch.int64) for _ in range(2)]
+    same = pixels = 0
+    for i in range(len(samples)):
+        image, mask = dataset.raw(i)
+        maps = [m.segment(image.float() / 255) for m in (a, b)]
+        for total, pred in zip(totals, maps):
+            total += confusion(pred, mask.as_subclass(torch.Tensor), k, ignore)
+        same, pixels = same + int((maps[0] == maps[1]).sum()), pixels + maps[0].numel()
+    a_miou, b_miou = (segmentation_metrics(t, a.classes)["miou"] for t in totals)
+    return a_miou, b_miou, same / max(pixels, 1)
+
+
+def validation_masks(info: ModelInfo, model: str | os.PathLike) -> list[MaskSample]:
+    """The validation images and masks of the run that trained `model` (whose record is `info`), as its
+    split.csv recorded them; none when the record or the data folder is not found."""
+    data, split_csv = info.trained.get("data"), info.recorded_split(model)
+    if not data or split_csv is None or not Path(data).is_dir():
+        return []
+    return read_recorded_masks(data, split_csv, ignore_index=info.task_record.get("ignore_index", 255)).val
 
 
 def _ramp(n: int) -> torch.Tensor:
@@ -412,18 +459,16 @@ def load_segmentation_weights(model: Segmenter, source: str) -> list[str]:
 def load_segmenter(source: str | os.PathLike, device: str = "auto", tile: dict[str, Any] | None = None,
                    backend: str = "auto", precision: str = "fp32") -> LoadedSegmenter:
     """A segmenter (run directory, .safetensors, or an exported .onnx / OpenVINO .xml) on `backend` (auto: the
-    file's own engine, PyTorch for a run) and `device`, slicing images into `tile` ({"size", "overlap"};
-    default: the windows it was trained on, if any)."""
+    file's own engine, PyTorch for a run) and `device` in `precision` (onnxruntime: the file's own), slicing
+    images into `tile` ({"size", "overlap"}; default: the windows it was trained on, if any)."""
     src = open_source(source)
     if src.info.task != "segment":
         raise ConfigError(f"{source} holds a {src.info.task} model, not a segmenter")
     if backend == "auto":
         backend = {"torch": "torch", "onnx": "onnxruntime", "openvino": "openvino"}[src.kind]
-    net = build_runner(src, backend, backend_device(backend, device), precision)
-    record = src.info.task_record
-    return LoadedSegmenter(net, src.info.classes, src.info.pre, tile or record.get("tile"),
-                           [tuple(c) for c in record["colors"]] if record.get("colors") else None,
-                           record.get("ignore_index", 255))
+    precision = "auto" if backend == "onnxruntime" else precision
+    return LoadedSegmenter.from_info(build_runner(src, backend, backend_device(backend, device), precision),
+                                     src.info, tile)
 
 
 def _plot_iou(iou: dict[str, float | None], path: Path) -> None:

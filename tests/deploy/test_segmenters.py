@@ -1,5 +1,6 @@
-"""A segmenter exported: ONNX, OpenVINO IR and torch.export files that take images of any size, gated on the class
-maps PyTorch gives, and read back by eval and predict as the run itself is."""
+"""A segmenter out of the lab: ONNX, OpenVINO IR and torch.export files that take images of any size, gated on the
+class maps PyTorch gives, read back by eval and predict as the run itself is; int8 files measured in mIoU; bench
+timing files to class maps."""
 
 from __future__ import annotations
 
@@ -94,3 +95,37 @@ def test_a_segmenter_refuses_a_graph_with_its_preprocessing_by_name(run_dir, tmp
     with pytest.raises(resforge.ConfigError, match="segmenter's graph takes normalised images of any size"):
         resforge.export(run_dir, "onnx", out=str(tmp_path / "seg.onnx"), embed_preprocessing=True)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("backend, suffix", [("onnxruntime", ".onnx"), ("openvino", ".xml")])
+def test_quantize_makes_an_int8_segmenter_measured_in_miou_against_fp32(run_dir, masks, tmp_path, backend, suffix):
+    from resforge.compress.quantize import quantize
+    from resforge.runtime.source import open_source
+
+    q = quantize(run_dir, backend, out=str(tmp_path / f"int8{suffix}"), calib=4)
+    assert q.metric == "mIoU" and q.images == 2 and 0 < q.agreement <= 1
+    info = open_source(q.path).info
+    assert info.task == "segment" and info.export["dtype"] == "int8"
+    assert info.export["quantized"]["int8_miou"] == q.int8_score
+    graph_ops = (set(n.op_type for n in __import__("onnx").load(str(q.path)).graph.node) if backend == "onnxruntime"
+                 else {op.get_type_name() for op in __import__("openvino").Core().read_model(str(q.path)).get_ops()})
+    assert graph_ops & {"QuantizeLinear", "FakeQuantize"}
+    # the file is a segmenter every command reads: eval measures it on the same pixels as the run
+    report = resforge.evaluate(q.path, masks, out=str(tmp_path / "e"))
+    assert report.num_images == 10 and report.metrics["pixels"] == resforge.evaluate(
+        run_dir, masks, out=str(tmp_path / "r")).metrics["pixels"]
+
+
+def test_bench_times_a_segmenter_from_files_to_class_maps(run_dir, masks, tmp_path):
+    from resforge.deploy.bench import _answers, measure
+    from resforge.runtime.predictor import Predictor
+
+    files = sorted(str(p) for p in Path(masks, "images").glob("*.jpg"))[:2]
+    row = measure(str(run_dir), "onnxruntime", batch_sizes=(1,), duration=0.2, warmup=1, images=str(Path(masks,
+                                                                                                        "images")))
+    assert row["backend"] == "onnxruntime" and row["end_to_end"]["1"] > 0 and row["latency_ms"]["p50"] > 0
+    predictor = Predictor.load(run_dir, "onnxruntime")
+    maps = _answers(predictor, 1)(files)
+    assert [m.shape for m in maps] == [(64, 64)] * 2 and maps[0].max() <= 2
+    with pytest.raises(resforge.ConfigError, match="is a segment model: its answers are class maps"):
+        predictor.predict(files)
