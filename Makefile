@@ -52,6 +52,8 @@ bench: $(VENV)/.bench
 	$(PY) benchmarks/ddp_cpu.py
 	$(PY) benchmarks/tune_fashion_mnist.py
 	$(PY) benchmarks/detect_trees.py
+	$(PY) benchmarks/segment_nuclei.py
+	$(PY) benchmarks/segment_deploy.py
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info .pytest_cache

@@ -31,6 +31,7 @@ import torch
 from .. import __version__
 from ..data.folder import load_image
 from ..data.loader import decode_image, pil_to_tensor
+from ..data.masks import MaskSample
 from ..data.transforms import eval_transform
 from ..runtime.backends import openvino_core, require_backend
 from ..runtime.convert import DEFAULT_OPSET, INPUT, move_into_place, to_onnx, to_openvino
@@ -43,7 +44,6 @@ from ..runtime.source import Source, open_source
 from ..errors import ConfigError
 from ..io import temp_dir
 from ..tasks.segment import LoadedSegmenter, compare_segmenters, validation_masks
-from ..data.masks import MaskSample
 from ..timing import per_second, timed_calls
 from . import qat
 
@@ -93,8 +93,8 @@ def quantize(source: str | os.PathLike, backend: str = "onnxruntime", out: str |
 
     `calib` images of the run's training split (or of `images`) calibrate the activation ranges;
     the run's validation split measures what the int8 file loses against fp32 (the fp32 graph of
-    `baseline`, default `source`). `max_drop` (points of top-1, a segmenter's of mIoU) leaves the most sensitive layers in
-    fp32 until the loss is within it. A model trained for int8 (`resforge quantize --qat`) keeps the
+    `baseline`, default `source`). `max_drop` (points of top-1, a segmenter's of mIoU) leaves the most
+    sensitive layers in fp32 until the loss is within it. A model trained for int8 (`resforge quantize --qat`) keeps the
     activation scales it learned.
     """
     _check_options(backend, calib, method, activations, max_drop)

@@ -25,7 +25,8 @@ from ..data.loader import decode_image
 from ..errors import ConfigError, DataError, ExportError, ResforgeError
 from ..io import temp_dir
 from ..runtime.backends import Runner, TorchRunner, require_backend
-from ..runtime.convert import DEFAULT_OPSET, HalfPrecision, example_input, move_into_place, to_onnx, to_openvino
+from ..runtime.convert import (DEFAULT_OPSET, HalfPrecision, detector_onnx, example_input, move_into_place, to_onnx,
+                               to_openvino)
 from ..runtime.record import PT2_FILE, ModelInfo
 from ..runtime.build import build_runner
 from ..runtime.predictor import Predictor
@@ -40,6 +41,7 @@ PARITY_IMAGES = 256
 # Largest logit difference allowed, as a fraction of the largest logit (at least 1): fp32 engines differ
 # in summation order only; fp16 weights and activations keep about three decimal digits.
 LOGIT_TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2}
+BOX_IOU, SCORE_TOLERANCE = 0.99, 1e-3  # a detector's export: a detection matches one of the same class this close
 MAP_AGREEMENT = 0.999  # a segmenter's export: the share of pixels that must get the class PyTorch gives them
 MAP_PROB_TOLERANCE = {"fp32": 1e-3, "fp16": 1.0}  # fp16: the agreement alone
 PIXELS_AGREEMENT = 0.995  # a graph resizing pixels itself differs from torchvision by a grey level at most
@@ -82,10 +84,27 @@ class MapParity:
 
 
 @dataclass
+class BoxParity:
+    """A detector's exported file against the PyTorch model: each detection matched to one of the same class."""
+
+    images: int
+    where: str
+    detections: int  # PyTorch's, above the score floor
+    unmatched: int  # detections of either model above the floor without a match in the other's
+    max_score_diff: float  # between matched detections
+    mask_agreement: float | None  # Mask R-CNN: share of the matched masks' pixels both put in (or out of) the object
+
+    def line(self) -> str:
+        masks = "" if self.mask_agreement is None else f", mask pixels agreeing {self.mask_agreement:.4%}"
+        return (f"parity on {self.images} {self.where}: {self.detections} detections, {self.unmatched} unmatched "
+                f"(IoU >= {BOX_IOU}, the same class), max score diff {self.max_score_diff:.2e}{masks}")
+
+
+@dataclass
 class Exported:
     path: Path
     format: str
-    parity: Parity | MapParity
+    parity: Parity | MapParity | BoxParity
 
 
 def export(source: str | os.PathLike, format: str, out: str | os.PathLike | None = None, *,
@@ -100,10 +119,15 @@ def export(source: str | os.PathLike, format: str, out: str | os.PathLike | None
     if src.kind != "torch":
         raise ConfigError(f"{source} is already an exported {src.kind} file: export from the run directory or "
                           "its .safetensors")
+    if src.info.task == "detect" and (format == "pt2" or dtype != "fp32" or embed_preprocessing):
+        raise ConfigError("a detector exports as an fp32 ONNX or OpenVINO graph that takes float images of any size "
+                          "and does its own resize, normalisation and NMS: torch.export does not trace torchvision's "
+                          "detectors, and --dtype fp16 and --embed-preprocessing do not apply")
     if embed_preprocessing and src.info.task == "segment":
         raise ConfigError("--embed-preprocessing puts a classifier's resize and crop into its graph; a segmenter's "
                           "graph takes normalised images of any size, and the resize (or the slicing into windows) "
                           "and the upsampling run around it: export without it")
+    dynamic_batch = dynamic_batch or src.info.task == "segment"  # sliced inference sends several windows a call
     info = replace(src.info.with_export(format=format, dtype=dtype, opset=opset if format != "pt2" else None,
                                         dynamic_batch=dynamic_batch, resforge=__version__, torch=torch.__version__),
                    input="pixels" if embed_preprocessing else "tensor")
@@ -124,9 +148,13 @@ def export(source: str | os.PathLike, format: str, out: str | os.PathLike | None
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
             raise ExportError(f"the {format} conversion of {source} failed: {reason}; nothing was written") from e
         if info.task == "segment":
-            parity: Parity | MapParity = check_map_parity(src, info, written, format, decoded, where)
+            parity: Parity | MapParity | BoxParity = check_map_parity(src, info, written, format, decoded, where)
             log.info("%s", parity.line())
             _gate_maps(parity, path)
+        elif info.task == "detect":
+            parity = check_box_parity(src, info, written, format, decoded, where)
+            log.info("%s", parity.line())
+            _gate_boxes(parity, path)
         else:
             parity = check_parity(src, info, written, format, decoded, where)
             log.info("%s", parity.line())
@@ -172,14 +200,18 @@ def _write(src: Source, info: ModelInfo, format: str, path: Path, opset: int, dy
         return
     import onnx
 
+    detector = info.task == "detect"
     if format == "onnx":
-        onnx.save(to_onnx(src.model, info, opset=opset, dynamic_batch=dynamic_batch, dtype=dtype), str(path))
+        onnx.save(detector_onnx(src.model, info, opset=opset) if detector else
+                  to_onnx(src.model, info, opset=opset, dynamic_batch=dynamic_batch, dtype=dtype), str(path))
         return
     import openvino as ov
 
     bare = replace(info, input="tensor")  # the network; the PrePostProcessor adds the pixels input
-    model = to_openvino(to_onnx(src.model, bare, opset=opset, dynamic_batch=dynamic_batch), info)
-    ov.save_model(model, str(path), compress_to_fp16=dtype == "fp16")  # fp16 weights, computed as the CPU can
+    proto = detector_onnx(src.model, info, opset=opset) if detector else \
+        to_onnx(src.model, bare, opset=opset, dynamic_batch=dynamic_batch)
+    # fp16 weights, computed as the CPU can
+    ov.save_model(to_openvino(proto, info), str(path), compress_to_fp16=dtype == "fp16")
 
 
 def parity_images(src: Source, folder: str | os.PathLike | None) -> tuple[list[torch.Tensor], str]:
@@ -280,6 +312,49 @@ def check_map_parity(src: Source, info: ModelInfo, written: Path, format: str, i
         diff = max(diff, float((p - q).abs().max()))
     return MapParity(images=len(images), where=where, pixels=pixels, agreement=same / pixels, max_prob_diff=diff,
                      tolerance=MAP_PROB_TOLERANCE[info.export.get("dtype", "fp32")])
+
+
+def check_box_parity(src: Source, info: ModelInfo, written: Path, format: str, images: list[torch.Tensor],
+                     where: str) -> BoxParity:
+    """Both detectors through the same inference (one call, or sliced tiles), on the same images at their own sizes;
+    detections within SCORE_TOLERANCE of the score threshold may fall on either side of it and are not counted."""
+    from torchvision.ops import box_iou
+
+    from ..tasks.detect import ExportedDetector, LoadedDetector
+
+    tile = info.task_record.get("tile")
+    reference = LoadedDetector(src.model.eval(), info.classes, tile)
+    candidate = LoadedDetector(ExportedDetector(_file_runner(info, written, format), info.name), info.classes, tile)
+    floor = float(getattr(getattr(src.model, "roi_heads", src.model), "score_thresh", 0.05)) + SCORE_TOLERANCE
+    counted = unmatched = 0
+    score_diff, same_pixels, pixels = 0.0, 0, 0
+    for image in images:
+        a, b = (m.detect([image.float() / 255])[0] for m in (reference, candidate))
+        keep_a, keep_b = a["scores"] >= floor, b["scores"] >= floor
+        counted += int(keep_a.sum())
+        iou = box_iou(a["boxes"], b["boxes"])
+        near = (iou >= BOX_IOU) & (a["labels"][:, None] == b["labels"][None, :])
+        unmatched += int((keep_a & ~near.any(1)).sum()) + int((keep_b & ~near.any(0)).sum())
+        for i, j in near.nonzero().tolist():
+            if keep_a[i] or keep_b[j]:
+                score_diff = max(score_diff, abs(float(a["scores"][i] - b["scores"][j])))
+                if "masks" in a:
+                    inside = (a["masks"][i] >= 0.5) == (b["masks"][j] >= 0.5)
+                    same_pixels, pixels = same_pixels + int(inside.sum()), pixels + inside.numel()
+    return BoxParity(images=len(images), where=where, detections=counted, unmatched=unmatched,
+                     max_score_diff=score_diff, mask_agreement=same_pixels / pixels if pixels else None)
+
+
+def _gate_boxes(parity: BoxParity, path: Path) -> None:
+    if parity.unmatched:
+        what = f"{parity.unmatched} detection(s) without a match (IoU >= {BOX_IOU}, the same class)"
+    elif parity.max_score_diff > SCORE_TOLERANCE:
+        what = f"scores differing by up to {parity.max_score_diff:.3g} (at most {SCORE_TOLERANCE:g})"
+    elif parity.mask_agreement is not None and parity.mask_agreement < MAP_AGREEMENT:
+        what = f"{parity.mask_agreement:.3%} of mask pixels agreeing (at least {MAP_AGREEMENT:.1%})"
+    else:
+        return
+    raise ExportError(f"the export disagrees with the PyTorch model: {what}; {path} was not written")
 
 
 def _gate_maps(parity: MapParity, path: Path) -> None:

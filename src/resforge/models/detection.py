@@ -251,3 +251,18 @@ class FCOS(Detector, fcos.FCOS):
 
 
 DETECTOR_CLASSES: dict[str, type[nn.Module]] = {c.detector: c for c in (FasterRCNN, MaskRCNN, RetinaNet, FCOS)}
+
+
+class DetectorGraph(nn.Module):
+    """A detector as exporters take it: one float C x H x W image (0-1, any size) in; its boxes (x1, y1, x2, y2 in
+    the image's pixels), labels (1..K), scores and, for Mask R-CNN, masks (N x 1 x H x W probabilities) out. The
+    resize, the normalisation, NMS and the masks' pasting are the detector's own, inside the graph."""
+
+    def __init__(self, detector: Detector):
+        super().__init__()
+        self.detector = detector
+        self.outputs = ["boxes", "labels", "scores"] + (["masks"] if isinstance(detector, MaskRCNN) else [])
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        found = self.detector([image])[0]
+        return tuple(found[k] for k in self.outputs)

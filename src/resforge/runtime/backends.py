@@ -166,8 +166,12 @@ class OnnxRuntimeRunner(Runner):
         self.max_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
+        return self.outputs(x, [self.output_name])[0]
+
+    def outputs(self, x: torch.Tensor, names: list[str] | None = None) -> list[torch.Tensor]:
+        """The graph's outputs named (all, by default: a detector's boxes, labels, scores, masks)."""
         try:
-            return torch.from_numpy(self.session.run([self.output_name], {self.input_name: x.numpy()})[0])
+            return [torch.from_numpy(o) for o in self.session.run(names, {self.input_name: x.numpy()})]
         except Exception as e:  # ORT's own error types: a graph that does not take what its record says
             raise _refused(self.backend, x, e) from None
 
@@ -208,12 +212,17 @@ class OpenVinoRunner(Runner):
         self.max_batch = first.get_length() if first.is_static else None
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
+        return self.outputs(x, 1)[0]
+
+    def outputs(self, x: torch.Tensor, count: int | None = None) -> list[torch.Tensor]:
+        """The model's first `count` outputs (all, by default: a detector's boxes, labels, scores, masks)."""
         with self.lock:
             try:
                 self.request.infer({0: x.numpy()}, share_inputs=True)
             except RuntimeError as e:
                 raise _refused(self.backend, x, e) from None
-            return torch.from_numpy(self.request.get_output_tensor(0).data.copy())
+            return [torch.from_numpy(self.request.get_output_tensor(i).data.copy())
+                    for i in range(count or len(self.request.model_outputs))]
 
 
 def _refused(backend: str, x: torch.Tensor, e: Exception) -> CheckpointError:

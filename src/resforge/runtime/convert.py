@@ -52,8 +52,6 @@ def to_onnx(model: nn.Module, info: ModelInfo, *, opset: int = DEFAULT_OPSET, dy
     """The network as an ONNX ModelProto carrying `info` (with the preprocessing inside when
     `info.takes_pixels`): input `input` (float NCHW) or `pixels` (uint8 NHWC), output `logits`. A segmenter's
     graph takes images of any height and width (its logits come out at the input's size)."""
-    import onnx
-
     pre = info.pre
     net = HalfPrecision(model) if dtype == "fp16" else model
     x, shapes = example_input(info, dynamic_batch)
@@ -65,6 +63,34 @@ def to_onnx(model: nn.Module, info: ModelInfo, *, opset: int = DEFAULT_OPSET, dy
     proto = program.model_proto
     if info.takes_pixels:
         proto = _with_pixels_input(proto, pre, opset, "batch" if dynamic_batch else 1)
+    return _stamped(proto, info)
+
+
+def detector_onnx(detector: nn.Module, info: ModelInfo, *, opset: int = DEFAULT_OPSET) -> Any:
+    """A detector's graph (`DetectorGraph`: one float C x H x W image of any size in; boxes, labels, scores and
+    masks out, a variable number of each, the resize, normalisation and NMS inside) as an ONNX ModelProto carrying
+    `info`. Through the TorchScript exporter: the dynamo exporter does not trace torchvision's detectors (their
+    shapes depend on the data), while torchvision writes ONNX symbolics for its NMS and RoIAlign and makes its
+    resize traceable at any image size."""
+    import onnx
+
+    from ..models.detection import DetectorGraph
+
+    graph = DetectorGraph(detector).eval()
+    x = torch.rand(info.pre.in_chans, info.pre.img_size, info.pre.img_size + 32, generator=torch.Generator()
+                   .manual_seed(0))
+    buffer, quiet = io.BytesIO(), io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(graph, (x,), buffer, dynamo=False, opset_version=opset, input_names=[INPUT],
+                          output_names=graph.outputs, dynamic_axes={INPUT: [1, 2], **{n: [0] for n in graph.outputs}})
+    return _stamped(onnx.load_from_string(buffer.getvalue()), info)
+
+
+def _stamped(proto: Any, info: ModelInfo) -> Any:
+    """`proto` naming its maker and carrying `info`, checked."""
+    import onnx
+
     proto.producer_name, proto.producer_version = "resforge", __version__
     proto.doc_string = f"{info.name}, {len(info.classes)} classes; preprocessing and classes in metadata_props"
     del proto.metadata_props[:]

@@ -80,6 +80,9 @@ class Predictor:
             raise ConfigError(f"{'compile' if compile else 'cuda_graph'} applies to the torch backend: give "
                               "backend='torch'")
         src = open_source(source, metadata)
+        if src.info.task == "detect":
+            raise ConfigError(f"{source} is a detector: its answers are boxes (resforge predict and eval, or "
+                              "tasks.detect.load_detector), not one tensor a batch")
         dev = backend_device(backend, device)
         if backend == "auto":
             runner, measured = choose_backend(src, dev, precision, threads, batch_size)

@@ -179,7 +179,7 @@ def assemble(source: str, found: str | None, overrides: dict[str, Any], in_chans
                               given.get("std", std))
         info = ModelInfo(classes=_class_list(given["classes"]), pre=_preprocess(pre.to_dict(), source),
                          formats=image_formats(given.get("formats", IMAGE_FORMATS), "--formats"))
-    info.check_model(source, outputs, in_chans)
+    info.check_model(source, outputs if info.task == "classify" else None, in_chans)  # a dense graph's last dim
     return info
 
 

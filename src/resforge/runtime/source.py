@@ -20,6 +20,7 @@ import torch
 
 from ..errors import CheckpointError, ConfigError
 from ..io import atomic_path, sha256_file
+from ..models.detection import Detector
 from ..models.segmentation import Segmenter, SegmenterLogits
 from ..models.weights import cache_dir, load_model, resolve_model_path, sidecar_path
 from .backends import openvino_core
@@ -59,9 +60,9 @@ def open_source(source: str | os.PathLike, metadata: dict[str, Any] | None = Non
     if isinstance(model, Segmenter):
         info.check_model(str(source), model.num_classes, model.body.stem_conv.in_channels)
         return Source("torch", path, info, SegmenterLogits(model))
-    if info.task != "classify":
-        raise ConfigError(f"{source} holds a {info.task} model: resforge eval and predict take it; export, bench, "
-                          "serve and the Predictor take classifiers and segmenters")
+    if isinstance(model, Detector):  # the detector itself: its graph has several outputs (DetectorGraph)
+        info.check_model(str(source), model.num_classes, model.stem_conv.in_channels)
+        return Source("torch", path, info, model)
     info.check_model(str(source), model.num_classes, model.stem_conv.in_channels)
     return Source("torch", path, info, model)
 

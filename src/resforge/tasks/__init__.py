@@ -74,5 +74,5 @@ def recorded_task(source: str | os.PathLike) -> str:
     return task if task in TASKS else Classification.name
 
 
-__all__ = ["TASKS", "Datasets", "Task", "Classification", "Detection", "Segmentation", "get_task", "recognize_task", "recorded_task",
-           "task_for"]
+__all__ = ["TASKS", "Datasets", "Task", "Classification", "Detection", "Segmentation", "get_task", "recognize_task",
+           "recorded_task", "task_for"]

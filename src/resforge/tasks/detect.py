@@ -39,6 +39,9 @@ from ..models.detection import DETECTOR_CLASSES, Detector
 from ..models.spec import given_options
 from ..models.weights import load_into, read_checkpoint
 from ..report import markdown_table
+from ..runtime.backends import OnnxRuntimeRunner, OpenVinoRunner
+from ..runtime.build import backend_device, build_runner
+from ..runtime.source import open_source
 from ..training.auto import Chooser
 from .base import Datasets, Forward, Task
 from .classify import adopt_backbone
@@ -64,10 +67,10 @@ class DetectionLoss(nn.Module):
 
 @dataclass
 class LoadedDetector:
-    """A run's saved detector, in evaluation mode on its device, with its class names (labels 1..K) and, for a
-    detector trained on tiles, their size and overlap: what evaluation and prediction both call."""
+    """A detector in evaluation mode (a run's, or an exported file on its engine), with its class names (labels
+    1..K) and, for a detector trained on tiles, their size and overlap: what evaluation and prediction both call."""
 
-    model: Detector
+    model: Detector | ExportedDetector
     classes: list[str]
     tile: dict[str, Any] | None = None
 
@@ -75,13 +78,31 @@ class LoadedDetector:
     def detect(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """The detections (on the CPU) of float CxHxW images: by sliced inference when the detector was
         trained on tiles, else in one call."""
-        device = next(self.model.parameters()).device
+        device = self.model.device if isinstance(self.model, ExportedDetector) else next(self.model.parameters()).device
         images = to_device(images, device)
         if self.tile:
             out = [sliced_predict(self.model, image, self.tile["size"], self.tile["overlap"]) for image in images]
         else:
             out = self.model(images)
         return [{k: v.cpu() for k, v in o.items()} for o in out]
+
+
+class ExportedDetector:
+    """An exported detector (`models.detection.DetectorGraph`) on its engine, called as torchvision's detectors
+    are: float C x H x W images in, a dict of boxes, labels, scores (and masks) for each out, one image a call."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, runner: OnnxRuntimeRunner | OpenVinoRunner, detector: str):
+        self.runner, self.detector = runner, detector
+        self.names = ["boxes", "labels", "scores"] + (["masks"] if detector == "maskrcnn" else [])
+
+    def __call__(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        if any(image.shape[-2] > image.shape[-1] for image in images):
+            # the traced resize keeps the orientation of the image it was traced on: a taller image comes out wrong
+            raise ConfigError("an exported detector answers images at least as wide as tall; run the run directory "
+                              "for portrait images")
+        return [dict(zip(self.names, self.runner.outputs(image.float()))) for image in images]
 
 
 @dataclass
@@ -436,8 +457,17 @@ def any_way_up(scan: DetectionScan) -> str | None:
 
 def load_detector(source: str | os.PathLike, device: str = "auto",
                   tile: dict[str, Any] | None = None) -> LoadedDetector:
-    """A saved detector (run directory, .safetensors or its sidecar) on `device`, in evaluation mode, slicing
-    images into `tile` ({"size", "overlap"}; default: the tiles it was trained on, if any)."""
+    """A saved detector (run directory, .safetensors or its sidecar; or an exported .onnx or OpenVINO .xml, run on
+    its engine) on `device`, in evaluation mode, slicing images into `tile` ({"size", "overlap"}; default: the
+    tiles it was trained on, if any)."""
+    if Path(source).suffix.lower() in (".onnx", ".xml"):
+        src = open_source(source)
+        if src.info.task != "detect":
+            raise ConfigError(f"{source} holds a {src.info.task} model, not a detector")
+        backend = "onnxruntime" if src.kind == "onnx" else "openvino"
+        runner = build_runner(src, backend, backend_device(backend, device), "auto" if src.kind == "onnx" else "fp32")
+        return LoadedDetector(ExportedDetector(runner, src.info.name), src.info.classes,
+                              tile or src.info.task_record.get("tile"))
     model, meta = load_model(source)
     if not isinstance(model, Detector):
         raise ConfigError(f"{source} holds a classifier, not a detector")

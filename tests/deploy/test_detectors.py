@@ -1,0 +1,72 @@
+"""A detector exported: ONNX and OpenVINO graphs that take one float image of any size and do their own resize,
+normalisation and NMS, gated on matching PyTorch's detections, and read back by eval and predict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import make_detection_folder
+
+import resforge
+from resforge.errors import ExportError
+from resforge.tasks import recorded_task
+
+TINY = {"model": "resnet18", "width": 0.25, "img_size": 64, "batch_size": 4, "workers": 0, "amp": "off",
+        "fpn_channels": 32, "box_width": 128, "mask_width": 32, "rois": 128}
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return make_detection_folder(tmp_path_factory.mktemp("detect") / "shapes", n=12)
+
+
+@pytest.fixture(scope="module")
+def runs(shapes, tmp_path_factory):
+    project = tmp_path_factory.mktemp("runs")
+    return {d: Path(resforge.train(shapes, progress=False, project=str(project), name=d, epochs=1, detector=d,
+                                   **TINY)["run_dir"]) for d in ("fasterrcnn", "maskrcnn")}
+
+
+@pytest.mark.parametrize("detector", ["fasterrcnn", "maskrcnn"])
+@pytest.mark.parametrize("format, suffix", [("onnx", ".onnx"), ("openvino", ".xml")])
+def test_a_detector_exports_with_nms_inside_and_answers_as_its_run(runs, shapes, tmp_path, detector, format, suffix):
+    run_dir = runs[detector]
+    exported = resforge.export(run_dir, format, out=str(tmp_path / f"det{suffix}"))
+    p = exported.parity
+    assert p.detections > 0 and p.unmatched == 0 and p.max_score_diff < 1e-3
+    assert (p.mask_agreement is not None) == (detector == "maskrcnn")
+    assert recorded_task(exported.path) == "detect"
+    by_file = resforge.evaluate(exported.path, shapes, out=str(tmp_path / "file"))
+    by_run = resforge.evaluate(run_dir, shapes, out=str(tmp_path / "run"))
+    assert by_file.metrics["map"] == pytest.approx(by_run.metrics["map"], abs=1e-6)
+    image = str(sorted(Path(shapes, "images").glob("*"))[0])
+    from_file, from_run = (resforge.predict(s, [image], conf=0.0)[0]["objects"] for s in (exported.path, run_dir))
+    assert len(from_file) == len(from_run) > 0
+    assert [o["class"] for o in from_file] == [o["class"] for o in from_run]
+
+
+def test_a_detector_export_that_disagrees_with_pytorch_is_not_written(runs, tmp_path, monkeypatch):
+    from resforge.tasks import detect
+
+    real = detect.ExportedDetector.__call__
+
+    def shifted(self, images):
+        out = real(self, images)
+        for o in out:
+            o["boxes"] = o["boxes"] + 3.0  # every box 3 px off
+        return out
+
+    monkeypatch.setattr(detect.ExportedDetector, "__call__", shifted)
+    with pytest.raises(ExportError, match="without a match .IoU >= 0.99, the same class.*det.onnx was not written"):
+        resforge.export(runs["fasterrcnn"], "onnx", out=str(tmp_path / "det.onnx"))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("options", [{"format": "pt2"}, {"format": "onnx", "dtype": "fp16"},
+                                     {"format": "onnx", "embed_preprocessing": True}])
+def test_what_a_detector_cannot_export_is_refused_by_name(runs, tmp_path, options):
+    with pytest.raises(resforge.ConfigError, match="a detector exports as an fp32 ONNX or OpenVINO graph"):
+        resforge.export(runs["fasterrcnn"], out=str(tmp_path / ("d.pt2" if options["format"] == "pt2" else "d.onnx")),
+                        **options)
+    assert list(tmp_path.iterdir()) == []
