@@ -191,3 +191,10 @@ def train_logged(data, **options):
         logger.removeHandler(handler)
         logger.setLevel(level)
     return run, "\n".join(records)
+
+
+# The smallest dense runs the tests train: a quarter-width ResNet-18 at 64 px.
+DETECT_TINY = {"model": "resnet18", "width": 0.25, "img_size": 64, "batch_size": 4, "workers": 0, "amp": "off",
+               "fpn_channels": 32, "box_width": 128, "mask_width": 32, "rois": 128}
+SEGMENT_TINY = {"model": "resnet18", "width": 0.25, "img_size": 64, "batch_size": 4, "workers": 0, "amp": "off",
+                "head_channels": 32, "output_stride": 16}

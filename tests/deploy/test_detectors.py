@@ -6,14 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from helpers import DETECT_TINY as TINY
 from helpers import make_detection_folder
 
 import resforge
 from resforge.errors import ExportError
 from resforge.tasks import recorded_task
 
-TINY = {"model": "resnet18", "width": 0.25, "img_size": 64, "batch_size": 4, "workers": 0, "amp": "off",
-        "fpn_channels": 32, "box_width": 128, "mask_width": 32, "rois": 128}
 
 
 @pytest.fixture(scope="module")

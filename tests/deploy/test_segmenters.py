@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import SEGMENT_TINY as TINY
 from helpers import make_mask_folder
 from PIL import Image
 
@@ -19,8 +20,6 @@ from resforge.models.segmentation import SegmenterLogits
 from resforge.tasks import recorded_task
 from resforge.tasks.segment import load_segmenter, predict_masks
 
-TINY = {"model": "resnet18", "width": 0.25, "img_size": 64, "batch_size": 4, "workers": 0, "amp": "off",
-        "head_channels": 32, "output_stride": 16}
 
 
 @pytest.fixture(scope="module")

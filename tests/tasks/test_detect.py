@@ -11,14 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import DETECT_TINY as TINY
 from helpers import make_detection_folder, train_logged
 
 import resforge
 from resforge.models import load_model
 from resforge.models.detection import FasterRCNN
 
-TINY = {"model": "resnet18", "width": 0.25, "img_size": 64, "batch_size": 4, "workers": 0, "amp": "off",
-        "fpn_channels": 32, "box_width": 128, "mask_width": 32, "rois": 128}
 
 
 @pytest.fixture(scope="module")

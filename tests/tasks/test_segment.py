@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import SEGMENT_TINY as TINY
 from helpers import make_mask_folder, train_logged
 from PIL import Image
 
@@ -22,8 +23,6 @@ from resforge.models import load_model
 from resforge.models.segmentation import DeepLabV3Plus
 from resforge.tasks.segment import LoadedSegmenter, class_weights, load_segmenter, predict_masks
 
-TINY = {"model": "resnet18", "width": 0.25, "img_size": 64, "batch_size": 4, "workers": 0, "amp": "off",
-        "head_channels": 32, "output_stride": 16}
 
 
 @pytest.fixture(scope="module")
