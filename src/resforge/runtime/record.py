@@ -29,8 +29,8 @@ ONNX_KEY = record.SCHEMA  # metadata_props key
 OV_KEY = "resforge"  # rt_info key
 PT2_FILE = "resforge.model.json"  # extra file of a torch.export program
 INPUTS = ("tensor", "pixels")  # float NCHW normalised | uint8 NHWC, any size, preprocessing in the graph
-# What a user may give for a model that carries no record (a foreign ONNX file): option -> what it is.
 TASK_FIELDS = ("tile", "ignore_index", "colors")  # what a dense task's record keeps beside every task's
+# What a user may give for a model that carries no record (a foreign ONNX file): option -> what it is.
 OVERRIDES = {"classes": "class names", "img_size": "input size", "crop_pct": "centre-crop fraction",
              "mean": "normalisation mean", "std": "normalisation std", "interpolation": "resize interpolation",
              "formats": "accepted image formats"}
@@ -46,7 +46,7 @@ class ModelInfo:
     trained: dict[str, Any] = field(default_factory=dict)
     export: dict[str, Any] = field(default_factory=dict)  # format, opset, dtype, versions, parity
     formats: list[str] = field(default_factory=lambda: list(IMAGE_FORMATS))  # what image files it decodes (PIL's)
-    task: str = "classify"  # what the network answers: class logits, or per-pixel class logits ("segment")
+    task: str = "classify"  # what the network answers: class logits, per-pixel ones ("segment"), boxes ("detect")
     task_record: dict[str, Any] = field(default_factory=dict)  # the task's own fields (TASK_FIELDS)
 
     @property
