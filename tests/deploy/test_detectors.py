@@ -45,6 +45,24 @@ def test_a_detector_exports_with_nms_inside_and_answers_as_its_run(runs, shapes,
     assert [o["class"] for o in from_file] == [o["class"] for o in from_run]
 
 
+@pytest.mark.parametrize("format, suffix, sizes", [
+    ("onnx", ".onnx", [(64, 200), (200, 64), (49, 70), (70, 49), (300, 40), (37, 53)]),
+    ("openvino", ".xml", [(64, 200), (200, 64), (300, 40), (40, 300)])])
+def test_an_exported_detector_sizes_images_of_any_shape_as_its_run(runs, shapes, tmp_path, format, suffix, sizes):
+    """Portrait, landscape and sizes where float32 floors the resized side a pixel short of PyTorch's float64
+    (64 x 200 against a max_size of 107; 49 px against a min_size of 64: on ONNX Runtime only), checked by the
+    export's own gate on those images."""
+    from PIL import Image
+
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    for k, (path, (h, w)) in enumerate(zip(sorted(Path(shapes, "images").glob("*")), sizes)):
+        Image.open(path).resize((w, h)).save(folder / f"{k}.png")
+    exported = resforge.export(runs["fasterrcnn"], format, out=str(tmp_path / f"det{suffix}"), images=str(folder))
+    assert exported.parity.images == len(sizes)
+    assert exported.parity.detections > 0 and exported.parity.unmatched == 0
+
+
 def test_a_detector_export_that_disagrees_with_pytorch_is_not_written(runs, tmp_path, monkeypatch):
     from resforge.tasks import detect
 

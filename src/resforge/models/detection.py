@@ -16,6 +16,7 @@ and post-processing in float32.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ from torch import nn
 from torchvision.models.detection import fcos, faster_rcnn, mask_rcnn, retinanet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
@@ -253,14 +255,39 @@ class FCOS(Detector, fcos.FCOS):
 DETECTOR_CLASSES: dict[str, type[nn.Module]] = {c.detector: c for c in (FasterRCNN, MaskRCNN, RetinaNet, FCOS)}
 
 
+class _ExactResize(GeneralizedRCNNTransform):
+    """torchvision's transform whose resize, when traced, sizes the image as eager PyTorch does: the short side
+    times min_size / short side, floored in float64. Traced, torchvision hands ONNX's Resize a float32 scale,
+    and float32's 200 * (106 / 200) floors to 105: a side a pixel short for many sizes, enough to move every box
+    of a weakly trained detector. OpenVINO's CPU plugin runs float64 as float32, so there some sizes (49 px
+    against a min_size of 64) still come out a pixel short; the export's parity gate sees it on the run's own
+    images."""
+
+    def resize(self, image: torch.Tensor, target: dict[str, torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        if self.training or target is not None or self.fixed_size is not None:
+            return super().resize(image, target)
+        side = torch.onnx.operators.shape_as_tensor(image)[-2:].to(torch.float64)
+        ends = torch.cat([side.amin(0, keepdim=True), side.amax(0, keepdim=True)])
+        scale = (side.new_tensor([self.min_size[-1], self.max_size]) / ends).amin(0, keepdim=True)
+        size = torch.floor(side * scale).to(torch.int64)
+        resized = nn.functional.interpolate(image[None], size=(size[0], size[1]), mode="bilinear",
+                                            align_corners=False)
+        return resized[0], None
+
+
 class DetectorGraph(nn.Module):
     """A detector as exporters take it: one float C x H x W image (0-1, any size) in; its boxes (x1, y1, x2, y2 in
     the image's pixels), labels (1..K), scores and, for Mask R-CNN, masks (N x 1 x H x W probabilities) out. The
-    resize, the normalisation, NMS and the masks' pasting are the detector's own, inside the graph."""
+    resize, the normalisation, NMS and the masks' pasting are the detector's own, inside the graph (the resize's
+    sizes computed as in eager mode: `_ExactResize`); `detector` itself is left as it is."""
 
     def __init__(self, detector: Detector):
         super().__init__()
-        self.detector = detector
+        t = detector.transform
+        self.detector = copy.copy(detector)
+        self.detector._modules = dict(detector._modules, transform=_ExactResize(
+            t.min_size, t.max_size, t.image_mean, t.image_std, t.size_divisible, t.fixed_size))
         self.outputs = ["boxes", "labels", "scores"] + (["masks"] if isinstance(detector, MaskRCNN) else [])
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:

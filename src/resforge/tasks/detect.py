@@ -98,10 +98,6 @@ class ExportedDetector:
         self.names = ["boxes", "labels", "scores"] + (["masks"] if detector == "maskrcnn" else [])
 
     def __call__(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        if any(image.shape[-2] > image.shape[-1] for image in images):
-            # the traced resize keeps the orientation of the image it was traced on: a taller image comes out wrong
-            raise ConfigError("an exported detector answers images at least as wide as tall; run the run directory "
-                              "for portrait images")
         return [dict(zip(self.names, self.runner.outputs(image.float()))) for image in images]
 
 
