@@ -1,5 +1,7 @@
 """Helpers shared by tests (importable because pytest puts tests/ on sys.path)."""
 
+import contextlib
+import shutil
 import socket
 
 import torch
@@ -198,3 +200,58 @@ DETECT_TINY = {"model": "resnet18", "width": 0.25, "img_size": 64, "batch_size":
                "fpn_channels": 32, "box_width": 128, "mask_width": 32, "rois": 128}
 SEGMENT_TINY = {"model": "resnet18", "width": 0.25, "img_size": 64, "batch_size": 4, "workers": 0, "amp": "off",
                 "head_channels": 32, "output_stride": 16}
+
+
+@contextlib.contextmanager
+def running(app, headers=None):
+    """The app on uvicorn as `resforge serve` runs it, in a thread, on a free loopback port: its base URL."""
+    import threading
+
+    from resforge.deploy.serve import uvicorn_server
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    server = uvicorn_server(app)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        wait_ready(url, headers)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+def wait_ready(url, headers=None, seconds=120):
+    import time
+
+    import httpx
+
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{url}/ready", headers=headers).status_code == 200:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"{url} never became ready")
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@contextlib.contextmanager
+def browser_page():
+    """A page of Debian's headless Chromium, driven by Playwright."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        try:
+            yield browser.new_page()
+        finally:
+            browser.close()

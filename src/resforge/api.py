@@ -253,8 +253,9 @@ def predict(source: str | os.PathLike, paths: list[str | os.PathLike], **options
     task = recorded_task(source)
     if task in (Detection.name, Segmentation.name):
         rows = (predict_boxes(source, files, conf=o.conf, batch_size=batch_size, device=device,
-                              save_images=o.save_images, tile=tile) if task == Detection.name else
-                predict_masks(source, files, o.masks, device=device, save_images=o.save_images, tile=tile))
+                              save_images=o.save_images, tile=tile, backend=backend) if task == Detection.name else
+                predict_masks(source, files, o.masks, device=device, save_images=o.save_images, tile=tile,
+                              backend=backend))
         _check_some_read(rows)
         return rows
     predictor = Predictor.load(source, backend, device, precision, batch_size=min(batch_size, len(files)),

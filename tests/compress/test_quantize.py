@@ -103,7 +103,7 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(run, capsys):
     out = root / "bad.onnx"
     cases = [(["--calib", "1000"], "has 72 image(s), fewer than the 1000 asked"),
              (["--calib", "0"], "--calib must be a positive number"),
-             (["--max-drop", "-1"], "--max-drop is the points (of top-1, or mIoU) int8 may lose and cannot be "
+             (["--max-drop", "-1"], "--max-drop is the points (of top-1, mIoU or AP@.5) int8 may lose and cannot be "
                                     "negative"),
              (["--backend", "openvino", "--method", "entropy"], "NNCF (openvino) estimates its own ranges"),
              (["--images", str(root / "empty")], "no images found in")]

@@ -87,3 +87,99 @@ def test_what_a_detector_cannot_export_is_refused_by_name(runs, tmp_path, option
         resforge.export(runs["fasterrcnn"], out=str(tmp_path / ("d.pt2" if options["format"] == "pt2" else "d.onnx")),
                         **options)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_detectors_backbone_prunes_fine_tunes_and_exports(runs, shapes, tmp_path):
+    """Half the backbone's MACs gone through Torch-Pruning with the pyramid attached (its outputs, read by the
+    heads, keep their width), fine-tuned, saved as spec + weights, exported through the gate and evaluated."""
+    from resforge.models import load_model
+    from resforge.models.summary import summarize
+
+    out = resforge.prune(runs["fasterrcnn"], macs=0.5, epochs=1, progress=False, project=str(tmp_path), workers=0,
+                         batch_size=4)
+    before, after = out["pruned"]["macs"]
+    assert after <= 0.5 * before
+    pruned, meta = load_model(out["run_dir"])
+    original, _ = load_model(runs["fasterrcnn"])
+    assert meta["task"] == "detect"
+    assert summarize(pruned.resnet, 64).macs == after and summarize(original.resnet, 64).macs == before
+    assert pruned.spec()["fpn_channels"] == original.spec()["fpn_channels"]
+    exported = resforge.export(out["run_dir"], "onnx", out=str(tmp_path / "pruned.onnx"))
+    assert exported.parity.detections > 0 and exported.parity.unmatched == 0
+    by_file = resforge.evaluate(exported.path, shapes, out=str(tmp_path / "file"))
+    by_run = resforge.evaluate(out["run_dir"], shapes, out=str(tmp_path / "run"))
+    assert by_file.metrics["map"] == pytest.approx(by_run.metrics["map"], abs=1e-6)
+
+
+def test_pruning_refuses_what_it_cannot_cut_in_a_detector():
+    from resforge.compress.prune import prune_model
+    from resforge.models.detection import FasterRCNN
+
+    frozen = FasterRCNN(num_classes=3, backbone="resnet18", backbone_options={"width": 0.25}, min_size=64,
+                        max_size=106, fpn_channels=32, box_width=64, frozen_bn=True)
+    with pytest.raises(resforge.ConfigError, match="frozen batch norm"):
+        prune_model(frozen, 64, macs=0.5)
+    plain = FasterRCNN(num_classes=3, backbone="resnet18", backbone_options={"width": 0.25}, min_size=64,
+                       max_size=106, fpn_channels=32, box_width=64)
+    with pytest.raises(resforge.ConfigError, match="taylor importance takes gradients of a classifier"):
+        prune_model(plain, 64, macs=0.5, importance="taylor", gradients=lambda m: None)
+
+
+def test_bench_times_a_detector_on_its_engine_from_files(runs, shapes, tmp_path):
+    from resforge.deploy.bench import bench, table
+
+    exported = resforge.export(runs["fasterrcnn"], "openvino", out=str(tmp_path / "det.xml"))
+    rows = bench([runs["fasterrcnn"], exported.path], ["auto"], batch_sizes=[1, 2], duration=0.1, warmup=1,
+                 images=str(Path(shapes, "images")), isolate=False, progress=False)
+    assert [r["backend"] for r in rows] == ["torch", "openvino"]
+    for r in rows:
+        assert r["latency_ms"]["p50"] > 0 and set(r["throughput"]) == set(r["end_to_end"]) == {"1", "2"}
+        assert all(v > 0 for v in r["end_to_end"].values())
+    assert "| det.xml | auto: b1 openvino fp32, b2 openvino fp32 | fp32 |" in table(rows, [1, 2])
+
+
+def test_a_detector_quantizes_to_int8_with_its_heads_left_in_float(runs, shapes, tmp_path):
+    """NNCF on the exported graph: the backbone and pyramid int8, the heads (whose int8 box regression snaps
+    coordinates to its grid) and post-processing in float; AP@.5 measured against fp32 on the validation split."""
+    import openvino as ov
+
+    from resforge.compress.quantize import quantize
+
+    q = quantize(runs["fasterrcnn"], "openvino", tmp_path / "det-int8.xml", calib=8)
+    assert (q.metric, q.kept_fp32, q.images) == ("AP50", ["heads and post-processing"], 2)
+    assert set(q.timings) == {"fp32", "int8"} and 0 <= q.agreement <= 1
+    fq = [op.get_friendly_name() for op in ov.Core().read_model(str(q.path)).get_ordered_ops()
+          if op.get_type_name() == "FakeQuantize"]
+    assert any("/backbone/body/" in n for n in fq) and any("/backbone/fpn/" in n for n in fq)
+    assert not any("/rpn/head/" in n or "/box_predictor/" in n or "/box_head/" in n for n in fq)
+    from resforge.runtime.source import open_source
+
+    record = open_source(q.path).info
+    assert record.task == "detect" and record.export["dtype"] == "int8"
+    assert (record.export["quantized"]["fp32_map50"], record.export["quantized"]["int8_map50"]) == \
+        (q.fp32_score, q.int8_score)
+    assert resforge.evaluate(q.path, shapes, out=str(tmp_path / "eval")).num_images == 12
+
+
+def test_a_detector_int8_over_the_allowed_drop_is_not_written(runs, tmp_path, monkeypatch):
+    """Over --max-drop with the backbone and pyramid in int8, the pyramid returns to float; still over it, nothing
+    is written (the measurement faked to lose 10 points: the tiny detector's AP is too low to lose any)."""
+    from dataclasses import replace
+
+    from resforge.compress import quantize_detector
+    from resforge.compress.quantize import quantize
+
+    real, levels = quantize_detector._measure, []
+
+    def losing(fp32, int8, info, val):
+        levels.append(int8.name)
+        return replace(real(fp32, int8, info, val), fp32_score=0.5, int8_score=0.4)
+
+    monkeypatch.setattr(quantize_detector, "_measure", losing)
+    with pytest.raises(resforge.ConfigError, match="loses 10.00 points of AP@.5 even with only the backbone in int8 "
+                                                   r"\(at most 1 asked\)"):
+        quantize(runs["fasterrcnn"], "openvino", tmp_path / "det-int8.xml", calib=4, max_drop=1)
+    assert levels == ["raw0.xml", "raw1.xml"]
+    with pytest.raises(resforge.ConfigError, match="a detector quantises with NNCF on its OpenVINO graph"):
+        quantize(runs["fasterrcnn"], "onnxruntime", tmp_path / "det-int8.onnx", calib=4)
+    assert list(tmp_path.iterdir()) == []

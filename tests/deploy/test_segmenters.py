@@ -128,3 +128,32 @@ def test_bench_times_a_segmenter_from_files_to_class_maps(run_dir, masks, tmp_pa
     assert [m.shape for m in maps] == [(64, 64)] * 2 and maps[0].max() <= 2
     with pytest.raises(resforge.ConfigError, match="is a segment model: its answers are class maps"):
         predictor.predict(files)
+
+
+def test_a_segmenters_backbone_prunes_fine_tunes_and_exports(run_dir, masks, tmp_path):
+    """Half the backbone's MACs gone with the head attached (its widths kept: ASPP and the decoder read fewer
+    channels), fine-tuned, rebuilt from spec + weights, exported through the map gate, evaluated alike."""
+    from resforge.models.summary import summarize
+
+    out = resforge.prune(run_dir, macs=0.5, epochs=1, progress=False, project=str(tmp_path), workers=0, batch_size=4)
+    before, after = out["pruned"]["macs"]
+    pruned, meta = load_model(out["run_dir"])
+    original, _ = load_model(run_dir)
+    assert after <= 0.5 * before and summarize(pruned.backbone, 64).macs == after
+    assert meta["task"] == "segment" and pruned.spec()["head_channels"] == original.spec()["head_channels"]
+    exported = resforge.export(out["run_dir"], "onnx", out=str(tmp_path / "pruned.onnx"))
+    assert exported.parity.agreement >= 0.999
+    by_file = resforge.evaluate(exported.path, masks, out=str(tmp_path / "file"))
+    by_run = resforge.evaluate(out["run_dir"], masks, out=str(tmp_path / "run"))
+    assert by_file.metrics["miou"] == pytest.approx(by_run.metrics["miou"], abs=1e-3)
+
+
+@pytest.mark.parametrize("kind, options", [("fcn", {}), ("deeplabv3", {"aux": True})])
+def test_pruning_refuses_a_segmenter_whose_fcn_head_follows_the_backbone(kind, options):
+    from resforge.compress.prune import prune_model
+    from resforge.models.segmentation import SEGMENTER_CLASSES
+
+    model = SEGMENTER_CLASSES[kind](num_classes=3, backbone="resnet18", backbone_options={"width": 0.25},
+                                    output_stride=16, head_channels=32, **options)
+    with pytest.raises(resforge.ConfigError, match="an FCN head .* takes its width from the backbone"):
+        prune_model(model, 64, macs=0.5)

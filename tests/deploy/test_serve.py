@@ -10,7 +10,6 @@ import logging
 import os
 import re
 import resource
-import shutil
 import signal
 import socket
 import subprocess
@@ -25,6 +24,7 @@ from dataclasses import replace
 import httpx
 import numpy as np
 import pytest
+from helpers import CHROMIUM, browser_page, running, wait_ready
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -32,36 +32,7 @@ from resforge import ConfigError
 from resforge.cli import main
 from resforge.data.folder import scan_images
 from resforge.runtime.predictor import Predictor
-from resforge.deploy.serve import ServeOptions, create_app, uvicorn_server
-
-
-@contextlib.contextmanager
-def running(app, headers=None):
-    """The app on uvicorn as `resforge serve` runs it, in a thread, on a free loopback port: its base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    server = uvicorn_server(app)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    try:
-        wait_ready(url, headers)
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
-
-
-def wait_ready(url, headers=None, seconds=120):
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"{url}/ready", headers=headers).status_code == 200:
-                return
-        time.sleep(0.05)
-    raise AssertionError(f"{url} never became ready")
+from resforge.deploy.serve import ServeOptions, create_app
 
 
 class Gated:
@@ -507,35 +478,23 @@ def test_cli_refuses_a_device_or_backend_it_lacks_before_it_says_it_serves(photo
         assert not [r for r in caplog.records if r.getMessage().startswith("serving")], args
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is missing: `make test` installs it (as root)")
 def test_the_page_shows_what_the_api_answers_in_a_real_browser(predictor, photo_run, tmp_path):
-    from playwright.sync_api import sync_playwright
-
     _, _, test = photo_run
     files = scan_images([test])[:2]
     app = create_app(predictor, ServeOptions(max_wait_ms=1))
-    with running(app) as url, sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
-        try:
-            page = browser.new_page()
-            page.goto(url)
-            page.wait_for_function("document.querySelector('#model').dataset.backend === 'torch'")
-            assert predictor.classes[0] in page.text_content("#model")
-            page.set_input_files("#files", files)
-            page.wait_for_selector(".result:nth-child(2) .top li")
-            for f in files:
-                card = page.locator(f".result[data-file='{os.path.basename(f)}']")
-                shown = card.locator(".top li").first.get_attribute("data-class")
-                with open(f, "rb") as fh:
-                    api_top1 = httpx.post(f"{url}/v1/predict", content=fh.read()).json()["predictions"][0]["top"][0]
-                assert shown == api_top1["class"]
-                assert card.locator(".top li").count() == min(5, len(predictor.classes))
-                assert f"{100 * api_top1['prob']:.1f}%" in card.locator(".top li").first.text_content()
-            assert page.text_content("#error") == ""
-        finally:
-            browser.close()
+    with running(app) as url, browser_page() as page:
+        page.goto(url)
+        page.wait_for_function("document.querySelector('#model').dataset.backend === 'torch'")
+        assert predictor.classes[0] in page.text_content("#model")
+        page.set_input_files("#files", files)
+        page.wait_for_selector(".result:nth-child(2) .top li")
+        for f in files:
+            card = page.locator(f".result[data-file='{os.path.basename(f)}']")
+            shown = card.locator(".top li").first.get_attribute("data-class")
+            with open(f, "rb") as fh:
+                api_top1 = httpx.post(f"{url}/v1/predict", content=fh.read()).json()["predictions"][0]["top"][0]
+            assert shown == api_top1["class"]
+            assert card.locator(".top li").count() == min(5, len(predictor.classes))
+            assert f"{100 * api_top1['prob']:.1f}%" in card.locator(".top li").first.text_content()
+        assert page.text_content("#error") == ""

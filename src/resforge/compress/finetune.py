@@ -52,8 +52,11 @@ def compression_run(source: str | os.PathLike, transform: Transform, *, suffix: 
     split = run / "split.csv" if run is not None and data is None else None
     name = options.pop("name", None) or f"{run.name if run else weights.stem}-{suffix}"
     overrides = {"data.root": str(root), "model.init_from": str(weights), "train.name": name, **options}
-    if distill:
+    if distill and meta.get("task", "classify") == "classify":
         overrides.setdefault("train.teacher", str(weights))
+    elif distill:
+        log.info("the fine-tune learns from the labels alone: distillation from the original model is for "
+                 "classifiers")
     cfg = build_config(recipe or AUTO_RECIPE, config, overrides)
     train = cfg.train
     _check_output(Path(train.project) / train.name, run or weights.parent, run is not None, train.exist_ok)
@@ -62,7 +65,8 @@ def compression_run(source: str | os.PathLike, transform: Transform, *, suffix: 
         trainer = Trainer(cfg, run_dir=run_dir, callbacks=callbacks, progress=progress, split_csv=split)
         record = transform(trainer)
         start = run_dir / "start.safetensors"
-        save_model(trainer.model, start, {"classes": trainer.classes, "preprocess": trainer.pre.to_dict(),
+        save_model(trainer.model, start, {"task": trainer.task.name, "classes": trainer.classes,
+                                          "preprocess": trainer.pre.to_dict(), **trainer.task.record(cfg),
                                           "trained": {"from": str(weights), **{k: v for k, v in record.items()
                                                                               if k != "kind"}}})
         cfg.model.init_from = str(start)  # config.yaml names the model the fine-tune starts from

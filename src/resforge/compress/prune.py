@@ -3,7 +3,9 @@
 Torch-Pruning's dependency graph (DepGraph, Fang et al. 2023) finds which channels are coupled:
 those that meet at a residual add are removed together, with the batch norms, shortcuts and SE
 layers that read them. What it leaves is an ordinary ResNet of other widths; `ResNet.spec()` reads
-them, so the result is saved as our spec + safetensors and never as a pickled module.
+them, so the result is saved as our spec + safetensors and never as a pickled module. A detector's
+backbone is pruned with its feature pyramid attached, a segmenter's with its head: their convolutions
+keep their outputs (the heads' widths are the spec's) and lose the inputs the backbone no longer makes.
 
 Importance of a channel group: "l1" / "l2" (weight magnitude), "bn-scale" (the batch-norm scale,
 network slimming, Liu et al. 2017: train with `--l1-bn` first), "taylor" (first-order Taylor
@@ -22,6 +24,8 @@ from torch import nn
 from ..errors import ConfigError
 from ..models import ResNet
 from ..models import transforms
+from ..models.detection import Detector
+from ..models.segmentation import Segmenter
 from ..models.summary import summarize
 from ..models.transforms import percent
 from .latency import least_change_within, onnxruntime_latency
@@ -61,16 +65,39 @@ def _importance(kind: str, model: ResNet) -> Any:
     return tp.importance.MagnitudeImportance(p=1 if kind == "l1" else 2)
 
 
-def prune_model(model: ResNet, img_size: int, *, ratio: float | None = None, macs: float | None = None,
+def _prunable(model: nn.Module, importance: str) -> tuple[nn.Module, ResNet, list[nn.Module]]:
+    """(what Torch-Pruning traces, the ResNet whose MACs count, the layers whose outputs stay) of `model`: a
+    ResNet, a detector's backbone with its pyramid, or a segmenter (its head keeps its widths)."""
+    if isinstance(model, (Detector, Segmenter)):
+        if importance == "taylor":
+            raise ConfigError("taylor importance takes gradients of a classifier's loss: prune a dense model by "
+                              "l1, l2 or bn-scale")
+        if isinstance(model, Segmenter):
+            if model.segmenter == "fcn" or model.aux_classifier is not None:
+                raise ConfigError("an FCN head (segmenter fcn, or --aux) takes its width from the backbone's, so a "
+                                  "pruned one could not be rebuilt: prune a deeplabv3 or deeplabv3plus without --aux")
+            return model, model.backbone, [m for m in model.classifier.modules() if isinstance(m, nn.Conv2d)]
+        if model.spec()["frozen_bn"]:
+            raise ConfigError("this detector's backbone has frozen batch norm (--frozen-bn), whose fixed scales "
+                              "Torch-Pruning cannot cut: fine-tune it without --frozen-bn first")
+        return model.backbone, model.resnet, [m for m in model.backbone.fpn.modules() if isinstance(m, nn.Conv2d)]
+    if not isinstance(model, ResNet):
+        raise ConfigError(f"channel pruning rebuilds ResNets from their widths, and {model.model_name or 'this model'} "
+                          "is not one: distil a ResNet into it instead (train --teacher)")
+    return model, model, [model.get_classifier()]
+
+
+def prune_model(model: ResNet | Detector | Segmenter, img_size: int, *, ratio: float | None = None, macs: float | None = None,
                 steps: int | None = None, importance: str = "l1", round_to: int = 8,
                 gradients: Callable[[ResNet], None] | None = None) -> dict[str, Any]:
-    """Remove channels from `model` in place, the same share from each layer; return what changed.
+    """Remove channels from `model` (a ResNet, or a dense model's backbone) in place, the same share from each
+    layer; return what changed.
 
     `ratio` removes that share of each layer's channels; `macs` removes channels in MAX_STEPS equal
-    steps towards MAX_RATIO until the network keeps at most that share of its MACs; `steps` takes
-    that many of those steps (what a latency target searches over). Widths are multiples of
-    `round_to`. `gradients` fills `.grad` from a few training batches, which "taylor" needs before
-    each step.
+    steps towards MAX_RATIO until the network (a dense model's backbone) keeps at most that share of its
+    MACs; `steps` takes that many of those steps (what a latency target searches over). Widths are
+    multiples of `round_to`. `gradients` fills `.grad` from a few training batches, which "taylor"
+    needs before each step.
     """
     import torch_pruning as tp
 
@@ -78,28 +105,26 @@ def prune_model(model: ResNet, img_size: int, *, ratio: float | None = None, mac
         check_target(ratio, macs)
     elif ratio is not None or macs is not None or not 1 <= steps <= MAX_STEPS:
         raise ConfigError(f"steps ({steps}) is a number of the {MAX_STEPS} pruning steps, without ratio or macs")
-    if not isinstance(model, ResNet):
-        raise ConfigError(f"channel pruning rebuilds ResNets from their widths, and {model.model_name or 'this model'} "
-                          "is not one: distil a ResNet into it instead (train --teacher)")
+    traced, network, kept = _prunable(model, importance)
     transforms.check(model, "pruned")
     if importance == "taylor" and gradients is None:
         raise ConfigError("taylor importance needs training batches for its gradients")
     if round_to < 1:
         raise ConfigError(f"round_to must be at least 1, got {round_to}")
     model.eval()
-    before = summarize(model, img_size)
-    example = torch.zeros(1, model.stem_conv.in_channels, img_size, img_size)
-    pruner = tp.pruner.BasePruner(model, example, importance=_importance(importance, model),
+    before = summarize(network, img_size)
+    example = torch.zeros(1, network.stem_conv.in_channels, img_size, img_size)
+    pruner = tp.pruner.BasePruner(traced, example, importance=_importance(importance, network),
                                   pruning_ratio=ratio if ratio is not None else MAX_RATIO,
                                   iterative_steps=1 if ratio is not None else MAX_STEPS,
-                                  ignored_layers=[model.get_classifier()], round_to=round_to)
+                                  ignored_layers=kept, round_to=round_to)
     after, taken = before, 0
     for taken in range(1, 1 + (1 if ratio is not None else steps or MAX_STEPS)):
         if gradients is not None:
             model.zero_grad(set_to_none=True)
             gradients(model)
         pruner.step()
-        after = summarize(model, img_size)
+        after = summarize(network, img_size)
         if macs is not None and after.macs <= macs * before.macs:
             break
     model.zero_grad(set_to_none=True)
@@ -126,6 +151,8 @@ def structured(*, ratio: float | None, macs: float | None, importance: str, roun
         if latency is None:
             return prune_model(trainer.model, trainer.pre.img_size, ratio=ratio, macs=macs, importance=importance,
                                round_to=round_to, gradients=gradients)
+        if not isinstance(trainer.model, ResNet):
+            raise ConfigError("--latency times a classifier's graph: prune a dense model to --ratio or --macs")
         timer = onnxruntime_latency(trainer.classes, trainer.pre)
         found = latency_steps(trainer.model, latency, timer, trainer.pre.img_size, importance=importance,
                               round_to=round_to, gradients=gradients)

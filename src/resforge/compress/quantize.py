@@ -70,7 +70,7 @@ class Quantized:
     images: int  # validation images
     timings: dict[str, float] = field(default_factory=dict)  # activation type -> img/s at batch 1, when measured
     kept_fp32: list[str] = field(default_factory=list)  # layers left in higher precision for --max-drop
-    metric: str = "top-1"  # or mIoU
+    metric: str = "top-1"  # or mIoU (segmenters), AP50 (detectors)
 
     @property
     def drop(self) -> float:
@@ -78,11 +78,12 @@ class Quantized:
         return 100 * (self.fp32_score - self.int8_score)
 
     def line(self) -> str:
-        what = "top-1" if self.metric == "top-1" else "pixel"
+        what = {"top-1": "top-1", "mIoU": "pixel", "AP50": "detection"}[self.metric]
         return (f"int8 ({self.backend}, {self.activations} activations, {self.calib} calibration images): "
                 f"{self.metric} {self.int8_score:.2%} against fp32 {self.fp32_score:.2%} ({self.drop:+.2f} pt lost) "
                 f"on {self.images} validation images; {what} agreement {self.agreement:.2%}"
-                + (f"; {len(self.kept_fp32)} layer(s) kept in higher precision" if self.kept_fp32 else ""))
+                + (f"; in float: {', '.join(self.kept_fp32)}" if self.metric == "AP50" else
+                   f"; {len(self.kept_fp32)} layer(s) kept in higher precision" if self.kept_fp32 else ""))
 
 
 def quantize(source: str | os.PathLike, backend: str = "onnxruntime", out: str | os.PathLike | None = None, *,
@@ -93,8 +94,8 @@ def quantize(source: str | os.PathLike, backend: str = "onnxruntime", out: str |
 
     `calib` images of the run's training split (or of `images`) calibrate the activation ranges;
     the run's validation split measures what the int8 file loses against fp32 (the fp32 graph of
-    `baseline`, default `source`). `max_drop` (points of top-1, a segmenter's of mIoU) leaves the most
-    sensitive layers in fp32 until the loss is within it. A model trained for int8 (`resforge quantize --qat`) keeps the
+    `baseline`, default `source`). `max_drop` (points of top-1, a segmenter's of mIoU, a detector's of AP@.5)
+    leaves the most sensitive layers (a detector's pyramid) in fp32 until the loss is within it. A model trained for int8 (`resforge quantize --qat`) keeps the
     activation scales it learned.
     """
     _check_options(backend, calib, method, activations, max_drop)
@@ -115,6 +116,10 @@ def quantize(source: str | os.PathLike, backend: str = "onnxruntime", out: str |
         net, learned = qat.plain(src.model)
         activations = "u8"
     calib_files = _calibration_files(src, images, calib)
+    if src.info.task == "detect":
+        from .quantize_detector import quantize_detector  # it builds on this module's record and figures
+
+        return quantize_detector(src, backend, path, calib_files, max_drop)
     val = validation_masks(src.info, src.path) if src.info.task == "segment" else \
         src.info.recorded_samples(src.path, "val")
     if not val:
@@ -181,7 +186,7 @@ def check_calibration(source: str | os.PathLike, backend: str, calib: int, metho
 
 def _check_options(backend: str, calib: int, method: str, activations: str, max_drop: float | None) -> None:
     if max_drop is not None and not max_drop >= 0:
-        raise ConfigError(f"--max-drop is the points (of top-1, or mIoU) int8 may lose and cannot be negative, got "
+        raise ConfigError(f"--max-drop is the points (of top-1, mIoU or AP@.5) int8 may lose and cannot be negative, got "
                           f"{max_drop:g}")
     if backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")

@@ -78,6 +78,10 @@ def measure(source: str, backend: str, precision: str = "auto", batch_sizes: Seq
         torch.set_num_threads(threads)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # this model's peak, also when measured beside others
+    from ..tasks import recorded_task
+
+    if recorded_task(source) == "detect":
+        return _measure_detector(source, backend, batch_sizes, threads, duration, warmup, images, device)
     first_batch = 1 if 1 in batch_sizes else batch_sizes[0]
 
     def load(batch_size: int) -> Predictor:
@@ -110,19 +114,63 @@ def measure(source: str, backend: str, precision: str = "auto", batch_sizes: Seq
             row["latency_ms"] = {f"p{q:g}": float(np.percentile(ms, q)) for q in PERCENTILES}
             row["latency_samples"] = len(ms)
         if files:
-            row["end_to_end"][key] = _files_per_second(p, files, bs, duration)
+            row["end_to_end"][key] = _files_per_second(_answers(p, bs), files, bs, duration)
     row["peak_rss_mb"] = _peak_rss_mb()
     if predictor.runner.device.type == "cuda":
         row["peak_gpu_mb"] = torch.cuda.max_memory_allocated(predictor.runner.device) / 2**20
     return row
 
 
-def _files_per_second(predictor: Predictor, files: list[str], batch_size: int, duration: float) -> float:
-    """Images per second from files to answers (decode, preprocess, infer: classes, or a segmenter's class map at
-    each image's size), the files taken in turn in batches, after one untimed batch."""
+def _measure_detector(source: str, backend: str, batch_sizes: Sequence[int], threads: int | None, duration: float,
+                      warmup: int, images: str | None, device: str) -> dict[str, Any]:
+    """A detector on its engine (`backend` auto: its file's own), timed on the first of `images` at its own size
+    (a detector's work follows what it finds: noise at the trained size without images): a batch is that many
+    images in one call, which an exported graph takes one by one."""
+    import torch
+
+    from ..data.folder import load_image, scan_images
+    from ..data.loader import pil_to_tensor
+    from ..runtime.source import open_source
+    from ..tasks.detect import detector_backend, open_detector
+
+    src = open_source(source)
+    engine = detector_backend(src, "auto" if backend == "auto" else backend)
+    files = scan_images([images]) if images else []
+    if files:
+        x = pil_to_tensor(load_image(files[0], src.info.pre.mode)).float() / 255
+    else:
+        size = src.info.pre.img_size
+        x = torch.rand(src.info.pre.in_chans, size, size, generator=torch.Generator().manual_seed(0))
+    t0 = timing.clock()
+    loaded = open_detector(open_source(source), device, backend=engine)
+    loaded.detect([x])
+    cold = timing.clock() - t0
+    row: dict[str, Any] = {"model": source, "name": Path(source).name, "backend": engine, "precision": "fp32",
+                           "asked": backend, "device": str(loaded.device), "cold_start_s": cold,
+                           "file_mb": file_size_mb(source), "threads": threads or torch.get_num_threads(),
+                           "throughput": {}, "chosen": {}, "end_to_end": {}}
+    for bs in batch_sizes:
+        key = str(bs)
+        row["chosen"][key] = f"{engine} fp32"
+        times = timing.timed_calls(lambda: loaded.detect([x] * bs), duration, warmup=warmup)
+        row["throughput"][key] = timing.per_second(bs, times)
+        if bs == 1:
+            ms = np.asarray(times) * 1000
+            row["latency_ms"] = {f"p{q:g}": float(np.percentile(ms, q)) for q in PERCENTILES}
+            row["latency_samples"] = len(ms)
+        if files:
+            row["end_to_end"][key] = _files_per_second(lambda batch: loaded.detect(
+                [pil_to_tensor(load_image(f, src.info.pre.mode)).float() / 255 for f in batch]), files, bs, duration)
+    row["peak_rss_mb"] = _peak_rss_mb()
+    return row
+
+
+def _files_per_second(answer: Callable[[list[str]], Any], files: list[str], batch_size: int, duration: float
+                      ) -> float:
+    """Images per second from files to answers (decode, preprocess, infer: classes, a segmenter's class map or a
+    detector's objects at each image's size), the files taken in turn in batches, after one untimed batch."""
     batches = cycle([files[i:i + batch_size] for i in range(0, len(files), batch_size)])
     sizes: list[int] = []
-    answer = _answers(predictor, batch_size)
 
     def call() -> None:
         batch = next(batches)

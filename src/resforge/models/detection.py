@@ -91,8 +91,10 @@ def _pyramid(body: ResNet, levels: Sequence[int], extra: nn.Module, channels: in
              norm: type[nn.Module] | None) -> BackboneWithFPN:
     """torchvision's FPN over the backbone's stages `levels` (1-4), as `_resnet_fpn_extractor` wires it."""
     names = [body.feature_info[i - 1]["name"] for i in levels]
-    return BackboneWithFPN(body, {name: str(k) for k, name in enumerate(names)},
-                           [body.feature_info[i - 1]["channels"] for i in levels], channels, extra, norm)
+    pyramid = BackboneWithFPN(body, {name: str(k) for k, name in enumerate(names)},
+                              [body.feature_info[i - 1]["channels"] for i in levels], channels, extra, norm)
+    pyramid.__dict__["resnet"] = body  # the body holds its stages, not the ResNet itself
+    return pyramid
 
 
 class Detector:
@@ -113,6 +115,9 @@ class Detector:
                                    min_size, max_size, options)
         super().__init__(pyramid, **kw)  # torchvision's class, next in the order
         self._spec, self.model_name, self.transforms = spec, self.detector, []
+        # the ResNet whose stages the pyramid's body holds (the same modules, not registered twice): it reads
+        # the widths pruning leaves and counts the backbone's MACs
+        self.__dict__["resnet"] = pyramid.resnet
         self.pretrained_cfg: dict[str, Any] = {}  # where starting weights came from, as create_model records it
         for module in self.box_sources():
             module.register_forward_hook(_float_outputs)
@@ -126,8 +131,15 @@ class Detector:
                 [heads.mask_predictor] if heads.has_mask() else [])
         return [self.backbone, self.head]
 
+    def train(self, mode: bool = True) -> Detector:
+        super().train(mode)
+        self.resnet.training = mode  # its modules are the body's; its own flag follows, as if it were a child
+        return self
+
     def spec(self) -> dict[str, Any]:
-        return dict(self._spec)
+        options = self.resnet.spec()
+        options.pop("num_classes")
+        return {**self._spec, "backbone_options": options}
 
     @property
     def num_classes(self) -> int:
@@ -229,10 +241,8 @@ def _setup(kind: str, num_classes: int, backbone: str, backbone_options: dict[st
         pyramid, kw = _one_stage_parts(body, s, kind)
         kw["num_classes"] = num_classes
     kw.update(min_size=min_size, max_size=max_size, image_mean=list(image_mean), image_std=list(image_std))
-    spec = {"num_classes": num_classes, "backbone": backbone, "backbone_options": body.spec(),
-            "image_mean": list(image_mean), "image_std": list(image_std), "min_size": min_size,
-            "max_size": max_size, **dataclasses.asdict(s)}
-    spec["backbone_options"].pop("num_classes")
+    spec = {"num_classes": num_classes, "backbone": backbone, "image_mean": list(image_mean),
+            "image_std": list(image_std), "min_size": min_size, "max_size": max_size, **dataclasses.asdict(s)}
     return pyramid, kw, spec
 
 

@@ -139,9 +139,7 @@ class Segmenter(nn.Module):
         else:
             self.classifier = FCNHead(channels[3], num_classes)
         self.aux_classifier = FCNHead(channels[2], num_classes) if s.aux else None
-        self._spec = {"num_classes": num_classes, "backbone": backbone, "backbone_options": body.spec(),
-                      **dataclasses.asdict(s)}
-        self._spec["backbone_options"].pop("num_classes")
+        self._spec = {"num_classes": num_classes, "backbone": backbone, **dataclasses.asdict(s)}
         self.model_name, self.transforms = self.segmenter, []
         self.pretrained_cfg: dict[str, Any] = {}  # where starting weights came from, as create_model records it
 
@@ -168,7 +166,9 @@ class Segmenter(nn.Module):
         return out
 
     def spec(self) -> dict[str, Any]:
-        return dict(self._spec)
+        options = self.backbone.spec()  # the widths as they are now (pruned, say)
+        options.pop("num_classes")
+        return {**self._spec, "backbone_options": options}
 
     @property
     def num_classes(self) -> int:

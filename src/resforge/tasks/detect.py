@@ -8,6 +8,7 @@ forward pass takes the targets and returns its losses, which the criterion adds 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -35,16 +36,16 @@ from ..evaluation.coco import detection_metrics, mask_rle, missed_objects
 from ..evaluation.plots import plot_image_grid, plot_pr_curves
 from ..io import write_json
 from ..models import load_model
-from ..models.detection import DETECTOR_CLASSES, Detector
+from ..models.detection import DETECTOR_CLASSES, Detector, DetectorSpec
 from ..models.spec import given_options
 from ..models.weights import load_into, read_checkpoint
 from ..report import markdown_table
 from ..runtime.backends import OnnxRuntimeRunner, OpenVinoRunner
 from ..runtime.build import backend_device, build_runner
-from ..runtime.source import open_source
+from ..runtime.source import Source, open_source
 from ..training.auto import Chooser
 from .base import Datasets, Forward, Task
-from .classify import adopt_backbone
+from .classify import adopt_backbone, adopt_options
 
 log = logging.getLogger("resforge")
 
@@ -74,12 +75,15 @@ class LoadedDetector:
     classes: list[str]
     tile: dict[str, Any] | None = None
 
+    @property
+    def device(self) -> torch.device:
+        return self.model.device if isinstance(self.model, ExportedDetector) else next(self.model.parameters()).device
+
     @torch.no_grad()
     def detect(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """The detections (on the CPU) of float CxHxW images: by sliced inference when the detector was
         trained on tiles, else in one call."""
-        device = self.model.device if isinstance(self.model, ExportedDetector) else next(self.model.parameters()).device
-        images = to_device(images, device)
+        images = to_device(images, self.device)
         if self.tile:
             out = [sliced_predict(self.model, image, self.tile["size"], self.tile["overlap"]) for image in images]
         else:
@@ -175,9 +179,20 @@ class Detection(Task):
             log.info("backbone from the classifier %s; the pyramid and heads start fresh", cfg.model.init_from)
         return model
 
-    def adopt_init(self, cfg: Config) -> None:
-        adopt_backbone(cfg, "a detector")
-        return None
+    def adopt_init(self, cfg: Config) -> tuple[Detector, dict[str, Any]] | None:
+        """A detector to go on from (a compression run's start: pruned, say), whose architecture, input size
+        and tiles become the run's; else a classification run whose network becomes the backbone."""
+        model, meta = load_model(cfg.model.init_from)
+        if not isinstance(model, Detector):
+            adopt_backbone(cfg, "a detector")
+            return None
+        spec = model.spec()
+        adopt_options(cfg, {"detect.detector": model.detector, "model.name": spec["backbone"],
+                            "data.img_size": spec["min_size"], "data.in_chans": meta["preprocess"]["in_chans"],
+                            **{f"detect.{f.name}": spec[f.name] for f in dataclasses.fields(DetectorSpec)},
+                            **({"data.tile": meta["tile"]["size"], "data.overlap": meta["tile"]["overlap"]}
+                               if meta.get("tile") else {})})
+        return model, meta
 
     def scan(self, cfg: Config, split_csv: str | os.PathLike | None) -> DetectionScan:
         d = cfg.data
@@ -352,14 +367,7 @@ class Detection(Task):
     def evaluate(self, predictor: LoadedDetector, samples: list, out_dir: Path, name: str, batch_size: int,
                  workers: int) -> DetectionReport:
         classes, masks = predictor.classes, predictor.model.detector == "maskrcnn"
-        loader = make_loader(ObjectsDataset(samples, detection_transform(None), masks=masks), batch_size,
-                             train=False, workers=max(workers, 0), seed=0, collate_fn=collate_objects)
-        predictions, targets, sizes = [], [], []
-        for x, y in loader:
-            predictions += predictor.detect(x)
-            targets += y
-            sizes += [tuple(image.shape[-2:]) for image in x]
-        m = detection_metrics(predictions, targets, sizes, len(classes), masks=masks)
+        m, predictions, targets = detection_figures(predictor, samples, batch_size, workers)
         curves = {classes[c - 1]: p for c, p in m.pop("pr50").items()}
         m.pop("mask_pr50", None)
         m["per_class"] = {classes[c - 1]: ap for c, ap in m["per_class"].items()}
@@ -410,6 +418,20 @@ class Detection(Task):
                 f"({report.num_images} images, {report.num_objects} objects)")
 
 
+def detection_figures(predictor: LoadedDetector, samples: list[Objects], batch_size: int = 8, workers: int = 0
+                      ) -> tuple[dict[str, Any], list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
+    """(COCO metrics, detections, targets) of `predictor` on annotated `samples` (class indices the model's)."""
+    masks = predictor.model.detector == "maskrcnn"
+    loader = make_loader(ObjectsDataset(samples, detection_transform(None), masks=masks), batch_size,
+                         train=False, workers=max(workers, 0), seed=0, collate_fn=collate_objects)
+    predictions, targets, sizes = [], [], []
+    for x, y in loader:
+        predictions += predictor.detect(x)
+        targets += y
+        sizes += [tuple(image.shape[-2:]) for image in x]
+    return detection_metrics(predictions, targets, sizes, len(predictor.classes), masks=masks), predictions, targets
+
+
 def _plot_detections(dataset: ObjectsDataset, predictions: list[dict[str, torch.Tensor]], shown: list[int],
                      classes: list[str], path: Path, title: str, missed: list[int] | None = None) -> None:
     """A grid of images with their ground truth and confident detections drawn (torchvision's
@@ -451,23 +473,40 @@ def any_way_up(scan: DetectionScan) -> str | None:
     return f"no class has a side up, objects seen from above (boxes wider than tall: {shares}; people: about 10%)"
 
 
-def load_detector(source: str | os.PathLike, device: str = "auto",
-                  tile: dict[str, Any] | None = None) -> LoadedDetector:
-    """A saved detector (run directory, .safetensors or its sidecar; or an exported .onnx or OpenVINO .xml, run on
-    its engine) on `device`, in evaluation mode, slicing images into `tile` ({"size", "overlap"}; default: the
-    tiles it was trained on, if any)."""
-    if Path(source).suffix.lower() in (".onnx", ".xml"):
-        src = open_source(source)
-        if src.info.task != "detect":
-            raise ConfigError(f"{source} holds a {src.info.task} model, not a detector")
-        backend = "onnxruntime" if src.kind == "onnx" else "openvino"
-        runner = build_runner(src, backend, backend_device(backend, device), "auto" if src.kind == "onnx" else "fp32")
-        return LoadedDetector(ExportedDetector(runner, src.info.name), src.info.classes,
-                              tile or src.info.task_record.get("tile"))
-    model, meta = load_model(source)
-    if not isinstance(model, Detector):
-        raise ConfigError(f"{source} holds a classifier, not a detector")
-    return LoadedDetector(model.to(resolve_device(device)).eval(), meta["classes"], tile or meta.get("tile"))
+def load_detector(source: str | os.PathLike, device: str = "auto", tile: dict[str, Any] | None = None,
+                  backend: str = "auto") -> LoadedDetector:
+    """A saved detector (run directory, .safetensors or its sidecar; or an exported .onnx or OpenVINO .xml) on
+    `device`, in evaluation mode, slicing images into `tile` ({"size", "overlap"}; default: the tiles it was
+    trained on, if any); see `open_detector` for `backend`."""
+    return open_detector(open_source(source), device, tile, backend)
+
+
+def detector_backend(src: Source, backend: str) -> str:
+    """The engine a detector read by `open_source` runs on when asked for `backend` (auto: its file's own), or
+    why it cannot."""
+    if src.info.task != "detect":
+        raise ConfigError(f"{src.path} holds a {src.info.task} model, not a detector")
+    engines = {"torch": ["torch"], "onnx": ["onnxruntime", "openvino"], "openvino": ["openvino"]}[src.kind]
+    if backend != "auto" and backend not in engines:
+        raise ConfigError(f"{src.path} is a detector that runs on {' or '.join(engines)}, not on {backend}"
+                          + ("; export it for another engine (resforge export RUN --format onnx|openvino)"
+                             if src.kind == "torch" else ""))
+    return engines[0] if backend == "auto" else backend
+
+
+def open_detector(src: Source, device: str = "auto", tile: dict[str, Any] | None = None, backend: str = "auto"
+                  ) -> LoadedDetector:
+    """A detector read by `open_source` on `backend`: auto is its file's engine (PyTorch for a run, onnxruntime
+    for .onnx, OpenVINO for .xml); an .onnx file runs on OpenVINO too; a run only on PyTorch (its graph, with
+    NMS inside, is what `export` writes)."""
+    backend = detector_backend(src, backend)
+    tile = tile or src.info.task_record.get("tile")
+    if backend == "torch":
+        if not isinstance(src.model, Detector):
+            raise ConfigError(f"{src.path} holds a classifier, not a detector")
+        return LoadedDetector(src.model.to(resolve_device(device)).eval(), src.info.classes, tile)
+    runner = build_runner(src, backend, backend_device(backend, device), "auto" if backend == "onnxruntime" else "fp32")
+    return LoadedDetector(ExportedDetector(runner, src.info.name), src.info.classes, tile)
 
 
 def _as_model_classes(scan: DetectionScan, classes: list[str]) -> list[Objects]:
@@ -505,11 +544,12 @@ def evaluate_detector(source: str | os.PathLike, data: str | os.PathLike, *, out
 
 def predict_boxes(source: str | os.PathLike, files: list[str], *, conf: float = 0.25, batch_size: int = 8,
                   device: str = "auto", save_images: str | os.PathLike | None = None,
-                  tile: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+                  tile: dict[str, Any] | None = None, backend: str = "auto") -> list[dict[str, Any]]:
     """Objects scoring at least `conf` in each image, as rows {"path", "objects": [{"class", "score", "box": [x1,
     y1, x2, y2], and for Mask R-CNN "mask": COCO's compressed RLE}]} or {"path", "error"}; `save_images` draws
-    them into that folder; `tile` ({"size", "overlap"}) slices images as a run trained on tiles does."""
-    loaded = load_detector(source, device, tile)
+    them into that folder; `tile` ({"size", "overlap"}) slices images as a run trained on tiles does; `backend`
+    as `open_detector` takes it."""
+    loaded = load_detector(source, device, tile, backend)
     classes = loaded.classes
     rows: list[dict[str, Any]] = []
     for start in range(0, len(files), batch_size):
@@ -523,20 +563,28 @@ def predict_boxes(source: str | os.PathLike, files: list[str], *, conf: float = 
         if not images:
             continue
         for path, image, o in zip(names, images, loaded.detect([i.float() / 255 for i in images])):
-            keep = o["scores"] >= conf
-            boxes, labels, scores = o["boxes"][keep], o["labels"][keep], o["scores"][keep]
-            masks = o["masks"][keep] if "masks" in o else None
-            objects = [{"class": classes[int(label) - 1], "score": round(float(score), 4),
-                        "box": [round(float(v), 1) for v in box]} for box, label, score in zip(boxes, labels, scores)]
-            if masks is not None:
-                for obj, rle in zip(objects, mask_rle(masks)):
-                    obj["mask"] = rle
-            rows.append({"path": path, "objects": objects})
+            rows.append({"path": path, "objects": detected_objects(o, classes, conf)})
             if save_images is not None:
-                _draw(image, boxes, [f"{classes[int(l_) - 1]} {float(s):.2f}" for l_, s in zip(labels, scores)],
-                      masks, Path(save_images) / f"{Path(path).stem}.png")
+                keep = o["scores"] >= conf
+                labels, scores = o["labels"][keep], o["scores"][keep]
+                _draw(image, o["boxes"][keep], [f"{classes[int(l_) - 1]} {float(s):.2f}" for l_, s in
+                                                zip(labels, scores)],
+                      o["masks"][keep] if "masks" in o else None, Path(save_images) / f"{Path(path).stem}.png")
     order = {p: i for i, p in enumerate(files)}
     return sorted(rows, key=lambda r: order[r["path"]])
+
+
+def detected_objects(found: dict[str, torch.Tensor], classes: list[str], conf: float) -> list[dict[str, Any]]:
+    """One image's detections scoring at least `conf`, as [{"class", "score", "box": [x1, y1, x2, y2], and for
+    Mask R-CNN "mask": COCO's compressed RLE}]: what predict writes and serve answers."""
+    keep = found["scores"] >= conf
+    objects = [{"class": classes[int(label) - 1], "score": round(float(score), 4),
+                "box": [round(float(v), 1) for v in box]}
+               for box, label, score in zip(found["boxes"][keep], found["labels"][keep], found["scores"][keep])]
+    if "masks" in found:
+        for obj, rle in zip(objects, mask_rle(found["masks"][keep])):
+            obj["mask"] = rle
+    return objects
 
 
 def _draw(image: torch.Tensor, boxes: torch.Tensor, captions: list[str], masks: torch.Tensor | None,

@@ -9,6 +9,7 @@ by sliced inference, the windows' class probabilities blended where they overlap
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -21,6 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 from torchvision.transforms import v2
 
@@ -37,17 +39,17 @@ from ..evaluation.plots import plot_image_grid
 from ..evaluation.segmentation import confusion, segmentation_metrics
 from ..io import atomic_path, write_json
 from ..models import load_model
-from ..models.segmentation import SEGMENTER_CLASSES, Segmenter
+from ..models.segmentation import SEGMENTER_CLASSES, Segmenter, SegmenterSpec
 from ..models.spec import given_options
 from ..models.weights import load_into, read_checkpoint
 from ..report import markdown_table
 from ..runtime.backends import TorchRunner
 from ..runtime.build import backend_device, build_runner
 from ..runtime.record import ModelInfo
-from ..runtime.source import open_source
+from ..runtime.source import Source, open_source
 from ..training.auto import Chooser
 from .base import Datasets, Forward, Task
-from .classify import adopt_backbone
+from .classify import adopt_backbone, adopt_options
 
 log = logging.getLogger("resforge")
 
@@ -245,9 +247,20 @@ class Segmentation(Task):
             log.info("backbone from the classifier %s; the head starts fresh", m.init_from)
         return model
 
-    def adopt_init(self, cfg: Config) -> None:
-        adopt_backbone(cfg, "a segmenter")
-        return None
+    def adopt_init(self, cfg: Config) -> tuple[Segmenter, dict[str, Any]] | None:
+        """A segmenter to go on from (a compression run's start: pruned, say), whose architecture, input size and
+        windows become the run's; else a classification run whose network becomes the backbone."""
+        model, meta = load_model(cfg.model.init_from)
+        if not isinstance(model, Segmenter):
+            adopt_backbone(cfg, "a segmenter")
+            return None
+        spec, pre = model.spec(), meta["preprocess"]
+        adopt_options(cfg, {"segment.segmenter": model.segmenter, "model.name": spec["backbone"],
+                            "data.img_size": pre["img_size"], "data.in_chans": pre["in_chans"],
+                            **{f"segment.{f.name}": spec[f.name] for f in dataclasses.fields(SegmenterSpec)},
+                            **({"data.tile": meta["tile"]["size"], "data.overlap": meta["tile"]["overlap"]}
+                               if meta.get("tile") else {})})
+        return model, meta
 
     def scan(self, cfg: Config, split_csv: str | os.PathLike | None) -> MaskScan:
         d, ignore = cfg.data, cfg.segment.ignore_index
@@ -458,17 +471,36 @@ def load_segmentation_weights(model: Segmenter, source: str) -> list[str]:
 
 def load_segmenter(source: str | os.PathLike, device: str = "auto", tile: dict[str, Any] | None = None,
                    backend: str = "auto", precision: str = "fp32") -> LoadedSegmenter:
-    """A segmenter (run directory, .safetensors, or an exported .onnx / OpenVINO .xml) on `backend` (auto: the
-    file's own engine, PyTorch for a run) and `device` in `precision` (onnxruntime: the file's own), slicing
-    images into `tile` ({"size", "overlap"}; default: the windows it was trained on, if any)."""
-    src = open_source(source)
+    """A segmenter (run directory, .safetensors, or an exported .onnx / OpenVINO .xml): `open_segmenter`."""
+    return open_segmenter(open_source(source), device, tile, backend, precision)
+
+
+def open_segmenter(src: Source, device: str = "auto", tile: dict[str, Any] | None = None, backend: str = "auto",
+                   precision: str = "fp32") -> LoadedSegmenter:
+    """A segmenter read by `open_source` on `backend` (auto: the file's own engine, PyTorch for a run) and
+    `device` in `precision` (onnxruntime: the file's own), slicing images into `tile` ({"size", "overlap"};
+    default: the windows it was trained on, if any)."""
     if src.info.task != "segment":
-        raise ConfigError(f"{source} holds a {src.info.task} model, not a segmenter")
+        raise ConfigError(f"{src.path} holds a {src.info.task} model, not a segmenter")
     if backend == "auto":
         backend = {"torch": "torch", "onnx": "onnxruntime", "openvino": "openvino"}[src.kind]
     precision = "auto" if backend == "onnxruntime" else precision
     return LoadedSegmenter.from_info(build_runner(src, backend, backend_device(backend, device), precision),
                                      src.info, tile)
+
+
+def palette_png(classes: np.ndarray, colors: np.ndarray) -> Image.Image:
+    """A uint8 class map as a palette image: each pixel's value its class, the classes' `colors` shown by any
+    viewer."""
+    image = Image.fromarray(classes, "P")
+    image.putpalette(colors.ravel().tolist())
+    return image
+
+
+def class_shares(classes: np.ndarray, names: list[str]) -> dict[str, float]:
+    """The share of a class map's pixels each class present takes: what predict writes and serve answers."""
+    counts = np.bincount(classes.ravel(), minlength=len(names))
+    return {c: round(float(n) / classes.size, 4) for c, n in zip(names, counts) if n}
 
 
 def _plot_iou(iou: dict[str, float | None], path: Path) -> None:
@@ -528,14 +560,13 @@ def evaluate_segmenter(source: str | os.PathLike, data: str | os.PathLike, *, ou
 
 
 def predict_masks(source: str | os.PathLike, files: list[str], out_dir: str | os.PathLike, *, device: str = "auto",
-                  save_images: str | os.PathLike | None = None, tile: dict[str, Any] | None = None
-                  ) -> list[dict[str, Any]]:
+                  save_images: str | os.PathLike | None = None, tile: dict[str, Any] | None = None,
+                  backend: str = "auto") -> list[dict[str, Any]]:
     """A class-index PNG per image in `out_dir` (palette PNG: the class colours show in any viewer), as rows
     {"path", "mask", "pixels": {class: share}} or {"path", "error"}; `save_images` lays the classes over the
-    images in that folder; `tile` ({"size", "overlap"}) slices images as a run trained on windows does."""
-    from PIL import Image
-
-    loaded = load_segmenter(source, device, tile)
+    images in that folder; `tile` ({"size", "overlap"}) slices images as a run trained on windows does; `backend`
+    as `open_segmenter` takes it."""
+    loaded = load_segmenter(source, device, tile, backend)
     colors = palette(len(loaded.classes), loaded.colors)
     rows: list[dict[str, Any]] = []
     for path in files:
@@ -547,13 +578,9 @@ def predict_masks(source: str | os.PathLike, files: list[str], out_dir: str | os
         pred = loaded.segment(image.float() / 255).numpy().astype(np.uint8)
         target = Path(out_dir) / f"{Path(path).stem}.png"
         target.parent.mkdir(parents=True, exist_ok=True)
-        png = Image.fromarray(pred, "P")
-        png.putpalette(colors.ravel().tolist())
         with atomic_path(target) as tmp:
-            png.save(tmp, format="PNG")
-        counts = np.bincount(pred.ravel(), minlength=len(loaded.classes))
-        rows.append({"path": path, "mask": str(target),
-                     "pixels": {c: round(float(n) / pred.size, 4) for c, n in zip(loaded.classes, counts) if n}})
+            palette_png(pred, colors).save(tmp, format="PNG")
+        rows.append({"path": path, "mask": str(target), "pixels": class_shares(pred, loaded.classes)})
         if save_images is not None:
             drawn = overlay(image.permute(1, 2, 0).numpy(), pred.astype(np.int64), colors, 255)
             shown = Path(save_images) / f"{Path(path).stem}.png"

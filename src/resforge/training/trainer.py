@@ -138,6 +138,10 @@ class Trainer:
             model = build_from_arch(self.state["arch"], str(self.run_dir / "last.ckpt"))
         elif self.init_model is not None:
             model, meta = self.init_model
+            if meta["classes"] != self.classes and not hasattr(model, "reset_classifier"):
+                raise ConfigError(f"--init {self.cfg.model.init_from} knows other classes ({', '.join(meta['classes'])})"
+                                  f" than this folder ({', '.join(self.classes)}), and a {self.task.name} model "
+                                  "keeps its head: start from a classification run, or train on the same classes")
             if meta["classes"] != self.classes:
                 log.info("--init model has %d classes (%s), this folder %d: a new classifier head",
                          len(meta["classes"]), ", ".join(meta["classes"][:5]), len(self.classes))

@@ -3,7 +3,8 @@ every error, and the middleware around them (the gate inside CORS, the metrics o
 
 A request's images are read, admitted into the batcher's queue (all or none, 503 when full), decoded
 and preprocessed in a thread pool, and answered once their batch has run; a deadline that passes on
-the way is a 408 (the request arrived too slowly) or a 504.
+the way is a 408 (the request arrived too slowly) or a 504. What a model answers follows its task
+(`service.py`): classes, objects, or a class map.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from starlette.requests import ClientDisconnect
 
 from ... import __version__
 from ...errors import ImageError
-from ...runtime.measure import sample_batch
 from ...runtime.predictor import Predictor
 from .batcher import Batcher, DeadlineExceeded, QueueFull, ShuttingDown
 from .connections import NO_LINGER, RETRY_AFTER_S
@@ -38,6 +38,7 @@ from .gate import Gate
 from .http import CLIENT_GONE, BodyTooLarge, HttpError
 from .metrics import Metered, Metrics
 from .options import ServeOptions
+from .service import Classifier, Query, Segmenter, Service, load_service
 
 log = logging.getLogger("resforge")
 
@@ -47,33 +48,26 @@ IMAGE_STATUS = {"too many pixels": 413, "too elongated": 413, "not an image": 41
 
 
 class State:
-    """What the routes share: the predictor once loaded, the batcher, the decoding threads."""
+    """What the routes share: the model once loaded, the batcher, the decoding threads."""
 
     def __init__(self, options: ServeOptions, metrics: Metrics):
         self.options, self.metrics = options, metrics
-        self.predictor: Predictor | None = None
+        self.service: Service | None = None
         self.batcher: Batcher | None = None
         self.decoders = ThreadPoolExecutor(options.workers, thread_name_prefix="resforge-decode")
         self.failed: str | None = None
 
-    def ready(self) -> Predictor:
-        if self.predictor is None or self.batcher is None:
+    def ready(self) -> Service:
+        if self.service is None or self.batcher is None:
             raise HttpError(503, self.failed or "the model is loading", {"retry-after": str(RETRY_AFTER_S)})
-        return self.predictor
+        return self.service
 
 
-def warm_up(predictor: Predictor, max_batch: int) -> None:
-    """The first calls of a backend allocate and plan; clients should not pay for them."""
-    for n in (1, max_batch):
-        for _ in range(2):
-            predictor(sample_batch(predictor.info, n))
-
-
-def create_app(model: str | os.PathLike | Predictor, options: ServeOptions | None = None,
+def create_app(model: str | os.PathLike | Predictor | Service, options: ServeOptions | None = None,
                metadata: dict[str, Any] | None = None, on_failure: Callable[[], None] | None = None) -> FastAPI:
-    """The FastAPI app serving `model` (anything `Predictor.load` takes, or a loaded Predictor). A path is
-    loaded in the background when the app starts: /health answers at once, /ready once it is warm;
-    `on_failure` is called when loading fails (the server stops)."""
+    """The FastAPI app serving `model`: a classifier, detector or segmenter (a run directory or model file), or a
+    loaded Predictor or Service. A path is loaded in the background when the app starts: /health answers at
+    once, /ready once it is warm; `on_failure` is called when loading fails (the server stops)."""
     options = options or ServeOptions()
     options.check()
     metrics = Metrics()
@@ -92,32 +86,37 @@ def create_app(model: str | os.PathLike | Predictor, options: ServeOptions | Non
     return app
 
 
-def _load(model: str | os.PathLike | Predictor, options: ServeOptions, metadata: dict[str, Any] | None
-          ) -> Predictor:
-    predictor = model if isinstance(model, Predictor) else Predictor.load(
-        model, options.backend, options.device, options.precision, batch_size=options.max_batch, metadata=metadata)
-    predictor.max_pixels, predictor.max_aspect = options.max_pixels, options.max_aspect
-    warm_up(predictor, options.max_batch)
-    return predictor
+def _load(model: str | os.PathLike | Predictor | Service, options: ServeOptions, metadata: dict[str, Any] | None
+          ) -> Service:
+    if isinstance(model, Service):
+        service = model
+    elif isinstance(model, Predictor):
+        service = Classifier(model)
+    else:
+        service = load_service(model, options.backend, options.device, options.precision, options.max_batch,
+                               metadata)
+    service.limit(options.max_pixels, options.max_aspect)
+    service.warm_up(options.max_batch)
+    return service
 
 
-def _lifespan(state: State, model: str | os.PathLike | Predictor, metadata: dict[str, Any] | None,
+def _lifespan(state: State, model: str | os.PathLike | Predictor | Service, metadata: dict[str, Any] | None,
               on_failure: Callable[[], None] | None) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager]:
     """Loading in the background at the start; at the end, what was queued answered before the server exits."""
     options = state.options
 
     async def start() -> None:
         try:
-            predictor = await asyncio.get_running_loop().run_in_executor(None, _load, model, options, metadata)
+            service = await asyncio.get_running_loop().run_in_executor(None, _load, model, options, metadata)
         except Exception as e:  # noqa: BLE001 - any failure to load is the answer of /ready and the exit message
             state.failed = f"the model could not be loaded: {e}"
             if on_failure is not None:
                 on_failure()
             return
-        state.batcher = Batcher(predictor, options.max_batch, options.max_wait_ms, options.queue, state.metrics)
+        state.batcher = Batcher(service.run, options.max_batch, options.max_wait_ms, options.queue, state.metrics)
         state.batcher.start()
-        state.predictor = predictor
-        log.info("ready: %s", predictor.describe())
+        state.service = service
+        log.info("ready: %s", service.describe())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -184,14 +183,15 @@ def _add_info_routes(app: FastAPI, state: State) -> None:
 
     @app.get("/v1/metadata")
     async def model_metadata() -> dict[str, Any]:
-        """The model's classes, preprocessing, accepted formats and architecture, the backend it runs on, and
-        the server's limits: names, never a path of this machine."""
-        predictor = state.ready()
-        record = predictor.info.to_dict()
-        return {"name": predictor.info.name, "classes": predictor.classes, "preprocess": record["preprocess"],
+        """The model's task, classes, preprocessing, accepted formats and architecture, the backend it runs on,
+        and the server's limits: names, never a path of this machine."""
+        service = state.ready()
+        record = service.info.to_dict()
+        return {"name": service.info.name, "task": service.task, "classes": service.classes,
+                "preprocess": record["preprocess"],
                 "input": record["input"], "formats": record["formats"], "model": _named(record["arch"]),
                 "metrics": {k: v for k, v in record["metrics"].items() if isinstance(v, (int, float))},
-                "backend": predictor.backend, "precision": predictor.precision,
+                "backend": service.backend, "precision": service.precision,
                 "batching": {"max_batch": options.max_batch, "max_wait_ms": options.max_wait_ms,
                              "queue": options.queue},
                 "limits": {"max_bytes": options.max_bytes, "max_images": options.max_images,
@@ -208,33 +208,39 @@ def _add_predict_route(app: FastAPI, state: State) -> None:
     options = state.options
 
     @app.post("/v1/predict", openapi_extra=_PREDICT_BODY)
-    async def predict(request: Request, topk: int = 5, timeout: float | None = None) -> dict[str, Any]:
-        """Top-k classes of one image (the raw body) or several (multipart files), with timings in ms."""
+    async def predict(request: Request, topk: int | None = None, conf: float | None = None,
+                      timeout: float | None = None) -> Response:
+        """One image (the raw body) or several (multipart files), with timings in ms: a classifier answers the
+        top-k classes of each (`topk`, 5), a detector the objects scoring at least `conf` (0.25), a segmenter
+        its class map (a palette PNG, base64, and each class's share of the pixels; the PNG alone when the
+        request accepts only image/png and sends one image)."""
         began = time.monotonic()
-        predictor = state.ready()
-        if topk < 1:
-            raise HttpError(422, f"topk must be at least 1, got {topk}")
+        service = state.ready()
+        query = Query(service.task, topk, conf)
         if timeout is not None and not timeout > 0:
             raise HttpError(422, f"timeout must be a positive number of seconds, got {timeout:g}")
+        png_only = request.headers.get("accept", "").strip().lower() == "image/png"
+        if png_only and not isinstance(service, Segmenter):
+            raise HttpError(406, f"a {service.task} model answers JSON, not image/png")
         deadline = began + min(timeout or options.timeout, options.timeout)
-        images, prepared, futures = await _queue(state, predictor, request, deadline)
+        images, prepared, futures = await _queue(state, service, request, deadline)
         results = await asyncio.gather(*futures, return_exceptions=True)  # every outcome retrieved
         if any(isinstance(r, DeadlineExceeded) for r in results):
             raise HttpError(504, "the deadline passed before the images reached the model")
         if failed := next((r for r in results if isinstance(r, BaseException)), None):
             raise HttpError(500, f"the model failed on this batch: {failed}")
-        k = min(topk, len(predictor.classes))
-        predictions = []
-        for (name, _), (_, decode_ms), (probs, timings) in zip(images, prepared, results):
-            top = probs.topk(k)
-            predictions.append({"name": name, "top": [{"class": predictor.classes[c], "prob": p}
-                                                      for p, c in zip(top.values.tolist(), top.indices.tolist())],
-                                "timings_ms": {"preprocess": decode_ms, **timings}})
-        return {"model": predictor.info.name, "backend": predictor.backend, "predictions": predictions,
-                "timings_ms": {"total": 1000 * (time.monotonic() - began)}}
+        if png_only:
+            if len(results) != 1:
+                raise HttpError(406, f"image/png answers one image; this request sent {len(results)}")
+            return Response(service.png(results[0][0]), media_type="image/png")
+        predictions = [{"name": name, **service.answer(result, query),
+                        "timings_ms": {"preprocess": decode_ms, **timings}}
+                       for (name, _), (_, decode_ms), (result, timings) in zip(images, prepared, results)]
+        return JSONResponse({"model": service.info.name, "task": service.task, "backend": service.backend,
+                             "predictions": predictions, "timings_ms": {"total": 1000 * (time.monotonic() - began)}})
 
 
-async def _queue(state: State, predictor: Predictor, request: Request, deadline: float
+async def _queue(state: State, service: Service, request: Request, deadline: float
                  ) -> tuple[list[tuple[str, bytes]], list[tuple[torch.Tensor, float]], list[asyncio.Future]]:
     """A request's images read, admitted, decoded and queued for the batcher: (name, bytes) of each, (prepared
     image, milliseconds decoding it) of each, and the futures of their answers."""
@@ -249,7 +255,7 @@ async def _queue(state: State, predictor: Predictor, request: Request, deadline:
         try:
             with batcher.admission(len(images)):
                 loop = asyncio.get_running_loop()
-                prepared = await asyncio.gather(*(loop.run_in_executor(state.decoders, _prepare, predictor, data,
+                prepared = await asyncio.gather(*(loop.run_in_executor(state.decoders, _prepare, service, data,
                                                                        name) for name, data in images))
                 if time.monotonic() >= deadline:
                     raise HttpError(504, "the deadline passed while the images were decoded")
@@ -297,10 +303,10 @@ async def _read_images(request: Request, options: ServeOptions) -> list[tuple[st
     return [("image", body)]
 
 
-def _prepare(predictor: Predictor, data: bytes, name: str) -> tuple[torch.Tensor, float]:
+def _prepare(service: Service, data: bytes, name: str) -> tuple[torch.Tensor, float]:
     start = time.perf_counter()
     try:
-        x = predictor.prepare(data, name)
+        x = service.prepare(data, name)
     except ImageError as e:
         raise HttpError(IMAGE_STATUS[e.reason], str(e)) from None
     return x, 1000 * (time.perf_counter() - start)

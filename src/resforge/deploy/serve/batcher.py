@@ -10,9 +10,10 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -44,8 +45,9 @@ class Item:
 class Batcher:
     """A bounded queue of prepared images and the task that runs them through the model in batches."""
 
-    def __init__(self, run: Callable[[torch.Tensor], torch.Tensor], max_batch: int, max_wait_ms: float,
+    def __init__(self, run: Callable[[list[torch.Tensor]], Sequence[Any]], max_batch: int, max_wait_ms: float,
                  capacity: int, metrics: Metrics):
+        """`run`: a batch of prepared images of one shape in, one result each out (`Service.run`)."""
         self.run, self.max_batch, self.max_wait, self.capacity = run, max_batch, max_wait_ms / 1000, capacity
         self.metrics = metrics
         self.pending: deque[Item] = deque()
@@ -148,10 +150,9 @@ class Batcher:
             self.metrics.queue_seconds.observe(start - item.enqueued)
         self.metrics.batch_size.observe(len(batch))
         self.metrics.batches.labels(trigger).inc()
-        x = torch.stack([item.x for item in batch])
         try:
-            probs = await asyncio.get_running_loop().run_in_executor(
-                self.model_thread, lambda: self.run(x).softmax(-1))
+            results = await asyncio.get_running_loop().run_in_executor(
+                self.model_thread, self.run, [item.x for item in batch])
         except Exception as e:  # a model failure is every waiting request's 500, not the batcher's end
             log.exception("inference failed on a batch of %d", len(batch))
             for item in batch:
@@ -160,8 +161,8 @@ class Batcher:
             return
         seconds = time.monotonic() - start
         self.metrics.inference_seconds.observe(seconds)
-        for item, p in zip(batch, probs):
+        for item, result in zip(batch, results):
             if not item.future.done():
-                item.future.set_result((p, {"queue": 1000 * (start - item.enqueued), "inference": 1000 * seconds,
+                item.future.set_result((result, {"queue": 1000 * (start - item.enqueued), "inference": 1000 * seconds,
                                             "batch": len(batch)}))
 

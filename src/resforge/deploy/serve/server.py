@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from ...errors import ConfigError
 from ...runtime.build import backend_device, check_backend
 from ...runtime.source import open_source
+from ...tasks.detect import detector_backend
 from .app import create_app
 from .connections import ACCEPT_BACKLOG, Server, connection_cap, guarded_protocol
 from .options import API_KEY_ENV, ServeOptions
@@ -45,7 +46,9 @@ def serve(model: str | os.PathLike, options: ServeOptions | None = None, metadat
     options.check()
     source = open_source(model, metadata)  # a bad path or file is a clear error before anything listens
     device = backend_device(options.backend, options.device)
-    if options.backend != "auto":
+    if source.info.task == "detect":
+        detector_backend(source, options.backend)
+    elif options.backend != "auto":
         check_backend(source, options.backend, device, options.precision)
     cap = connection_cap(options.max_connections)
     if cap < options.max_connections:

@@ -1,0 +1,129 @@
+"""int8 detectors: NNCF's post-training quantisation of the OpenVINO graph `export` writes (resize, NMS and mask
+pasting inside), calibrated on the run's training images as the graph takes them (whole images: it resizes
+them itself), measured in AP@.5 against the fp32 graph on the run's validation split.
+
+What is left in floating point was found by measurement: quantised whole, a detector's box regression snaps
+its coordinates to the int8 grid (a tiny Faster R-CNN's boxes moved by 0.3 px steps and its detections
+reordered), the head collapse its users report. So the heads (RPN, ROI heads, RetinaNet's and FCOS's) and
+the post-processing stay in float and the backbone and pyramid, most of the work, go int8; with `max_drop`
+the pyramid returns to float too when the backbone and pyramid together lose more AP@.5 than that.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..data.annotations import Objects, read_recorded_split
+from ..data.folder import load_image
+from ..data.loader import pil_to_tensor
+from ..errors import ConfigError
+from ..io import temp_dir
+from ..runtime.backends import OpenVinoRunner, openvino_core
+from ..runtime.convert import DEFAULT_OPSET, detector_onnx, move_into_place, to_openvino
+from ..runtime.record import ModelInfo
+from ..runtime.source import Source
+from ..tasks.detect import ExportedDetector, LoadedDetector, detection_figures
+from ..timing import per_second, timed_calls
+from .quantize import Quantized, _write_record
+
+log = logging.getLogger("resforge")
+
+# node names of the TorchScript export, by what is left in float: the heads always, the pyramid when --max-drop asks
+LEVELS = [{"heads and post-processing": r".*/(rpn|roi_heads|head|transform)/.*"},
+          {"heads and post-processing": r".*/(rpn|roi_heads|head|transform)/.*", "feature pyramid": r".*/backbone/fpn/.*"}]
+MATCH_IOU, CONFIDENT = 0.5, 0.5  # agreement: an fp32 detection this sure, found again by int8 this close
+
+
+def quantize_detector(src: Source, backend: str, path: Path, calib_files: list[str], max_drop: float | None
+                      ) -> Quantized:
+    """`src` (a detector run) as an int8 OpenVINO IR at `path`, calibrated on `calib_files`; see the module."""
+    import openvino as ov
+
+    if backend != "openvino":
+        raise ConfigError("a detector quantises with NNCF on its OpenVINO graph (--backend openvino): onnxruntime's "
+                          "quantiser calibrates a network, not a graph with its resize and NMS inside")
+    val = _validation_objects(src)
+    info = src.info.with_export(format="openvino", dtype="int8", opset=DEFAULT_OPSET, dynamic_batch=False,
+                                resforge=__version__, torch=torch.__version__)
+    images = [_image(f, info.pre.mode) for f in calib_files]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with temp_dir(path.parent, "quantize") as tmp:
+        fp32 = tmp / "fp32.xml"  # NNCF reads the graph as saved (in memory, it missed nodes of the If bodies)
+        ov.save_model(to_openvino(detector_onnx(src.model, replace(info, export={**info.export, "dtype": "fp32"})),
+                                  info), str(fp32), compress_to_fp16=False)
+        kept, result = [], None
+        for level, ignored in enumerate(LEVELS):
+            raw = tmp / f"raw{level}.xml"
+            _nncf(fp32, images, list(ignored.values()), raw)
+            kept = list(ignored)
+            result = _measure(fp32, raw, info, val)
+            if max_drop is None or result.drop <= max_drop:
+                break
+        else:
+            raise ConfigError(f"int8 loses {result.drop:.2f} points of AP@.5 even with only the backbone in int8 "
+                              f"(at most {max_drop:g} asked): {path} was not written; keep the fp32 export")
+        result = replace(result, path=path, calib=len(calib_files), kept_fp32=kept)
+        record = info.with_export(quantized={
+            "backend": backend, "activations": "nncf", "calibration_images": len(calib_files),
+            "fp32_map50": result.fp32_score, "int8_map50": result.int8_score, "agreement": result.agreement,
+            "validation_images": result.images, "img_per_s_batch1": result.timings, "kept_fp32": kept,
+            **({"max_drop": max_drop} if max_drop is not None else {})})
+        written = tmp / path.name
+        _write_record(raw, written, backend, record)
+        move_into_place(written, path, "openvino")
+    log.info("%s", result.line())
+    log.info("wrote %s", path)
+    return result
+
+
+def _validation_objects(src: Source) -> list[Objects]:
+    data, split_csv = src.info.trained.get("data"), src.info.recorded_split(src.path)
+    scan = read_recorded_split(data, split_csv) if data and split_csv is not None and Path(data).is_dir() else None
+    if scan is None or not scan.val:
+        raise ConfigError(f"no validation images of {src.path}'s run were found (its split.csv or data folder moved) "
+                          "to measure the int8 detector on")
+    if scan.classes != src.info.classes:
+        raise ConfigError(f"{data} now names other classes than the run recorded: quantise from a folder as it was")
+    return scan.val
+
+
+def _image(path: str, mode: str) -> np.ndarray:
+    """A file as the detector's graph takes it: float C x H x W, 0-1, at its own size."""
+    return pil_to_tensor(load_image(path, mode)).float().numpy() / 255
+
+
+def _nncf(fp32: Path, images: list[np.ndarray], ignored: list[str], out: Path) -> None:
+    import nncf
+    import openvino as ov
+
+    quantized = nncf.quantize(openvino_core().read_model(str(fp32)), nncf.Dataset(images), subset_size=len(images),
+                              preset=nncf.QuantizationPreset.MIXED,
+                              ignored_scope=nncf.IgnoredScope(patterns=ignored, validate=False))
+    ov.save_model(quantized, str(out), compress_to_fp16=False)
+
+
+def _measure(fp32: Path, int8: Path, info: ModelInfo, val: list[Objects]) -> Quantized:
+    """AP@.5 of both graphs on `val`, the share of fp32's confident detections int8 finds again, and each
+    graph's images per second at batch 1 on the first validation image."""
+    from torchvision.ops import box_iou
+
+    cpu, tile = torch.device("cpu"), info.task_record.get("tile")
+    loaded = {name: LoadedDetector(ExportedDetector(OpenVinoRunner(model, cpu, "fp32"), info.name), info.classes,
+                                   tile) for name, model in (("fp32", fp32), ("int8", int8))}
+    (m32, p32, _), (m8, p8, _) = (detection_figures(loaded[k], val, batch_size=1) for k in ("fp32", "int8"))
+    found = total = 0
+    for a, b in zip(p32, p8):
+        sure = a["scores"] >= CONFIDENT
+        near = (box_iou(a["boxes"][sure], b["boxes"]) >= MATCH_IOU) & (a["labels"][sure][:, None] == b["labels"])
+        found, total = found + int(near.any(1).sum()), total + int(sure.sum())
+    x = torch.from_numpy(_image(val[0].path, info.pre.mode))
+    timings = {k: per_second(1, timed_calls(lambda d=d: d.detect([x]), 1.0, warmup=2)) for k, d in loaded.items()}
+    return Quantized(path=int8, backend="openvino", activations="nncf", calib=0, fp32_score=m32["map50"],
+                     int8_score=m8["map50"], agreement=found / total if total else 1.0, images=len(val),
+                     timings=timings, metric="AP50")

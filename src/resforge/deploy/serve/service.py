@@ -1,0 +1,178 @@
+"""One loaded model as the server uses it, whatever its task: how a request's image is prepared (a decoding
+thread), how a batch of prepared images of one shape is run (the batcher's model thread), and how each result
+is answered in JSON. A classifier answers its top-k classes; a detector its objects (boxes, and Mask R-CNN's
+masks as COCO RLE); a segmenter the share of each class and its class map as a palette PNG.
+
+A dense model reads the image at its full resolution (boxes are in its pixels) and runs on the engine of its
+file unless told otherwise: PyTorch for a run, onnxruntime or OpenVINO for an exported graph."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...data.folder import DEFAULT_MAX_PIXELS, load_image
+from ...data.loader import pil_to_tensor
+from ...data.masks import palette
+from ...runtime.measure import sample_batch
+from ...runtime.predictor import Predictor
+from ...runtime.record import ModelInfo
+from ...runtime.source import open_source
+from ...tasks import recorded_task
+from ...tasks.detect import LoadedDetector, detected_objects, open_detector
+from ...tasks.segment import LoadedSegmenter, class_shares, open_segmenter, palette_png
+from .http import HttpError
+
+DEFAULT_TOPK, DEFAULT_CONF = 5, 0.25
+TASK_NOUNS = {"classify": "classifiers", "detect": "detectors", "segment": "segmenters"}
+
+
+class Query:
+    """What a request asks beside its images: `topk` (classifiers) or `conf` (detectors), checked against the
+    model's task, so that no option is accepted and then ignored."""
+
+    def __init__(self, task: str, topk: int | None = None, conf: float | None = None):
+        for name, value, task_of in (("topk", topk, "classify"), ("conf", conf, "detect")):
+            if value is not None and task != task_of:
+                raise HttpError(422, f"{name} applies to {TASK_NOUNS[task_of]}; this server runs a {task} model")
+        if topk is not None and topk < 1:
+            raise HttpError(422, f"topk must be at least 1, got {topk}")
+        if conf is not None and not 0 <= conf <= 1:
+            raise HttpError(422, f"conf must be a score from 0 to 1, got {conf:g}")
+        self.topk = DEFAULT_TOPK if topk is None else topk
+        self.conf = DEFAULT_CONF if conf is None else conf
+
+
+class Service(ABC):
+    """A model behind the server. `prepare`: one image's bytes as the model's input; `run`: a batch of them (one
+    shape) in, one result each out; `answer`: a result as JSON. Images over `max_pixels` or more elongated than
+    `max_aspect` are refused from their header, before they are decoded."""
+
+    task = "classify"
+    info: ModelInfo
+    backend: str
+    precision: str
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_aspect: float | None = None
+
+    @property
+    def classes(self) -> list[str]:
+        return self.info.classes
+
+    def limit(self, max_pixels: int, max_aspect: float) -> None:
+        self.max_pixels, self.max_aspect = max_pixels, max_aspect
+
+    def prepare(self, data: bytes, name: str) -> torch.Tensor:
+        """A dense model's input: the image as uint8 C x H x W at its own size, in the model's channels."""
+        return pil_to_tensor(load_image(data, self.info.pre.mode, self.max_pixels, name=name,
+                                        formats=self.info.formats, max_aspect=self.max_aspect))
+
+    @abstractmethod
+    def run(self, xs: list[torch.Tensor]) -> list[Any]: ...
+
+    @abstractmethod
+    def answer(self, result: Any, query: Query) -> dict[str, Any]: ...
+
+    def samples(self, n: int) -> list[torch.Tensor]:
+        """`n` inputs as `prepare` makes them, to warm the backend up on: mid-grey images at the trained size."""
+        p = self.info.pre
+        return [torch.full((p.in_chans, p.img_size, p.img_size), 128, dtype=torch.uint8)] * n
+
+    def warm_up(self, max_batch: int) -> None:
+        """The first calls of a backend allocate and plan; clients should not pay for them."""
+        for n in (1, max_batch):
+            for _ in range(2):
+                self.run(self.samples(n))
+
+    def describe(self) -> str:
+        return f"{self.info.name} ({self.task}) on {self.backend} ({self.precision})"
+
+
+class Classifier(Service):
+    """A Predictor: probabilities of a batch, the top-k classes of each."""
+
+    def __init__(self, predictor: Predictor):
+        self.predictor, self.info = predictor, predictor.info
+        self.backend, self.precision = predictor.backend, predictor.precision
+
+    def limit(self, max_pixels: int, max_aspect: float) -> None:
+        self.predictor.max_pixels, self.predictor.max_aspect = max_pixels, max_aspect
+
+    def prepare(self, data: bytes, name: str) -> torch.Tensor:
+        return self.predictor.prepare(data, name)
+
+    def run(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return list(self.predictor(torch.stack(xs)).softmax(-1))
+
+    def answer(self, probs: torch.Tensor, query: Query) -> dict[str, Any]:
+        top = probs.topk(min(query.topk, len(self.classes)))
+        return {"top": [{"class": self.classes[c], "prob": p}
+                        for p, c in zip(top.values.tolist(), top.indices.tolist())]}
+
+    def samples(self, n: int) -> list[torch.Tensor]:
+        return list(sample_batch(self.info, n))
+
+    def describe(self) -> str:
+        return self.predictor.describe()
+
+
+class Detector(Service):
+    """A detector (a run's, or an exported graph on its engine): the objects in each image."""
+
+    task = "detect"
+
+    def __init__(self, loaded: LoadedDetector, info: ModelInfo):
+        self.loaded, self.info, self.precision = loaded, info, "fp32"
+        runner = getattr(loaded.model, "runner", None)
+        self.backend = "torch" if runner is None else runner.backend
+
+    def run(self, xs: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        return self.loaded.detect([x.float() / 255 for x in xs])
+
+    def answer(self, found: dict[str, torch.Tensor], query: Query) -> dict[str, Any]:
+        return {"objects": detected_objects(found, self.classes, query.conf)}
+
+
+class Segmenter(Service):
+    """A segmenter on any engine: each image's class map, as the share of its pixels each class takes and a
+    palette PNG (a pixel's value is its class's index; the palette holds the classes' colours)."""
+
+    task = "segment"
+
+    def __init__(self, loaded: LoadedSegmenter, info: ModelInfo):
+        self.loaded, self.info = loaded, info
+        self.backend, self.precision = loaded.net.backend, loaded.net.precision
+        self.colors = palette(len(info.classes), loaded.colors)
+
+    def run(self, xs: list[torch.Tensor]) -> list[np.ndarray]:
+        return [self.loaded.segment(x.float() / 255).numpy().astype(np.uint8) for x in xs]
+
+    def png(self, classes: np.ndarray) -> bytes:
+        buffer = io.BytesIO()
+        palette_png(classes, self.colors).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    def answer(self, classes: np.ndarray, query: Query) -> dict[str, Any]:
+        return {"pixels": class_shares(classes, self.classes),
+                "mask": {"format": "png", "encoding": "base64", "width": classes.shape[1],
+                         "height": classes.shape[0], "data": base64.b64encode(self.png(classes)).decode()}}
+
+
+def load_service(source: str | os.PathLike, backend: str = "auto", device: str = "auto", precision: str = "auto",
+                 max_batch: int = 1, metadata: dict[str, Any] | None = None) -> Service:
+    """The model at `source` as the server runs it: a classifier through `Predictor.load` (any backend, auto
+    measured at `max_batch`); a detector or segmenter on `backend` (auto: its file's engine)."""
+    if recorded_task(source) == "classify":
+        return Classifier(Predictor.load(source, backend, device, precision, batch_size=max_batch,
+                                         metadata=metadata))
+    src = open_source(source, metadata)
+    if src.info.task == "detect":
+        return Detector(open_detector(src, device, backend=backend), src.info)
+    return Segmenter(open_segmenter(src, device, backend=backend, precision="fp32" if precision == "auto"
+                                    else precision), src.info)
