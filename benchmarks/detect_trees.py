@@ -83,7 +83,7 @@ from resforge.data.tiles import TiledDataset, sliced_predict, tile_samples  # no
 from resforge.device import cpu_name  # noqa: E402
 from resforge.evaluation.coco import coco_dataset, coco_results, detection_metrics, mean_ap  # noqa: E402
 from resforge.models.detection import FasterRCNN as ResforgeFasterRCNN  # noqa: E402
-from resforge.tasks.detect import load_detector  # noqa: E402
+from resforge.tasks.detect_infer import load_detector  # noqa: E402
 
 TILE = 400
 MAX_SIZE = round(TILE * 1333 / 800)  # resforge's longer-side cap for a 400-px run (square tiles never reach it)

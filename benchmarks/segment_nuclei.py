@@ -16,7 +16,7 @@ after the other in this process, torch's default thread count:
     size, a horizontal flip half the time, RandomCrop padded with 255), base and crop size the tiles' 128 px
     (the reference's are 520 and 480 for VOC's 500-px photos), on all 12 training tiles.
 
-Both are measured alike on the test tiles: `tasks.segment.LoadedSegmenter` (one pass at the size the run
+Both are measured alike on the test tiles: `tasks.segment_infer.LoadedSegmenter` (one pass at the size the run
 recorded) and the one confusion matrix of `evaluation.segmentation`.
 
 Then speed and memory: resforge's DeepLabV3 and torchvision's `deeplabv3_resnet50` holding the same weights,
@@ -60,7 +60,8 @@ from resforge.device import cpu_name  # noqa: E402
 from resforge.models import load_model  # noqa: E402
 from resforge.models.registry import rebuild  # noqa: E402
 from resforge.models.segmentation import DeepLabV3  # noqa: E402
-from resforge.tasks.segment import AUX_WEIGHT, LoadedSegmenter, Segmentation, load_segmenter  # noqa: E402
+from resforge.tasks.segment import AUX_WEIGHT, Segmentation  # noqa: E402
+from resforge.tasks.segment_infer import LoadedSegmenter, load_segmenter  # noqa: E402
 
 SEED = 42
 TV_LR, TV_MOMENTUM, TV_WD, TV_BATCH, TV_POWER = 0.01, 0.9, 1e-4, 8, 0.9

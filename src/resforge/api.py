@@ -43,8 +43,10 @@ from .models import create_model
 from .models.summary import ModelSummary, summarize
 from .options import from_keywords, take_keywords
 from .tasks import Detection, Segmentation, recognize_task, recorded_task
-from .tasks.detect import DetectionReport, evaluate_detector, predict_boxes
-from .tasks.segment import SegmentationReport, evaluate_segmenter, predict_masks
+from .tasks.detect import DetectionReport, evaluate_detector
+from .tasks.detect_infer import predict_boxes
+from .tasks.segment import SegmentationReport, evaluate_segmenter
+from .tasks.segment_infer import predict_masks
 from .training.lr_find import LRFindResult, check_range
 from .training.lr_find import lr_find as _lr_find
 from .training.run import RunResult, complete, run

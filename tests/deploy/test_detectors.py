@@ -64,7 +64,7 @@ def test_an_exported_detector_sizes_images_of_any_shape_as_its_run(runs, shapes,
 
 
 def test_a_detector_export_that_disagrees_with_pytorch_is_not_written(runs, tmp_path, monkeypatch):
-    from resforge.tasks import detect
+    from resforge.tasks import detect_infer as detect
 
     real = detect.ExportedDetector.__call__
 

@@ -18,7 +18,7 @@ from resforge.errors import ExportError
 from resforge.models import load_model
 from resforge.models.segmentation import SegmenterLogits
 from resforge.tasks import recorded_task
-from resforge.tasks.segment import load_segmenter, predict_masks
+from resforge.tasks.segment_infer import load_segmenter, predict_masks
 
 
 

@@ -18,8 +18,8 @@ import resforge
 from resforge.cli import main
 from resforge.data.masks import palette
 from resforge.deploy.serve import ServeOptions, create_app
-from resforge.tasks.detect import predict_boxes
-from resforge.tasks.segment import predict_masks
+from resforge.tasks.detect_infer import predict_boxes
+from resforge.tasks.segment_infer import predict_masks
 
 
 @pytest.fixture(scope="module")

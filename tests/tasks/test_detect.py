@@ -134,7 +134,8 @@ def test_eval_measures_a_detection_run_on_an_annotated_folder(trained, tmp_path)
     assert written["metrics"]["map50"] == report.metrics["map50"]
     # perfect predictions, through the same path, score 1: the folder's boxes and the model's labels line up
     from resforge.data.annotations import scan_detection
-    from resforge.tasks.detect import Detection, LoadedDetector, _as_model_classes, load_detector
+    from resforge.tasks.detect import Detection, _as_model_classes
+    from resforge.tasks.detect_infer import LoadedDetector, load_detector
 
     loaded = load_detector(run["run_dir"], "cpu")
     samples = _as_model_classes(scan_detection(other, val_split=0.0), loaded.classes)
@@ -202,9 +203,14 @@ def test_init_starts_the_backbone_from_a_classification_run(shapes, tmp_path):
     assert not torch.equal(detector.stem_conv.weight, start)
     fresh = FasterRCNN(num_classes=3, backbone="resnet18d", backbone_options={"width": 0.25}).stem_conv.weight
     assert (detector.stem_conv.weight - start).abs().mean() < (fresh - start).abs().mean() / 5
-    with pytest.raises(resforge.ConfigError, match="starts from a ResNet classification run"):
+    # a detector run goes on from itself, as a compression run's fine-tune does: its architecture is fixed
+    with pytest.raises(resforge.ConfigError, match=r"fixes the architecture \(model.width 0.25\)"):
         resforge.train(shapes, progress=False, project=str(tmp_path), name="x", epochs=1, init=det["run_dir"],
-                       **TINY)
+                       **{**TINY, "width": 0.5})
+    again = resforge.train(shapes, progress=False, project=str(tmp_path), name="again", epochs=1,
+                           init=det["run_dir"], **TINY)
+    assert load_model(again["run_dir"])[0].spec() == detector.spec()
+    assert "variant: d" in (Path(again["run_dir"]) / "config.yaml").read_text()
 
 
 def test_pretrained_takes_a_torchvision_detection_checkpoint_or_a_classifiers(tmp_path, caplog):
@@ -283,7 +289,7 @@ def test_tiles_train_on_crops_and_the_run_evaluates_and_predicts_by_slices(tmp_p
     assert meta["tile"] == {"size": 64, "overlap": 0.25} and loaded_spec.spec()["min_size"] == 64
     assert "img-size 64: tiles are seen at their full resolution" in (Path(run["run_dir"]) / "report.md").read_text()
     # the run's evaluation and predict both slice: a detector called on 64-px tiles only (and once whole)
-    from resforge.tasks.detect import load_detector
+    from resforge.tasks.detect_infer import load_detector
 
     loaded = load_detector(run["run_dir"], "cpu")
     seen = []
@@ -314,7 +320,8 @@ def test_data_inspect_reads_a_detection_folder(shapes, tmp_path):
 def test_two_processes_validate_on_every_image_as_one(shapes, tmp_path):
     """Each process validates its share of the images; COCO AP does not add up, so the shares are gathered and
     measured once: the figures are one process's on the same weights."""
-    from resforge.tasks.detect import Detection, load_detector
+    from resforge.tasks.detect import Detection
+    from resforge.tasks.detect_infer import load_detector
     from resforge.data.annotations import read_recorded_split
 
     run = resforge.train(shapes, progress=False, devices=2, project=str(tmp_path), name="ddp", epochs=1, **TINY)

@@ -21,7 +21,8 @@ from resforge.data.transforms import Preprocess
 from resforge.evaluation.segmentation import confusion, segmentation_metrics
 from resforge.models import load_model
 from resforge.models.segmentation import DeepLabV3Plus
-from resforge.tasks.segment import LoadedSegmenter, class_weights, load_segmenter, predict_masks
+from resforge.tasks.segment import class_weights
+from resforge.tasks.segment_infer import LoadedSegmenter, load_segmenter, predict_masks
 
 
 

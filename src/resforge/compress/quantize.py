@@ -43,7 +43,7 @@ from ..runtime.predictor import Predictor
 from ..runtime.source import Source, open_source
 from ..errors import ConfigError
 from ..io import temp_dir
-from ..tasks.segment import LoadedSegmenter, compare_segmenters, validation_masks
+from ..tasks.segment_infer import LoadedSegmenter, compare_segmenters, validation_masks
 from ..timing import per_second, timed_calls
 from . import qat
 

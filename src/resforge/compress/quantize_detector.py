@@ -28,7 +28,7 @@ from ..runtime.backends import OpenVinoRunner, openvino_core
 from ..runtime.convert import DEFAULT_OPSET, detector_onnx, move_into_place, to_openvino
 from ..runtime.record import ModelInfo
 from ..runtime.source import Source
-from ..tasks.detect import ExportedDetector, LoadedDetector, detection_figures
+from ..tasks.detect_infer import ExportedDetector, LoadedDetector, detection_figures
 from ..timing import per_second, timed_calls
 from .quantize import Quantized, _write_record
 

@@ -131,7 +131,7 @@ def _measure_detector(source: str, backend: str, batch_sizes: Sequence[int], thr
     from ..data.folder import load_image, scan_images
     from ..data.loader import pil_to_tensor
     from ..runtime.source import open_source
-    from ..tasks.detect import detector_backend, open_detector
+    from ..tasks.detect_infer import detector_backend, open_detector
 
     src = open_source(source)
     engine = detector_backend(src, "auto" if backend == "auto" else backend)
@@ -187,7 +187,7 @@ def _answers(predictor: Predictor, batch_size: int) -> Callable[[list[str]], Any
         return lambda files: predictor.predict(files, batch_size=batch_size)
     from ..data.folder import load_image
     from ..data.loader import pil_to_tensor
-    from ..tasks.segment import LoadedSegmenter
+    from ..tasks.segment_infer import LoadedSegmenter
 
     loaded = LoadedSegmenter.from_info(predictor.runner, predictor.info)
     return lambda files: [loaded.segment(pil_to_tensor(load_image(f, loaded.pre.mode)).float() / 255)

@@ -299,7 +299,7 @@ def check_map_parity(src: Source, info: ModelInfo, written: Path, format: str, i
                      where: str) -> MapParity:
     """Both models through the segmenter's own inference (one pass at the trained size, or sliced windows), on
     the same images at their own sizes."""
-    from ..tasks.segment import LoadedSegmenter
+    from ..tasks.segment_infer import LoadedSegmenter
 
     reference = LoadedSegmenter.from_info(TorchRunner(src.model, torch.device("cpu"), "fp32"), info)
     candidate = LoadedSegmenter.from_info(_Program(written) if format == "pt2" else _file_runner(info, written, format),
@@ -320,7 +320,7 @@ def check_box_parity(src: Source, info: ModelInfo, written: Path, format: str, i
     detections within SCORE_TOLERANCE of the score threshold may fall on either side of it and are not counted."""
     from torchvision.ops import box_iou
 
-    from ..tasks.detect import ExportedDetector, LoadedDetector
+    from ..tasks.detect_infer import ExportedDetector, LoadedDetector
 
     tile = info.task_record.get("tile")
     reference = LoadedDetector(src.model.eval(), info.classes, tile)

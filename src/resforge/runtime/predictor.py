@@ -82,7 +82,7 @@ class Predictor:
         src = open_source(source, metadata)
         if src.info.task == "detect":
             raise ConfigError(f"{source} is a detector: its answers are boxes (resforge predict and eval, or "
-                              "tasks.detect.load_detector), not one tensor a batch")
+                              "tasks.detect_infer.load_detector), not one tensor a batch")
         dev = backend_device(backend, device)
         if backend == "auto":
             runner, measured = choose_backend(src, dev, precision, threads, batch_size)
@@ -169,7 +169,7 @@ class Predictor:
             raise ConfigError(f"topk must be at least 1, got {topk}")
         if self.info.task != "classify":
             raise ConfigError(f"{self.source} is a {self.info.task} model: its answers are class maps "
-                              "(tasks.segment.LoadedSegmenter, resforge predict), not top-k classes")
+                              "(tasks.segment_infer.LoadedSegmenter, resforge predict), not top-k classes")
         single = not isinstance(images, (list, tuple)) and not (
             isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4)
         items = [images] if single else list(images)

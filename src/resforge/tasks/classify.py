@@ -178,12 +178,17 @@ def architecture_of(cfg: Config, meta: dict[str, Any]) -> dict[str, Any]:
     spec = meta["arch"]["kwargs"]
     arch = {"model.name": meta["arch"]["name"] or cfg.model.name,
             **{f"model.{k}": spec[k] for k in ARCHITECTURE if k in spec}}
-    clash = [k for k in arch if k in cfg.user_set and get_option(cfg, k) != arch[k]]
-    if clash:
-        fixed = ", ".join(f"{k} {arch[k]}" for k in clash)
-        raise ConfigError(f"{cfg.model.init_from} fixes the architecture ({fixed}): drop those options, or "
-                          "start from weights with --pretrained")
+    check_fixed(cfg, arch)
     return arch
+
+
+def check_fixed(cfg: Config, fixed: dict[str, Any]) -> None:
+    """ConfigError when the user set an option the --init model fixes (dotted keys) to another value."""
+    clash = [k for k in fixed if k in cfg.user_set and get_option(cfg, k) != fixed[k]]
+    if clash:
+        named = ", ".join(f"{k} {fixed[k]}" for k in clash)
+        raise ConfigError(f"{cfg.model.init_from} fixes the architecture ({named}): drop those options, or "
+                          "start from weights with --pretrained")
 
 
 def adopt_backbone(cfg: Config, role: str) -> None:

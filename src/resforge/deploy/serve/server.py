@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from ...errors import ConfigError
 from ...runtime.build import backend_device, check_backend
 from ...runtime.source import open_source
-from ...tasks.detect import detector_backend
+from ...tasks.detect_infer import detector_backend
 from .app import create_app
 from .connections import ACCEPT_BACKLOG, Server, connection_cap, guarded_protocol
 from .options import API_KEY_ENV, ServeOptions

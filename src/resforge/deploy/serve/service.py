@@ -25,8 +25,8 @@ from ...runtime.predictor import Predictor
 from ...runtime.record import ModelInfo
 from ...runtime.source import open_source
 from ...tasks import recorded_task
-from ...tasks.detect import LoadedDetector, detected_objects, open_detector
-from ...tasks.segment import LoadedSegmenter, class_shares, open_segmenter, palette_png
+from ...tasks.detect_infer import LoadedDetector, detected_objects, open_detector
+from ...tasks.segment_infer import LoadedSegmenter, class_shares, open_segmenter, palette_png
 from .http import HttpError
 
 DEFAULT_TOPK, DEFAULT_CONF = 5, 0.25
