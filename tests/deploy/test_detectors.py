@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import DETECT_TINY as TINY
 from helpers import make_detection_folder
@@ -183,3 +184,21 @@ def test_a_detector_int8_over_the_allowed_drop_is_not_written(runs, tmp_path, mo
     with pytest.raises(resforge.ConfigError, match="a detector quantises with NNCF on its OpenVINO graph"):
         quantize(runs["fasterrcnn"], "onnxruntime", tmp_path / "det-int8.onnx", calib=4)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_tiled_detector_calibrates_on_what_sliced_inference_feeds_its_graph(shapes):
+    """Each image whole and each of its tiles: the two kinds of call sliced inference makes."""
+    from types import SimpleNamespace
+
+    from resforge.compress.quantize_detector import _calibration_inputs
+    from resforge.data.transforms import make_preprocess
+
+    files = [str(p) for p in sorted(Path(shapes, "images").glob("*"))[:2]]
+    info = SimpleNamespace(task_record={"tile": {"size": 32, "overlap": 0.0}},
+                           pre=make_preprocess(64, 1.0, 3, "bilinear", [0.5] * 3, [0.5] * 3))
+    inputs = _calibration_inputs([(f, (64, 64)) for f in files], info, 10)
+    assert [x.shape for x in inputs] == [(3, 64, 64)] + [(3, 32, 32)] * 4 + [(3, 64, 64)] + [(3, 32, 32)] * 4
+    whole = inputs[0]
+    assert np.array_equal(inputs[4], whole[:, 32:, 32:])  # the last tile: the bottom-right quarter
+    with pytest.raises(resforge.ConfigError, match="give the detector's graph 10 input.s., fewer than the 11 asked"):
+        _calibration_inputs([(f, (64, 64)) for f in files], info, 11)

@@ -87,8 +87,8 @@ def _prunable(model: nn.Module, importance: str) -> tuple[nn.Module, ResNet, lis
     return model, model, [model.get_classifier()]
 
 
-def prune_model(model: ResNet | Detector | Segmenter, img_size: int, *, ratio: float | None = None, macs: float | None = None,
-                steps: int | None = None, importance: str = "l1", round_to: int = 8,
+def prune_model(model: ResNet | Detector | Segmenter, img_size: int, *, ratio: float | None = None,
+                macs: float | None = None, steps: int | None = None, importance: str = "l1", round_to: int = 8,
                 gradients: Callable[[ResNet], None] | None = None) -> dict[str, Any]:
     """Remove channels from `model` (a ResNet, or a dense model's backbone) in place, the same share from each
     layer; return what changed.

@@ -115,11 +115,11 @@ def quantize(source: str | os.PathLike, backend: str = "onnxruntime", out: str |
                               "onnxruntime's quantiser takes: quantise it with --backend onnxruntime (u8)")
         net, learned = qat.plain(src.model)
         activations = "u8"
-    calib_files = _calibration_files(src, images, calib)
     if src.info.task == "detect":
         from .quantize_detector import quantize_detector  # it builds on this module's record and figures
 
-        return quantize_detector(src, backend, path, calib_files, max_drop)
+        return quantize_detector(src, backend, path, images, calib, max_drop)
+    calib_files = _calibration_files(src, images, calib)
     val = validation_masks(src.info, src.path) if src.info.task == "segment" else \
         src.info.recorded_samples(src.path, "val")
     if not val:

@@ -12,6 +12,7 @@ the pyramid returns to float too when the backbone and pyramid together lose mor
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,9 +20,10 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..data.annotations import Objects, read_recorded_split
+from ..data.annotations import DetectionScan, Objects, read_recorded_split
 from ..data.folder import load_image
 from ..data.loader import pil_to_tensor
+from ..data.tiles import Window, tile_grid
 from ..errors import ConfigError
 from ..io import temp_dir
 from ..runtime.backends import OpenVinoRunner, openvino_core
@@ -34,24 +36,31 @@ from .quantize import Quantized, _write_record
 
 log = logging.getLogger("resforge")
 
-# node names of the TorchScript export, by what is left in float: the heads always, the pyramid when --max-drop asks
-LEVELS = [{"heads and post-processing": r".*/(rpn|roi_heads|head|transform)/.*"},
-          {"heads and post-processing": r".*/(rpn|roi_heads|head|transform)/.*", "feature pyramid": r".*/backbone/fpn/.*"}]
+HEADS, PYRAMID = r".*/(rpn|roi_heads|head|transform)/.*", r".*/backbone/fpn/.*"  # node names of the export
+# what is left in float: the heads always, the pyramid too when --max-drop asks for it
+LEVELS = [{"heads and post-processing": HEADS}, {"heads and post-processing": HEADS, "feature pyramid": PYRAMID}]
 MATCH_IOU, CONFIDENT = 0.5, 0.5  # agreement: an fp32 detection this sure, found again by int8 this close
 
 
-def quantize_detector(src: Source, backend: str, path: Path, calib_files: list[str], max_drop: float | None
-                      ) -> Quantized:
-    """`src` (a detector run) as an int8 OpenVINO IR at `path`, calibrated on `calib_files`; see the module."""
+def quantize_detector(src: Source, backend: str, path: Path, images: str | os.PathLike | None, calib: int,
+                      max_drop: float | None) -> Quantized:
+    """`src` (a detector run) as an int8 OpenVINO IR at `path`, calibrated on `calib` of the inputs its graph gets
+    from the run's training images (or the files of `images`); see the module."""
     import openvino as ov
 
     if backend != "openvino":
         raise ConfigError("a detector quantises with NNCF on its OpenVINO graph (--backend openvino): onnxruntime's "
                           "quantiser calibrates a network, not a graph with its resize and NMS inside")
-    val = _validation_objects(src)
+    scan = _recorded_scan(src)
+    if images is not None:
+        from ..data.folder import scan_images
+
+        sized = [(f, load_image(f, src.info.pre.mode).size) for f in scan_images([images])]
+    else:
+        sized = [(o.path, (o.width, o.height)) for o in scan.train]
     info = src.info.with_export(format="openvino", dtype="int8", opset=DEFAULT_OPSET, dynamic_batch=False,
                                 resforge=__version__, torch=torch.__version__)
-    images = [_image(f, info.pre.mode) for f in calib_files]
+    inputs = _calibration_inputs(sized, info, calib)
     path.parent.mkdir(parents=True, exist_ok=True)
     with temp_dir(path.parent, "quantize") as tmp:
         fp32 = tmp / "fp32.xml"  # NNCF reads the graph as saved (in memory, it missed nodes of the If bodies)
@@ -60,17 +69,17 @@ def quantize_detector(src: Source, backend: str, path: Path, calib_files: list[s
         kept, result = [], None
         for level, ignored in enumerate(LEVELS):
             raw = tmp / f"raw{level}.xml"
-            _nncf(fp32, images, list(ignored.values()), raw)
+            _nncf(fp32, inputs, list(ignored.values()), raw)
             kept = list(ignored)
-            result = _measure(fp32, raw, info, val)
+            result = _measure(fp32, raw, info, scan.val)
             if max_drop is None or result.drop <= max_drop:
                 break
         else:
             raise ConfigError(f"int8 loses {result.drop:.2f} points of AP@.5 even with only the backbone in int8 "
                               f"(at most {max_drop:g} asked): {path} was not written; keep the fp32 export")
-        result = replace(result, path=path, calib=len(calib_files), kept_fp32=kept)
+        result = replace(result, path=path, calib=len(inputs), kept_fp32=kept)
         record = info.with_export(quantized={
-            "backend": backend, "activations": "nncf", "calibration_images": len(calib_files),
+            "backend": backend, "activations": "nncf", "calibration_images": len(inputs),
             "fp32_map50": result.fp32_score, "int8_map50": result.int8_score, "agreement": result.agreement,
             "validation_images": result.images, "img_per_s_batch1": result.timings, "kept_fp32": kept,
             **({"max_drop": max_drop} if max_drop is not None else {})})
@@ -82,7 +91,8 @@ def quantize_detector(src: Source, backend: str, path: Path, calib_files: list[s
     return result
 
 
-def _validation_objects(src: Source) -> list[Objects]:
+def _recorded_scan(src: Source) -> DetectionScan:
+    """The run's folder split as it recorded it: training images to calibrate on, validation ones to measure."""
     data, split_csv = src.info.trained.get("data"), src.info.recorded_split(src.path)
     scan = read_recorded_split(data, split_csv) if data and split_csv is not None and Path(data).is_dir() else None
     if scan is None or not scan.val:
@@ -90,7 +100,24 @@ def _validation_objects(src: Source) -> list[Objects]:
                           "to measure the int8 detector on")
     if scan.classes != src.info.classes:
         raise ConfigError(f"{data} now names other classes than the run recorded: quantise from a folder as it was")
-    return scan.val
+    return scan
+
+
+def _calibration_inputs(sized: list[tuple[str, tuple[int, int]]], info: ModelInfo, calib: int) -> list[np.ndarray]:
+    """`calib` of what the graph gets from the (file, (width, height)) `sized`, spread evenly: each image whole,
+    and for a detector run on tiles each of its tiles too (sliced inference calls the graph on both)."""
+    tile = info.task_record.get("tile")
+    inputs: list[tuple[str, Window | None]] = []
+    for f, (width, height) in sized:
+        inputs.append((f, None))
+        if tile:
+            inputs += [(f, w) for w in tile_grid(width, height, tile["size"], tile["overlap"])]
+    if len(inputs) < calib:
+        raise ConfigError(f"the calibration images give the detector's graph {len(inputs)} input(s), fewer than the "
+                          f"{calib} asked: lower --calib or give more images")
+    chosen = [inputs[int(i * len(inputs) / calib)] for i in range(calib)]
+    decoded = {f: _image(f, info.pre.mode) for f in dict.fromkeys(f for f, _ in chosen)}
+    return [decoded[f] if w is None else decoded[f][:, w[1]:w[3], w[0]:w[2]].copy() for f, w in chosen]
 
 
 def _image(path: str, mode: str) -> np.ndarray:
