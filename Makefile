@@ -54,6 +54,7 @@ bench: $(VENV)/.bench
 	$(PY) benchmarks/detect_trees.py
 	$(PY) benchmarks/segment_nuclei.py
 	$(PY) benchmarks/segment_deploy.py
+	$(PY) benchmarks/detect_deploy.py
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info .pytest_cache
