@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from helpers import DETECT_TINY as TINY
 from helpers import make_detection_folder
 
@@ -202,3 +203,52 @@ def test_a_tiled_detector_calibrates_on_what_sliced_inference_feeds_its_graph(sh
     assert np.array_equal(inputs[4], whole[:, 32:, 32:])  # the last tile: the bottom-right quarter
     with pytest.raises(resforge.ConfigError, match="give the detector's graph 10 input.s., fewer than the 11 asked"):
         _calibration_inputs([(f, (64, 64)) for f in files], info, 11)
+
+
+@pytest.mark.parametrize("detector", ["retinanet", "fcos"])
+@pytest.mark.parametrize("format, suffix", [("onnx", ".onnx"), ("openvino", ".xml")])
+def test_one_stage_detectors_export_through_the_same_gate(shapes, tmp_path, detector, format, suffix):
+    """RetinaNet and FCOS, untrained, saved as spec + weights and exported on both engines. Their classifiers are
+    drawn wider than torchvision's initialisation (std 0.01 about the focal-loss prior of 0.01: every score
+    below the threshold, or all tied), so that detections with distinct scores pass the threshold; FCOS's box
+    distances start at half its anchors' size rather than at 0 (boxes without area, which match nothing)."""
+    from resforge.data.transforms import make_preprocess
+    from resforge.models import save_model
+    from resforge.models.detection import DETECTOR_CLASSES, IMAGENET_MEAN, IMAGENET_STD
+
+    torch.manual_seed(0)
+    model = DETECTOR_CLASSES[detector](num_classes=3, backbone="resnet18", backbone_options={"width": 0.25},
+                                       min_size=64, max_size=106, fpn_channels=64).eval()
+    torch.nn.init.normal_(model.head.classification_head.cls_logits.weight, std=0.5)
+    torch.nn.init.zeros_(model.head.classification_head.cls_logits.bias)
+    if detector == "fcos":
+        torch.nn.init.constant_(model.head.regression_head.bbox_reg.bias, 0.5)
+    pre = make_preprocess(64, 1.0, 3, "bilinear", list(IMAGENET_MEAN), list(IMAGENET_STD))
+    saved = save_model(model, tmp_path / f"{detector}.safetensors",
+                       {"task": "detect", "classes": ["square", "disc"], "preprocess": pre.to_dict()})
+    exported = resforge.export(saved, format, out=str(tmp_path / f"{detector}{suffix}"),
+                               images=str(Path(shapes, "images")))
+    p = exported.parity
+    assert p.detections > 50 and p.unmatched == 0 and p.max_score_diff < 1e-3
+
+
+def test_a_detector_that_finds_nothing_answers_nothing_on_openvino(shapes, tmp_path):
+    """torchvision's NMS scripts a branch for no boxes; traced, OpenVINO answered that branch with one row of
+    uninitialised memory (a box of label 0 and score 1e-19, or above the threshold). The graph is traced
+    without it."""
+    from resforge.data.transforms import make_preprocess
+    from resforge.models import save_model
+    from resforge.models.detection import IMAGENET_MEAN, IMAGENET_STD, FCOS
+    from resforge.tasks.detect_infer import load_detector
+
+    torch.manual_seed(0)
+    model = FCOS(num_classes=3, backbone="resnet18", backbone_options={"width": 0.25}, min_size=64, max_size=106,
+                 fpn_channels=64).eval()  # the focal-loss prior: every score far below the threshold
+    pre = make_preprocess(64, 1.0, 3, "bilinear", list(IMAGENET_MEAN), list(IMAGENET_STD))
+    saved = save_model(model, tmp_path / "fcos.safetensors",
+                       {"task": "detect", "classes": ["square", "disc"], "preprocess": pre.to_dict()})
+    exported = resforge.export(saved, "openvino", out=str(tmp_path / "fcos.xml"), images=str(Path(shapes, "images")))
+    image = torch.rand(3, 64, 96, generator=torch.Generator().manual_seed(0))
+    found = load_detector(exported.path).detect([image])[0]
+    assert len(load_detector(saved).detect([image])[0]["boxes"]) == 0
+    assert {k: tuple(v.shape) for k, v in found.items()} == {"boxes": (0, 4), "labels": (0,), "scores": (0,)}

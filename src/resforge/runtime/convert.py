@@ -19,6 +19,7 @@ import io
 import os
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,11 +81,34 @@ def detector_onnx(detector: nn.Module, info: ModelInfo, *, opset: int = DEFAULT_
     x = torch.rand(info.pre.in_chans, info.pre.img_size, info.pre.img_size + 32, generator=torch.Generator()
                    .manual_seed(0))
     buffer, quiet = io.BytesIO(), io.StringIO()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet), \
+            _nms_without_branch():
         warnings.simplefilter("ignore")
         torch.onnx.export(graph, (x,), buffer, dynamo=False, opset_version=opset, input_names=[INPUT],
                           output_names=graph.outputs, dynamic_axes={INPUT: [1, 2], **{n: [0] for n in graph.outputs}})
     return _stamped(onnx.load_from_string(buffer.getvalue()), info)
+
+
+@contextlib.contextmanager
+def _nms_without_branch() -> Iterator[None]:
+    """torchvision's class-wise NMS, traced without its branch for no boxes: scripted for tracing, that branch
+    becomes an ONNX If whose empty answer OpenVINO returned as one row of uninitialised memory (an FCOS with
+    nothing above its threshold "found" a box of score 1e-19, or above the threshold). The same offsets by
+    class, from the largest coordinate or 0: what torchvision computes whenever there are boxes."""
+    from torchvision.ops import boxes as ops
+
+    real = ops._batched_nms_coordinate_trick
+
+    def offset_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float
+                   ) -> torch.Tensor:
+        top = torch.cat([boxes.flatten(), boxes.new_zeros(1)]).max()
+        return ops.nms(boxes + (idxs.to(boxes) * (top + 1))[:, None], scores, iou_threshold)
+
+    ops._batched_nms_coordinate_trick = offset_nms
+    try:
+        yield
+    finally:
+        ops._batched_nms_coordinate_trick = real
 
 
 def _stamped(proto: Any, info: ModelInfo) -> Any:
