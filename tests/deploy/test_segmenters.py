@@ -43,6 +43,26 @@ def test_a_segmenter_exports_and_passes_the_map_parity_gate(run_dir, tmp_path, f
     assert not [f for f in tmp_path.iterdir() if f.name.startswith(".")]  # no temporary left behind
 
 
+@pytest.mark.parametrize("segmenter, options", [("deeplabv3", {"aux": True}), ("fcn", {"output_stride": 8})])
+@pytest.mark.parametrize("format, suffix", [("onnx", ".onnx"), ("openvino", ".xml")])
+def test_every_segmenter_family_exports_through_the_map_gate(masks, tmp_path, segmenter, options, format, suffix):
+    """DeepLabV3 (with the auxiliary head, left out of the graph) and FCN, untrained, saved as spec + weights."""
+    from resforge.data.transforms import make_preprocess
+    from resforge.models import save_model
+    from resforge.models.segmentation import SEGMENTER_CLASSES
+
+    torch.manual_seed(0)
+    model = SEGMENTER_CLASSES[segmenter](num_classes=3, backbone="resnet18", backbone_options={"width": 0.25},
+                                         **{"output_stride": 16, "head_channels": 32, **options}).eval()
+    pre = make_preprocess(64, 1.0, 3, "bilinear", [0.5] * 3, [0.25] * 3)
+    saved = save_model(model, tmp_path / f"{segmenter}.safetensors",
+                       {"task": "segment", "classes": ["background", "square", "disc"], "preprocess": pre.to_dict()})
+    exported = resforge.export(saved, format, out=str(tmp_path / f"{segmenter}{suffix}"),
+                               images=str(Path(masks, "images")))
+    assert exported.parity.images == 10 and exported.parity.agreement >= 0.999
+    assert exported.parity.max_prob_diff < 1e-3
+
+
 @pytest.mark.parametrize("format", ["onnx", "openvino"])
 def test_an_exported_segmenter_takes_images_of_any_size_and_is_measured_as_the_run(run_dir, masks, tmp_path, format):
     path = resforge.export(run_dir, format, out=str(tmp_path / ("seg.onnx" if format == "onnx" else "seg.xml"))).path
