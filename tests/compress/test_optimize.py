@@ -1,5 +1,5 @@
 """`optimize` end to end on a tiny run: every variant measured, the report with its Pareto plot, the pick,
-a kill and a resume, bad targets."""
+a kill and a resume, bad targets; a detector's and a segmenter's chains, scored in AP@.5 and mIoU."""
 
 import json
 import signal
@@ -9,7 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from helpers import make_image_folder
+from helpers import DETECT_TINY, SEGMENT_TINY, make_detection_folder, make_image_folder, make_mask_folder
 
 import resforge
 from resforge import timing
@@ -45,18 +45,18 @@ def test_a_bad_target_is_one_line_before_anything_is_read(tmp_path, capsys):
 
 
 def test_the_pick_is_the_most_accurate_within_the_target_or_the_closest_miss():
-    variants = [{"name": "fp32", "backend": "torch", "dtype": "fp32", "top1": 0.90, "drop": 0.0,
+    variants = [{"name": "fp32", "backend": "torch", "dtype": "fp32", "score": 0.90, "drop": 0.0,
                  "latency_ms": 10.0, "file_mb": 40.0},
-                {"name": "int8", "backend": "onnxruntime", "dtype": "int8", "top1": 0.89, "drop": 1.0,
+                {"name": "int8", "backend": "onnxruntime", "dtype": "int8", "score": 0.89, "drop": 1.0,
                  "latency_ms": 3.0, "file_mb": 10.0},
-                {"name": "pruned", "backend": "onnxruntime", "dtype": "int8", "top1": 0.86, "drop": 4.0,
+                {"name": "pruned", "backend": "onnxruntime", "dtype": "int8", "score": 0.86, "drop": 4.0,
                  "latency_ms": 1.5, "file_mb": 5.0}]
     within = _pick(variants, Target("latency", 5.0))
     assert within["variant"] == "int8 onnxruntime" and "(1.00 pt lost against fp32)" in within["line"]
     assert _pick(variants, Target("accuracy-drop", 2.0))["variant"] == "int8 onnxruntime"  # the fastest within
     miss = _pick(variants, Target("size", 1.0))
     assert not miss["met"] and miss["variant"] == "pruned onnxruntime" and "+4 over" in miss["line"]
-    assert pareto_front([(v["latency_ms"], v["top1"]) for v in variants]) == [2, 1, 0]
+    assert pareto_front([(v["latency_ms"], v["score"]) for v in variants]) == [2, 1, 0]
 
 
 @pytest.fixture(scope="module")
@@ -139,12 +139,37 @@ def test_a_killed_optimize_resumes_where_it_stopped(source, monkeypatch):
     assert by["pruned", "onnxruntime"]["gmacs"] < 0.6 * by["fp32", "torch"]["gmacs"]
     assert by["int8", "onnxruntime"]["file_mb"] < 0.5 * by["fp32", "onnxruntime"]["file_mb"]
     assert state["pick"]["met"]  # every tiny variant is under 100 MB: the most accurate is picked
-    assert by[tuple(state["pick"]["variant"].split())]["top1"] == max(v["top1"] for v in variants)
+    assert by[tuple(state["pick"]["variant"].split())]["score"] == max(v["score"] for v in variants)
     report = (project / "opt" / "report.md").read_text()
     assert state["pick"]["line"] in report and report.count("\n| ") == len(variants) + 1
     page = (project / "opt" / "report.html").read_text()
     assert "data:image/png;base64," in page and "src='http" not in page and "<link" not in page  # self-contained
     assert (project / "opt" / "pareto.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("task", ["detect", "segment"])
+def test_a_dense_run_goes_through_its_own_chain_scored_in_its_own_metric(tmp_path, task):
+    """A detector: fp32 on three engines, NNCF int8, pruned (and its int8), each in AP@.5 (and AP) on the run's
+    validation images; a segmenter: both quantisers, in mIoU. No low-rank stage: it is for classifiers."""
+    if task == "detect":
+        data, options = make_detection_folder(tmp_path / "data", n=12), {**DETECT_TINY, "detector": "fasterrcnn"}
+    else:
+        data, options = make_mask_folder(tmp_path / "data", n=10), SEGMENT_TINY
+    run = resforge.train(data, progress=False, project=str(tmp_path / "runs"), name="src", epochs=1, **options)
+    state = resforge.optimize(run["run_dir"], "size=100MB", project=str(tmp_path), name="opt", epochs=1, calib=4,
+                              duration=0.05, progress=False)
+    assert list(state["stages"]) == ["baseline", "int8", "pruned", "pruned-int8"]
+    variants = [v for stage in state["stages"].values() for v in stage]
+    int8 = {"openvino"} if task == "detect" else {"onnxruntime", "openvino"}
+    assert {v["backend"] for v in variants if v["dtype"] == "int8"} == int8
+    by = {(v["name"], v["backend"]): v for v in variants}
+    assert by["pruned", "openvino"]["gmacs"] <= 0.5 * by["fp32", "torch"]["gmacs"]  # the backbone's MACs, halved
+    assert by["fp32", "onnxruntime"]["score"] == pytest.approx(by["fp32", "torch"]["score"], abs=1e-3)
+    metric = "AP@.5" if task == "detect" else "mIoU"
+    report = (tmp_path / "opt" / "report.md").read_text()
+    assert f"| {metric} |" in report and "backbone GMACs" in report and "top-1" not in report
+    if task == "detect":
+        assert all(0 <= v["ap"] <= v["score"] for v in variants)  # AP@[.5:.95] never above AP@.5
 
 
 def test_bad_input_writes_nothing(source, capsys):

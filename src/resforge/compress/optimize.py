@@ -3,9 +3,11 @@ best that meets a target.
 
 The chain: the baseline (fp32: PyTorch, and ONNX on onnxruntime and OpenVINO) -> int8 of it ->
 channel pruning with a distilled fine-tune -> int8 of the pruned model -> low-rank factorisation.
-Every variant is evaluated on the source run's own validation split and timed by `bench`'s
-`measure` (latency at batch 1, throughput at batch 16, at steady speed, one after another in this
-process), with its parameters, MACs and file size. `report.md` and a self-contained `report.html`
+Every variant is evaluated on the source run's own validation split (top-1; a segmenter's mIoU, a
+detector's AP@.5) and timed by `bench`'s `measure` (latency at batch 1, throughput at batch 16, at
+steady speed, one after another in this process), with its parameters, MACs (a dense model's
+backbone's) and file size. A dense run's chain is the same but for its own ways: a detector's int8
+is NNCF's alone, and low-rank factorisation is for classifiers. `report.md` and a self-contained `report.html`
 (the Pareto plots inline) list them and name the best variant that meets the target, or by how
 much the closest one misses it.
 
@@ -31,6 +33,7 @@ from ..deploy.bench import bench, file_size_mb
 from ..deploy.export import export
 from ..runtime.predictor import Predictor
 from ..runtime.record import ModelInfo
+from ..runtime.source import open_source
 from ..errors import ConfigError
 from ..evaluation.metrics import topk_correct
 from ..evaluation.plots import plot_pareto
@@ -40,7 +43,7 @@ from ..models.summary import summarize
 from ..training.run import run as training_run
 from . import runs
 from .prune import check_target
-from .quantize import check_calibration, quantize
+from .quantize import SUFFIX, check_calibration, quantize
 
 log = logging.getLogger("resforge")
 
@@ -75,8 +78,8 @@ class Target:
     def met(self, variant: dict[str, Any]) -> bool:
         return variant[self.field()] <= self.value
 
-    def describe(self) -> str:
-        unit = {"latency": "ms", "size": "MB", "macs": " GMACs", "accuracy-drop": " pt of top-1 lost"}[self.kind]
+    def describe(self, metric: str = "top-1") -> str:
+        unit = {"latency": "ms", "size": "MB", "macs": " GMACs", "accuracy-drop": f" pt of {metric} lost"}[self.kind]
         return f"{self.kind} <= {self.value:g}{unit}"
 
 
@@ -100,20 +103,25 @@ def optimize(source: str | os.PathLike, target: str, *, out: str | os.PathLike, 
     if out.resolve().is_relative_to(run.resolve()):  # it would write over the run's report.md, or into it
         raise ConfigError(f"the output folder {out} is {'inside ' if out.resolve() != run.resolve() else ''}the run "
                           f"it optimizes ({run}): give another --name or --project")
-    check_calibration(run, "onnxruntime", calib, "minmax", "auto", None)  # before a baseline is exported
     _, meta = load_model(run)
+    task = meta.get("task", "classify")
+    if task != "detect":  # a detector's int8 counts what its graph gets from the images (tiles too), not files
+        check_calibration(run, "onnxruntime", calib, "minmax", "auto", None)  # before a baseline is exported
     out.mkdir(parents=True, exist_ok=True)
     state_file = out / "optimize.json"
     state = _read_state(state_file, run, goal)
     fine_tune = ({"time_limit": budget / 2} if budget else {}) | ({"epochs": epochs} if epochs else {})
+    quantizers = ("openvino",) if task == "detect" else ("onnxruntime", "openvino")
     stages: list[tuple[str, Callable[[], list[dict[str, Any]]]]] = [
         ("baseline", lambda: _baseline(run, out)),
-        ("int8", lambda: _int8(run / "best.safetensors", out / "int8", calib)),
-        ("pruned", lambda: _fine_tuned(runs.prune, runs.PruneOptions(macs=macs), run, out, "pruned", fine_tune, progress)),
-        ("pruned-int8", lambda: _int8(out / "pruned" / "best.safetensors", out / "pruned-int8", calib)),
-        ("lowrank", lambda: _fine_tuned(runs.lowrank, runs.LowrankOptions(energy=energy), run, out, "lowrank", fine_tune,
-                                        progress)),
+        ("int8", lambda: _int8(run / "best.safetensors", out / "int8", calib, quantizers)),
+        ("pruned", lambda: _fine_tuned(runs.prune, runs.PruneOptions(macs=macs), run, out, "pruned", fine_tune,
+                                       progress)),
+        ("pruned-int8", lambda: _int8(out / "pruned" / "best.safetensors", out / "pruned-int8", calib, quantizers)),
     ]
+    if task == "classify":
+        stages.append(("lowrank", lambda: _fine_tuned(runs.lowrank, runs.LowrankOptions(energy=energy), run, out,
+                                                      "lowrank", fine_tune, progress)))
     bar = tqdm(stages, desc="optimize", unit="stage", disable=None if progress else True)
     for name, make in bar:
         bar.set_postfix_str(name)
@@ -122,18 +130,19 @@ def optimize(source: str | os.PathLike, target: str, *, out: str | os.PathLike, 
         state["stages"][name] = make()
         write_json(state_file, state)
     variants = [v for name, _ in stages for v in state["stages"][name]]
-    samples = ModelInfo.from_sidecar(meta, str(run)).recorded_samples(run / "best.safetensors", "val")
+    score = _scorer(task, ModelInfo.from_sidecar(meta, str(run)), run / "best.safetensors")
     for v in tqdm(variants, desc="measure", unit="variant", disable=None if progress else True):
-        if "top1" not in v:
-            v.update(_measure(v, samples, duration))
+        if "score" not in v:
+            v.update(_measure(v, score, duration, task))
             write_json(state_file, state)
-    base = variants[0]["top1"]
+    base = variants[0]["score"]
     for v in variants:
-        v["drop"] = 100 * (base - v["top1"])
-    pick = _pick(variants, goal)
+        v["drop"] = 100 * (base - v["score"])
+    metric = METRICS[task]
+    pick = _pick(variants, goal, metric)
     state["pick"] = pick
     write_json(state_file, state)
-    _write_reports(out, run, goal, variants, pick)
+    _write_reports(out, run, goal, variants, pick, metric)
     log.info("%s", pick["line"])
     log.info("report: %s (and report.html)", out / "report.md")
     return state
@@ -161,9 +170,10 @@ def _variant(name: str, path: Path, backend: str, precision: str, model: Path, d
     """A file to measure on a backend (`precision`: the engine's setting; `dtype`: what the file holds);
     `model` is the saved network whose parameters and MACs it has."""
     net, meta = load_model(model)
-    s = summarize(net, meta["preprocess"]["img_size"])
+    backbone = getattr(net, "resnet", None) or getattr(net, "backbone", net)  # a detector's, a segmenter's, or net
+    s = summarize(backbone, meta["preprocess"]["img_size"])
     return {"name": name, "path": str(path), "backend": backend, "precision": precision, "dtype": dtype,
-            "params": s.params, "gmacs": s.macs / 1e9, "file_mb": file_size_mb(path)}
+            "params": sum(p.numel() for p in net.parameters()), "gmacs": s.macs / 1e9, "file_mb": file_size_mb(path)}
 
 
 def _baseline(run: Path, out: Path) -> list[dict[str, Any]]:
@@ -174,11 +184,11 @@ def _baseline(run: Path, out: Path) -> list[dict[str, Any]]:
             _variant("fp32", onnx, "openvino", "fp32", weights)]
 
 
-def _int8(weights: Path, base: Path, calib: int) -> list[dict[str, Any]]:
+def _int8(weights: Path, base: Path, calib: int, backends: tuple[str, ...]) -> list[dict[str, Any]]:
     """int8 for each engine with its own quantiser (onnxruntime's QDQ, NNCF for OpenVINO)."""
     rows = []
-    for backend, suffix in (("onnxruntime", ".onnx"), ("openvino", ".xml")):
-        q = quantize(weights, backend, base.with_name(f"{base.name}{suffix}"), calib=calib)
+    for backend in backends:
+        q = quantize(weights, backend, base.with_name(f"{base.name}{SUFFIX[backend]}"), calib=calib)
         rows.append(_variant(base.name, q.path, backend, "auto" if backend == "onnxruntime" else "fp32", weights,
                              dtype="int8"))
     return rows
@@ -200,63 +210,106 @@ def _fine_tuned(step: Callable[..., dict[str, Any]], target: Any, run: Path, out
     return [_variant(name, onnx, "onnxruntime", "auto", weights), _variant(name, onnx, "openvino", "fp32", weights)]
 
 
-def _measure(v: dict[str, Any], samples: list, duration: float) -> dict[str, Any]:
-    """Top-1/top-5 on the validation split and latency/throughput by `bench`, for one variant."""
-    predictor = Predictor.load(v["path"], v["backend"], precision=v["precision"], batch_size=64)
-    logits, targets = predictor.infer(samples, 64)
-    k = topk_correct(logits, targets, (1, 5))
-    del predictor
+METRICS = {"classify": "top-1", "segment": "mIoU", "detect": "AP@.5"}
+
+
+def _scorer(task: str, info: ModelInfo, model: Path) -> Callable[[dict[str, Any]], dict[str, float]]:
+    """What a variant scores on the run's validation split: top-1 (and top-5), mIoU, or AP@.5 (and AP)."""
+    if task == "segment":
+        from ..tasks.segment_infer import open_segmenter, segmenter_miou, validation_masks
+
+        masks = validation_masks(info, model)
+        return lambda v: {"score": segmenter_miou(open_segmenter(open_source(v["path"]), backend=v["backend"]),
+                                                  masks)}
+    if task == "detect":
+        from ..data.annotations import read_recorded_split
+        from ..tasks.detect_infer import detection_figures, open_detector
+
+        val = read_recorded_split(info.trained["data"], info.recorded_split(model)).val
+
+        def ap(v: dict[str, Any]) -> dict[str, float]:
+            m, _, _ = detection_figures(open_detector(open_source(v["path"]), backend=v["backend"]), val)
+            return {"score": m["map50"], "ap": m["map"]}
+        return ap
+    samples = info.recorded_samples(model, "val")
+
+    def top(v: dict[str, Any]) -> dict[str, float]:
+        predictor = Predictor.load(v["path"], v["backend"], precision=v["precision"], batch_size=64)
+        logits, targets = predictor.infer(samples, 64)
+        k = topk_correct(logits, targets, (1, 5))
+        return {"score": k[1] / len(targets), "top5": k[5] / len(targets)}
+    return top
+
+
+def _measure(v: dict[str, Any], score: Callable[[dict[str, Any]], dict[str, float]], duration: float, task: str
+             ) -> dict[str, Any]:
+    """The score on the validation split and latency/throughput by `bench`, for one variant (a detector's batch
+    of 16: 16 images in one call, which a graph takes one by one)."""
+    figures = score(v)
     # in this process: the variants are compared at their steady speed (cold start and memory are bench's)
     row = bench([v["path"]], [v["backend"]], precision=v["precision"], batch_sizes=[1, 16], duration=duration,
                 isolate=False, progress=False)[0]
     if "error" in row:
         raise ConfigError(f"measuring {v['name']} on {v['backend']} failed: {row['error']}")
-    return {"top1": k[1] / len(targets), "top5": k[5] / len(targets), "latency_ms": row["latency_ms"]["p50"],
-            "latency_p99_ms": row["latency_ms"]["p99"], "img_per_s_16": row["throughput"]["16"]}
+    return {**figures, "latency_ms": row["latency_ms"]["p50"], "latency_p99_ms": row["latency_ms"]["p99"],
+            "img_per_s_16": row["throughput"]["16"]}
 
 
-def _pick(variants: list[dict[str, Any]], goal: Target) -> dict[str, Any]:
+def _pick(variants: list[dict[str, Any]], goal: Target, metric: str = "top-1") -> dict[str, Any]:
     """The most accurate variant that meets a speed or size target (the fastest that meets an accuracy
     target); else the closest, and by how much it misses."""
     field = goal.field()
     meeting = [v for v in variants if goal.met(v)]
     if meeting:
         best = (min(meeting, key=lambda v: v["latency_ms"]) if goal.kind == "accuracy-drop"
-                else max(meeting, key=lambda v: (v["top1"], -v["latency_ms"])))
+                else max(meeting, key=lambda v: (v["score"], -v["latency_ms"])))
         change = f"{best['drop']:.2f} pt lost" if best["drop"] >= 0 else f"{-best['drop']:.2f} pt gained"
-        line = (f"best variant for {goal.describe()}: {best['name']} on {best['backend']} ({best['dtype']}), "
-                f"top-1 {best['top1']:.2%} ({change} against fp32), {best['latency_ms']:.2f} ms at batch 1, "
+        line = (f"best variant for {goal.describe(metric)}: {best['name']} on {best['backend']} ({best['dtype']}), "
+                f"{metric} {best['score']:.2%} ({change} against fp32), {best['latency_ms']:.2f} ms at batch 1, "
                 f"{best['file_mb']:.1f} MB")
         return {"met": True, "variant": f"{best['name']} {best['backend']}", "line": line}
     closest = min(variants, key=lambda v: v[field])
-    line = (f"no variant meets {goal.describe()}: the closest, {closest['name']} on {closest['backend']}, has "
+    line = (f"no variant meets {goal.describe(metric)}: the closest, {closest['name']} on {closest['backend']}, has "
             f"{closest[field]:.3g} ({closest[field] - goal.value:+.3g} over)")
     return {"met": False, "variant": f"{closest['name']} {closest['backend']}", "line": line}
 
 
-COLUMNS = [("variant", "{name}"), ("backend", "{backend} {dtype}"), ("top-1", "{top1:.2%}"),
-           ("top-5", "{top5:.2%}"), ("drop (pt)", "{drop:+.2f}"), ("params", "{params:,}"), ("GMACs", "{gmacs:.3f}"),
-           ("file MB", "{file_mb:.2f}"), ("p50 ms (b1)", "{latency_ms:.2f}"), ("p99 ms (b1)", "{latency_p99_ms:.2f}"),
-           ("img/s (b16)", "{img_per_s_16:.1f}")]
+def _score_columns(metric: str) -> list[tuple[str, str]]:
+    """(header, format) of what a run scored in `metric` is measured by on its validation split."""
+    if metric == "top-1":
+        return [("top-1", "{score:.2%}"), ("top-5", "{top5:.2%}")]
+    return [(metric, "{score:.3f}")] + ([("AP", "{ap:.3f}")] if metric == "AP@.5" else [])
 
 
-def _write_reports(out: Path, run: Path, goal: Target, variants: list[dict[str, Any]], pick: dict[str, Any]) -> None:
-    cells = [[fmt.format(**v) for _, fmt in COLUMNS] for v in variants]
-    plot = plot_pareto(variants, out / "pareto.png")
-    md = [f"# optimize {run}", "", f"Target: {goal.describe()}. {pick['line']}.", "",
-          "| " + " | ".join(h for h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+def columns(metric: str) -> list[tuple[str, str]]:
+    """(header, format) of the report's table for a run scored in `metric`."""
+    macs = "GMACs" if metric == "top-1" else "backbone GMACs"
+    return [("variant", "{name}"), ("backend", "{backend} {dtype}"), *_score_columns(metric),
+            ("drop (pt)", "{drop:+.2f}"), ("params", "{params:,}"), (macs, "{gmacs:.3f}"), ("file MB", "{file_mb:.2f}"),
+            ("p50 ms (b1)", "{latency_ms:.2f}"), ("p99 ms (b1)", "{latency_p99_ms:.2f}"),
+            ("img/s (b16)", "{img_per_s_16:.1f}")]
+
+
+def _write_reports(out: Path, run: Path, goal: Target, variants: list[dict[str, Any]], pick: dict[str, Any],
+                   metric: str) -> None:
+    cols = columns(metric)
+    cells = [[fmt.format(**v) for _, fmt in cols] for v in variants]
+    plot = plot_pareto(variants, out / "pareto.png", metric)
+    md = [f"# optimize {run}", "", f"Target: {goal.describe(metric)}. {pick['line']}.", "",
+          "| " + " | ".join(h for h, _ in cols) + " |", "|" + "---|" * len(cols)]
     md += ["| " + " | ".join(r) + " |" for r in cells]
-    md += ["", "Top-1 and top-5 on the run's validation split; latency and throughput measured by `resforge bench`, "
-               "one variant after another on this machine.", "", "![Pareto](pareto.png)", ""]
+    scored = " and ".join(h for h, _ in _score_columns(metric))
+    md += ["", f"{scored} on the run's validation split; latency and throughput measured by `resforge bench`, one "
+               "variant after another on this machine.", "", "![Pareto](pareto.png)", ""]
     write_text(out / "report.md", "\n".join(md))
     image = base64.b64encode(plot.read_bytes()).decode()
     rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in cells)
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>optimize {html.escape(str(run))}</title>"
             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}</style>"
-            f"</head><body><h1>optimize {html.escape(str(run))}</h1><p>Target: {html.escape(goal.describe())}. "
+            f"</head><body><h1>optimize {html.escape(str(run))}</h1><p>Target: {html.escape(goal.describe(metric))}. "
             f"<b>{html.escape(pick['line'])}</b>.</p><table><tr>"
-            + "".join(f"<th>{html.escape(h)}</th>" for h, _ in COLUMNS) + f"</tr>{rows}</table>"
-            f"<p><img alt='Pareto: top-1 against latency and size' src='data:image/png;base64,{image}'></p>"
-            "</body></html>\n")
+            + "".join(f"<th>{html.escape(h)}</th>" for h, _ in cols) + f"</tr>{rows}</table>"
+            f"<p><img alt='Pareto: {html.escape(metric)} against latency and size' "
+            f"src='data:image/png;base64,{image}'></p></body></html>\n")
     write_text(out / "report.html", page)

@@ -208,18 +208,19 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
-def plot_pareto(variants: list[dict], path: str | os.PathLike) -> Path:
-    """Top-1 against latency at batch 1 and against file size, each variant labelled, the front joined."""
+def plot_pareto(variants: list[dict], path: str | os.PathLike, metric: str = "top-1") -> Path:
+    """The score (top-1, mIoU, AP@.5) against latency at batch 1 and against file size, each variant labelled, the
+    front joined."""
     fig = Figure(figsize=(12, 4.8), layout="constrained")
     for ax, key, label in zip(fig.subplots(1, 2), ("latency_ms", "file_mb"), ("latency at batch 1 (ms)", "file (MB)")):
-        points = [(v[key], 100 * v["top1"]) for v in variants]
+        points = [(v[key], 100 * v["score"]) for v in variants]
         ax.scatter(*zip(*points), color="tab:blue", zorder=3)
         front = pareto_front(points)
         ax.plot([points[i][0] for i in front], [points[i][1] for i in front], color="tab:red", alpha=0.6,
                 label="Pareto front")
         for v, (x, y) in zip(variants, points):
             ax.annotate(f"{v['name']} {v['backend']}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        ax.set(xlabel=label, ylabel="top-1 (%)", xscale="log")
+        ax.set(xlabel=label, ylabel=f"{metric} (%)", xscale="log")
         ax.grid(alpha=0.3, which="both")
         ax.legend()
     fig.suptitle("accuracy against cost, every variant")

@@ -452,7 +452,3 @@ def evaluate_detector(source: str | os.PathLike, data: str | os.PathLike, *, out
     return report
 
 
-
-
-
-

@@ -51,7 +51,6 @@ class LoadedDetector:
         return [{k: v.cpu() for k, v in o.items()} for o in out]
 
 
-
 class ExportedDetector:
     """An exported detector (`models.detection.DetectorGraph`) on its engine, called as torchvision's detectors
     are: float C x H x W images in, a dict of boxes, labels, scores (and masks) for each out, one image a call."""
@@ -64,7 +63,6 @@ class ExportedDetector:
 
     def __call__(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         return [dict(zip(self.names, self.runner.outputs(image.float()))) for image in images]
-
 
 
 def detection_figures(predictor: LoadedDetector, samples: list[Objects], batch_size: int = 8, workers: int = 0
@@ -81,14 +79,12 @@ def detection_figures(predictor: LoadedDetector, samples: list[Objects], batch_s
     return detection_metrics(predictions, targets, sizes, len(predictor.classes), masks=masks), predictions, targets
 
 
-
 def load_detector(source: str | os.PathLike, device: str = "auto", tile: dict[str, Any] | None = None,
                   backend: str = "auto") -> LoadedDetector:
     """A saved detector (run directory, .safetensors or its sidecar; or an exported .onnx or OpenVINO .xml) on
     `device`, in evaluation mode, slicing images into `tile` ({"size", "overlap"}; default: the tiles it was
     trained on, if any); see `open_detector` for `backend`."""
     return open_detector(open_source(source), device, tile, backend)
-
 
 
 def detector_backend(src: Source, backend: str) -> str:
@@ -104,7 +100,6 @@ def detector_backend(src: Source, backend: str) -> str:
     return engines[0] if backend == "auto" else backend
 
 
-
 def open_detector(src: Source, device: str = "auto", tile: dict[str, Any] | None = None, backend: str = "auto"
                   ) -> LoadedDetector:
     """A detector read by `open_source` on `backend`: auto is its file's engine (PyTorch for a run, onnxruntime
@@ -118,7 +113,6 @@ def open_detector(src: Source, device: str = "auto", tile: dict[str, Any] | None
         return LoadedDetector(src.model.to(resolve_device(device)).eval(), src.info.classes, tile)
     runner = build_runner(src, backend, backend_device(backend, device), "auto" if backend == "onnxruntime" else "fp32")
     return LoadedDetector(ExportedDetector(runner, src.info.name), src.info.classes, tile)
-
 
 
 def predict_boxes(source: str | os.PathLike, files: list[str], *, conf: float = 0.25, batch_size: int = 8,
@@ -153,7 +147,6 @@ def predict_boxes(source: str | os.PathLike, files: list[str], *, conf: float = 
     return sorted(rows, key=lambda r: order[r["path"]])
 
 
-
 def detected_objects(found: dict[str, torch.Tensor], classes: list[str], conf: float) -> list[dict[str, Any]]:
     """One image's detections scoring at least `conf`, as [{"class", "score", "box": [x1, y1, x2, y2], and for
     Mask R-CNN "mask": COCO's compressed RLE}]: what predict writes and serve answers."""
@@ -165,7 +158,6 @@ def detected_objects(found: dict[str, torch.Tensor], classes: list[str], conf: f
         for obj, rle in zip(objects, mask_rle(found["masks"][keep])):
             obj["mask"] = rle
     return objects
-
 
 
 def _draw(image: torch.Tensor, boxes: torch.Tensor, captions: list[str], masks: torch.Tensor | None,

@@ -6,7 +6,7 @@ the resize (or the slicing into windows, blended where they overlap) and the ups
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,25 +103,39 @@ class LoadedSegmenter:
         return self.net.model.segmenter
 
 
+def _class_maps(models: list[LoadedSegmenter], samples: list[MaskSample]
+                ) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """(true mask, each model's class map) of every sample, each image read once."""
+    first = models[0]
+    dataset = MaskDataset(samples, first.pre.img_size, [0.0], [1.0], colors=first.colors,
+                          ignore_index=first.ignore_index, mode=first.pre.mode)
+    for i in range(len(samples)):
+        image, mask = dataset.raw(i)
+        yield mask.as_subclass(torch.Tensor), [m.segment(image.float() / 255) for m in models]
+
+
+def segmenter_miou(loaded: LoadedSegmenter, samples: list[MaskSample]) -> float:
+    """mIoU of `loaded` over `samples`, from one confusion matrix."""
+    k = len(loaded.classes)
+    total = torch.zeros(k, k, dtype=torch.int64)
+    for mask, (pred,) in _class_maps([loaded], samples):
+        total += confusion(pred, mask, k, loaded.ignore_index)
+    return segmentation_metrics(total, loaded.classes)["miou"]
+
 
 def compare_segmenters(a: LoadedSegmenter, b: LoadedSegmenter, samples: list[MaskSample]
                        ) -> tuple[float, float, float]:
     """mIoU of `a` and of `b` over `samples` (one confusion matrix each), and the share of pixels both give the
     same class: a compressed segmenter beside the one it came from."""
     k, ignore = len(a.classes), a.ignore_index
-    dataset = MaskDataset(samples, a.pre.img_size, [0.0], [1.0], colors=a.colors, ignore_index=ignore,
-                          mode=a.pre.mode)
     totals = [torch.zeros(k, k, dtype=torch.int64) for _ in range(2)]
     same = pixels = 0
-    for i in range(len(samples)):
-        image, mask = dataset.raw(i)
-        maps = [m.segment(image.float() / 255) for m in (a, b)]
+    for mask, maps in _class_maps([a, b], samples):
         for total, pred in zip(totals, maps):
-            total += confusion(pred, mask.as_subclass(torch.Tensor), k, ignore)
+            total += confusion(pred, mask, k, ignore)
         same, pixels = same + int((maps[0] == maps[1]).sum()), pixels + maps[0].numel()
     a_miou, b_miou = (segmentation_metrics(t, a.classes)["miou"] for t in totals)
     return a_miou, b_miou, same / max(pixels, 1)
-
 
 
 def validation_masks(info: ModelInfo, model: str | os.PathLike) -> list[MaskSample]:
@@ -133,7 +147,6 @@ def validation_masks(info: ModelInfo, model: str | os.PathLike) -> list[MaskSamp
     return read_recorded_masks(data, split_csv, ignore_index=info.task_record.get("ignore_index", 255)).val
 
 
-
 def _ramp(n: int) -> torch.Tensor:
     """A window's blending weight along one side: highest at its centre, small but positive at its edges, so
     where windows overlap the one that sees a pixel with more context around it counts more."""
@@ -141,12 +154,10 @@ def _ramp(n: int) -> torch.Tensor:
     return torch.minimum(x + 1, n - x) / ((n + 1) / 2)
 
 
-
 def load_segmenter(source: str | os.PathLike, device: str = "auto", tile: dict[str, Any] | None = None,
                    backend: str = "auto", precision: str = "fp32") -> LoadedSegmenter:
     """A segmenter (run directory, .safetensors, or an exported .onnx / OpenVINO .xml): `open_segmenter`."""
     return open_segmenter(open_source(source), device, tile, backend, precision)
-
 
 
 def open_segmenter(src: Source, device: str = "auto", tile: dict[str, Any] | None = None, backend: str = "auto",
@@ -163,7 +174,6 @@ def open_segmenter(src: Source, device: str = "auto", tile: dict[str, Any] | Non
                                      src.info, tile)
 
 
-
 def palette_png(classes: np.ndarray, colors: np.ndarray) -> Image.Image:
     """A uint8 class map as a palette image: each pixel's value its class, the classes' `colors` shown by any
     viewer."""
@@ -172,12 +182,10 @@ def palette_png(classes: np.ndarray, colors: np.ndarray) -> Image.Image:
     return image
 
 
-
 def class_shares(classes: np.ndarray, names: list[str]) -> dict[str, float]:
     """The share of a class map's pixels each class present takes: what predict writes and serve answers."""
     counts = np.bincount(classes.ravel(), minlength=len(names))
     return {c: round(float(n) / classes.size, 4) for c, n in zip(names, counts) if n}
-
 
 
 def predict_masks(source: str | os.PathLike, files: list[str], out_dir: str | os.PathLike, *, device: str = "auto",
