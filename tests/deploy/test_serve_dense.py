@@ -59,12 +59,13 @@ def post(url, files, **params):
     return httpx.post(f"{url}/v1/predict", files=parts, params=params, timeout=120)
 
 
-@pytest.mark.parametrize("form, backend", [("run", "torch"), ("onnx", "onnxruntime")])
+@pytest.mark.parametrize("form, backend", [("run", "torch"), ("onnx", "onnxruntime"), ("run", "openvino")])
 def test_a_served_detector_answers_the_objects_predict_finds(detector, shapes, form, backend):
+    """From a run or an exported file, on its own engine or another (a run's graph converted once)."""
     files = images_of(shapes)
-    expected = predict_boxes(detector[form], files, conf=0.1, batch_size=1)
+    expected = predict_boxes(detector[form], files, conf=0.1, batch_size=1, backend=backend)
     assert sum(len(r["objects"]) for r in expected) > 0
-    with running(create_app(str(detector[form]), ServeOptions(max_batch=1))) as url:
+    with running(create_app(str(detector[form]), ServeOptions(max_batch=1, backend=backend))) as url:
         body = post(url, files, conf=0.1).json()
         metadata = httpx.get(f"{url}/v1/metadata").json()
     assert (body["task"], body["backend"], metadata["task"]) == ("detect", backend, "detect")
@@ -112,10 +113,11 @@ def test_options_of_another_task_are_refused_by_name(detector, segmenter, shapes
                                                                    "segment model")
 
 
-def test_the_cli_refuses_a_detector_run_on_another_engine_before_it_serves(detector, capsys):
-    assert main(["serve", str(detector["run"]), "--backend", "onnxruntime", "--port", "0"]) == 2
+def test_the_cli_refuses_a_detector_on_an_engine_it_cannot_run_on_before_it_serves(detector, tmp_path, capsys):
+    xml = resforge.export(detector["run"], "openvino", out=str(tmp_path / "det.xml")).path
+    assert main(["serve", str(xml), "--backend", "onnxruntime", "--port", "0"]) == 2
     err = capsys.readouterr().err
-    assert "is a detector that runs on torch, not on onnxruntime; export it" in err and "Traceback" not in err
+    assert "is a detector that runs on openvino, not on onnxruntime" in err and "Traceback" not in err
 
 
 def _png(w, h):

@@ -137,8 +137,9 @@ def fingerprint(source: Source) -> str:
 
 
 def onnx_for(source: Source) -> Path:
-    """The ONNX of a torch source, exported once and cached by the weights' hash (exporting takes seconds)."""
-    from .convert import to_onnx
+    """The ONNX of a torch source (a detector's whole graph, NMS inside), exported once and cached by the weights'
+    hash (exporting takes seconds)."""
+    from .convert import detector_onnx, to_onnx
 
     path = cache_dir() / "onnx" / f"{source.path.stem}-{fingerprint(source)}.onnx"
     if not path.is_file():
@@ -146,7 +147,8 @@ def onnx_for(source: Source) -> Path:
 
         log.info("exporting %s to ONNX for onnxruntime/openvino (once; cached in %s)", source.path, path.parent)
         model = copy.deepcopy(source.model).to("cpu", memory_format=torch.contiguous_format)  # a runner may hold it
-        proto = to_onnx(model, source.info, dynamic_batch=True)
+        proto = detector_onnx(model, source.info) if source.info.task == "detect" else \
+            to_onnx(model, source.info, dynamic_batch=True)
         with atomic_path(path) as tmp:
             onnx.save(proto, tmp)
     return path

@@ -92,19 +92,18 @@ def detector_backend(src: Source, backend: str) -> str:
     why it cannot."""
     if src.info.task != "detect":
         raise ConfigError(f"{src.path} holds a {src.info.task} model, not a detector")
-    engines = {"torch": ["torch"], "onnx": ["onnxruntime", "openvino"], "openvino": ["openvino"]}[src.kind]
+    engines = {"torch": ["torch", "onnxruntime", "openvino"], "onnx": ["onnxruntime", "openvino"],
+               "openvino": ["openvino"]}[src.kind]
     if backend != "auto" and backend not in engines:
-        raise ConfigError(f"{src.path} is a detector that runs on {' or '.join(engines)}, not on {backend}"
-                          + ("; export it for another engine (resforge export RUN --format onnx|openvino)"
-                             if src.kind == "torch" else ""))
+        raise ConfigError(f"{src.path} is a detector that runs on {' or '.join(engines)}, not on {backend}")
     return engines[0] if backend == "auto" else backend
 
 
 def open_detector(src: Source, device: str = "auto", tile: dict[str, Any] | None = None, backend: str = "auto"
                   ) -> LoadedDetector:
     """A detector read by `open_source` on `backend`: auto is its file's engine (PyTorch for a run, onnxruntime
-    for .onnx, OpenVINO for .xml); an .onnx file runs on OpenVINO too; a run only on PyTorch (its graph, with
-    NMS inside, is what `export` writes)."""
+    for .onnx, OpenVINO for .xml); a run goes to onnxruntime or OpenVINO as the graph `export` writes (NMS
+    inside; converted once, cached), an .onnx file to OpenVINO too."""
     backend = detector_backend(src, backend)
     tile = tile or src.info.task_record.get("tile")
     if backend == "torch":
