@@ -158,3 +158,11 @@ def test_the_page_draws_boxes_and_lays_the_class_map_over_the_image(detector, se
         colours = palette(3)[classes].astype(np.float32)
         drawn = drawn.reshape(*classes.shape, 4)[..., :3]
         assert np.abs(drawn - (image + colours) / 2).mean() < 2
+
+
+def test_a_detector_refuses_a_precision_it_does_not_run_in(detector):
+    from resforge.deploy.serve.service import load_service
+
+    with pytest.raises(resforge.ConfigError, match="a detector runs in fp32 .its boxes are decoded in float32., "
+                                                   "not bf16"):
+        load_service(detector["run"], precision="bf16")

@@ -20,6 +20,7 @@ import torch
 from ...data.folder import DEFAULT_MAX_PIXELS, load_image
 from ...data.loader import pil_to_tensor
 from ...data.masks import palette
+from ...errors import ConfigError
 from ...runtime.measure import sample_batch
 from ...runtime.predictor import Predictor
 from ...runtime.record import ModelInfo
@@ -173,6 +174,8 @@ def load_service(source: str | os.PathLike, backend: str = "auto", device: str =
                                          metadata=metadata))
     src = open_source(source, metadata)
     if src.info.task == "detect":
+        if precision not in ("auto", "fp32"):
+            raise ConfigError(f"a detector runs in fp32 (its boxes are decoded in float32), not {precision}")
         return Detector(open_detector(src, device, backend=backend), src.info)
     return Segmenter(open_segmenter(src, device, backend=backend, precision="fp32" if precision == "auto"
                                     else precision), src.info)
