@@ -44,7 +44,7 @@ from .models.summary import ModelSummary, summarize
 from .options import from_keywords, take_keywords
 from .tasks import Detection, Segmentation, recognize_task, recorded_task
 from .tasks.detect import DetectionReport, evaluate_detector
-from .tasks.detect_infer import predict_boxes
+from .tasks.detect_infer import check_detector_precision, predict_boxes
 from .tasks.segment import SegmentationReport, evaluate_segmenter
 from .tasks.segment_infer import predict_masks
 from .training.lr_find import LRFindResult, check_range
@@ -198,10 +198,12 @@ def evaluate(source: str | os.PathLike, data: str | os.PathLike,
     tile = {"size": o.tile, "overlap": o.overlap} if o.tile else None
     task = recorded_task(source)
     if task == Detection.name:
+        check_detector_precision(precision)
         return evaluate_detector(source, data, out=out, batch_size=batch_size, workers=workers, device=device,
-                                 tile=tile)
+                                 tile=tile, backend=backend)
     if task == Segmentation.name:
-        return evaluate_segmenter(source, data, out=out, device=device, tile=tile)
+        return evaluate_segmenter(source, data, out=out, device=device, tile=tile, backend=backend,
+                                  precision="fp32" if precision == "auto" else precision)
     predictor = Predictor.load(source, backend, device, precision, batch_size=batch_size, metadata=metadata)
     samples, scan = labelled_samples(data, predictor.classes)
     name = Path(data).resolve().name
@@ -254,10 +256,12 @@ def predict(source: str | os.PathLike, paths: list[str | os.PathLike], **options
     tile = {"size": o.tile, "overlap": o.overlap} if o.tile else None
     task = recorded_task(source)
     if task in (Detection.name, Segmentation.name):
+        if task == Detection.name:
+            check_detector_precision(precision)
         rows = (predict_boxes(source, files, conf=o.conf, batch_size=batch_size, device=device,
                               save_images=o.save_images, tile=tile, backend=backend) if task == Detection.name else
                 predict_masks(source, files, o.masks, device=device, save_images=o.save_images, tile=tile,
-                              backend=backend))
+                              backend=backend, precision="fp32" if precision == "auto" else precision))
         _check_some_read(rows)
         return rows
     predictor = Predictor.load(source, backend, device, precision, batch_size=min(batch_size, len(files)),

@@ -160,9 +160,26 @@ def test_the_page_draws_boxes_and_lays_the_class_map_over_the_image(detector, se
         assert np.abs(drawn - (image + colours) / 2).mean() < 2
 
 
-def test_a_detector_refuses_a_precision_it_does_not_run_in(detector):
+def test_a_detector_refuses_a_precision_it_does_not_run_in(detector, shapes):
     from resforge.deploy.serve.service import load_service
 
-    with pytest.raises(resforge.ConfigError, match="a detector runs in fp32 .its boxes are decoded in float32., "
-                                                   "not bf16"):
+    refusal = "a detector runs in fp32 .its boxes are decoded in float32., not bf16"
+    with pytest.raises(resforge.ConfigError, match=refusal):
         load_service(detector["run"], precision="bf16")
+    with pytest.raises(resforge.ConfigError, match=refusal):
+        resforge.predict(detector["run"], images_of(shapes, 1), precision="bf16")
+
+
+def test_eval_runs_a_detector_run_on_the_engine_asked(detector, shapes, tmp_path, monkeypatch):
+    """--backend onnxruntime on a run converts its graph as export does, and the graph answers every image."""
+    from resforge.tasks import detect_infer
+
+    engines, real = [], detect_infer.ExportedDetector.__call__
+    monkeypatch.setattr(detect_infer.ExportedDetector, "__call__",
+                        lambda self, images: engines.extend([self.runner.backend] * len(images)) or real(self, images))
+    resforge.evaluate(detector["run"], shapes, out=str(tmp_path / "torch"))
+    assert engines == []
+    on_ort = resforge.evaluate(detector["run"], shapes, out=str(tmp_path / "ort"), backend="onnxruntime")
+    assert len(engines) == 12 and set(engines) == {"onnxruntime"}
+    by_file = resforge.evaluate(detector["onnx"], shapes, out=str(tmp_path / "file"))
+    assert on_ort.metrics["map"] == by_file.metrics["map"]

@@ -434,11 +434,11 @@ def _as_model_classes(scan: DetectionScan, classes: list[str]) -> list[Objects]:
 
 def evaluate_detector(source: str | os.PathLike, data: str | os.PathLike, *, out: str | os.PathLike | None = None,
                       batch_size: int = 8, workers: int = 0, device: str = "auto",
-                      tile: dict[str, Any] | None = None) -> DetectionReport:
+                      tile: dict[str, Any] | None = None, backend: str = "auto") -> DetectionReport:
     """COCO metrics of a saved detector on an annotated folder (its test split, else a given val split, else all
     of it), written to `out` (default `<run>/eval-<folder>`) with `skipped.csv` when something was skipped;
-    `tile` as for `load_detector`."""
-    loaded = load_detector(source, device, tile)
+    `tile` and `backend` as for `load_detector`."""
+    loaded = load_detector(source, device, tile, backend)
     scan = scan_detection(data, val_split=0.0)
     samples = _as_model_classes(scan, loaded.classes)
     name = Path(data).resolve().name

@@ -99,6 +99,13 @@ def detector_backend(src: Source, backend: str) -> str:
     return engines[0] if backend == "auto" else backend
 
 
+def check_detector_precision(precision: str) -> None:
+    """A detector runs in fp32: its anchors, box coding and NMS are float32's (bf16 would put coordinates past
+    256 px on a 2-px grid)."""
+    if precision not in ("auto", "fp32"):
+        raise ConfigError(f"a detector runs in fp32 (its boxes are decoded in float32), not {precision}")
+
+
 def open_detector(src: Source, device: str = "auto", tile: dict[str, Any] | None = None, backend: str = "auto"
                   ) -> LoadedDetector:
     """A detector read by `open_source` on `backend`: auto is its file's engine (PyTorch for a run, onnxruntime

@@ -399,10 +399,12 @@ def _as_model_classes(scan: MaskScan, classes: list[str]) -> list[MaskSample]:
 
 
 def evaluate_segmenter(source: str | os.PathLike, data: str | os.PathLike, *, out: str | os.PathLike | None = None,
-                       device: str = "auto", tile: dict[str, Any] | None = None) -> SegmentationReport:
+                       device: str = "auto", tile: dict[str, Any] | None = None, backend: str = "auto",
+                       precision: str = "fp32") -> SegmentationReport:
     """mIoU and the rest of a saved segmenter on a mask folder (its test split, else a given val split, else all
-    of it), written to `out` (default `<run>/eval-<folder>`) with `skipped.csv` when something was skipped."""
-    loaded = load_segmenter(source, device, tile)
+    of it), written to `out` (default `<run>/eval-<folder>`) with `skipped.csv` when something was skipped;
+    `backend` and `precision` as for `load_segmenter`."""
+    loaded = load_segmenter(source, device, tile, backend, precision)
     scan = scan_masks(data, ignore_index=loaded.ignore_index, val_split=0.0)
     samples = _as_model_classes(scan, loaded.classes)
     name = Path(data).resolve().name

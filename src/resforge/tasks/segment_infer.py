@@ -190,12 +190,12 @@ def class_shares(classes: np.ndarray, names: list[str]) -> dict[str, float]:
 
 def predict_masks(source: str | os.PathLike, files: list[str], out_dir: str | os.PathLike, *, device: str = "auto",
                   save_images: str | os.PathLike | None = None, tile: dict[str, Any] | None = None,
-                  backend: str = "auto") -> list[dict[str, Any]]:
+                  backend: str = "auto", precision: str = "fp32") -> list[dict[str, Any]]:
     """A class-index PNG per image in `out_dir` (palette PNG: the class colours show in any viewer), as rows
     {"path", "mask", "pixels": {class: share}} or {"path", "error"}; `save_images` lays the classes over the
     images in that folder; `tile` ({"size", "overlap"}) slices images as a run trained on windows does; `backend`
-    as `open_segmenter` takes it."""
-    loaded = load_segmenter(source, device, tile, backend)
+    and `precision` as `open_segmenter` takes them."""
+    loaded = load_segmenter(source, device, tile, backend, precision)
     colors = palette(len(loaded.classes), loaded.colors)
     rows: list[dict[str, Any]] = []
     for path in files:

@@ -20,13 +20,12 @@ import torch
 from ...data.folder import DEFAULT_MAX_PIXELS, load_image
 from ...data.loader import pil_to_tensor
 from ...data.masks import palette
-from ...errors import ConfigError
 from ...runtime.measure import sample_batch
 from ...runtime.predictor import Predictor
 from ...runtime.record import ModelInfo
 from ...runtime.source import open_source
 from ...tasks import recorded_task
-from ...tasks.detect_infer import LoadedDetector, detected_objects, open_detector
+from ...tasks.detect_infer import LoadedDetector, check_detector_precision, detected_objects, open_detector
 from ...tasks.segment_infer import LoadedSegmenter, class_shares, open_segmenter, palette_png
 from .http import HttpError
 
@@ -174,8 +173,7 @@ def load_service(source: str | os.PathLike, backend: str = "auto", device: str =
                                          metadata=metadata))
     src = open_source(source, metadata)
     if src.info.task == "detect":
-        if precision not in ("auto", "fp32"):
-            raise ConfigError(f"a detector runs in fp32 (its boxes are decoded in float32), not {precision}")
+        check_detector_precision(precision)
         return Detector(open_detector(src, device, backend=backend), src.info)
     return Segmenter(open_segmenter(src, device, backend=backend, precision="fp32" if precision == "auto"
                                     else precision), src.info)
