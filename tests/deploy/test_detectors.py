@@ -141,8 +141,9 @@ def test_bench_times_a_detector_on_its_engine_from_files(runs, shapes, tmp_path)
 
 
 def test_a_detector_quantizes_to_int8_with_its_heads_left_in_float(runs, shapes, tmp_path):
-    """NNCF on the exported graph: the backbone and pyramid int8, the heads (whose int8 box regression snaps
-    coordinates to its grid) and post-processing in float; AP@.5 measured against fp32 on the validation split."""
+    """NNCF on the exported graph: the backbone, pyramid and box head int8, the layers giving scores and box
+    offsets (whose int8 box regression snaps coordinates to its grid) and post-processing in float; AP@.5
+    measured against fp32 on the validation split."""
     import openvino as ov
 
     from resforge.compress.quantize import quantize
@@ -153,7 +154,8 @@ def test_a_detector_quantizes_to_int8_with_its_heads_left_in_float(runs, shapes,
     fq = [op.get_friendly_name() for op in ov.Core().read_model(str(q.path)).get_ordered_ops()
           if op.get_type_name() == "FakeQuantize"]
     assert any("/backbone/body/" in n for n in fq) and any("/backbone/fpn/" in n for n in fq)
-    assert not any("/rpn/head/" in n or "/box_predictor/" in n or "/box_head/" in n for n in fq)
+    assert any("/roi_heads/box_head/" in n for n in fq)  # the box head's fully connected layers: int8 too
+    assert not any("/rpn/head/" in n or "/box_predictor/" in n for n in fq)
     from resforge.runtime.source import open_source
 
     record = open_source(q.path).info
@@ -164,8 +166,8 @@ def test_a_detector_quantizes_to_int8_with_its_heads_left_in_float(runs, shapes,
 
 
 def test_a_detector_int8_over_the_allowed_drop_is_not_written(runs, tmp_path, monkeypatch):
-    """Over --max-drop with the backbone and pyramid in int8, the pyramid returns to float; still over it, nothing
-    is written (the measurement faked to lose 10 points: the tiny detector's AP is too low to lose any)."""
+    """Over --max-drop, the box head and then the pyramid return to float; still over it, nothing is written (the
+    measurement faked to lose 10 points: the tiny detector's AP is too low to lose any)."""
     from dataclasses import replace
 
     from resforge.compress import quantize_detector
@@ -181,7 +183,7 @@ def test_a_detector_int8_over_the_allowed_drop_is_not_written(runs, tmp_path, mo
     with pytest.raises(resforge.ConfigError, match="loses 10.00 points of AP@.5 even with only the backbone in int8 "
                                                    r"\(at most 1 asked\)"):
         quantize(runs["fasterrcnn"], "openvino", tmp_path / "det-int8.xml", calib=4, max_drop=1)
-    assert levels == ["raw0.xml", "raw1.xml"]
+    assert levels == ["raw0.xml", "raw1.xml", "raw2.xml"]
     with pytest.raises(resforge.ConfigError, match="a detector quantises with NNCF on its OpenVINO graph"):
         quantize(runs["fasterrcnn"], "onnxruntime", tmp_path / "det-int8.onnx", calib=4)
     assert list(tmp_path.iterdir()) == []
