@@ -6,7 +6,7 @@ Data (detect_data.py): DeepForest's aerial trees; training on the three training
 on the 42 tiles of a scene no training image comes from. The model: `resforge.train(train/, model="resnet50",
 tile=400, time_limit=M)` (the default detector, Faster R-CNN with FPN), or an earlier run given with `--run DIR`.
 Then, through the public API: `resforge.export(run, "onnx")` and `(run, "openvino")` (each gated on PyTorch's
-detections), `quantize(run, "openvino")` (NNCF: backbone and pyramid int8, heads in float) calibrated on the run's
+detections), `quantize(run, "openvino")` (NNCF: backbone, pyramid and box head int8) calibrated on the run's
 training tiles; `resforge.prune(run, macs=0.5, time_limit=M/2)` (the backbone to half its MACs, fine-tuned), its
 OpenVINO export and its int8.
 

@@ -193,18 +193,20 @@ def test_a_tiled_detector_calibrates_on_what_sliced_inference_feeds_its_graph(sh
     """Each image whole and each of its tiles: the two kinds of call sliced inference makes."""
     from types import SimpleNamespace
 
-    from resforge.compress.quantize_detector import _calibration_inputs
+    from resforge.compress.quantize_detector import _calibration_inputs, _calibration_windows
     from resforge.data.transforms import make_preprocess
 
     files = [str(p) for p in sorted(Path(shapes, "images").glob("*"))[:2]]
     info = SimpleNamespace(task_record={"tile": {"size": 32, "overlap": 0.0}},
                            pre=make_preprocess(64, 1.0, 3, "bilinear", [0.5] * 3, [0.5] * 3))
-    inputs = _calibration_inputs([(f, (64, 64)) for f in files], info, 10)
+    src, scan = SimpleNamespace(info=info), SimpleNamespace(train=[SimpleNamespace(path=f, width=64, height=64)
+                                                                   for f in files])
+    inputs = _calibration_inputs(_calibration_windows(src, scan, None, 10), info)
     assert [x.shape for x in inputs] == [(3, 64, 64)] + [(3, 32, 32)] * 4 + [(3, 64, 64)] + [(3, 32, 32)] * 4
     whole = inputs[0]
     assert np.array_equal(inputs[4], whole[:, 32:, 32:])  # the last tile: the bottom-right quarter
     with pytest.raises(resforge.ConfigError, match="give the detector's graph 10 input.s., fewer than the 11 asked"):
-        _calibration_inputs([(f, (64, 64)) for f in files], info, 11)
+        _calibration_windows(src, scan, None, 11)
 
 
 @pytest.mark.parametrize("detector", ["retinanet", "fcos"])

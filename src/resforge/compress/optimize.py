@@ -42,7 +42,7 @@ from ..models import load_model
 from ..models.summary import summarize
 from ..training.run import run as training_run
 from . import runs
-from .prune import check_target
+from .prune import check_target, prunable
 from .quantize import SUFFIX, check_calibration, quantize
 
 log = logging.getLogger("resforge")
@@ -103,10 +103,12 @@ def optimize(source: str | os.PathLike, target: str, *, out: str | os.PathLike, 
     if out.resolve().is_relative_to(run.resolve()):  # it would write over the run's report.md, or into it
         raise ConfigError(f"the output folder {out} is {'inside ' if out.resolve() != run.resolve() else ''}the run "
                           f"it optimizes ({run}): give another --name or --project")
-    _, meta = load_model(run)
+    model, meta = load_model(run)
     task = meta.get("task", "classify")
-    if task != "detect":  # a detector's int8 counts what its graph gets from the images (tiles too), not files
-        check_calibration(run, "onnxruntime", calib, "minmax", "auto", None)  # before a baseline is exported
+    # what the int8 and pruning stages would refuse, before a baseline is exported
+    check_calibration(run, "openvino" if task == "detect" else "onnxruntime", calib, "minmax", "auto", None)
+    prunable(model, "l1")
+    del model
     out.mkdir(parents=True, exist_ok=True)
     state_file = out / "optimize.json"
     state = _read_state(state_file, run, goal)
@@ -225,7 +227,11 @@ def _scorer(task: str, info: ModelInfo, model: Path) -> Callable[[dict[str, Any]
         from ..data.annotations import read_recorded_split
         from ..tasks.detect_infer import detection_figures, open_detector
 
-        val = read_recorded_split(info.trained["data"], info.recorded_split(model)).val
+        data, split = info.trained.get("data"), info.recorded_split(model)
+        if not data or split is None or not Path(data).is_dir():
+            raise ConfigError(f"the folder {model}'s run was trained on (or its split.csv) moved: optimize measures "
+                              "the run on its own validation images")
+        val = read_recorded_split(data, split).val
 
         def ap(v: dict[str, Any]) -> dict[str, float]:
             m, _, _ = detection_figures(open_detector(open_source(v["path"]), backend=v["backend"]), val)

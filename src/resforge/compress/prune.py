@@ -65,7 +65,7 @@ def _importance(kind: str, model: ResNet) -> Any:
     return tp.importance.MagnitudeImportance(p=1 if kind == "l1" else 2)
 
 
-def _prunable(model: nn.Module, importance: str) -> tuple[nn.Module, ResNet, list[nn.Module]]:
+def prunable(model: nn.Module, importance: str) -> tuple[nn.Module, ResNet, list[nn.Module]]:
     """(what Torch-Pruning traces, the ResNet whose MACs count, the layers whose outputs stay) of `model`: a
     ResNet, a detector's backbone with its pyramid, or a segmenter (its head keeps its widths)."""
     if isinstance(model, (Detector, Segmenter)):
@@ -105,7 +105,7 @@ def prune_model(model: ResNet | Detector | Segmenter, img_size: int, *, ratio: f
         check_target(ratio, macs)
     elif ratio is not None or macs is not None or not 1 <= steps <= MAX_STEPS:
         raise ConfigError(f"steps ({steps}) is a number of the {MAX_STEPS} pruning steps, without ratio or macs")
-    traced, network, kept = _prunable(model, importance)
+    traced, network, kept = prunable(model, importance)
     transforms.check(model, "pruned")
     if importance == "taylor" and gradients is None:
         raise ConfigError("taylor importance needs training batches for its gradients")

@@ -118,6 +118,9 @@ def quantize(source: str | os.PathLike, backend: str = "onnxruntime", out: str |
     if src.info.task == "detect":
         from .quantize_detector import quantize_detector  # it builds on this module's record and figures
 
+        if method != "minmax" or activations != "auto" or baseline is not None:
+            raise ConfigError("a detector's int8 is NNCF's, with its own ranges and activations, measured against "
+                              "its own fp32 graph: drop --method, --activations and --baseline")
         return quantize_detector(src, backend, path, images, calib, max_drop)
     calib_files = _calibration_files(src, images, calib)
     val = validation_masks(src.info, src.path) if src.info.task == "segment" else \
@@ -181,6 +184,11 @@ def check_calibration(source: str | os.PathLike, backend: str, calib: int, metho
     if src.kind != "torch":
         raise ConfigError(f"{source} is an exported {src.kind} file: train for int8 from the run directory or its "
                           ".safetensors")
+    if src.info.task == "detect":
+        from .quantize_detector import check_detector_calibration
+
+        check_detector_calibration(src, images, calib)
+        return
     _calibration_files(src, images, calib)
 
 

@@ -60,15 +60,9 @@ def quantize_detector(src: Source, backend: str, path: Path, images: str | os.Pa
         raise ConfigError("a detector quantises with NNCF on its OpenVINO graph (--backend openvino): onnxruntime's "
                           "quantiser calibrates a network, not a graph with its resize and NMS inside")
     scan = _recorded_scan(src)
-    if images is not None:
-        from ..data.folder import scan_images
-
-        sized = [(f, load_image(f, src.info.pre.mode).size) for f in scan_images([images])]
-    else:
-        sized = [(o.path, (o.width, o.height)) for o in scan.train]
     info = src.info.with_export(format="openvino", dtype="int8", opset=DEFAULT_OPSET, dynamic_batch=False,
                                 resforge=__version__, torch=torch.__version__)
-    inputs = _calibration_inputs(sized, info, calib)
+    inputs = _calibration_inputs(_calibration_windows(src, scan, images, calib), info)
     path.parent.mkdir(parents=True, exist_ok=True)
     with temp_dir(path.parent, "quantize") as tmp:
         fp32 = tmp / "fp32.xml"  # NNCF reads the graph as saved (in memory, it missed nodes of the If bodies)
@@ -111,10 +105,23 @@ def _recorded_scan(src: Source) -> DetectionScan:
     return scan
 
 
-def _calibration_inputs(sized: list[tuple[str, tuple[int, int]]], info: ModelInfo, calib: int) -> list[np.ndarray]:
-    """`calib` of what the graph gets from the (file, (width, height)) `sized`, spread evenly: each image whole,
-    and for a detector run on tiles each of its tiles too (sliced inference calls the graph on both)."""
-    tile = info.task_record.get("tile")
+def check_detector_calibration(src: Source, images: str | os.PathLike | None, calib: int) -> None:
+    """What `quantize_detector` would refuse about its calibration set, asked before anything is spent."""
+    _calibration_windows(src, _recorded_scan(src), images, calib)
+
+
+def _calibration_windows(src: Source, scan: DetectionScan, images: str | os.PathLike | None, calib: int
+                         ) -> list[tuple[str, Window | None]]:
+    """`calib` of the (file, window: None for the whole image) the graph gets from the run's training images (or
+    the files of `images`), spread evenly: each image whole, and for a detector run on tiles each of its tiles
+    too (sliced inference calls the graph on both)."""
+    if images is not None:
+        from ..data.folder import scan_images
+
+        sized = [(f, load_image(f, src.info.pre.mode).size) for f in scan_images([images])]
+    else:
+        sized = [(o.path, (o.width, o.height)) for o in scan.train]
+    tile = src.info.task_record.get("tile")
     inputs: list[tuple[str, Window | None]] = []
     for f, (width, height) in sized:
         inputs.append((f, None))
@@ -123,7 +130,11 @@ def _calibration_inputs(sized: list[tuple[str, tuple[int, int]]], info: ModelInf
     if len(inputs) < calib:
         raise ConfigError(f"the calibration images give the detector's graph {len(inputs)} input(s), fewer than the "
                           f"{calib} asked: lower --calib or give more images")
-    chosen = [inputs[int(i * len(inputs) / calib)] for i in range(calib)]
+    return [inputs[int(i * len(inputs) / calib)] for i in range(calib)]
+
+
+def _calibration_inputs(chosen: list[tuple[str, Window | None]], info: ModelInfo) -> list[np.ndarray]:
+    """The graph's inputs of the (file, window) `chosen`, each file decoded once."""
     decoded = {f: _image(f, info.pre.mode) for f in dict.fromkeys(f for f, _ in chosen)}
     return [decoded[f] if w is None else decoded[f][:, w[1]:w[3], w[0]:w[2]].copy() for f, w in chosen]
 

@@ -290,7 +290,8 @@ class DetectorGraph(nn.Module):
     """A detector as exporters take it: one float C x H x W image (0-1, any size) in; its boxes (x1, y1, x2, y2 in
     the image's pixels), labels (1..K), scores and, for Mask R-CNN, masks (N x 1 x H x W probabilities) out. The
     resize, the normalisation, NMS and the masks' pasting are the detector's own, inside the graph (the resize's
-    sizes computed as in eager mode: `_ExactResize`); `detector` itself is left as it is."""
+    sizes computed as in eager mode: `_ExactResize`). The graph shares `detector`'s modules (its transform
+    aside): put in evaluation mode, so are they."""
 
     def __init__(self, detector: Detector):
         super().__init__()

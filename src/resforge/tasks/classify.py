@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable
@@ -200,6 +201,22 @@ def adopt_backbone(cfg: Config, role: str) -> None:
         raise ConfigError(f"--init {cfg.model.init_from}: {role}'s backbone starts from a ResNet classification "
                           "run")
     adopt_options(cfg, {**architecture_of(cfg, meta), "data.in_chans": meta["preprocess"]["in_chans"]})
+
+
+def adopt_dense(cfg: Config, model: nn.Module, meta: dict[str, Any], section: str, kind: str, spec_fields: Any,
+                img_size: int) -> None:
+    """A detector or segmenter to go on from (a compression run's start: pruned, say): its kind (`section.kind`),
+    backbone, head options (`spec_fields`, a dataclass of them), input size and tiles become the run's, and an
+    option the user set otherwise is named."""
+    spec = model.spec()
+    fixed = {f"{section}.{kind}": model.model_name, "model.name": spec["backbone"], "data.img_size": img_size,
+             "data.in_chans": meta["preprocess"]["in_chans"],
+             **{f"{section}.{f.name}": spec[f.name] for f in dataclasses.fields(spec_fields)},
+             **{f"model.{k}": v for k, v in spec["backbone_options"].items() if k in ARCHITECTURE},
+             **({"data.tile": meta["tile"]["size"], "data.overlap": meta["tile"]["overlap"]} if meta.get("tile")
+                else {})}
+    check_fixed(cfg, fixed)
+    adopt_options(cfg, fixed)
 
 
 def adopt_options(cfg: Config, options: dict[str, Any]) -> None:

@@ -8,7 +8,6 @@ forward pass takes the targets and returns its losses, which the criterion adds 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -35,12 +34,12 @@ from ..evaluation.plots import plot_image_grid, plot_pr_curves
 from ..io import write_json
 from ..models import load_model
 from ..models.detection import DETECTOR_CLASSES, Detector, DetectorSpec
-from ..models.spec import ARCHITECTURE, given_options
+from ..models.spec import given_options
 from ..models.weights import load_into, read_checkpoint
 from ..report import markdown_table
 from ..training.auto import Chooser
 from .base import Datasets, Forward, Task
-from .classify import adopt_backbone, adopt_options, check_fixed
+from .classify import adopt_backbone, adopt_dense
 from .detect_infer import LoadedDetector, detection_figures, load_detector
 
 log = logging.getLogger("resforge")
@@ -143,15 +142,7 @@ class Detection(Task):
         if not isinstance(model, Detector):
             adopt_backbone(cfg, "a detector")
             return None
-        spec = model.spec()
-        fixed = {"detect.detector": model.detector, "model.name": spec["backbone"],
-                 "data.img_size": spec["min_size"], "data.in_chans": meta["preprocess"]["in_chans"],
-                 **{f"detect.{f.name}": spec[f.name] for f in dataclasses.fields(DetectorSpec)},
-                 **({"data.tile": meta["tile"]["size"], "data.overlap": meta["tile"]["overlap"]}
-                    if meta.get("tile") else {})}
-        fixed.update({f"model.{k}": v for k, v in spec["backbone_options"].items() if k in ARCHITECTURE})
-        check_fixed(cfg, fixed)
-        adopt_options(cfg, fixed)
+        adopt_dense(cfg, model, meta, "detect", "detector", DetectorSpec, model.spec()["min_size"])
         return model, meta
 
     def scan(self, cfg: Config, split_csv: str | os.PathLike | None) -> DetectionScan:

@@ -34,6 +34,7 @@ class LoadedDetector:
     model: Detector | ExportedDetector
     classes: list[str]
     tile: dict[str, Any] | None = None
+    mode: str = "RGB"  # the channels it reads images in
 
     @property
     def device(self) -> torch.device:
@@ -116,9 +117,9 @@ def open_detector(src: Source, device: str = "auto", tile: dict[str, Any] | None
     if backend == "torch":
         if not isinstance(src.model, Detector):
             raise ConfigError(f"{src.path} holds a classifier, not a detector")
-        return LoadedDetector(src.model.to(resolve_device(device)).eval(), src.info.classes, tile)
+        return LoadedDetector(src.model.to(resolve_device(device)).eval(), src.info.classes, tile, src.info.pre.mode)
     runner = build_runner(src, backend, backend_device(backend, device), "auto" if backend == "onnxruntime" else "fp32")
-    return LoadedDetector(ExportedDetector(runner, src.info.name), src.info.classes, tile)
+    return LoadedDetector(ExportedDetector(runner, src.info.name), src.info.classes, tile, src.info.pre.mode)
 
 
 def predict_boxes(source: str | os.PathLike, files: list[str], *, conf: float = 0.25, batch_size: int = 8,
@@ -135,7 +136,7 @@ def predict_boxes(source: str | os.PathLike, files: list[str], *, conf: float = 
         images, names = [], []
         for path in files[start:start + batch_size]:
             try:
-                images.append(pil_to_tensor(load_image(path)))
+                images.append(pil_to_tensor(load_image(path, loaded.mode)))
                 names.append(path)
             except DataError as e:
                 rows.append({"path": path, "error": str(e)})

@@ -9,7 +9,6 @@ by sliced inference, the windows' class probabilities blended where they overlap
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os
@@ -35,12 +34,12 @@ from ..evaluation.segmentation import confusion, segmentation_metrics
 from ..io import atomic_path, write_json
 from ..models import load_model
 from ..models.segmentation import SEGMENTER_CLASSES, Segmenter, SegmenterSpec
-from ..models.spec import ARCHITECTURE, given_options
+from ..models.spec import given_options
 from ..models.weights import load_into, read_checkpoint
 from ..report import markdown_table
 from ..training.auto import Chooser
 from .base import Datasets, Forward, Task
-from .classify import adopt_backbone, adopt_options, check_fixed
+from .classify import adopt_backbone, adopt_dense
 from .segment_infer import LoadedSegmenter, load_segmenter
 
 log = logging.getLogger("resforge")
@@ -141,15 +140,7 @@ class Segmentation(Task):
         if not isinstance(model, Segmenter):
             adopt_backbone(cfg, "a segmenter")
             return None
-        spec, pre = model.spec(), meta["preprocess"]
-        fixed = {"segment.segmenter": model.segmenter, "model.name": spec["backbone"],
-                 "data.img_size": pre["img_size"], "data.in_chans": pre["in_chans"],
-                 **{f"segment.{f.name}": spec[f.name] for f in dataclasses.fields(SegmenterSpec)},
-                 **({"data.tile": meta["tile"]["size"], "data.overlap": meta["tile"]["overlap"]}
-                    if meta.get("tile") else {})}
-        fixed.update({f"model.{k}": v for k, v in spec["backbone_options"].items() if k in ARCHITECTURE})
-        check_fixed(cfg, fixed)
-        adopt_options(cfg, fixed)
+        adopt_dense(cfg, model, meta, "segment", "segmenter", SegmenterSpec, meta["preprocess"]["img_size"])
         return model, meta
 
     def scan(self, cfg: Config, split_csv: str | os.PathLike | None) -> MaskScan:

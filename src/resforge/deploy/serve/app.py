@@ -38,7 +38,7 @@ from .gate import Gate
 from .http import CLIENT_GONE, BodyTooLarge, HttpError
 from .metrics import Metered, Metrics
 from .options import ServeOptions
-from .service import Classifier, Query, Segmenter, Service, load_service
+from .service import Query, Segmenter, Service, load_service, service_of
 
 log = logging.getLogger("resforge")
 
@@ -91,7 +91,7 @@ def _load(model: str | os.PathLike | Predictor | Service, options: ServeOptions,
     if isinstance(model, Service):
         service = model
     elif isinstance(model, Predictor):
-        service = Classifier(model)
+        service = service_of(model)
     else:
         service = load_service(model, options.backend, options.device, options.precision, options.max_batch,
                                metadata)

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from ...errors import ConfigError
 from ...runtime.build import backend_device, check_backend
 from ...runtime.source import open_source
-from ...tasks.detect_infer import detector_backend
+from ...tasks.detect_infer import check_detector_precision, detector_backend
 from .app import create_app
 from .connections import ACCEPT_BACKLOG, Server, connection_cap, guarded_protocol
 from .options import API_KEY_ENV, ServeOptions
@@ -48,6 +48,7 @@ def serve(model: str | os.PathLike, options: ServeOptions | None = None, metadat
     device = backend_device(options.backend, options.device)
     if source.info.task == "detect":
         detector_backend(source, options.backend)
+        check_detector_precision(options.precision)
     elif options.backend != "auto":
         check_backend(source, options.backend, device, options.precision)
     cap = connection_cap(options.max_connections)

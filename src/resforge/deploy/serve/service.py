@@ -164,6 +164,13 @@ class Segmenter(Service):
                          "height": classes.shape[0], "data": base64.b64encode(self.png(classes)).decode()}}
 
 
+def service_of(predictor: Predictor) -> Service:
+    """A loaded Predictor as the server runs it: a classifier, or a segmenter's network read as a segmenter."""
+    if predictor.info.task == "segment":
+        return Segmenter(LoadedSegmenter.from_info(predictor.runner, predictor.info), predictor.info)
+    return Classifier(predictor)
+
+
 def load_service(source: str | os.PathLike, backend: str = "auto", device: str = "auto", precision: str = "auto",
                  max_batch: int = 1, metadata: dict[str, Any] | None = None) -> Service:
     """The model at `source` as the server runs it: a classifier through `Predictor.load` (any backend, auto
