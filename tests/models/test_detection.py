@@ -156,3 +156,22 @@ def test_under_bf16_autocast_anchors_boxes_and_losses_stay_float32(kind):
     assert boxes.dtype == torch.float32
     far = boxes[(boxes > 256) & (boxes < 318)]  # not clipped to the border
     assert len(far) > 10 and (far % 2 != 0).float().mean() > 0.25  # bf16: none
+
+
+@pytest.mark.parametrize("kind", ["fasterrcnn", "maskrcnn"])
+def test_a_first_tiny_elongated_image_does_not_change_the_answers_to_later_ones(kind):
+    """torchvision's RoI pooler infers its level scales from the first batch and keeps them: a 64 x 200 image,
+    resized to 34 x 107 and padded to 64 tall, set 1/2 where the stride says 1/4. Ours are the strides'."""
+    torch.manual_seed(0)
+    options = dict(num_classes=3, backbone="resnet18", backbone_options={"width": 0.25}, min_size=64, max_size=107,
+                   fpn_channels=32, box_width=64)
+    first, fresh = (DETECTOR_CLASSES[kind](**options) for _ in range(2))
+    fresh.load_state_dict(first.state_dict())
+    first.eval(), fresh.eval()
+    g = torch.Generator().manual_seed(1)
+    odd, square = torch.rand(3, 64, 200, generator=g), torch.rand(3, 64, 64, generator=g)
+    with torch.no_grad():
+        first([odd])
+        a, b = first([square])[0], fresh([square])[0]
+    assert first.roi_heads.box_roi_pool.scales == [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+    assert len(a["boxes"]) > 0 and torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["scores"], b["scores"])

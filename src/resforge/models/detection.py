@@ -17,6 +17,7 @@ and post-processing in float32.
 from __future__ import annotations
 
 import copy
+import math
 import dataclasses
 import typing
 from collections.abc import Sequence
@@ -29,8 +30,9 @@ from torchvision.models.detection import fcos, faster_rcnn, mask_rcnn, retinanet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+from torchvision.ops.poolers import initLevelMapper
 
 from ..errors import ConfigError
 from ..options import convert, option
@@ -118,6 +120,11 @@ class Detector:
         # the ResNet whose stages the pyramid's body holds (the same modules, not registered twice): it reads
         # the widths pruning leaves and counts the backbone's MACs
         self.__dict__["resnet"] = pyramid.resnet
+        if isinstance(self, faster_rcnn.FasterRCNN):  # Mask R-CNN too
+            strides = [info["reduction"] for info in pyramid.resnet.feature_info]
+            for pool in (self.roi_heads.box_roi_pool, self.roi_heads.mask_roi_pool):
+                if pool is not None:
+                    _fixed_scales(pool, strides)
         self.pretrained_cfg: dict[str, Any] = {}  # where starting weights came from, as create_model records it
         for module in self.box_sources():
             module.register_forward_hook(_float_outputs)
@@ -168,6 +175,16 @@ class Detector:
         stem = [m for name, m in body.named_children() if name not in stages]
         head = [m for name, m in self.named_children() if name != "backbone"] + [self.backbone.fpn]
         return {"stem": stem, **stages, "head": head}
+
+
+def _fixed_scales(pool: MultiScaleRoIAlign, strides: list[int]) -> None:
+    """The pooler's level scales set from the backbone's strides. torchvision infers them from the first batch it
+    sees, as 2^round(log2(feature height / image height)) with the padded feature against the unpadded image,
+    and keeps them: a first tiny, elongated image (34 px tall, padded to 64) sets 1/2 where the stride says 1/4,
+    for every later image and in an exported graph. These are what it infers for ordinary images."""
+    pool.scales = [1.0 / s for s in strides]
+    pool.map_levels = initLevelMapper(int(math.log2(strides[0])), int(math.log2(strides[-1])),
+                                      canonical_scale=pool.canonical_scale, canonical_level=pool.canonical_level)
 
 
 def _float_outputs(module: nn.Module, inputs: Any, output: Any) -> Any:
