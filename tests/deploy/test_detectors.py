@@ -190,6 +190,8 @@ def test_a_detector_int8_over_the_allowed_drop_is_not_written(runs, tmp_path, mo
     assert levels == ["raw0.xml", "raw1.xml", "raw2.xml"]
     with pytest.raises(resforge.ConfigError, match="a detector quantises with NNCF on its OpenVINO graph"):
         quantize(runs["fasterrcnn"], "onnxruntime", tmp_path / "det-int8.onnx", calib=4)
+    with pytest.raises(resforge.ConfigError, match="drop --method, --activations and --baseline"):
+        quantize(runs["fasterrcnn"], "openvino", tmp_path / "det-int8.xml", calib=4, baseline=runs["fasterrcnn"])
     assert list(tmp_path.iterdir()) == []
 
 

@@ -118,10 +118,8 @@ def quantize(source: str | os.PathLike, backend: str = "onnxruntime", out: str |
     if src.info.task == "detect":
         from .quantize_detector import quantize_detector  # it builds on this module's record and figures
 
-        if method != "minmax" or activations != "auto" or baseline is not None:
-            raise ConfigError("a detector's int8 is NNCF's, with its own ranges and activations, measured against "
-                              "its own fp32 graph: drop --method, --activations and --baseline")
-        return quantize_detector(src, backend, path, images, calib, max_drop)
+        return quantize_detector(src, backend, path, images, calib, max_drop,
+                                 default_ranges=method == "minmax" and activations == "auto" and baseline is None)
     calib_files = _calibration_files(src, images, calib)
     val = validation_masks(src.info, src.path) if src.info.task == "segment" else \
         src.info.recorded_samples(src.path, "val")

@@ -51,11 +51,15 @@ MATCH_IOU, CONFIDENT = 0.5, 0.5  # agreement: an fp32 detection this sure, found
 
 
 def quantize_detector(src: Source, backend: str, path: Path, images: str | os.PathLike | None, calib: int,
-                      max_drop: float | None) -> Quantized:
+                      max_drop: float | None, default_ranges: bool = True) -> Quantized:
     """`src` (a detector run) as an int8 OpenVINO IR at `path`, calibrated on `calib` of the inputs its graph gets
-    from the run's training images (or the files of `images`); see the module."""
+    from the run's training images (or the files of `images`); see the module. `default_ranges`: no range method,
+    activation type or baseline was asked for, which NNCF on the detector's own graph does not take."""
     import openvino as ov
 
+    if not default_ranges:
+        raise ConfigError("a detector's int8 is NNCF's, with its own ranges and activations, measured against its "
+                          "own fp32 graph: drop --method, --activations and --baseline")
     if backend != "openvino":
         raise ConfigError("a detector quantises with NNCF on its OpenVINO graph (--backend openvino): onnxruntime's "
                           "quantiser calibrates a network, not a graph with its resize and NMS inside")

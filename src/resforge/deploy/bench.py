@@ -113,18 +113,22 @@ def measure(source: str, backend: str, precision: str = "auto", batch_sizes: Seq
             p = load(bs)
         key = str(bs)  # as JSON keeps it
         row["chosen"][key] = f"{p.backend} {p.precision}"
-        times = batch_times(p, p.info, bs, duration, device=p.runner.device, warmup=warmup)
-        row["throughput"][key] = timing.per_second(bs, times)
-        if bs == 1:
-            ms = np.asarray(times) * 1000
-            row["latency_ms"] = {f"p{q:g}": float(np.percentile(ms, q)) for q in PERCENTILES}
-            row["latency_samples"] = len(ms)
+        _record_times(row, bs, batch_times(p, p.info, bs, duration, device=p.runner.device, warmup=warmup))
         if files:
             row["end_to_end"][key] = _files_per_second(_answers(p, bs), files, bs, duration)
     row["peak_rss_mb"] = _peak_rss_mb()
     if predictor.runner.device.type == "cuda":
         row["peak_gpu_mb"] = torch.cuda.max_memory_allocated(predictor.runner.device) / 2**20
     return row
+
+
+def _record_times(row: dict[str, Any], batch_size: int, times: list[float]) -> None:
+    """Seconds of timed calls at `batch_size` into `row`: its throughput, and at batch 1 the latency percentiles."""
+    row["throughput"][str(batch_size)] = timing.per_second(batch_size, times)
+    if batch_size == 1:
+        ms = np.asarray(times) * 1000
+        row["latency_ms"] = {f"p{q:g}": float(np.percentile(ms, q)) for q in PERCENTILES}
+        row["latency_samples"] = len(ms)
 
 
 def _measure_detector(source: str, backend: str, batch_sizes: Sequence[int], threads: int | None, duration: float,
@@ -160,12 +164,7 @@ def _measure_detector(source: str, backend: str, batch_sizes: Sequence[int], thr
     for bs in batch_sizes:
         key = str(bs)
         row["chosen"][key] = f"{engine} fp32"
-        times = timing.timed_calls(lambda: loaded.detect([x] * bs), duration, warmup=warmup)
-        row["throughput"][key] = timing.per_second(bs, times)
-        if bs == 1:
-            ms = np.asarray(times) * 1000
-            row["latency_ms"] = {f"p{q:g}": float(np.percentile(ms, q)) for q in PERCENTILES}
-            row["latency_samples"] = len(ms)
+        _record_times(row, bs, timing.timed_calls(lambda: loaded.detect([x] * bs), duration, warmup=warmup))
         if files:
             row["end_to_end"][key] = _files_per_second(lambda batch: loaded.detect(
                 [pil_to_tensor(load_image(f, pre.mode)).float() / 255 for f in batch]), files, bs, duration)
