@@ -74,3 +74,33 @@ def photo_run(tmp_path_factory):
                     epochs=4, lr=0.02, optimizer="sgd", augment="none", amp="off", project=str(root / "runs"),
                     name="r", progress=False)
     return Path(out["run_dir"]), data, test
+
+
+@pytest.fixture(scope="session")
+def fashion_run(tmp_path_factory):
+    """(run directory, data folder, {name: folder of 200 test images}): a tiny classifier trained on the bundled
+    Fashion-MNIST sample, with its monitoring profile, and test images as they are ("same"), darkened to a third
+    ("dark") and inverted ("inverted"), in a shuffled order, for the monitoring tests."""
+    from pathlib import Path
+
+    from PIL import Image, ImageOps
+
+    from resforge import api
+    from resforge.data.sources import import_dataset
+
+    root = tmp_path_factory.mktemp("fashion")
+    data = import_dataset("fashion-mnist-sample", root / "data")
+    out = api.train(data, model="resnet18", width=0.125, img_size=28, batch_size=64, workers=0, epochs=2, lr=0.01,
+                    augment="none", amp="off", project=str(root / "runs"), name="r", progress=False)
+    import random
+
+    files = sorted(Path(data, "test").rglob("*.png"))[::5]
+    random.Random(0).shuffle(files)  # any first few are of every class, as a stream's would be
+    shifts = {"same": lambda im: im, "dark": lambda im: im.point(lambda v: v // 3), "inverted": ImageOps.invert}
+    folders = {}
+    for name, shift in shifts.items():
+        folders[name] = root / name
+        folders[name].mkdir()
+        for i, f in enumerate(files):
+            shift(Image.open(f).convert("L")).save(folders[name] / f"{i:03d}.png")
+    return Path(out["run_dir"]), Path(data), folders

@@ -23,8 +23,8 @@ from .compress.optimize import optimize as _optimize
 from .compress.quantize import Quantized, check_calibration
 from .compress.quantize import quantize as _quantize
 from .commands import (BenchOptions, EnsembleOptions, EvalOptions, ExportOptions, InfoOptions, InspectOptions,
-                       LowrankOptions, LrFindOptions, OptimizeOptions, PredictOptions, PruneOptions, QuantizeOptions,
-                       TrainOptions, TuneOptions)
+                       LowrankOptions, LrFindOptions, MonitorOptions, OptimizeOptions, PredictOptions, PruneOptions,
+                       QuantizeOptions, TrainOptions, TuneOptions)
 from .config import config_for
 from .data.folder import scan_images, thumbnail
 from .data.inspect import FolderReport, inspect_folder
@@ -33,7 +33,9 @@ from .data.inspect_objects import ObjectsReport, inspect_objects
 from .deploy.bench import bench as _bench
 from .deploy.export import Exported
 from .deploy.export import export as _export
+from .deploy.monitor import make_profile, monitor_folder
 from .runtime.predictor import Predictor
+from .runtime.profile import Profile
 from .errors import ConfigError, DataError
 from .evaluation.evaluate import evaluate_samples, labelled_samples
 from .evaluation.metrics import ClassificationReport
@@ -276,6 +278,21 @@ def _check_some_read(rows: list[dict[str, Any]]) -> None:
         first = rows[0]
         raise DataError(f"none of the {len(rows)} image(s) could be read (first: {first['path']}: {first['error']})"
                         if len(rows) > 1 else f"{first['path']}: {first['error']}")
+
+
+def monitor(source: str | os.PathLike, folder: str | os.PathLike | None = None, **options: Any
+            ) -> dict[str, Any] | Profile:
+    """The images of `folder` against the classifier's profile (`deploy.monitor`): the drift signals, the alarms
+    and the report's path; or, with `profile=DATA`, the profile of a saved model made from its recorded
+    validation split in DATA and written into its record. Options are `commands.MonitorOptions`' fields."""
+    o = from_keywords(MonitorOptions, options)
+    if (folder is None) == (o.profile is None):
+        raise ConfigError("give a folder of images to judge, or --profile DATA to make the model's profile")
+    _check_batching(o.batch_size, 0)
+    if o.profile is not None:
+        return make_profile(source, o.profile, o.batch_size, o.device)
+    return monitor_folder(source, folder, o.out, backend=o.backend, device=o.device, precision=o.precision,
+                          batch_size=o.batch_size).to_dict()
 
 
 def serve(source: str | os.PathLike, *, metadata: dict[str, Any] | None = None, **options: Any) -> None:

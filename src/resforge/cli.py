@@ -226,6 +226,18 @@ def cmd_ensemble(args: argparse.Namespace) -> None:
     print("\n".join(lines + ["", str(r["path"])]))
 
 
+def cmd_monitor(args: argparse.Namespace) -> None:
+    from . import api
+    from .commands import MonitorOptions
+
+    result = api.monitor(args.model, args.folder, **_given(args, MonitorOptions))
+    if isinstance(result, dict):
+        print(f"{len(result['alarms'])} alarm(s) on {result['images']} images, {result['ood_flagged']} out of "
+              f"distribution: {result['report']}" + "".join(f"\n  {a}" for a in result["alarms"]))
+    else:
+        print(f"profile of {result.images} validation images written into {args.model}'s record")
+
+
 def cmd_data_inspect(args: argparse.Namespace) -> None:
     from . import api
     from .commands import InspectOptions
@@ -245,7 +257,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], None]] = {
     "models": cmd_models, "info": cmd_info, "train": cmd_train, "tune": cmd_tune, "prune": cmd_prune,
     "lowrank": cmd_lowrank, "optimize": cmd_optimize, "quantize": cmd_quantize, "lr-find": cmd_lr_find,
     "recipes": cmd_recipes, "eval": cmd_eval, "predict": cmd_predict, "export": cmd_export, "bench": cmd_bench,
-    "ensemble": cmd_ensemble, "serve": cmd_serve, "data inspect": cmd_data_inspect, "data import": cmd_data_import,
+    "ensemble": cmd_ensemble, "serve": cmd_serve, "monitor": cmd_monitor, "data inspect": cmd_data_inspect, "data import": cmd_data_import,
     "demo": cmd_demo,
 }
 EXTRA_OPTIONS = {"info": _model_spec_options}  # flags not generated from the command's options

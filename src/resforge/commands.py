@@ -230,6 +230,14 @@ class EnsembleOptions(LoadingOptions):
 
 
 @dataclass(kw_only=True)
+class MonitorOptions(EngineOptions, BatchOptions):
+    profile: str | None = option(None, "make the model's profile from its recorded validation split, read from "
+                                       "this folder (the one it was trained on), instead of judging a folder",
+                                 metavar="DATA")
+    out: str | None = option(None, "output folder (default: <run>/monitor-<folder>)")
+
+
+@dataclass(kw_only=True)
 class InspectOptions:
     out: str | None = option(None, "output folder (default: runs/inspect-<folder>)")
     per_class: int = option(4, "sample images per class in the grid")
@@ -366,6 +374,15 @@ COMMANDS = (
             "has waited --max-wait-ms. A full queue answers 503 at once; SIGTERM answers what is queued, then exits "
             "(a second SIGTERM at once).",
             (Arg("model", MODEL_HELP),), (EngineOptions, RecordOptions, ServeOptions)),
+    Command("monitor", "new images against a classifier's profile: drift, out-of-distribution images, a report",
+            "Judge FOLDER as the server judges its stream (one window): the population stability index of each "
+            "input statistic (brightness, contrast, colourfulness, sharpness, size, aspect) and of the predicted "
+            "classes, the shift of the mean features and confidence, the share scored out of distribution, each "
+            "against a threshold that keeps false alarms under 1%. Writes report.md, a self-contained report.html "
+            "(with the images least like the training data) and images.csv. A run trained before profiles gets one "
+            "with --profile DATA (its recorded validation split); export it again to carry the profile.",
+            (Arg("model", MODEL_HELP), Arg("folder", "images to judge (searched recursively)", "?")),
+            (MonitorOptions,)),
     Command("data inspect", "counts, sizes, balance, duplicates, unreadable files, a sample grid",
             "Scan every file as training would and summarise the folder: images per class and split, sizes and "
             "storage modes, class imbalance, byte-identical duplicates (and those that leak across splits), files "

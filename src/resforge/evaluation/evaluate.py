@@ -82,14 +82,17 @@ def format_predictions(rows: list[dict[str, Any]], fmt: str) -> str:
 
         buf = io.StringIO()
         w = csv.writer(buf)
+        ood = any("ood" in r for r in rows)
         header = (["path", "class", "score", "x1", "y1", "x2", "y2"] if boxes else
-                  ["path", "mask", "class", "share"] if masks else ["path", "rank", "class", "prob"])
+                  ["path", "mask", "class", "share"] if masks else
+                  ["path", "rank", "class", "prob"] + (["ood_score", "ood_flagged"] if ood else []))
         w.writerow(header + ["error"])
         for r in rows:
             if "error" in r:
                 w.writerow([r["path"]] + [""] * (len(header) - 1) + [r["error"]])
             for rank, t in enumerate(r.get("top", []), 1):
-                w.writerow([r["path"], rank, t["class"], f"{t['prob']:.6f}", ""])
+                verdict = [f"{r['ood']['score']:.4f}", int(r["ood"]["flagged"])] if ood else []
+                w.writerow([r["path"], rank, t["class"], f"{t['prob']:.6f}", *verdict, ""])
             for t in r.get("objects", []):
                 w.writerow([r["path"], t["class"], f"{t['score']:.4f}", *t["box"], ""])
             for c, share in r.get("pixels", {}).items():
@@ -108,5 +111,7 @@ def format_predictions(rows: list[dict[str, Any]], fmt: str) -> str:
             shares = sorted(r["pixels"].items(), key=lambda kv: -kv[1])
             lines.append(f"{r['path']:<{width}}  {r['mask']}: " + ", ".join(f"{c} {v:.1%}" for c, v in shares))
         else:
-            lines.append(f"{r['path']:<{width}}  " + "  ".join(f"{t['class']} {t['prob']:.1%}" for t in r["top"]))
+            flag = "  [out of distribution]" if r.get("ood", {}).get("flagged") else ""
+            lines.append(f"{r['path']:<{width}}  " + "  ".join(f"{t['class']} {t['prob']:.1%}" for t in r["top"])
+                         + flag)
     return "\n".join(lines)

@@ -260,6 +260,16 @@ def save_model(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any]) 
     return path
 
 
+def update_sidecar(path: str | os.PathLike, **fields: Any) -> None:
+    """Add `fields` to a saved model's record (a run's profile, written once it is evaluated), atomically."""
+    import json
+
+    side = sidecar_path(path)
+    meta = json.loads(side.read_text(encoding="utf-8"))
+    with atomic_path(side) as tmp:
+        tmp.write_text(json.dumps({**meta, **fields}, indent=2) + "\n", encoding="utf-8")
+
+
 def resolve_model_path(source: str | os.PathLike) -> Path:
     """A run directory, a weights file or its sidecar, as the weights path."""
     p = Path(source)

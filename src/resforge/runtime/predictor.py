@@ -30,6 +30,7 @@ from .auto import choose_backend
 from .backends import BACKENDS, PRECISIONS, Runner
 from .build import backend_device, build_runner
 from .inference import TTA_MODES, TenCropViews, infer
+from .profile import STATS, Profile, image_stats
 from .record import ModelInfo
 from .source import open_source
 
@@ -48,6 +49,7 @@ class Predictor:
         self.max_pixels, self.max_aspect = max_pixels, max_aspect
         self.transform = None if info.takes_pixels else eval_transform(info.pre)
         self.auto: dict[str, Any] | None = None  # what the auto choice measured, when it made one
+        self.profile = Profile.from_dict(info.profile, source) if info.profile else None
 
     @property
     def backend(self) -> str:
@@ -114,22 +116,27 @@ class Predictor:
 
     def prepare(self, image: ImageInput, name: str | None = None) -> torch.Tensor:
         """One image as the model's input: normalised float CxHxW, or uint8 HxWxC for a model taking pixels."""
+        return self.prepare_seen(image, name)[0]
+
+    def prepare_seen(self, image: ImageInput, name: str | None = None) -> tuple[torch.Tensor, np.ndarray]:
+        """`prepare`'s input and the image's statistics as it came (`runtime.profile.STATS`), what a monitor
+        compares with the model's profile."""
         x = self.decode(image, name)
-        return to_hwc(x) if self.takes_pixels else self.transform(x)
+        return (to_hwc(x) if self.takes_pixels else self.transform(x)), image_stats(x)
 
     def batches(self, images: Sequence[ImageInput], batch_size: int, names: Sequence[str] | None = None
-                ) -> Iterator[tuple[list[int], torch.Tensor | None, dict[int, str]]]:
-        """(indices, prepared batch, {index: error}) in order; an image that cannot be read is reported, not
-        raised. A model taking pixels gets batches of images of one size. The images of a batch are decoded
-        in threads (PIL and the resize let go of the GIL), while no model runs."""
+                ) -> Iterator[tuple[list[int], torch.Tensor | None, np.ndarray | None, dict[int, str]]]:
+        """(indices, prepared batch, the images' statistics, {index: error}) in order; an image that cannot be
+        read is reported, not raised. A model taking pixels gets batches of images of one size. The images of a
+        batch are decoded in threads (PIL and the resize let go of the GIL), while no model runs."""
         if batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
 
-        def prepared(i: int) -> torch.Tensor | str:
+        def prepared(i: int) -> tuple[torch.Tensor, np.ndarray] | str:
             image = images[i]
             name = names[i] if names else (str(image) if isinstance(image, (str, os.PathLike)) else f"image {i}")
             try:
-                return self.prepare(image, name)
+                return self.prepare_seen(image, name)
             except DataError as e:
                 return str(e).removeprefix(f"{name}: ")
 
@@ -141,16 +148,17 @@ class Predictor:
                 good = [(i, r) for i, r in zip(chunk, results) if not isinstance(r, str)]
                 while good:  # pixel graphs: a run of images of one size per batch
                     n = len(good) if not self.takes_pixels else next(
-                        (k for k, (_, x) in enumerate(good) if x.shape != good[0][1].shape), len(good))
-                    yield [i for i, _ in good[:n]], torch.stack([x for _, x in good[:n]]), errors
+                        (k for k, (_, (x, _)) in enumerate(good) if x.shape != good[0][1][0].shape), len(good))
+                    yield ([i for i, _ in good[:n]], torch.stack([x for _, (x, _) in good[:n]]),
+                           np.stack([s for _, (_, s) in good[:n]]), errors)
                     good, errors = good[n:], {}
                 if errors:
-                    yield [], None, errors
+                    yield [], None, None, errors
 
     def logits(self, images: Sequence[ImageInput], batch_size: int = 32) -> torch.Tensor:
         """Logits over the classes, [N, classes], float32 on the CPU; an unreadable image is an error."""
         out = torch.zeros(len(images), len(self.classes))
-        for idx, x, errors in self.batches(images, batch_size):
+        for idx, x, _, errors in self.batches(images, batch_size):
             if errors:
                 i, message = next(iter(errors.items()))
                 raise DataError(f"image {i}: {message}")
@@ -163,8 +171,9 @@ class Predictor:
 
     def predict(self, images: ImageInput | Sequence[ImageInput], topk: int = 5, batch_size: int = 32,
                 names: Sequence[str] | None = None) -> dict[str, Any] | list[dict[str, Any]]:
-        """Top-k classes with probabilities per image (`{"top": [{"class", "prob"}, ...]}`), or
-        `{"error": ...}` for an image that cannot be read. One image in, one result out; a list, a list."""
+        """Top-k classes with probabilities per image (`{"top": [{"class", "prob"}, ...]}`, and for a model with a
+        monitoring profile `"ood": {"score", "flagged"}`), or `{"error": ...}` for an image that cannot be read.
+        One image in, one result out; a list, a list."""
         if topk < 1:
             raise ConfigError(f"topk must be at least 1, got {topk}")
         if self.info.task != "classify":
@@ -175,15 +184,34 @@ class Predictor:
         items = [images] if single else list(images)
         rows: list[dict[str, Any]] = [{} for _ in items]
         k = min(topk, len(self.classes))
-        for idx, x, errors in self.batches(items, batch_size, names):
+        for idx, x, _, errors in self.batches(items, batch_size, names):
             for i, message in errors.items():
                 rows[i] = {"error": message}
             if x is None:
                 continue
-            top = self(x).softmax(-1).topk(k, dim=-1)
+            logits = self(x).float()
+            top = logits.softmax(-1).topk(k, dim=-1)
             for i, vals, ids in zip(idx, top.values.tolist(), top.indices.tolist()):
                 rows[i] = {"top": [{"class": self.classes[c], "prob": v} for c, v in zip(ids, vals)]}
+            if self.profile is not None:
+                scores = self.profile.scores(logits.numpy())
+                for i, s, f in zip(idx, scores.tolist(), self.profile.flagged(scores).tolist()):
+                    rows[i]["ood"] = {"score": s, "flagged": f}
         return rows[0] if single else rows
+
+    def observe(self, images: Sequence[ImageInput], batch_size: int = 32, names: Sequence[str] | None = None
+                ) -> tuple[list[int], np.ndarray, torch.Tensor, dict[int, str]]:
+        """What a monitor reads of images: (the indices of those read, their statistics [n, STATS], their
+        logits [n, classes], {index: error} of those that could not be)."""
+        idx, stats, logits, errors = [], [], [], {}
+        for i, x, s, bad in self.batches(images, batch_size, names):
+            errors.update(bad)
+            if x is not None:
+                idx += i
+                stats.append(s)
+                logits.append(self(x).float())
+        return (idx, np.concatenate(stats) if stats else np.zeros((0, len(STATS))),
+                torch.cat(logits) if logits else torch.zeros(0, len(self.classes)), errors)
 
     # -- labelled files in -------------------------------------------------------------------------
     def loader(self, samples: Sequence[Sample], batch_size: int = 64, workers: int = -1, tta: str | None = None

@@ -48,6 +48,7 @@ class ModelInfo:
     formats: list[str] = field(default_factory=lambda: list(IMAGE_FORMATS))  # what image files it decodes (PIL's)
     task: str = "classify"  # what the network answers: class logits, per-pixel ones ("segment"), boxes ("detect")
     task_record: dict[str, Any] = field(default_factory=dict)  # the task's own fields (TASK_FIELDS)
+    profile: dict[str, Any] | None = None  # a classifier's monitoring reference (runtime.profile.Profile's form)
 
     @property
     def takes_pixels(self) -> bool:
@@ -63,7 +64,7 @@ class ModelInfo:
             fields["input"] = {"kind": "pixels", "dtype": "uint8", "layout": "NHWC", "size": "any"}
         return record.write({"task": self.task, **fields, **self.task_record, "formats": self.formats,
                              "arch": self.arch, "metrics": self.metrics, "trained": self.trained,
-                             "export": self.export})
+                             "export": self.export, **({"profile": self.profile} if self.profile else {})})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"))
@@ -84,7 +85,8 @@ class ModelInfo:
         info = cls(classes=d.get("classes"), pre=pre, input=kind, arch=d.get("arch"),
                    metrics=d.get("metrics") or {}, trained=d.get("trained") or {}, export=d.get("export") or {},
                    formats=image_formats(d.get("formats", IMAGE_FORMATS), source, CheckpointError),
-                   task=d.get("task", "classify"), task_record={k: d[k] for k in TASK_FIELDS if k in d})
+                   task=d.get("task", "classify"), task_record={k: d[k] for k in TASK_FIELDS if k in d},
+                   profile=d.get("profile"))
         _check_classes(info.classes, source)
         return info
 

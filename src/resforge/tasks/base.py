@@ -111,6 +111,10 @@ class Task(ABC):
                  workers: int) -> Any:
         """The finished run's evaluation of its best model on one split: metrics, plots, files."""
 
+    def profile(self, predictor: Any, scan: Any, best: Path, batch_size: int) -> None:
+        """Record in the saved model `best` what monitoring it in service compares with (a classifier's
+        `runtime.profile`); nothing for a task without one."""
+
     @abstractmethod
     def report_data(self, cfg: Config, scan: Any) -> list[str]:
         """report.md's lines on the data: the folder, its splits, what was skipped."""

@@ -23,11 +23,13 @@ from ..errors import ConfigError
 from ..evaluation.evaluate import evaluate_samples
 from ..evaluation.metrics import ClassificationReport, topk_correct, topk_hits
 from ..models import create_model, load_model
+from ..models.weights import update_sidecar
 from ..models.resnet import ResNet
 from ..models.spec import ARCHITECTURE, given_options
 from ..report import markdown_table
 from ..runtime.inference import infer
 from ..runtime.predictor import Predictor
+from ..runtime.profile import MIN_PROFILE, profile_model
 from ..training.auto import fit_recipe
 from ..training.losses import ClassificationLoss, DistillationLoss
 from .base import Datasets, Forward, Task
@@ -132,6 +134,14 @@ class Classification(Task):
     def evaluate(self, predictor: Any, samples: list, out_dir: Path, name: str, batch_size: int,
                  workers: int) -> ClassificationReport:
         return evaluate_samples(predictor, samples, out_dir, name=name, batch_size=batch_size, workers=workers)
+
+    def profile(self, predictor: Predictor, scan: ImageFolderScan, best: Path, batch_size: int) -> None:
+        if len(scan.val) < MIN_PROFILE:
+            log.info("no monitoring profile: %d validation images, under the %d it needs", len(scan.val),
+                     MIN_PROFILE)
+            return
+        profile = profile_model(predictor, [path for path, _ in scan.val], batch_size)
+        update_sidecar(best, profile=profile.to_dict())
 
     def report_data(self, cfg: Config, scan: ImageFolderScan) -> list[str]:
         out = [f"- folder `{cfg.data.root}`, {len(scan.classes)} classes, layout `{scan.layout}`; validation: "

@@ -79,6 +79,7 @@ def finish(trainer: Trainer, summary: dict[str, Any]) -> RunResult:
     best = task.load_best(run_dir / "best.safetensors", trainer.device, precision)
     results = {split: task.evaluate(best, samples, run_dir, split, cfg.data.batch_size, cfg.data.workers)
                for split in ("val", "test") if (samples := getattr(trainer.scan, split))}
+    task.profile(best, trainer.scan, run_dir / "best.safetensors", cfg.data.batch_size)
     plot_history(summary["history"], run_dir / "plots" / "history.png", k=min(5, len(trainer.classes)))
     model_summary = summarize(best.model, cfg.data.img_size, cfg.model.name)
     if cfg.train.sparsity:

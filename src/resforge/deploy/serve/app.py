@@ -43,6 +43,7 @@ from .service import Query, Segmenter, Service, load_service, service_of
 log = logging.getLogger("resforge")
 
 # how each reason an image cannot be read is answered
+CHECK_EVERY = 50  # images between two judgements of the drift, for the log
 IMAGE_STATUS = {"too many pixels": 413, "too elongated": 413, "not an image": 415, "corrupt": 400, "empty": 400,
                 "missing": 400}
 
@@ -97,6 +98,10 @@ def _load(model: str | os.PathLike | Predictor | Service, options: ServeOptions,
                                metadata)
     service.limit(options.max_pixels, options.max_aspect)
     service.warm_up(options.max_batch)
+    if options.monitor:
+        service.watch(options.window, options.decay)
+        if service.monitor is None and service.task == "classify":
+            log.info("not monitored: the model has no profile (resforge monitor MODEL --profile DATA makes one)")
     return service
 
 
@@ -198,8 +203,24 @@ def _add_info_routes(app: FastAPI, state: State) -> None:
                            "max_pixels": options.max_pixels, "max_aspect": options.max_aspect,
                            "max_connections": options.max_connections, "timeout_s": options.timeout}}
 
+    @app.get("/v1/monitor")
+    async def monitor() -> dict[str, Any]:
+        """The recent window of images against the model's profile: each drift signal with its threshold, the
+        alarms, the distributions side by side, the images flagged out of distribution."""
+        service = state.ready()
+        if service.monitor is None:
+            raise HttpError(404, "this server watches no drift: " + (
+                "monitoring is off (--no-monitor)" if not options.monitor else
+                "the model has no profile (resforge monitor MODEL --profile DATA makes one)"
+                if service.task == "classify" else f"drift is watched for classifiers, not a {service.task} model"))
+        status = service.monitor.status()
+        state.metrics.show_drift(service.monitor.signals())
+        return status
+
     @app.get("/metrics", include_in_schema=False)
     async def prometheus() -> Response:
+        if state.service is not None and state.service.monitor is not None:  # judged when asked, not per request
+            state.metrics.show_drift(state.service.monitor.signals())
         body, kind = state.metrics.render()
         return Response(body, media_type=kind)
 
@@ -233,17 +254,36 @@ def _add_predict_route(app: FastAPI, state: State) -> None:
             if len(results) != 1:
                 raise HttpError(406, f"image/png answers one image; this request sent {len(results)}")
             return Response(service.png(results[0][0]), media_type="image/png")
-        predictions = [{"name": name, **service.answer(result, query),
+        outputs = [result for result, _ in results]
+        ood = _watch(state, service, [seen for _, _, seen in prepared], outputs)
+        predictions = [{"name": name, **service.answer(result, query), **({"ood": ood[i]} if ood else {}),
                         "timings_ms": {"preprocess": decode_ms, **timings}}
-                       for (name, _), (_, decode_ms), (result, timings) in zip(images, prepared, results)]
+                       for i, ((name, _), (_, decode_ms, _), (result, timings)) in enumerate(zip(images, prepared,
+                                                                                                 results))]
         return JSONResponse({"model": service.info.name, "task": service.task, "backend": service.backend,
                              "predictions": predictions, "timings_ms": {"total": 1000 * (time.monotonic() - began)}})
 
 
+def _watch(state: State, service: Service, stats: list[Any], outputs: list[Any]) -> list[dict[str, Any]]:
+    """The monitor's verdict on a request's images; an alarm raised or cleared is logged (judged every
+    CHECK_EVERY images, not per request)."""
+    monitor = service.monitor
+    if monitor is None:
+        return []
+    before = monitor.seen
+    ood = service.observe(stats, outputs)
+    state.metrics.ood.inc(sum(o["flagged"] for o in ood))
+    if monitor.seen // CHECK_EVERY != before // CHECK_EVERY:
+        for signal, raised in monitor.changes():
+            (log.warning if raised else log.info)("drift %s", signal.describe() if raised else
+                                                 f"{signal.name} is back under its threshold")
+    return ood
+
+
 async def _queue(state: State, service: Service, request: Request, deadline: float
-                 ) -> tuple[list[tuple[str, bytes]], list[tuple[torch.Tensor, float]], list[asyncio.Future]]:
+                 ) -> tuple[list[tuple[str, bytes]], list[tuple[torch.Tensor, float, Any]], list[asyncio.Future]]:
     """A request's images read, admitted, decoded and queued for the batcher: (name, bytes) of each, (prepared
-    image, milliseconds decoding it) of each, and the futures of their answers."""
+    image, milliseconds decoding it, its statistics for the monitor) of each, and the futures of their answers."""
     options, batcher = state.options, state.batcher
     with batcher.arrival():
         try:
@@ -259,7 +299,7 @@ async def _queue(state: State, service: Service, request: Request, deadline: flo
                                                                        name) for name, data in images))
                 if time.monotonic() >= deadline:
                     raise HttpError(504, "the deadline passed while the images were decoded")
-                return images, prepared, batcher.submit([x for x, _ in prepared], deadline)
+                return images, prepared, batcher.submit([x for x, _, _ in prepared], deadline)
         except QueueFull:
             raise HttpError(503, f"the queue is full ({options.queue} images waiting or being decoded): try "
                                  "again shortly", {"retry-after": str(RETRY_AFTER_S)}) from None
@@ -303,11 +343,11 @@ async def _read_images(request: Request, options: ServeOptions) -> list[tuple[st
     return [("image", body)]
 
 
-def _prepare(service: Service, data: bytes, name: str) -> tuple[torch.Tensor, float]:
+def _prepare(service: Service, data: bytes, name: str) -> tuple[torch.Tensor, float, Any]:
     start = time.perf_counter()
     try:
-        x = service.prepare(data, name)
+        x, seen = service.prepare_seen(data, name)
     except ImageError as e:
         raise HttpError(IMAGE_STATUS[e.reason], str(e)) from None
-    return x, 1000 * (time.perf_counter() - start)
+    return x, 1000 * (time.perf_counter() - start), seen
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -35,6 +36,20 @@ class Metrics:
                                registry=r)
         self.queue_depth = Gauge("resforge_queue_depth", "images waiting for a batch", registry=r)
         self.arriving = Gauge("resforge_arriving", "requests being read or decoded", registry=r)
+        self.ood = Counter("resforge_ood_images", "images scored out of distribution against the model's profile",
+                           registry=r)
+        self.drift = Gauge("resforge_drift", "each drift signal of the recent window against the model's profile",
+                           ["signal"], registry=r)
+        self.drift_threshold = Gauge("resforge_drift_threshold", "the value over which a drift signal alarms",
+                                     ["signal"], registry=r)
+        self.drift_alarm = Gauge("resforge_drift_alarm", "1 while a drift signal is over its threshold", ["signal"],
+                                 registry=r)
+
+    def show_drift(self, signals: list[Any]) -> None:
+        for s in signals:
+            self.drift.labels(s.name).set(s.value)
+            self.drift_threshold.labels(s.name).set(s.threshold)
+            self.drift_alarm.labels(s.name).set(int(s.alarm))
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

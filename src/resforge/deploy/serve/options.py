@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from ...device import cpu_cores
 from ...errors import ConfigError
 from ...options import check_fields, option
+from ...runtime.drift import DECAY, WINDOW
 
 API_KEY_ENV = "RESFORGE_API_KEY"
 
@@ -41,6 +42,11 @@ class ServeOptions:
                              metavar="ORIGIN", group="limits and access")
     docs: bool = option(False, "Swagger UI at /docs (the browser loads it from a CDN; /openapi.json is always "
                                "served)", group="limits and access")
+    monitor: bool = option(True, "compare what the model is shown with its profile: drift gauges, /v1/monitor, "
+                                 "an out-of-distribution score per image", group="monitoring")
+    window: int = option(WINDOW, "recent images the drift is judged on", ge=2, group="monitoring")
+    decay: float = option(DECAY, "weight of an image in the window relative to the next newer one (1: all equal)",
+                          gt=0, le=1, group="monitoring")
 
     def check(self) -> None:
         check_fields(self, lambda name: "--" + name.replace("_", "-"))

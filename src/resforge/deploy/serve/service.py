@@ -20,6 +20,7 @@ import torch
 from ...data.folder import DEFAULT_MAX_PIXELS, load_image
 from ...data.loader import pil_to_tensor
 from ...data.masks import palette
+from ...runtime.drift import Monitor
 from ...runtime.measure import sample_batch
 from ...runtime.predictor import Predictor
 from ...runtime.record import ModelInfo
@@ -60,6 +61,7 @@ class Service(ABC):
     precision: str
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_aspect: float | None = None
+    monitor: Monitor | None = None  # a classifier with a profile, watched (`watch`)
 
     @property
     def classes(self) -> list[str]:
@@ -72,6 +74,18 @@ class Service(ABC):
         """A dense model's input: the image as uint8 C x H x W at its own size, in the model's channels."""
         return pil_to_tensor(load_image(data, self.info.pre.mode, self.max_pixels, name=name,
                                         formats=self.info.formats, max_aspect=self.max_aspect))
+
+    def prepare_seen(self, data: bytes, name: str) -> tuple[torch.Tensor, np.ndarray | None]:
+        """`prepare`'s input, and the image's statistics when a monitor watches them."""
+        return self.prepare(data, name), None
+
+    def watch(self, window: int, decay: float) -> None:
+        """Compare what the model is shown with its profile, in a window of `window` images (the model has
+        none: nothing is watched)."""
+
+    def observe(self, stats: list[np.ndarray | None], results: list[Any]) -> list[dict[str, Any]]:
+        """The monitor's verdict on each answered image ({"score", "flagged"}); none when nothing is watched."""
+        return []
 
     @abstractmethod
     def run(self, xs: list[torch.Tensor]) -> list[Any]: ...
@@ -95,7 +109,8 @@ class Service(ABC):
 
 
 class Classifier(Service):
-    """A Predictor: probabilities of a batch, the top-k classes of each."""
+    """A Predictor: logits of a batch, the top-k classes of each, and, with a profile, each image's
+    out-of-distribution score and the drift of the stream."""
 
     def __init__(self, predictor: Predictor):
         self.predictor, self.info = predictor, predictor.info
@@ -107,11 +122,25 @@ class Classifier(Service):
     def prepare(self, data: bytes, name: str) -> torch.Tensor:
         return self.predictor.prepare(data, name)
 
-    def run(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        return list(self.predictor(torch.stack(xs)).softmax(-1))
+    def prepare_seen(self, data: bytes, name: str) -> tuple[torch.Tensor, np.ndarray | None]:
+        if self.monitor is None:
+            return self.prepare(data, name), None
+        return self.predictor.prepare_seen(data, name)
 
-    def answer(self, probs: torch.Tensor, query: Query) -> dict[str, Any]:
-        top = probs.topk(min(query.topk, len(self.classes)))
+    def watch(self, window: int, decay: float) -> None:
+        if self.predictor.profile is not None:
+            self.monitor = Monitor(self.predictor.profile, self.classes, window, decay)
+
+    def observe(self, stats: list[np.ndarray | None], results: list[torch.Tensor]) -> list[dict[str, Any]]:
+        if self.monitor is None:
+            return []
+        return self.monitor.observe(np.stack(stats), torch.stack(results))
+
+    def run(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return list(self.predictor(torch.stack(xs)).float())
+
+    def answer(self, logits: torch.Tensor, query: Query) -> dict[str, Any]:
+        top = logits.softmax(-1).topk(min(query.topk, len(self.classes)))
         return {"top": [{"class": self.classes[c], "prob": p}
                         for p, c in zip(top.values.tolist(), top.indices.tolist())]}
 

@@ -1,0 +1,174 @@
+"""A window of recent images judged against a model's profile: what a deployed classifier watches.
+
+Each image adds its input statistics and logits; the window holds the last `size` of them, the older ones
+weighing `decay` times less per image. Each signal compares the window with the profile:
+
+- each input statistic and the predicted-class mix: the population stability index (PSI) of the window's
+  shares of the profile's bins;
+- the features: the Mahalanobis distance of the window's mean reduced features from the validation mean;
+- the confidence: the window's mean top probability minus the validation mean;
+- the out-of-distribution rate: the share of the window's images over the profile's threshold.
+
+Every threshold is a quantile of the statistic's distribution when nothing has changed, for the window's
+effective size n (and the profile's N images): n PSI is about chi-square with (bins - 1) degrees of freedom
+(times 1 + n/N for the reference's own noise), a mean's distance is chi-square or normal. Each signal gets
+`false_alarm` / (number of signals) of the window's false-alarm budget (Bonferroni), so a window of unchanged
+images raises any alarm with probability at most `false_alarm`; `benchmarks/monitor.py` measures it.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import stats as st
+
+from ..errors import ConfigError
+from .profile import STATS, Profile, shares
+
+WINDOW, DECAY, MIN_IMAGES, FALSE_ALARM = 200, 1.0, 30, 0.01
+SIGNALS = (*STATS, "features", "classes", "confidence", "ood_rate")
+SIGNAL_HELP = {"features": "distance of the window's mean features from the validation mean, in standard "
+                           "deviations", "classes": "PSI of the predicted-class mix",
+               "confidence": "mean top probability minus the validation mean",
+               "ood_rate": "share of images flagged out of distribution"}
+
+
+@dataclass
+class Signal:
+    name: str
+    value: float
+    threshold: float
+    alarm: bool
+
+    def describe(self) -> str:
+        what = "PSI" if self.name in STATS else SIGNAL_HELP[self.name].split(" ")[0]
+        return f"{self.name} moved: {what} {self.value:+.3g} against a threshold of {self.threshold:.3g}"
+
+
+def smoothed(p: np.ndarray, n: float) -> np.ndarray:
+    """Shares with half an image added to every bin: an empty bin is rare, not impossible."""
+    return (p * n + 0.5) / (n + 0.5 * len(p))
+
+
+def psi(window: np.ndarray, ref: np.ndarray, n: float, n_ref: float) -> float:
+    p, q = smoothed(window, n), smoothed(ref, n_ref)
+    return float(((p - q) * np.log(p / q)).sum())
+
+
+class Monitor:
+    """The recent images of a stream against `profile`; `observe` adds a batch and scores its images, `signals`
+    and `status` judge the window. Thread-safe."""
+
+    def __init__(self, profile: Profile, classes: list[str], size: int = WINDOW, decay: float = DECAY,
+                 min_images: int = MIN_IMAGES, false_alarm: float = FALSE_ALARM, score: str | None = None):
+        if size < 2 or not 0 < decay <= 1 or min_images < 2 or not 0 < false_alarm < 1:
+            raise ConfigError(f"a monitor window needs size >= 2 (got {size}), decay in (0, 1] (got {decay:g}), "
+                              f"min_images >= 2 (got {min_images}) and false_alarm in (0, 1) (got {false_alarm:g})")
+        if len(profile.class_mix) != len(classes):
+            raise ConfigError(f"the profile knows {len(profile.class_mix)} classes, the model {len(classes)}")
+        self.profile, self.classes, self.score = profile, classes, score or profile.ood["score"]
+        self.size, self.decay, self.min_images, self.false_alarm = size, decay, min_images, false_alarm
+        dims = len(profile.components)
+        self._stats, self._z = np.zeros((size, len(STATS))), np.zeros((size, dims))
+        self._predicted, self._conf = np.zeros(size, dtype=np.int64), np.zeros(size)
+        self._flagged = np.zeros(size, dtype=bool)
+        self.seen = self.flagged = 0
+        self._alarms: set[str] = set()
+        self._lock = threading.Lock()
+
+    def observe(self, stats: np.ndarray, logits: np.ndarray | torch.Tensor) -> list[dict[str, Any]]:
+        """Add images (their `STATS` rows and logits, in arrival order); each one's {"score", "flagged"}."""
+        logits = np.asarray(logits.float() if isinstance(logits, torch.Tensor) else logits, dtype=np.float64)
+        stats = np.asarray(stats, dtype=np.float64).reshape(len(logits), len(STATS))
+        scores = self.profile.scores(logits, self.score)
+        flagged = self.profile.flagged(scores, self.score)
+        z, conf = self.profile.features(logits), torch.from_numpy(logits).softmax(-1).max(-1).values.numpy()
+        with self._lock:
+            for i in range(len(logits)):
+                slot = self.seen % self.size
+                self._stats[slot], self._z[slot], self._predicted[slot] = stats[i], z[i], logits[i].argmax()
+                self._conf[slot], self._flagged[slot] = conf[i], flagged[i]
+                self.seen += 1
+            self.flagged += int(flagged.sum())
+        return [{"score": float(s), "flagged": bool(f)} for s, f in zip(scores, flagged)]
+
+    def _window(self) -> tuple[np.ndarray, np.ndarray]:
+        """The slots in the window, newest first, and their weights."""
+        n = min(self.seen, self.size)
+        newest = (self.seen - 1) % self.size
+        slots = (newest - np.arange(n)) % self.size
+        return slots, self.decay ** np.arange(n, dtype=np.float64)
+
+    def signals(self) -> list[Signal]:
+        """Each signal of the window against the profile; an alarm needs `min_images` (effective) in it."""
+        with self._lock:
+            slots, w = self._window()
+            if not len(slots):
+                return []
+            stats, z, predicted = self._stats[slots], self._z[slots], self._predicted[slots]
+            conf, flagged = self._conf[slots], self._flagged[slots]
+        n, big_n, p = w.sum() ** 2 / (w ** 2).sum(), self.profile.images, self.profile
+        alpha = self.false_alarm / len(SIGNALS)
+        noise = 1 / n + 1 / big_n
+        out = []
+        for i, name in enumerate(STATS):
+            edges, ref = p.stats[name]["edges"], np.array(p.stats[name]["ref"])
+            limit = st.chi2.ppf(1 - alpha, len(ref) - 1) * noise
+            out.append((name, psi(shares(stats[:, i], edges, w), ref, n, big_n), limit))
+        mean = (w[:, None] * z).sum(0) / w.sum()
+        out.append(("features", float(np.sqrt(mean @ p.total @ mean)),
+                    float(np.sqrt(st.chi2.ppf(1 - alpha, len(mean)) * noise))))
+        mix = np.bincount(predicted, weights=w, minlength=len(self.classes)) / w.sum()
+        out.append(("classes", psi(mix, p.class_mix, n, big_n),
+                    st.chi2.ppf(1 - alpha, len(self.classes) - 1) * noise))
+        c = p.confidence
+        out.append(("confidence", float((w * conf).sum() / w.sum() - c["mean"]),
+                    st.norm.ppf(1 - alpha / 2) * c["std"] * np.sqrt(noise)))
+        rate = p.ood["rate"]
+        out.append(("ood_rate", float((w * flagged).sum() / w.sum()),
+                    rate + st.norm.ppf(1 - alpha) * np.sqrt(rate * (1 - rate) * noise)))
+        judged = n >= self.min_images
+        return [Signal(name, float(v), float(t), bool(judged and (abs(v) if name == "confidence" else v) > t))
+                for name, v, t in out]
+
+    def changes(self) -> list[tuple[Signal, bool]]:
+        """The signals whose alarm was raised (True) or cleared (False) since the last call."""
+        signals = self.signals()
+        now = {s.name for s in signals if s.alarm}
+        changed = [(s, s.name in now) for s in signals if (s.name in now) != (s.name in self._alarms)]
+        self._alarms = now
+        return changed
+
+    def distributions(self) -> dict[str, Any]:
+        """The window's shares of each statistic's bins, beside the profile's (what the page and report draw)."""
+        with self._lock:
+            slots, w = self._window()
+            stats, conf, predicted = self._stats[slots], self._conf[slots], self._predicted[slots]
+        p, out = self.profile, {}
+        for i, name in enumerate(STATS):
+            edges = p.stats[name]["edges"]
+            out[name] = {"edges": edges, "profile": p.stats[name]["ref"],
+                         "window": shares(stats[:, i], edges, w).tolist() if len(slots) else []}
+        out["confidence"] = {"edges": p.confidence["edges"], "profile": p.confidence["ref"],
+                             "window": shares(conf, p.confidence["edges"], w).tolist() if len(slots) else []}
+        mix = np.bincount(predicted, weights=w, minlength=len(self.classes)) / max(w.sum(), 1e-12)
+        out["classes"] = {"names": self.classes, "profile": p.class_mix.tolist(),
+                          "window": mix.tolist() if len(slots) else []}
+        return out
+
+    def status(self) -> dict[str, Any]:
+        """The window against the profile, as /v1/monitor answers it."""
+        signals = self.signals()
+        _, w = self._window()
+        return {"images_seen": self.seen, "ood_flagged": self.flagged,
+                "window": {"size": self.size, "decay": self.decay, "images": len(w),
+                           "effective": float(w.sum() ** 2 / (w ** 2).sum()) if len(w) else 0.0,
+                           "min_images": self.min_images, "false_alarm": self.false_alarm},
+                "ood": {"score": self.score, "threshold": self.profile.ood[self.score]["threshold"],
+                        "rate": self.profile.ood["rate"]},
+                "alarms": [s.describe() for s in signals if s.alarm],
+                "signals": [asdict(s) for s in signals], "distributions": self.distributions()}
