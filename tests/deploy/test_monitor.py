@@ -5,7 +5,6 @@ import shutil
 
 import httpx
 import numpy as np
-import pytest
 from helpers import browser_page, running
 from prometheus_client.parser import text_string_to_metric_families
 

@@ -163,7 +163,7 @@ def export_ensemble(members: list[Source], weights: list[float], names: list[str
     info = replace(first, arch={"name": "ensemble", "members": [{"source": n, "model": m.info.arch}
                                                                 for n, m in zip(names, members)],
                                 "weights": weights},
-                   metrics=metrics or {}, trained={},
+                   metrics=metrics or {}, trained={}, profile=None,  # a member's profile describes its logits alone
                    export={"format": "onnx", "dtype": "fp32", "opset": DEFAULT_OPSET, "dynamic_batch": True,
                            "resforge": __version__, "torch": torch.__version__})
     if path.suffix.lower() != ".onnx":
