@@ -55,6 +55,7 @@ bench: $(VENV)/.bench
 	$(PY) benchmarks/segment_nuclei.py
 	$(PY) benchmarks/segment_deploy.py
 	$(PY) benchmarks/detect_deploy.py
+	$(PY) benchmarks/monitor.py
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info .pytest_cache

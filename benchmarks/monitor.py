@@ -14,9 +14,9 @@
   - false alarms: `--windows` random windows of 200 unshifted test images, the share that raise any alarm (the
     thresholds promise at most 1%), and which signal raised them;
   - serving: `resforge serve` on onnxruntime with the monitor on and off (`--no-monitor`), 16 closed-loop clients
-    sending one PNG each, alternating on/off `--rounds` times; requests/s of each and their ratio.
+    sending one PNG each, `--rounds` rounds of both (each first in half of them); requests/s and their ratio.
 
-    python benchmarks/monitor.py [--work DIR] [--epochs 3] [--windows 1000] [--streams 20] [--seconds 15]
+    python benchmarks/monitor.py [--work DIR] [--epochs 3] [--windows 5000] [--streams 20] [--seconds 15]
 """
 
 from __future__ import annotations
@@ -112,10 +112,10 @@ def main() -> None:
     ap.add_argument("--work", default="runs/bench-monitor")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--held-out", default="bag")
-    ap.add_argument("--windows", type=int, default=1000)
+    ap.add_argument("--windows", type=int, default=5000)
     ap.add_argument("--streams", type=int, default=20)
     ap.add_argument("--seconds", type=float, default=15)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=4)
     args = ap.parse_args()
     work = Path(args.work)
     rng = np.random.default_rng(0)
@@ -177,8 +177,8 @@ def main() -> None:
         pngs.append(buffer.getvalue())
     command = [sys.executable, "-m", "resforge", "serve", str(run), "--backend", "onnxruntime", "--precision", "fp32"]
     rps: dict[str, list[float]] = {"on": [], "off": []}
-    for _ in range(args.rounds):
-        for mode in ("on", "off"):
+    for r in range(args.rounds):
+        for mode in ("on", "off") if r % 2 == 0 else ("off", "on"):  # neither always goes first
             with started(command + ([] if mode == "on" else ["--no-monitor"])) as (url, _):
                 rps[mode].append(load(url, pngs, 16, 3, args.seconds)["rps"])
     on, off = statistics.mean(rps["on"]), statistics.mean(rps["off"])

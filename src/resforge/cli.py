@@ -235,7 +235,7 @@ def cmd_monitor(args: argparse.Namespace) -> None:
         print(f"{len(result['alarms'])} alarm(s) on {result['images']} images, {result['ood_flagged']} out of "
               f"distribution: {result['report']}" + "".join(f"\n  {a}" for a in result["alarms"]))
     else:
-        print(f"profile of {result.images} validation images written into {args.model}'s record")
+        print(f"profile of {result.images} validation images of {args.profile} written into {args.model}'s record")
 
 
 def cmd_data_inspect(args: argparse.Namespace) -> None:

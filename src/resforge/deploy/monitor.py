@@ -76,7 +76,6 @@ def make_profile(source: str | os.PathLike, data: str | os.PathLike, batch_size:
     _, stats, logits, _ = predictor.observe([p for p, _ in samples], batch_size)
     profile = build_profile(stats, logits.numpy())
     update_sidecar(resolve_model_path(source), profile=profile.to_dict())
-    log.info("profile of %s from %d validation images of %s written into its record", source, profile.images, data)
     return profile
 
 

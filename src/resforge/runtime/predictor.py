@@ -116,7 +116,8 @@ class Predictor:
 
     def prepare(self, image: ImageInput, name: str | None = None) -> torch.Tensor:
         """One image as the model's input: normalised float CxHxW, or uint8 HxWxC for a model taking pixels."""
-        return self.prepare_seen(image, name)[0]
+        x = self.decode(image, name)
+        return to_hwc(x) if self.takes_pixels else self.transform(x)
 
     def prepare_seen(self, image: ImageInput, name: str | None = None) -> tuple[torch.Tensor, np.ndarray]:
         """`prepare`'s input and the image's statistics as it came (`runtime.profile.STATS`), what a monitor
