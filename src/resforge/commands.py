@@ -369,7 +369,8 @@ COMMANDS = (
             (Arg("models", SAVED_MODEL_HELP + " (two or more)", "+"),), (EnsembleOptions,)),
     Command("serve", "serve a model over HTTP: micro-batched predictions, metrics, a page to try it",
             "FastAPI on uvicorn: POST /v1/predict (an image as the body, or several as multipart files; ?topk=, "
-            "?timeout=), GET /health, /ready, /v1/metadata, /metrics (Prometheus), /docs (with --docs), and a page "
+            "?timeout=), GET /health, /ready, /v1/metadata, /v1/monitor (a classifier's recent images against its "
+            "profile: drift and out-of-distribution images), /metrics (Prometheus), /docs (with --docs), and a page "
             "at / to drop images on. Requests are batched: a batch leaves when --max-batch images wait or the oldest "
             "has waited --max-wait-ms. A full queue answers 503 at once; SIGTERM answers what is queued, then exits "
             "(a second SIGTERM at once).",
