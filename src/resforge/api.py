@@ -285,14 +285,18 @@ def monitor(source: str | os.PathLike, folder: str | os.PathLike | None = None, 
     """The images of `folder` against the classifier's profile (`deploy.monitor`): the drift signals, the alarms
     and the report's path; or, with `profile=DATA`, the profile of a saved model made from its recorded
     validation split in DATA and written into its record. Options are `commands.MonitorOptions`' fields."""
-    o = from_keywords(MonitorOptions, options)
+    o, defaults = from_keywords(MonitorOptions, options), MonitorOptions()
     if (folder is None) == (o.profile is None):
         raise ConfigError("give a folder of images to judge, or --profile DATA to make the model's profile")
     _check_batching(o.batch_size, 0)
     if o.profile is not None:
+        ignored = [k for k in ("out", "backend", "precision", "metadata") if getattr(o, k) != getattr(defaults, k)]
+        if ignored:
+            raise ConfigError(f"--profile runs the saved model in PyTorch and writes into its record: "
+                              f"{', '.join(ignored)} do not apply")
         return make_profile(source, o.profile, o.batch_size, o.device)
     return monitor_folder(source, folder, o.out, backend=o.backend, device=o.device, precision=o.precision,
-                          batch_size=o.batch_size).to_dict()
+                          batch_size=o.batch_size, metadata=o.metadata).to_dict()
 
 
 def serve(source: str | os.PathLike, *, metadata: dict[str, Any] | None = None, **options: Any) -> None:

@@ -48,7 +48,8 @@ def test_monitor_reports_a_darkened_folder_by_name_and_passes_an_unchanged_one(f
     assert len(rows) == 201 and rows[0].startswith("path,top,ood_score,flagged,brightness")
 
 
-def test_a_run_without_a_profile_is_named_and_gets_one_from_its_recorded_split(fashion_run, tmp_path, capsys):
+def test_a_run_without_a_profile_is_named_and_gets_one_from_its_recorded_split(fashion_run, tmp_path, capsys,
+                                                                              caplog):
     run, data, folders = fashion_run
     old = tmp_path / "old"
     shutil.copytree(run, old)
@@ -60,12 +61,24 @@ def test_a_run_without_a_profile_is_named_and_gets_one_from_its_recorded_split(f
     assert "has no monitoring profile" in err and "--profile DATA" in err and "Traceback" not in err
     assert main(["monitor", str(old), str(folders["dark"]), "--profile", str(data)]) == 2
     assert "give a folder of images to judge, or --profile" in capsys.readouterr().err
+    assert main(["monitor", str(old), "--profile", str(data), "--backend", "onnxruntime"]) == 2
+    assert "backend do not apply" in capsys.readouterr().err
     assert main(["monitor", str(old), "--profile", str(data)]) == 0
     made = json.loads((old / "best.json").read_text())["profile"]
     assert made["images"] == profile["images"] and made["stats"] == profile["stats"]
     np.testing.assert_allclose(made["ood"]["mahalanobis"]["threshold"], profile["ood"]["mahalanobis"]["threshold"],
                                rtol=1e-4)
     assert Predictor.load(old, "torch").profile is not None  # weights and record still match
+    made["version"] = 99  # a newer resforge's profile: the model still runs, unmonitored
+    (old / "best.json").write_text(json.dumps({**json.loads((old / "best.json").read_text()), "profile": made}))
+    assert Predictor.load(old, "torch").profile is None
+    assert "version 99" in capsys.readouterr().err + "".join(r.message for r in caplog.records)
+    few = tmp_path / "few"
+    few.mkdir()
+    for f in scan_images([folders["dark"]])[:5]:
+        shutil.copy(f, few)
+    assert main(["monitor", str(run), str(few)]) == 2
+    assert "5 readable image(s); drift is judged on 30 or more" in capsys.readouterr().err
 
 
 def metric(url, name, **labels):

@@ -109,3 +109,21 @@ def test_image_statistics_read_what_they_say():
     edges = torch.zeros((1, 30, 30), dtype=torch.uint8)
     edges[:, :, ::2] = 255
     assert dict(zip(STATS, image_stats(edges)))["sharpness"] > 1
+
+
+def test_a_window_too_light_to_ever_alarm_is_refused(profile):
+    with pytest.raises(ConfigError, match="weighs as 19 images at most"):
+        Monitor(profile, CLASSES, size=200, decay=0.9)
+    with pytest.raises(ConfigError, match="under the 30"):
+        Monitor(profile, CLASSES, size=20)
+
+
+def test_an_image_with_non_finite_logits_is_flagged_and_kept_out_of_the_window(profile):
+    stats, logits = draw(np.random.default_rng(9), 40)
+    logits[3, 2], stats[5, 0] = np.inf, np.nan
+    monitor = Monitor(profile, CLASSES)
+    verdicts = monitor.observe(stats, logits)
+    assert verdicts[3] == {"score": None, "flagged": True} and verdicts[5]["score"] is not None
+    status = monitor.status()
+    assert status["window"]["images"] == 38 and status["ood_flagged"] >= 1
+    json.dumps(status, allow_nan=False)  # what the server answers: no NaN anywhere

@@ -9,7 +9,6 @@ strangest images inlined) and `images.csv` (each image's statistics, top class a
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
 import logging
@@ -23,12 +22,12 @@ from matplotlib.figure import Figure
 
 from ..data.folder import scan_images, thumbnail
 from ..errors import CheckpointError, ConfigError, DataError
-from ..io import atomic_path, write_text
+from ..io import atomic_path, write_csv, write_text
 from ..models.weights import resolve_model_path, update_sidecar
 from ..report import markdown_table
-from ..runtime.drift import SIGNAL_HELP, Monitor, Signal
+from ..runtime.drift import MIN_IMAGES, SIGNAL_HELP, Monitor, Signal
 from ..runtime.predictor import Predictor
-from ..runtime.profile import MIN_PROFILE, STAT_HELP, STATS, Profile, build_profile
+from ..runtime.profile import MIN_PROFILE, STAT_HELP, STATS, Profile, profile_model
 from ..runtime.source import open_source
 
 log = logging.getLogger("resforge")
@@ -73,17 +72,16 @@ def make_profile(source: str | os.PathLike, data: str | os.PathLike, batch_size:
         raise DataError(f"{source}'s recorded validation split has {len(samples)} image(s) in {data}; a profile needs "
                         f"{MIN_PROFILE}: give the folder the run was trained on")
     predictor = Predictor.load(source, "torch", device, "fp32", batch_size=batch_size)
-    _, stats, logits, _ = predictor.observe([p for p, _ in samples], batch_size)
-    profile = build_profile(stats, logits.numpy())
+    profile = profile_model(predictor, [p for p, _ in samples], batch_size)
     update_sidecar(resolve_model_path(source), profile=profile.to_dict())
     return profile
 
 
 def monitor_folder(source: str | os.PathLike, folder: str | os.PathLike, out: str | os.PathLike | None = None, *,
-                   backend: str = "auto", device: str = "auto", precision: str = "auto", batch_size: int = 32
-                   ) -> MonitorReport:
+                   backend: str = "auto", device: str = "auto", precision: str = "auto", batch_size: int = 32,
+                   metadata: dict[str, Any] | None = None) -> MonitorReport:
     """The images of `folder` against the profile of the model at `source`, as one window."""
-    predictor = Predictor.load(source, backend, device, precision, batch_size=batch_size)
+    predictor = Predictor.load(source, backend, device, precision, batch_size=batch_size, metadata=metadata)
     if predictor.profile is None:
         raise CheckpointError(f"{source} has no monitoring profile (a run trained before profiles, or a file "
                               "exported from one): make it with resforge monitor RUN --profile DATA, then export "
@@ -92,10 +90,14 @@ def monitor_folder(source: str | os.PathLike, folder: str | os.PathLike, out: st
     idx, stats, logits, errors = predictor.observe(files, batch_size, names=files)
     if not idx:
         raise DataError(f"none of the {len(files)} image(s) in {folder} could be read")
-    mon = Monitor(predictor.profile, predictor.classes, size=max(2, len(idx)))
+    if len(idx) < MIN_IMAGES:
+        raise DataError(f"{folder} has {len(idx)} readable image(s); drift is judged on {MIN_IMAGES} or more (predict "
+                        "gives each image's out-of-distribution score)")
+    mon = Monitor(predictor.profile, predictor.classes, size=len(idx))
     verdicts = mon.observe(stats, logits)
     report = MonitorReport(str(source), str(folder), [files[i] for i in idx],
-                           np.array([v["score"] for v in verdicts]), np.array([v["flagged"] for v in verdicts]),
+                           np.array([np.nan if v["score"] is None else v["score"] for v in verdicts], dtype=float),
+                           np.array([v["flagged"] for v in verdicts]),
                            mon.signals(), {files[i]: e for i, e in errors.items()},
                            Path(out) if out else _default_out(source, folder))
     _write(report, mon, predictor, stats, logits.numpy())
@@ -147,7 +149,7 @@ def _scores(report: MonitorReport, profile: Profile, score: str) -> bytes:
     fig = Figure(figsize=(7, 3))
     ax = fig.add_subplot()
     ref = profile.ood[score]["quantiles"]
-    ax.hist(report.scores, bins=40, color="#2f6fdb", alpha=0.8, label="these images")
+    ax.hist(report.scores[np.isfinite(report.scores)], bins=40, color="#2f6fdb", alpha=0.8, label="these images")
     ax.axvline(profile.ood[score]["threshold"], color="#b00020",
                label=f"threshold ({profile.ood['rate']:.0%} of validation over it)")
     ax.axvspan(ref[1], ref[-2], color="#9aa5b8", alpha=0.3, label="validation, 5th-95th percentile")
@@ -176,12 +178,9 @@ def _write(report: MonitorReport, mon: Monitor, predictor: Predictor, stats: np.
             tmp.write_bytes(png)
     strange = _strangest(report, predictor)
     top = logits.argmax(1)
-    with atomic_path(out / "images.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "top", "ood_score", "flagged", *STATS])
-        for i, path in enumerate(report.images):
-            w.writerow([path, predictor.classes[top[i]], f"{report.scores[i]:.4f}", int(report.flagged[i]),
-                        *(f"{v:.4f}" for v in stats[i])])
+    write_csv(out / "images.csv", ["path", "top", "ood_score", "flagged", *STATS],
+              ([path, predictor.classes[top[i]], f"{report.scores[i]:.4f}", int(report.flagged[i]),
+                *(f"{v:.4f}" for v in stats[i])] for i, path in enumerate(report.images)))
     rows = [[s.name, f"{s.value:.4g}", f"{s.threshold:.4g}", "**alarm**" if s.alarm else "",
              STAT_HELP.get(s.name) or SIGNAL_HELP[s.name]] for s in report.signals]
     head = [f"# {Path(report.folder).name} against the profile of {Path(report.model).name}", "",

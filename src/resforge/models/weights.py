@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from ..io import atomic_path, sha256_file
+from ..io import atomic_path, sha256_file, write_json
 from . import record
 from .detection import Detector
 from .segmentation import Segmenter
@@ -265,9 +265,7 @@ def update_sidecar(path: str | os.PathLike, **fields: Any) -> None:
     import json
 
     side = sidecar_path(path)
-    meta = json.loads(side.read_text(encoding="utf-8"))
-    with atomic_path(side) as tmp:
-        tmp.write_text(json.dumps({**meta, **fields}, indent=2) + "\n", encoding="utf-8")
+    write_json(side, {**json.loads(side.read_text(encoding="utf-8")), **fields})
 
 
 def resolve_model_path(source: str | os.PathLike) -> Path:

@@ -62,14 +62,46 @@ def psi(window: np.ndarray, ref: np.ndarray, n: float, n_ref: float) -> np.ndarr
 
 
 @functools.lru_cache(maxsize=4096)
-def psi_limit(ref: tuple[float, ...], n: int, n_ref: int, alpha: float, draws: int = 40_000) -> float:
+def psi_limit(ref: tuple[float, ...], n: int, n_ref: int, alpha: float) -> float:
     """The (1 - alpha) quantile of the PSI between a window of n images and a reference of n_ref drawn from the
     same bins: simulated (multinomial draws, seeded), as the chi-square approximation's tail is too light for
-    windows of a few hundred images (1.6% false alarms for a promised 1% on Fashion-MNIST)."""
+    windows of a few hundred images (1.6% false alarms for a promised 1% on Fashion-MNIST). Fewer draws for many
+    bins (a class mix of hundreds of classes) keep it under a second."""
     q = smoothed(np.asarray(ref), n_ref)
+    draws = max(4_000, min(40_000, 2_000_000 // len(q)))
     rng = np.random.default_rng(0)
     window, reference = rng.multinomial(n, q, size=draws) / n, rng.multinomial(n_ref, q, size=draws) / n_ref
     return float(np.quantile(psi(window, reference, n, n_ref), 1 - alpha))
+
+
+def verdicts(scores: np.ndarray, flagged: np.ndarray) -> list[dict[str, Any]]:
+    """Each image's {"score", "flagged"} as JSON has them (no NaN: a score that is not a number is null)."""
+    return [{"score": float(s) if np.isfinite(s) else None, "flagged": bool(f)} for s, f in zip(scores, flagged)]
+
+
+def effective_size(size: int, decay: float) -> float:
+    """What a full window of `size` images, each weighing `decay` times the next newer one, weighs as."""
+    w = decay ** np.arange(size, dtype=np.float64)
+    return float(w.sum() ** 2 / (w ** 2).sum())
+
+
+@dataclass
+class Window:
+    """A copy of a monitor's window, newest image first."""
+
+    stats: np.ndarray
+    z: np.ndarray
+    predicted: np.ndarray
+    conf: np.ndarray
+    flagged: np.ndarray
+    weights: np.ndarray
+    seen: int
+    flagged_total: int
+
+    @property
+    def effective(self) -> float:
+        w = self.weights
+        return float(w.sum() ** 2 / (w ** 2).sum()) if len(w) else 0.0
 
 
 class Monitor:
@@ -81,6 +113,9 @@ class Monitor:
         if size < 2 or not 0 < decay <= 1 or min_images < 2 or not 0 < false_alarm < 1:
             raise ConfigError(f"a monitor window needs size >= 2 (got {size}), decay in (0, 1] (got {decay:g}), "
                               f"min_images >= 2 (got {min_images}) and false_alarm in (0, 1) (got {false_alarm:g})")
+        if effective_size(size, decay) < min_images:
+            raise ConfigError(f"a window of {size} images decaying by {decay:g} weighs as {effective_size(size, decay):.0f}"
+                              f" images at most, under the {min_images} an alarm needs: a larger window or less decay")
         if len(profile.class_mix) != len(classes):
             raise ConfigError(f"the profile knows {len(profile.class_mix)} classes, the model {len(classes)}")
         self.profile, self.classes, self.score = profile, classes, score or profile.ood["score"]
@@ -94,37 +129,38 @@ class Monitor:
         self._lock = threading.Lock()
 
     def observe(self, stats: np.ndarray, logits: np.ndarray | torch.Tensor) -> list[dict[str, Any]]:
-        """Add images (their `STATS` rows and logits, in arrival order); each one's {"score", "flagged"}."""
+        """Add images (their `STATS` rows and logits, in arrival order); each one's {"score", "flagged"}. An image
+        the model answered with a non-finite logit is flagged (score None) and kept out of the window."""
         logits = np.asarray(logits.float() if isinstance(logits, torch.Tensor) else logits, dtype=np.float64)
         stats = np.asarray(stats, dtype=np.float64).reshape(len(logits), len(STATS))
-        scores = self.profile.scores(logits, self.score)
-        flagged = self.profile.flagged(scores, self.score)
+        scores, flagged = self.profile.judge(logits, self.score)
+        finite = np.isfinite(scores) & np.isfinite(stats).all(1)
+        kept, logits, stats = np.flatnonzero(finite), logits[finite], stats[finite]
         z, conf = self.profile.features(logits), torch.from_numpy(logits).softmax(-1).max(-1).values.numpy()
         with self._lock:
-            for i in range(len(logits)):
+            for i, k in enumerate(kept):
                 slot = self.seen % self.size
                 self._stats[slot], self._z[slot], self._predicted[slot] = stats[i], z[i], logits[i].argmax()
-                self._conf[slot], self._flagged[slot] = conf[i], flagged[i]
+                self._conf[slot], self._flagged[slot] = conf[i], flagged[k]
                 self.seen += 1
             self.flagged += int(flagged.sum())
-        return [{"score": float(s), "flagged": bool(f)} for s, f in zip(scores, flagged)]
+        return verdicts(scores, flagged)
 
-    def _window(self) -> tuple[np.ndarray, np.ndarray]:
-        """The slots in the window, newest first, and their weights."""
-        n = min(self.seen, self.size)
-        newest = (self.seen - 1) % self.size
-        slots = (newest - np.arange(n)) % self.size
-        return slots, self.decay ** np.arange(n, dtype=np.float64)
-
-    def signals(self) -> list[Signal]:
-        """Each signal of the window against the profile; an alarm needs `min_images` (effective) in it."""
+    def _snapshot(self) -> Window:
+        """The window's images, newest first, with their weights: one consistent copy."""
         with self._lock:
-            slots, w = self._window()
-            if not len(slots):
-                return []
-            stats, z, predicted = self._stats[slots], self._z[slots], self._predicted[slots]
-            conf, flagged = self._conf[slots], self._flagged[slots]
-        n, big_n, p = w.sum() ** 2 / (w ** 2).sum(), self.profile.images, self.profile
+            n = min(self.seen, self.size)
+            slots = ((self.seen - 1) % self.size - np.arange(n)) % self.size
+            return Window(self._stats[slots], self._z[slots], self._predicted[slots], self._conf[slots],
+                          self._flagged[slots], self.decay ** np.arange(n, dtype=np.float64), self.seen, self.flagged)
+
+    def signals(self, window: Window | None = None) -> list[Signal]:
+        """Each signal of the window against the profile; an alarm needs `min_images` (effective) in it."""
+        win = window or self._snapshot()
+        if not len(win.weights):
+            return []
+        stats, z, predicted, conf, flagged, w = win.stats, win.z, win.predicted, win.conf, win.flagged, win.weights
+        n, big_n, p = win.effective, self.profile.images, self.profile
         alpha = self.false_alarm / len(SIGNALS)
         noise = 1 / n + 1 / big_n
         out = []
@@ -152,36 +188,35 @@ class Monitor:
         """The signals whose alarm was raised (True) or cleared (False) since the last call."""
         signals = self.signals()
         now = {s.name for s in signals if s.alarm}
-        changed = [(s, s.name in now) for s in signals if (s.name in now) != (s.name in self._alarms)]
-        self._alarms = now
+        with self._lock:
+            changed = [(s, s.name in now) for s in signals if (s.name in now) != (s.name in self._alarms)]
+            self._alarms = now
         return changed
 
-    def distributions(self) -> dict[str, Any]:
+    def distributions(self, window: Window | None = None) -> dict[str, Any]:
         """The window's shares of each statistic's bins, beside the profile's (what the page and report draw)."""
-        with self._lock:
-            slots, w = self._window()
-            stats, conf, predicted = self._stats[slots], self._conf[slots], self._predicted[slots]
+        win = window or self._snapshot()
+        w, some = win.weights, len(win.weights) > 0
         p, out = self.profile, {}
         for i, name in enumerate(STATS):
             edges = p.stats[name]["edges"]
             out[name] = {"edges": edges, "profile": p.stats[name]["ref"],
-                         "window": shares(stats[:, i], edges, w).tolist() if len(slots) else []}
+                         "window": shares(win.stats[:, i], edges, w).tolist() if some else []}
         out["confidence"] = {"edges": p.confidence["edges"], "profile": p.confidence["ref"],
-                             "window": shares(conf, p.confidence["edges"], w).tolist() if len(slots) else []}
-        mix = np.bincount(predicted, weights=w, minlength=len(self.classes)) / max(w.sum(), 1e-12)
-        out["classes"] = {"names": self.classes, "profile": p.class_mix.tolist(),
-                          "window": mix.tolist() if len(slots) else []}
+                             "window": shares(win.conf, p.confidence["edges"], w).tolist() if some else []}
+        mix = np.bincount(win.predicted, weights=w, minlength=len(self.classes)) / max(w.sum(), 1e-12)
+        out["classes"] = {"names": self.classes, "profile": p.class_mix.tolist(), "window": mix.tolist() if some else []}
         return out
 
     def status(self) -> dict[str, Any]:
         """The window against the profile, as /v1/monitor answers it."""
-        signals = self.signals()
-        _, w = self._window()
-        return {"images_seen": self.seen, "ood_flagged": self.flagged,
-                "window": {"size": self.size, "decay": self.decay, "images": len(w),
-                           "effective": float(w.sum() ** 2 / (w ** 2).sum()) if len(w) else 0.0,
-                           "min_images": self.min_images, "false_alarm": self.false_alarm},
+        win = self._snapshot()
+        signals = self.signals(win)
+        return {"images_seen": win.seen, "ood_flagged": win.flagged_total,
+                "window": {"size": self.size, "decay": self.decay, "images": len(win.weights),
+                           "effective": win.effective, "min_images": self.min_images,
+                           "false_alarm": self.false_alarm},
                 "ood": {"score": self.score, "threshold": self.profile.ood[self.score]["threshold"],
                         "rate": self.profile.ood["rate"]},
                 "alarms": [s.describe() for s in signals if s.alarm],
-                "signals": [asdict(s) for s in signals], "distributions": self.distributions()}
+                "signals": [asdict(s) for s in signals], "distributions": self.distributions(win)}

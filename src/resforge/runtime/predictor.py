@@ -11,6 +11,7 @@ go through `infer`, the one loop of evaluation, ensembles and compression's meas
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,14 +26,17 @@ from ..data.folder import DEFAULT_MAX_PIXELS, Sample, check_size, convert_mode
 from ..data.loader import ImageDataset, decode_image, make_loader, pil_to_tensor, resolve_workers
 from ..data.transforms import eval_transform
 from ..device import cpu_cores
-from ..errors import ConfigError, DataError
+from ..errors import CheckpointError, ConfigError, DataError
 from .auto import choose_backend
 from .backends import BACKENDS, PRECISIONS, Runner
 from .build import backend_device, build_runner
 from .inference import TTA_MODES, TenCropViews, infer
+from .drift import verdicts
 from .profile import STATS, Profile, image_stats
 from .record import ModelInfo
 from .source import open_source
+
+log = logging.getLogger("resforge")
 
 ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray | torch.Tensor
 
@@ -49,7 +53,7 @@ class Predictor:
         self.max_pixels, self.max_aspect = max_pixels, max_aspect
         self.transform = None if info.takes_pixels else eval_transform(info.pre)
         self.auto: dict[str, Any] | None = None  # what the auto choice measured, when it made one
-        self.profile = Profile.from_dict(info.profile, source) if info.profile else None
+        self.profile = _profile(info, source)
 
     @property
     def backend(self) -> str:
@@ -195,9 +199,8 @@ class Predictor:
             for i, vals, ids in zip(idx, top.values.tolist(), top.indices.tolist()):
                 rows[i] = {"top": [{"class": self.classes[c], "prob": v} for c, v in zip(ids, vals)]}
             if self.profile is not None:
-                scores = self.profile.scores(logits.numpy())
-                for i, s, f in zip(idx, scores.tolist(), self.profile.flagged(scores).tolist()):
-                    rows[i]["ood"] = {"score": s, "flagged": f}
+                for i, verdict in zip(idx, verdicts(*self.profile.judge(logits.numpy().astype(np.float64)))):
+                    rows[i]["ood"] = verdict
         return rows[0] if single else rows
 
     def observe(self, images: Sequence[ImageInput], batch_size: int = 32, names: Sequence[str] | None = None
@@ -243,6 +246,17 @@ class Predictor:
     def describe(self) -> str:
         return f"{self.info.name} on {self.backend} ({self.precision})"
 
+
+
+def _profile(info: ModelInfo, source: str) -> Profile | None:
+    """The model's monitoring profile; one this resforge cannot read leaves the model usable, unmonitored."""
+    if not info.profile:
+        return None
+    try:
+        return Profile.from_dict(info.profile, source)
+    except CheckpointError as e:
+        log.warning("%s; the model runs without monitoring", e)
+        return None
 
 
 def to_hwc(image: torch.Tensor) -> torch.Tensor:

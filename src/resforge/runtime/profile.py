@@ -1,8 +1,9 @@
 """A classifier's reference profile: what its validation images looked like and what it answered on them, kept
 in its model record (a few kilobytes) so that whoever runs the model can tell when what it sees has changed.
 
-Per image, six input statistics read from the decoded file before any preprocessing (brightness, contrast,
-colourfulness, sharpness, pixel count and aspect) and the model's logits. The logits are the penultimate
+Per image, six input statistics of the image as decoded, before any preprocessing (brightness, contrast,
+colourfulness, sharpness, pixel count and aspect; a large JPEG is decoded at a reduced DCT scale, for the profile
+as for inference, so its pixel count is the decoded one) and the model's logits. The logits are the penultimate
 features under the classifier's linear map: every engine (PyTorch, onnxruntime, OpenVINO) gives them, so the
 profile and the scores are the same whichever file runs, with no second output in exported graphs. They are
 reduced to at most `FEATURE_DIMS` principal directions, where each predicted class's mean and the within-class
@@ -17,6 +18,7 @@ energy: in the logits' few dimensions the class-conditional Gaussians fit less w
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +31,8 @@ from ..errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
     from .predictor import ImageInput, Predictor
+
+log = logging.getLogger("resforge")
 
 VERSION = 1
 STATS = ("brightness", "contrast", "colourfulness", "sharpness", "pixels", "aspect")
@@ -65,7 +69,7 @@ def image_stats(image: torch.Tensor) -> np.ndarray:
 
 
 def energy(logits: np.ndarray) -> np.ndarray:
-    """Negative free energy: higher is further from what the model was trained on."""
+    """The free energy, -logsumexp of the logits: higher is further from what the model was trained on."""
     m = logits.max(1, keepdims=True)
     return -(m[:, 0] + np.log(np.exp(logits - m).sum(1)))
 
@@ -94,13 +98,29 @@ class Profile:
         score = score or self.ood["score"]
         if score == "energy":
             return energy(logits)
-        z = self.features(logits)
-        d = z[:, None, :] - self.class_means[None]
-        dist = np.einsum("ncd,de,nce->nc", d, self.within, d)
-        return np.sqrt(np.nanmin(np.where(np.isnan(dist), np.inf, dist), axis=1))
+        # (z - m)' W (z - m) expanded, in chunks: no images x classes x dims array
+        means = np.nan_to_num(self.class_means)
+        near = (means @ self.within * means).sum(1)
+        near[np.isnan(self.class_means).any(1)] = np.inf  # a class never predicted is never the nearest
+        out = np.empty(len(logits))
+        for start in range(0, len(logits), 4096):
+            z = self.features(logits[start:start + 4096])
+            zw = z @ self.within
+            out[start:start + 4096] = ((zw * z).sum(1)[:, None] - 2 * zw @ means.T + near[None]).min(1)
+        return np.sqrt(np.maximum(out, 0))
 
     def flagged(self, scores: np.ndarray, score: str | None = None) -> np.ndarray:
         return scores > self.ood[score or self.ood["score"]]["threshold"]
+
+    def judge(self, logits: np.ndarray, score: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Each image's score and whether it is flagged; an image answered with a non-finite logit is flagged,
+        its score NaN."""
+        finite = np.isfinite(logits).all(1)
+        scores = np.full(len(logits), np.nan)
+        scores[finite] = self.scores(logits[finite], score)
+        flagged = ~finite
+        flagged[finite] = self.flagged(scores[finite], score)
+        return scores, flagged
 
     # -- the file form -----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -132,6 +152,13 @@ class Profile:
             raise CheckpointError(f"{source}: its monitoring profile is incomplete ({e})") from None
         if set(profile.stats) != set(STATS) or profile.ood.get("score") not in OOD_SCORES:
             raise CheckpointError(f"{source}: its monitoring profile names other statistics or scores")
+        c, dims = len(profile.center), len(profile.components)
+        shapes = {"components": (profile.components.shape, (dims, c)), "class_means": (profile.class_means.shape,
+                  (c, dims)), "within": (profile.within.shape, (dims, dims)), "total": (profile.total.shape, (dims, dims)),
+                  "class_mix": (profile.class_mix.shape, (c,))}
+        wrong = [k for k, (got, want) in shapes.items() if got != want]
+        if wrong:
+            raise CheckpointError(f"{source}: its monitoring profile's {', '.join(wrong)} do not fit its {c} classes")
         return profile
 
 
@@ -157,6 +184,11 @@ def _inverse(cov: np.ndarray) -> np.ndarray:
 
 def build_profile(stats: np.ndarray, logits: np.ndarray, ood_rate: float = OOD_RATE) -> Profile:
     """The profile of `stats` [N, len(STATS)] and `logits` [N, classes] of the validation images."""
+    finite = np.isfinite(logits).all(1) & np.isfinite(stats).all(1)
+    if not finite.all():
+        log.warning("%d of %d images left out of the monitoring profile: the model answered them with "
+                    "non-finite logits", int((~finite).sum()), len(finite))
+        stats, logits = stats[finite], logits[finite]
     n, classes = logits.shape
     if n < MIN_PROFILE:
         raise ConfigError(f"a monitoring profile needs at least {MIN_PROFILE} readable images, got {n}")
@@ -181,7 +213,7 @@ def build_profile(stats: np.ndarray, logits: np.ndarray, ood_rate: float = OOD_R
                       total=_inverse(np.cov(z.T, bias=True).reshape(len(components), len(components))),
                       class_mix=np.bincount(predicted, minlength=classes) / n,
                       confidence={"edges": CONFIDENCE_EDGES.tolist(), "ref": shares(conf, CONFIDENCE_EDGES).tolist(),
-                                  "mean": float(conf.mean()), "std": float(conf.std())},
+                                  "mean": float(conf.mean()), "std": max(float(conf.std()), 1e-3)},
                       ood={"score": OOD_SCORE, "rate": ood_rate})
     for name in OOD_SCORES:
         s = profile.scores(logits, name)

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,7 +20,7 @@ from ..data.gpu_decode import BatchDecoder, EncodedDataset, collate
 from ..data.loader import ImageDataset
 from ..data.transforms import BatchMix, Preprocess, eval_transform, train_transform
 from ..device import autocast
-from ..errors import ConfigError
+from ..errors import ConfigError, ResforgeError
 from ..evaluation.evaluate import evaluate_samples
 from ..evaluation.metrics import ClassificationReport, topk_correct, topk_hits
 from ..models import create_model, load_model
@@ -140,7 +141,11 @@ class Classification(Task):
             log.info("no monitoring profile: %d validation images, under the %d it needs", len(scan.val),
                      MIN_PROFILE)
             return
-        profile = profile_model(predictor, [path for path, _ in scan.val], batch_size)
+        try:
+            profile = profile_model(predictor, [path for path, _ in scan.val], batch_size)
+        except (ResforgeError, ValueError, np.linalg.LinAlgError) as e:  # the trained run stands without one
+            log.warning("no monitoring profile: %s (resforge monitor RUN --profile DATA tries again)", e)
+            return
         update_sidecar(best, profile=profile.to_dict())
 
     def report_data(self, cfg: Config, scan: ImageFolderScan) -> list[str]:

@@ -31,6 +31,7 @@ from starlette.requests import ClientDisconnect
 
 from ... import __version__
 from ...errors import ImageError
+from ...runtime.drift import Monitor, Signal
 from ...runtime.predictor import Predictor
 from .batcher import Batcher, DeadlineExceeded, QueueFull, ShuttingDown
 from .connections import NO_LINGER, RETRY_AFTER_S
@@ -213,14 +214,14 @@ def _add_info_routes(app: FastAPI, state: State) -> None:
                 "monitoring is off (--no-monitor)" if not options.monitor else
                 "the model has no profile (resforge monitor MODEL --profile DATA makes one)"
                 if service.task == "classify" else f"drift is watched for classifiers, not a {service.task} model"))
-        status = service.monitor.status()
-        state.metrics.show_drift(service.monitor.signals())
+        status = await asyncio.to_thread(service.monitor.status)  # thresholds may be simulated: off the loop
+        state.metrics.show_drift([Signal(**d) for d in status["signals"]])
         return status
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus() -> Response:
         if state.service is not None and state.service.monitor is not None:  # judged when asked, not per request
-            state.metrics.show_drift(state.service.monitor.signals())
+            state.metrics.show_drift(await asyncio.to_thread(state.service.monitor.signals))
         body, kind = state.metrics.render()
         return Response(body, media_type=kind)
 
@@ -274,10 +275,14 @@ def _watch(state: State, service: Service, stats: list[Any], outputs: list[Any])
     ood = service.observe(stats, outputs)
     state.metrics.ood.inc(sum(o["flagged"] for o in ood))
     if monitor.seen // CHECK_EVERY != before // CHECK_EVERY:
-        for signal, raised in monitor.changes():
-            (log.warning if raised else log.info)("drift %s", signal.describe() if raised else
-                                                 f"{signal.name} is back under its threshold")
+        asyncio.get_running_loop().run_in_executor(None, _log_changes, monitor)  # not waited for
     return ood
+
+
+def _log_changes(monitor: Monitor) -> None:
+    for signal, raised in monitor.changes():
+        (log.warning if raised else log.info)("drift %s", signal.describe() if raised else
+                                             f"{signal.name} is back under its threshold")
 
 
 async def _queue(state: State, service: Service, request: Request, deadline: float

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from ...device import cpu_cores
 from ...errors import ConfigError
 from ...options import check_fields, option
-from ...runtime.drift import DECAY, WINDOW
+from ...runtime.drift import DECAY, MIN_IMAGES, WINDOW, effective_size
 
 API_KEY_ENV = "RESFORGE_API_KEY"
 
@@ -53,6 +53,10 @@ class ServeOptions:
         if self.max_images > self.queue:
             raise ConfigError(f"--max-images ({self.max_images}) must not exceed --queue ({self.queue}): such a "
                               "request could never be queued")
+        if self.monitor and effective_size(self.window, self.decay) < MIN_IMAGES:
+            raise ConfigError(f"--window {self.window} with --decay {self.decay:g} weighs as "
+                              f"{effective_size(self.window, self.decay):.0f} images at most, under the {MIN_IMAGES} a "
+                              "drift alarm needs: a larger window or less decay")
         if not is_loopback(self.host) and not self.api_key:
             raise ConfigError(f"binding {self.host} exposes the server beyond this machine: give --api-key (or set "
                               f"{API_KEY_ENV}), or bind 127.0.0.1")
