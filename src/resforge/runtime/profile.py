@@ -1,5 +1,5 @@
 """A classifier's reference profile: what its validation images looked like and what it answered on them, kept
-in its model record (a few kilobytes) so that whoever runs the model can tell when what it sees has changed.
+in its model record (12 kB for 10 classes) so that whoever runs the model can tell when what it sees has changed.
 
 Per image, six input statistics of the image as decoded, before any preprocessing (brightness, contrast,
 colourfulness, sharpness, pixel count and aspect; a large JPEG is decoded at a reduced DCT scale, for the profile
