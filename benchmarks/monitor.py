@@ -1,7 +1,7 @@
 """How well a deployed classifier's monitor sees a change, and what it costs: Fashion-MNIST, real shifts.
 
   - the model: ResNet-18 at 1/4 width, 28 px, trained by `resforge train` on Fashion-MNIST's training images of
-    nine classes (one, `--held-out`, left out), `--epochs` epochs without augmentation; its profile is made
+    nine classes (one, `--held-out`, left out), `--epochs` epochs with the default recipe; its profile is made
     from its validation split (a fifth of the training images), as every run's is;
   - unshifted: the test images of the nine classes (never seen in training or in the profile);
   - shifts no one tuned to: scikit-learn's handwritten digits (8x8, scaled to 28 px: MNIST itself is not on this
@@ -127,8 +127,8 @@ def main() -> None:
             shutil.move(str(data / split / args.held_out), str(held_dir / split))
     run = work / "runs" / "r"
     if not (run / "best.json").is_file():
-        api.train(data, model="resnet18", width=0.25, img_size=28, epochs=args.epochs, batch_size=128, workers=0,
-                  augment="none", amp="off", project=str(work / "runs"), name="r", progress=False)
+        api.train(data, model="resnet18", width=0.25, img_size=28, epochs=args.epochs, project=str(work / "runs"),
+                  name="r", progress=False)
     predictor = Predictor.load(run, "onnxruntime", precision="fp32")
     test = folder_images(data / "test")
     _, test_stats, test_logits, _ = predictor.observe(test, 256)

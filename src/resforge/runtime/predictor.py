@@ -162,12 +162,10 @@ class Predictor:
 
     def logits(self, images: Sequence[ImageInput], batch_size: int = 32) -> torch.Tensor:
         """Logits over the classes, [N, classes], float32 on the CPU; an unreadable image is an error."""
-        out = torch.zeros(len(images), len(self.classes))
-        for idx, x, _, errors in self.batches(images, batch_size):
-            if errors:
-                i, message = next(iter(errors.items()))
-                raise DataError(f"image {i}: {message}")
-            out[idx] = self(x).float()
+        _, _, out, errors = self.observe(images, batch_size)
+        if errors:
+            first = min(errors)
+            raise DataError(f"image {first}: {errors[first]}")
         return out
 
     def probabilities(self, images: Sequence[ImageInput], batch_size: int = 32) -> np.ndarray:
